@@ -12,7 +12,9 @@ generate(model, prompts, num_samples=G, ...)
       row is frozen; whether all rows are done is asked every `sync_every` steps, not every token, so a GPU
       does not wait on the host per token.
     - temperature 0 = greedy; otherwise softmax(logits / T), optional top-p (nucleus) filtering, drawn from a
-      seeded torch.Generator so a fixed seed gives identical samples.
+      seeded torch.Generator so a fixed seed gives identical samples. All uniforms are drawn up front, one per
+      (step, row): row r's sample never depends on how many other rows are still running, or on how the batch
+      is split into calls, so skipping finished rows or sharding the rows cannot change a single token.
     Returns each row's completion ids (up to and including the first stop token) and why it stopped.
 
 token_logprobs(model, prompts, completions)
@@ -39,8 +41,9 @@ class Rollout:
     finish: list  # list[str], "stop" or "length"
 
 
-def sample_next(logits, temperature=1.0, top_p=1.0, generator=None):
-    """logits (B, V) -> next token ids (B,). temperature 0 means greedy."""
+def sample_next(logits, temperature=1.0, top_p=1.0, generator=None, u=None):
+    """logits (B, V) -> next token ids (B,). temperature 0 means greedy. u (B,): the rows' uniforms in [0, 1),
+    drawn here from `generator` when not given."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = F.softmax(logits.float() / temperature, dim=-1)
@@ -49,7 +52,9 @@ def sample_next(logits, temperature=1.0, top_p=1.0, generator=None):
     # inverse-CDF sampling: one uniform per row instead of torch.multinomial's one random number per
     # vocabulary entry; u lies in (0, total], so a zero-probability token (an empty CDF step) is never drawn
     cdf = probs.cumsum(dim=-1)  # (B, V)
-    u = (1.0 - torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device)) * cdf[:, -1:]
+    if u is None:
+        u = torch.rand(cdf.shape[0], generator=generator, device=cdf.device)
+    u = (1.0 - u[:, None]) * cdf[:, -1:]
     return torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
 
 
@@ -103,13 +108,14 @@ def generate(model, prompts, *, num_samples=1, max_new_tokens=256, temperature=1
     next_pos = lens.repeat_interleave(G)  # (B,) position of the next token of each row
 
     B = P * G
+    uniforms = None if temperature == 0 else torch.rand(max_new_tokens, B, generator=generator, device=device)
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     for t in range(max_new_tokens):
         if vocab_limit is not None:  # embedding rows past the tokenizer (Qwen pads 151665 -> 151936)
             logits[:, vocab_limit:] = float("-inf")
-        tok = sample_next(logits, temperature, top_p, generator)
+        tok = sample_next(logits, temperature, top_p, u=None if uniforms is None else uniforms[t])
         tok = torch.where(done, pad_id, tok)  # finished rows are frozen
         out[:, t] = tok
         done = done | torch.isin(tok, stop)
