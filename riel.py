@@ -13,6 +13,7 @@ of Q questions:
   (e) hard-example buffer: expert i with more than K of G wrong on Q -> push (Q, P_i, reference) with
       probability K/G; once it holds B entries:        L_SFT = - sum logp(O_gt|Q,P_i) / N_tokens, then clear
   (f) L = L_GRPO + lambda1 * L_KL + lambda2 * L_SFT, one optimizer step (grad clip 1.0, lr 1e-6).
+      Optional: + weight * L_NLL of MEL's self-written analyses of the same rollouts (mel.py, --mel).
 The math of (b)-(d) lives in losses.py; this file chooses what to score and runs the step.
 
 What we keep of GRPO, and the choices the paper leaves open (all config options):
@@ -42,11 +43,12 @@ import torch
 
 from losses import (ADVANTAGE_MODES, AGGREGATIONS, aggregate, clip_fraction, full_vocab_kl,
                     group_advantages, k3_kl, policy_gradient_loss, transfer_loss)
+import mel
 from mef import clip_and_step, encode_target, length_sorted_micro_batches, sft_backward
 from tokenizer import render_chat, stop_token_ids
 from rollout import generate, token_logprobs
+from verify import CORRECT
 
-CORRECT = 1.0  # a response is correct when its reward reaches this
 
 
 @dataclass
@@ -276,9 +278,10 @@ def admit_hard_examples(buffer, tok, records, experts, prompts, rewards, k, gene
 # ---- one RIEL step ------------------------------------------------------------------------------------
 
 def update_policy(model, optimizer, cfg, prompts, completions, adv, rows, counts, pairs, flushed,
-                  ref_model=None) -> dict:
-    """(f) L = L_GRPO + lambda1 * L_KL + lambda2 * L_SFT, one optimizer step per epoch. The transfer and
-    SFT terms join the first epoch only; later epochs re-use the samples through the clipped ratio."""
+                  ref_model=None, mel_examples=(), mel_weight=1.0) -> dict:
+    """(f) L = L_GRPO + lambda1 * L_KL + lambda2 * L_SFT [+ mel_weight * L_NLL], one optimizer step per epoch.
+    The transfer, SFT and MEL terms join the first epoch only; later epochs re-use the samples through the
+    clipped ratio."""
     model.train()
     old_cache, out = {}, {"clip_frac": 0.0, "skipped": False}
     for epoch in range(cfg.ppo_epochs):
@@ -290,9 +293,11 @@ def update_policy(model, optimizer, cfg, prompts, completions, adv, rows, counts
             l_kl = transfer_backward(model, pairs, cfg) if pairs else 0.0
             l_sft = sft_backward(model, [e.prompt_ids for e in flushed], [e.target_ids for e in flushed],
                                  cfg.micro_batch_size, cfg.lambda2) if flushed else 0.0
-            loss = l_pg + cfg.lambda1 * l_kl + cfg.lambda2 * l_sft
-            out.update(loss=loss, loss_grpo=l_pg, loss_kl=l_kl, loss_sft=l_sft, kl_ref=kl_ref,
-                       lr=optimizer.param_groups[0]["lr"])
+            t_mel = time.perf_counter()
+            l_mel = mel.nll_backward(model, mel_examples, cfg.micro_batch_size, mel_weight) if mel_examples else 0.0
+            loss = l_pg + cfg.lambda1 * l_kl + cfg.lambda2 * l_sft + mel_weight * l_mel
+            out.update(loss=loss, loss_grpo=l_pg, loss_kl=l_kl, loss_sft=l_sft, loss_mel=l_mel, kl_ref=kl_ref,
+                       lr=optimizer.param_groups[0]["lr"], mel_nll_s=time.perf_counter() - t_mel)
         else:  # ratio != 1 only from the second epoch on
             out["clip_frac"] += clip / (cfg.ppo_epochs - 1)
         grad_norm, skipped = clip_and_step(model, optimizer, cfg.grad_clip, loss)
@@ -320,9 +325,11 @@ def step_metrics(rewards, experts, chosen) -> dict:
 
 
 def riel_step(model, tok, records, experts, cfg: RIELConfig, optimizer, buffer: HardExampleBuffer,
-              generator, reward_fn, ref_model=None) -> dict:
+              generator, reward_fn, ref_model=None, mel_cfg: mel.MELConfig | None = None) -> dict:
     """One RIEL step on a batch of records. reward_fn(record, completion_text) -> float in {0, 1}.
-    The generator drives sampling, the O+ draw and buffer admission. Returns a flat dict of metrics."""
+    The generator drives sampling, the O+ draw, buffer admission and MEL's pairs and analyses (drawn last,
+    so turning MEL on leaves the draws before it unchanged). mel_cfg: the optional MEL loss (mel.py).
+    Returns a flat dict of metrics."""
     if cfg.kl_beta > 0 and ref_model is None:
         raise ValueError("kl_beta > 0 needs a frozen ref_model")
     N, G = len(experts), cfg.group_size
@@ -344,11 +351,20 @@ def riel_step(model, tok, records, experts, cfg: RIELConfig, optimizer, buffer: 
     if cfg.buffer:  # (e)
         admitted = admit_hard_examples(buffer, tok, records, experts, prompts, rewards, cfg.buffer_k, generator)
         flushed = buffer.take_all() if buffer.is_full() else []
+    mel_examples, mel_m = [], {}
+    use_mel = mel_cfg is not None and mel_cfg.enabled
+    if use_mel:  # MEL, an extra loss from the same rollouts (mel.py)
+        mel_examples, mel_m = mel.collect(model, tok, records, experts, completions, rewards, mel_cfg,
+                                          cfg.max_new_tokens, cfg.top_p, generator, reward_fn)
 
-    m = update_policy(model, optimizer, cfg, prompts, completions, adv, rows, counts, pairs, flushed, ref_model)
-    train_s = time.perf_counter() - t0 - sample_s
+    m = update_policy(model, optimizer, cfg, prompts, completions, adv, rows, counts, pairs, flushed, ref_model,
+                      mel_examples, mel_cfg.weight if use_mel else 0.0)
+    l_mel, nll_s = m.pop("loss_mel"), m.pop("mel_nll_s")
+    if use_mel:
+        mel_m.update({"mel/loss_nll": l_mel, "mel_s": mel_m["mel/collect_s"] + nll_s})
+    train_s = time.perf_counter() - t0 - sample_s - mel_m.get("mel/collect_s", 0.0)
     trained_tokens = sum(lengths[r] for r in rows) + sum(len(o) for *_, o in pairs)
-    m.update(step_metrics(rewards, experts, chosen))
+    m.update(step_metrics(rewards, experts, chosen), **mel_m)
     m.update(trained_rows=len(rows), transfer_pairs=len(pairs), buffer_admitted=admitted,
              buffer_size=len(buffer.entries), buffer_flushes=buffer.flushes, flushed=len(flushed),
              response_len=sum(lengths) / max(1, len(lengths)),

@@ -5,6 +5,7 @@ train.py: MEML-GRPO end to end in one readable loop: MEF (multi-expert SFT), the
     python train.py --model llama3.2-3b          # the paper's setting: GSM8K, 3 experts, G = 8
     python train.py --riel.advantage grpo --experts rationale --riel.no-transfer --riel.no-buffer   # a baseline
     python train.py --resume                     # continue the run in --out-dir from its last checkpoint
+    python train.py --mel                        # + MEL: learn from self-written analyses of right vs wrong (mel.py)
 
 Data flows one way: data (records, experts) -> mef.py (stage 1) -> riel.py (stage 2: rollout.py samples,
 verify.py scores, losses.py turns rewards into gradients) -> eval.py. This file only wires them together,
@@ -38,6 +39,7 @@ import data
 import verify
 from eval import EvalConfig, evaluate, format_table
 from mef import MEFConfig, build_sft_examples, mef_steps, num_steps
+from mel import MELConfig
 from model import Transformer, tiny_config
 from riel import HardExampleBuffer, RIELConfig, riel_step
 from rollout import generate
@@ -68,6 +70,7 @@ class Config:
     checkpoint_every: int = 50  # optimizer steps
     mef: MEFConfig = field(default_factory=MEFConfig)
     riel: RIELConfig = field(default_factory=RIELConfig)
+    mel: MELConfig = field(default_factory=MELConfig)  # `--mel` turns it on
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -87,6 +90,7 @@ def defaults(model: str) -> Config:
                       schedule="cosine"),
         riel=RIELConfig(steps=400, questions_per_step=16, group_size=8, max_new_tokens=48, lr=3e-4, lambda1=0.1,
                         micro_batch_size=64, buffer_size=32),
+        mel=MELConfig(max_analysis_tokens=48),
         eval=EvalConfig(size=300, max_new_tokens=48, batch_size=150))
 
 
@@ -291,14 +295,16 @@ def run_riel(cfg, model, tok, records, experts, state, start, resumed, save, log
     print(f"RIEL: {steps} steps of {rc.questions_per_step} questions x {len(experts)} experts x {rc.group_size} samples")
     for step in tqdm(range(start, steps), initial=start, total=steps, desc="riel", dynamic_ncols=True):
         batch = [records[i] for i in question_batch(len(records), rc.questions_per_step, step, cfg.seed)]
-        m = riel_step(model, tok, batch, experts, rc, opt, buffer, generator, reward_fn)
+        m = riel_step(model, tok, batch, experts, rc, opt, buffer, generator, reward_fn, mel_cfg=cfg.mel)
         state["gstep"] += 1
         state["step"] = step + 1
         log.write({"stage": "riel", "step": step + 1, "gstep": state["gstep"], **m})
         tqdm.write(f"riel {step + 1:>4}/{steps} reward {m['reward']:.3f} zero-spread {m['zero_spread']:.2f} "
                    f"L_grpo {m['loss_grpo']:+.4f} L_kl {m['loss_kl']:+.4f} L_sft {m['loss_sft']:.3f} "
                    f"buffer {m['buffer_size']} transfers {m['transfers']} len {m['response_len']:.0f} "
-                   f"gnorm {m['grad_norm']:.2f} sample {m['sample_s']:.1f}s train {m['train_s']:.1f}s")
+                   f"gnorm {m['grad_norm']:.2f} sample {m['sample_s']:.1f}s train {m['train_s']:.1f}s"
+                   + (f" | mel kept {m['mel/kept']}/{m['mel/candidates']} L_nll {m['mel/loss_nll']:.3f} "
+                      f"{m['mel_s']:.1f}s" if cfg.mel.enabled else ""))
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
             save("riel", step + 1, opt, generator, buffer)
 
@@ -322,6 +328,7 @@ def write_summary(cfg, state, log, wall_since_save):
 def cli(argv=None) -> Config:
     """Parse the command line with the defaults of the chosen --model (so --help shows the right ones)."""
     argv = sys.argv[1:] if argv is None else argv
+    argv = ["--mel.enabled" if a == "--mel" else a for a in argv]  # `--mel` alone switches MEL on
     model = next((a.split("=", 1)[1] for a in argv if a.startswith("--model=")), None)
     if model is None and "--model" in argv and argv.index("--model") + 1 < len(argv):
         model = argv[argv.index("--model") + 1]

@@ -34,6 +34,7 @@ import re
 from fractions import Fraction
 
 TASKS = ("synthetic", "gsm8k", "mathqa", "strategyqa", "math500")
+CORRECT = 1.0  # a response counts as correct when its reward reaches this
 
 
 def reward(task: str, completion: str, gold: str) -> float:
