@@ -10,6 +10,7 @@ import torch
 
 import mel
 import riel
+from conftest import requires_shared
 from test_mef import StandIn, naive_nll
 from test_riel import EXPERTS, RECORDS, TABLE, fake_generate_for, reward_fn, sgd_delta
 from tokenizer import load_tokenizer, render_chat
@@ -249,3 +250,18 @@ def test_train_with_mel_writes_the_mel_metrics(tmp_path):
         assert key in rl[0], key
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["config"]["mel"]["enabled"] is True
+
+
+# ---- real chat templates ----------------------------------------------------------------------------------
+
+@requires_shared
+@pytest.mark.parametrize("which", ["llama3", "qwen25"])
+def test_mel_prompts_render_with_the_real_chat_templates(which):
+    from test_tokenizer import llama3_tokenizer, qwen25_tokenizer
+    tok = llama3_tokenizer() if which == "llama3" else qwen25_tokenizer()
+    ids = render_chat(tok, None, mel.analysis_message("How many legs do 3 cats have?", "3 * 3 = 9", "3 * 4 = 12"))
+    text = tok.decode(ids)
+    assert text.index("Incorrect attempt:\n3 * 3 = 9") < text.index("Correct attempt:\n3 * 4 = 12")
+    assert text.rstrip().endswith("assistant<|end_header_id|>" if which == "llama3" else "<|im_start|>assistant")
+    hint = tok.decode(render_chat(tok, "Think step by step.", mel.hint_message("How many legs?", "If counting legs, ...")))
+    assert "Think step by step." in hint and hint.index("If counting legs") < hint.index("Now solve:\nHow many legs?")
