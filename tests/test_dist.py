@@ -1,0 +1,142 @@
+"""Data-parallel training (dist.py) against one process: `torchrun --nproc_per_node 2` (gloo, CPU) must give the same
+losses, gradient norms, trained rows, transfers, buffer flushes, evals and (to fp32 tolerance) weights as one
+process with the same global batch and seed; a killed 2-process run must resume to the uninterrupted one's weights."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import checkpoint
+import dist
+from model import Transformer, tiny_config
+from rollout import generate
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # two ranks on a shared CPU must not oversubscribe it
+# From an init that gets a few rewards on level-1 sums (see `init`): 6 MEF steps, then 3 RIEL steps with
+# rewarded rows, transfers and a buffer flush, then sharded greedy eval and pass@k (several eval batches).
+RUN = ["--train-size", "64", "--mef.epochs", "1", "--mef.batch-size", "32", "--mef.micro-batch-size", "32",
+       "--mef.lr", "3e-4", "--riel.steps", "3", "--riel.questions-per-step", "4", "--riel.group-size", "8",
+       "--riel.max-new-tokens", "24", "--riel.buffer-size", "4", "--riel.buffer-k", "2", "--riel.lr", "3e-4",
+       "--difficulty", "1", "1", "--rl-difficulty", "1", "1", "--eval.size", "12", "--eval.batch-size", "8",
+       "--eval.max-new-tokens", "24", "--eval.pass-k", "2", "--eval.pass-samples", "3", "--checkpoint-every", "1"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def train(launcher, out_dir, *args, wait=True):
+    cmd = [*launcher, "train.py", "--out-dir", str(out_dir), *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # its own process group: a kill takes torchrun's workers too
+    if not wait:
+        return proc
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    return proc
+
+
+def weights(out_dir):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(checkpoint.latest(str(out_dir)), "model.safetensors"))
+
+
+def metrics(out_dir):
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """init: 38 MEF steps from scratch on level-1 sums (one process), so that RIEL gets some rewards; then the same
+    run from it in one process and in two."""
+    tmp = tmp_path_factory.mktemp("dist")
+    train([sys.executable], tmp / "init", "--train-size", "400", "--mef.batch-size", "32", "--mef.micro-batch-size",
+          "32", "--mef.lr", "3e-3", "--mef.warmup-steps", "5", "--difficulty", "1", "1", "--stages", "mef")
+    init = ["--init", checkpoint.latest(str(tmp / "init"))]
+    train([sys.executable], tmp / "one", *init, *RUN)
+    train(TORCHRUN, tmp / "two", *init, *RUN)
+    return tmp, init
+
+
+def test_two_processes_train_and_evaluate_like_one(runs):
+    tmp, _ = runs
+    one, two = metrics(tmp / "one"), metrics(tmp / "two")
+    assert [(m["stage"], m.get("step")) for m in one] == [(m["stage"], m.get("step")) for m in two]
+    riel = [m for m in one if m["stage"] == "riel"]
+    # the comparison means something only if every kind of RIEL gradient was there
+    assert sum(m["trained_rows"] for m in riel) > 0 and sum(m["transfer_pairs"] for m in riel) > 0
+    assert sum(m["flushed"] for m in riel) > 0
+    for a, b in zip(one, two):
+        if a["stage"] == "eval":  # sharded eval, gathered: the same table, pass@k included
+            assert a == b
+            continue
+        for key in ("trained_rows", "transfer_pairs", "flushed", "buffer_size", "buffer_admitted", "reward"):
+            assert a.get(key) == b.get(key), (a["stage"], a["step"], key)
+        for key in ("loss", "grad_norm", "loss_grpo", "loss_kl", "loss_sft"):  # global values, any wrong factor shows
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["stage"], a["step"], key)
+    w1, w2 = weights(tmp / "one"), weights(tmp / "two")
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-5, msg=k)
+    summary = json.loads((tmp / "two" / "summary.json").read_text())
+    assert summary["optimizer_steps"] == len(one) - 2  # written once, by rank 0: 6 MEF + 3 RIEL steps
+
+
+def test_killed_two_process_run_resumes_to_the_same_weights(runs):
+    tmp, init = runs
+    out = tmp / "killed"
+    proc = train(TORCHRUN, out, *init, *RUN, wait=False)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:  # kill once RIEL step 1 is checkpointed (gstep 7 of 9)
+        latest = out / "latest"
+        if latest.exists() and latest.read_text().strip() >= "ckpt-000007":
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (out / "latest").read_text().strip() < "ckpt-000009"
+
+    train(TORCHRUN, out, *init, *RUN, "--resume")
+    resumed, reference = weights(out), weights(tmp / "two")
+    for k in reference:
+        assert torch.equal(resumed[k], reference[k]), k
+    gsteps = [m["gstep"] for m in metrics(out) if m["stage"] in ("mef", "riel")]
+    assert gsteps == list(range(1, 10))
+
+
+def test_sampling_a_share_of_the_rows_gives_the_same_tokens_and_generator_state():
+    model = Transformer.from_config(tiny_config(), torch.device("cpu"), torch.float32, seed=0)
+    prompts = [[1, 5, 9, 14], [1, 7], [1, 3, 3, 8, 2], [1, 4, 4]]
+    whole_gen, part_gen = torch.Generator().manual_seed(3), [torch.Generator().manual_seed(3) for _ in range(2)]
+    whole = generate(model, prompts, num_samples=2, max_new_tokens=12, temperature=2.0, generator=whole_gen)
+    parts = []
+    for r in range(2):  # two "ranks" with 1 and 3 prompts: rows [0, 2) and [2, 8) of 8
+        lo, hi = (0, 1) if r == 0 else (1, 4)
+        parts += generate(model, prompts[lo:hi], num_samples=2, max_new_tokens=12, temperature=2.0,
+                          generator=part_gen[r], rng_rows=(2 * lo, 8)).completions
+    assert parts == whole.completions
+    assert all(torch.equal(g.get_state(), whole_gen.get_state()) for g in part_gen)
+
+
+def test_shards_are_contiguous_balanced_and_cover_everything():
+    for n in range(0, 12):
+        for w in range(1, 5):
+            bounds = [dist.shard_range(n, r, w) for r in range(w)]
+            assert bounds[0][0] == 0 and bounds[-1][1] == n
+            assert all(bounds[r][1] == bounds[r + 1][0] for r in range(w - 1))
+            sizes = [hi - lo for lo, hi in bounds]
+            assert max(sizes) - min(sizes) <= 1
+
+
+def test_single_process_helpers_are_identities():
+    assert not dist.launched() and dist.world() == 1 and dist.is_main()
+    assert dist.shard([1, 2, 3]) == [1, 2, 3] and dist.gather([1, 2]) == [1, 2]
+    assert dist.sum_floats([0.1, 2]) == [0.1, 2] and dist.mean_over_ranks(0.3, 7) == 0.3
+    assert dist.wrap(torch.nn.Linear(1, 1), torch.device("cpu")) is None
