@@ -32,13 +32,28 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 def train(launcher, out_dir, *args, wait=True):
     cmd = [*launcher, "train.py", "--out-dir", str(out_dir), *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # its own process group: a kill takes torchrun's workers too
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE if wait else subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT, text=True)
     if not wait:
         return proc
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
-    return proc
+    return out
+
+
+def children(pid) -> list:
+    """Pids of pid's child processes (torchrun starts its workers in sessions of their own, so killing torchrun's
+    process group would leave them running)."""
+    kids = []
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid:
+            kids.append(int(d))
+    return kids
 
 
 def weights(out_dir):
@@ -99,11 +114,18 @@ def test_killed_two_process_run_resumes_to_the_same_weights(runs):
             break
         time.sleep(0.02)
     assert proc.poll() is None, "the run finished before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
+    workers = children(proc.pid)
+    assert len(workers) == 2
+    for pid in [*workers, proc.pid]:  # the ranks first: they are the ones writing
+        os.kill(pid, signal.SIGKILL)
     proc.wait()
-    assert (out / "latest").read_text().strip() < "ckpt-000009"
+    time.sleep(0.5)  # let the kernel reap the orphaned workers
+    assert not any(os.path.exists(f"/proc/{pid}/cmdline") and open(f"/proc/{pid}/cmdline").read() for pid in workers)
+    stopped_at = (out / "latest").read_text().strip()
+    assert stopped_at < "ckpt-000009"
 
-    train(TORCHRUN, out, *init, *RUN, "--resume")
+    log = train(TORCHRUN, out, *init, *RUN, "--resume")
+    assert f"resuming from {out / stopped_at}" in log  # the resumed run really had steps left to do
     resumed, reference = weights(out), weights(tmp / "two")
     for k in reference:
         assert torch.equal(resumed[k], reference[k]), k
