@@ -13,6 +13,8 @@ What it measures (METHOD.md section 5):
 - **pass@k** (optional): n samples per (question, expert) at a temperature, unbiased estimator
   pass@k = 1 - C(n - c, k) / C(n, k) (Chen et al. 2021), averaged over questions and experts.
 Writes the results to a JSON file when asked and prints a table.
+Under torchrun (dist.py) each rank decodes its share of every batch and the texts are gathered, so every
+rank gets the table one process would compute (pass@k too: the uniforms of the whole batch are drawn).
 """
 
 import json
@@ -25,6 +27,7 @@ import tyro
 from tqdm import tqdm
 
 import data
+import dist
 import verify
 from model import Transformer
 from rollout import generate
@@ -42,14 +45,21 @@ class EvalConfig:
 
 
 def complete(model, tok, prompts, cfg: EvalConfig, num_samples=1, temperature=0.0, seed=0, desc="eval"):
-    """Decode the completions of many prompts in batches; returns texts, num_samples per prompt, prompt-major."""
+    """Decode the completions of many prompts in batches; returns texts, num_samples per prompt, prompt-major.
+    Under torchrun every rank decodes a share of each batch (it then needs batch_size >= world size, so that
+    only the last batch can leave a rank without prompts) and every rank returns all the texts."""
     texts, stops = [], stop_token_ids(tok)
     gen = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed)
-    for s in tqdm(range(0, len(prompts), cfg.batch_size), desc=desc, leave=False):
-        out = generate(model, prompts[s:s + cfg.batch_size], num_samples=num_samples,
-                       max_new_tokens=cfg.max_new_tokens, temperature=temperature, stop_ids=stops,
-                       generator=gen, vocab_limit=len(tok))
-        texts += [tok.decode(c, skip_special_tokens=True) for c in out.completions]
+    for s in tqdm(range(0, len(prompts), cfg.batch_size), desc=desc, leave=False, disable=not dist.is_main()):
+        batch = prompts[s:s + cfg.batch_size]
+        lo, hi = dist.shard_range(len(batch))
+        mine = []
+        if hi > lo:
+            out = generate(model, batch[lo:hi], num_samples=num_samples, max_new_tokens=cfg.max_new_tokens,
+                           temperature=temperature, stop_ids=stops, generator=gen, vocab_limit=len(tok),
+                           rng_rows=(lo * num_samples, len(batch) * num_samples))
+            mine = [tok.decode(c, skip_special_tokens=True) for c in out.completions]
+        texts += dist.gather(mine)
     return texts
 
 

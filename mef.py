@@ -20,7 +20,9 @@ Choices:
 - Records with no trace for an expert are skipped and counted; so are examples longer than max_len
   (cut short, a target would lose its end-of-turn token).
 - The log-probs come from rollout.token_logprobs, the same function RIEL trains with.
-RIEL's hard-example buffer reuses `sft_backward` for its SFT step (METHOD.md 4(e)).
+- Under torchrun (dist.py) each rank backpropagates a contiguous share of every optimizer batch, weighted by
+  its share of the batch's tokens, so the ranks' gradients sum to the one-process gradient of the same batch.
+RIEL's hard-example buffer reuses `sharded_sft_backward` for its SFT step (METHOD.md 4(e)).
 """
 import math
 import warnings
@@ -29,6 +31,7 @@ from typing import Literal
 
 import torch
 
+import dist
 from tokenizer import end_of_turn_id, render_chat
 from rollout import token_logprobs
 
@@ -103,9 +106,23 @@ def sft_backward(model, prompts, targets, micro_batch_size, weight=1.0) -> float
     return total
 
 
+def sharded_sft_backward(model, prompts, targets, micro_batch_size, weight=1.0) -> float:
+    """sft_backward on this rank's share of the pairs (all of them in one process). Each rank's token mean is
+    weighted by its share of all the target tokens, so the ranks' gradients sum to the whole batch's token mean
+    (share == 1.0 exactly in one process). Returns the whole batch's loss, on every rank."""
+    if not targets:
+        return 0.0
+    lo, hi = dist.shard_range(len(targets))
+    share = sum(len(t) for t in targets[lo:hi]) / sum(len(t) for t in targets)
+    loss = sft_backward(model, prompts[lo:hi], targets[lo:hi], micro_batch_size, weight * share) * share
+    return dist.sum_floats([loss])[0]
+
+
 def clip_and_step(model, optimizer, grad_clip, loss_value):
     """Clip the gradient norm and step, unless the loss or the gradient is NaN/inf (then skip and warn).
-    Returns (grad norm before clipping, skipped)."""
+    Under torchrun the gradients are summed over the ranks first, so every rank sees the same (global) norm and
+    loss_value must be the global loss: all ranks then take the same decision. Returns (grad norm, skipped)."""
+    dist.sync_grads(model)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
     if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
         warnings.warn(f"skipping optimizer step: loss {loss_value}, grad norm {grad_norm}")
@@ -136,7 +153,7 @@ def mef_steps(model, examples, cfg: MEFConfig, optimizer, seed=0, start_step=0, 
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step - 1)
             optimizer.zero_grad(set_to_none=True)
-            loss = sft_backward(model, prompts, targets, cfg.micro_batch_size)
+            loss = sharded_sft_backward(model, prompts, targets, cfg.micro_batch_size)
             lr = optimizer.param_groups[0]["lr"]  # read before the step: the lr this step used
             grad_norm, skipped = clip_and_step(model, optimizer, cfg.grad_clip, loss)
             yield {"step": step, "epoch": epoch, "loss": loss, "tokens": sum(len(t) for t in targets),

@@ -28,6 +28,9 @@ Our readings of what the paper leaves open (all options of MELConfig):
 - Analyses that are empty after decoding are dropped before the replay; a truncated analysis is kept if
   its replay verifies.
 - Every analysis is generated with the current policy before the update, so M is on-policy like y.
+- Under torchrun every rank holds the whole step's rollouts (riel.py gathers them), so every rank draws the
+  same pairs; each rank writes and replays its share of them and the results are gathered (the same tokens
+  as one process: see rollout.generate's rng_rows); each rank backpropagates its share of the kept M.
 The wording of both prompts is ours (ANALYSIS_INSTRUCTION, HINT_TEMPLATE).
 """
 import time
@@ -35,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+import dist
 from mef import length_sorted_micro_batches
 from rollout import generate, token_logprobs
 from tokenizer import render_chat, stop_token_ids
@@ -109,20 +113,14 @@ def collect(model, tok, records, experts, completions, rewards, cfg: MELConfig, 
     text = lambda ids: tok.decode(ids, skip_special_tokens=True)
     contexts = [render_chat(tok, None, analysis_message(records[q].question, text(completions[w]), text(completions[r])))
                 for q, w, r in pairs]
-    stops = stop_token_ids(tok)
-    analyses = []
-    if contexts:
-        analyses = generate(model, contexts, max_new_tokens=cfg.max_analysis_tokens, top_p=top_p, stop_ids=stops,
-                            temperature=cfg.analysis_temperature, generator=generator,
-                            vocab_limit=len(tok)).completions
+    sample = lambda prompts, temperature, max_tokens: sample_shared(  # noqa: E731
+        model, prompts, temperature=temperature, max_new_tokens=max_tokens, top_p=top_p, stop_ids=stop_token_ids(tok),
+        generator=generator, vocab_limit=len(tok))
+    analyses = sample(contexts, cfg.analysis_temperature, cfg.max_analysis_tokens)
     written = [i for i, a in enumerate(analyses) if text(a).strip()]
-    replays = []
-    if written:
-        hints = [render_chat(tok, experts[(pairs[i][1] // G) % N].system_prompt,
-                             hint_message(records[pairs[i][0]].question, text(analyses[i]))) for i in written]
-        replays = generate(model, hints, max_new_tokens=cfg.max_replay_tokens or max_new_tokens, top_p=top_p,
-                           stop_ids=stops, temperature=cfg.replay_temperature, generator=generator,
-                           vocab_limit=len(tok)).completions
+    hints = [render_chat(tok, experts[(pairs[i][1] // G) % N].system_prompt,
+                         hint_message(records[pairs[i][0]].question, text(analyses[i]))) for i in written]
+    replays = sample(hints, cfg.replay_temperature, cfg.max_replay_tokens or max_new_tokens)
     kept = [i for i, ids in zip(written, replays) if reward_fn(records[pairs[i][0]], text(ids)) >= CORRECT]
     examples = [(contexts[i], analyses[i]) for i in kept]
     metrics = {"mel/candidates": len(pairs), "mel/written": len(written), "mel/kept": len(kept),
@@ -130,6 +128,22 @@ def collect(model, tok, records, experts, completions, rewards, cfg: MELConfig, 
                "mel/analysis_len": sum(len(a) for a in analyses) / max(1, len(analyses)),
                "mel/collect_s": time.perf_counter() - t0}
     return examples, metrics
+
+
+def sample_shared(model, prompts, *, generator, temperature, max_new_tokens, **kw) -> list:
+    """One completion per prompt, every rank writing its share; all ranks get all (one process: just generate).
+    A rank with no share still draws the batch's uniforms, so every generator stays in the same state."""
+    if not prompts:
+        return []
+    lo, hi = dist.shard_range(len(prompts))
+    if hi == lo:
+        if temperature > 0:
+            device = generator.device if generator is not None else "cpu"
+            torch.rand(max_new_tokens, len(prompts), generator=generator, device=device)
+        return dist.gather([])
+    out = generate(model, prompts[lo:hi], generator=generator, temperature=temperature, max_new_tokens=max_new_tokens,
+                   rng_rows=(lo, len(prompts)), **kw)
+    return dist.gather(out.completions)
 
 
 # ---- 4. the NLL of the kept analyses ------------------------------------------------------------------
@@ -143,10 +157,11 @@ def nll_loss(model, contexts, analyses, n_examples):
 
 
 def nll_backward(model, examples, micro_batch_size, weight=1.0) -> float:
-    """Backprop weight * L_NLL over the kept (context, analysis) pairs; returns the unweighted L_NLL."""
-    total = 0.0
-    for mb in length_sorted_micro_batches([len(c) + len(a) for c, a in examples], micro_batch_size):
-        loss = nll_loss(model, [examples[i][0] for i in mb], [examples[i][1] for i in mb], len(examples))
+    """Backprop weight * L_NLL over the kept (context, analysis) pairs, this rank's share of them (all in one
+    process) over the count of all; returns the unweighted L_NLL of the whole step."""
+    mine, total = dist.shard(examples), 0.0
+    for mb in length_sorted_micro_batches([len(c) + len(a) for c, a in mine], micro_batch_size):
+        loss = nll_loss(model, [mine[i][0] for i in mb], [mine[i][1] for i in mb], len(examples))
         (weight * loss).backward()
         total += loss.item()
-    return total
+    return dist.sum_floats([total])[0]

@@ -34,6 +34,12 @@ What we keep of GRPO, and the choices the paper leaves open (all config options)
   record's first trace; a full buffer joins L_SFT into this step's optimizer step, then is emptied.
   With ppo_epochs > 1 the transfer and SFT terms join the first update only.
 - A NaN/inf loss or gradient skips the optimizer step with a warning.
+- Under torchrun (dist.py) each rank samples and scores its share of the questions (whole questions, so a
+  group never spans ranks; the generator draws the whole batch's uniforms, so every token equals one
+  process's), then all ranks gather the step. Everything that decides (advantages, token counts, the O+
+  draw, buffer admission) runs on every rank on the gathered step, so generators and buffers stay equal;
+  each rank then backpropagates its share of the rows, transfer pairs and flushed entries, normalised by
+  the step's global counts, and the gradients are summed: the same update as one process.
 """
 import time
 from dataclasses import asdict, dataclass, field
@@ -41,12 +47,13 @@ from typing import Literal
 
 import torch
 
+import dist
 from losses import (ADVANTAGE_MODES, AGGREGATIONS, aggregate, clip_fraction, full_vocab_kl,
                     group_advantages, k3_kl, policy_gradient_loss, transfer_loss)
 import mel
-from mef import clip_and_step, encode_target, length_sorted_micro_batches, sft_backward
+from mef import clip_and_step, encode_target, length_sorted_micro_batches, sharded_sft_backward
 from tokenizer import render_chat, stop_token_ids
-from rollout import generate, token_logprobs
+from rollout import Rollout, generate, token_logprobs
 from verify import CORRECT
 
 
@@ -166,14 +173,14 @@ def reference_trace(record, expert):
 
 # ---- (a) sampling and scoring ----------------------------------------------------------------------
 
-def sample_groups(model, tok, records, experts, cfg, generator):
-    """Prompt q*N + i = (question q, expert i); completion row (q*N + i)*G + g."""
+def sample_groups(model, tok, records, experts, cfg, generator, rng_rows=None):
+    """Prompt q*N + i = (question q, expert i); completion row (q*N + i)*G + g. rng_rows: see generate."""
     prompts = [render_chat(tok, ex.system_prompt, rec.question) for rec in records for ex in experts]
     model.eval()
     with torch.no_grad():
         out = generate(model, prompts, num_samples=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
                        temperature=cfg.temperature, top_p=cfg.top_p, stop_ids=stop_token_ids(tok),
-                       generator=generator, vocab_limit=len(tok))
+                       generator=generator, vocab_limit=len(tok), rng_rows=rng_rows)
     return prompts, out
 
 
@@ -183,6 +190,22 @@ def score_groups(tok, records, completions, reward_fn, n_experts, group_size):
     r = [float(reward_fn(records[row // per_question], tok.decode(c, skip_special_tokens=True)))
          for row, c in enumerate(completions)]
     return torch.tensor(r, dtype=torch.float32).view(len(records), n_experts, group_size)
+
+
+def sample_and_score(model, tok, records, experts, cfg, generator, reward_fn):
+    """(a) for this rank's share of the questions (all of them in one process), gathered: every rank returns the
+    whole step's prompts, Rollout and rewards (Q, N, G), the ones one process would have sampled."""
+    N, G, Q = len(experts), cfg.group_size, len(records)
+    lo, hi = dist.shard_range(Q)
+    if hi == lo:
+        raise ValueError(f"{Q} questions per step cannot be shared by {dist.world()} processes: raise questions_per_step")
+    prompts, out = sample_groups(model, tok, records[lo:hi], experts, cfg, generator, rng_rows=(lo * N * G, Q * N * G))
+    rewards = score_groups(tok, records[lo:hi], out.completions, reward_fn, N, G)
+    if dist.world() == 1:
+        return prompts, out, rewards
+    parts = dist.all_gather_object((prompts, out.completions, out.finish, rewards.tolist()))
+    prompts, completions, finish, r = ([x for part in parts for x in part[i]] for i in range(4))
+    return prompts, Rollout(completions, finish), torch.tensor(r, dtype=torch.float32)
 
 
 # ---- the three loss terms, each backpropagated micro-batch by micro-batch ---------------------------
@@ -237,9 +260,10 @@ def completion_logits(model, prompt, completion):
     return model(ids)[0, len(prompt) - 1:-1]
 
 
-def transfer_backward(model, pairs, cfg) -> float:
-    """Backprop lambda1 * L_KL over every (P+, P-, O+) pair; one token mean over all O+ tokens."""
-    n_tokens = sum(len(o) for _, _, o in pairs)
+def transfer_backward(model, pairs, cfg, n_tokens=None) -> float:
+    """Backprop lambda1 * L_KL over every (P+, P-, O+) pair; one token mean over all O+ tokens of the step
+    (n_tokens; default: these pairs' own, i.e. all of them in one process)."""
+    n_tokens = n_tokens or sum(len(o) for _, _, o in pairs)
     total = 0.0
     if cfg.transfer_mode == "full_vocab":  # one pair at a time: (C, V) logits under both prompts
         for teacher_prompt, student_prompt, o in pairs:
@@ -284,15 +308,18 @@ def update_policy(model, optimizer, cfg, prompts, completions, adv, rows, counts
     clipped ratio."""
     model.train()
     old_cache, out = {}, {"clip_frac": 0.0, "skipped": False}
+    my_rows, my_pairs = dist.shard(rows), dist.shard(pairs)  # this rank's share (all in one process)
     for epoch in range(cfg.ppo_epochs):
         optimizer.zero_grad(set_to_none=True)
-        l_pg, kl_ref, clip = policy_gradient_backward(model, prompts, completions, adv, rows, cfg, counts,
+        l_pg, kl_ref, clip = policy_gradient_backward(model, prompts, completions, adv, my_rows, cfg, counts,
                                                       old_cache, ref_model)
+        l_pg, kl_ref, clip = over_ranks(l_pg, kl_ref, clip, sum(len(completions[r]) for r in my_rows))
         loss = l_pg
         if epoch == 0:
-            l_kl = transfer_backward(model, pairs, cfg) if pairs else 0.0
-            l_sft = sft_backward(model, [e.prompt_ids for e in flushed], [e.target_ids for e in flushed],
-                                 cfg.micro_batch_size, cfg.lambda2) if flushed else 0.0
+            l_kl = transfer_backward(model, my_pairs, cfg, n_tokens=sum(len(o) for *_, o in pairs)) if my_pairs else 0.0
+            l_kl = dist.sum_floats([l_kl])[0]
+            l_sft = sharded_sft_backward(model, [e.prompt_ids for e in flushed], [e.target_ids for e in flushed],
+                                         cfg.micro_batch_size, cfg.lambda2) if flushed else 0.0
             t_mel = time.perf_counter()
             l_mel = mel.nll_backward(model, mel_examples, cfg.micro_batch_size, mel_weight) if mel_examples else 0.0
             loss = l_pg + cfg.lambda1 * l_kl + cfg.lambda2 * l_sft + mel_weight * l_mel
@@ -304,6 +331,12 @@ def update_policy(model, optimizer, cfg, prompts, completions, adv, rows, counts
         out.setdefault("grad_norm", grad_norm)  # the first (on-policy) update's norm
         out["skipped"] |= skipped
     return out
+
+
+def over_ranks(l_pg, kl_ref, clip, n_tokens):
+    """This rank's policy-gradient loss (already over the global count) and per-token means over its n_tokens
+    -> the whole step's values, on every rank (unchanged in one process)."""
+    return dist.sum_floats([l_pg])[0], dist.mean_over_ranks(kl_ref, n_tokens), dist.mean_over_ranks(clip, n_tokens)
 
 
 def step_metrics(rewards, experts, chosen) -> dict:
@@ -332,11 +365,10 @@ def riel_step(model, tok, records, experts, cfg: RIELConfig, optimizer, buffer: 
     Returns a flat dict of metrics."""
     if cfg.kl_beta > 0 and ref_model is None:
         raise ValueError("kl_beta > 0 needs a frozen ref_model")
-    N, G = len(experts), cfg.group_size
+    N = len(experts)
     t0 = time.perf_counter()
-    prompts, out = sample_groups(model, tok, records, experts, cfg, generator)  # (a)
-    completions = out.completions  # Q*N*G rows
-    rewards = score_groups(tok, records, completions, reward_fn, N, G)  # (Q, N, G)
+    prompts, out, rewards = sample_and_score(model, tok, records, experts, cfg, generator, reward_fn)  # (a)
+    completions = out.completions  # Q*N*G rows; rewards (Q, N, G)
     sample_s = time.perf_counter() - t0
 
     adv = group_advantages(rewards, cfg.advantage).flatten()  # (b), (Q*N*G,) in row order

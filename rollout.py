@@ -71,8 +71,11 @@ def top_p_filter(probs, top_p):
 
 @torch.inference_mode()  # no autograd bookkeeping at all: cheaper per op than no_grad
 def generate(model, prompts, *, num_samples=1, max_new_tokens=256, temperature=1.0, top_p=1.0, stop_ids=(),
-             generator=None, seed=None, vocab_limit=None, pad_id=0, sync_every=8) -> Rollout:
-    """prompts: P lists of token ids -> Rollout with P * num_samples rows (prompt-major)."""
+             generator=None, seed=None, vocab_limit=None, pad_id=0, sync_every=8, rng_rows=None) -> Rollout:
+    """prompts: P lists of token ids -> Rollout with P * num_samples rows (prompt-major).
+    rng_rows=(offset, total): these rows are rows offset.. of a batch of `total` rows sampled by several processes;
+    the uniforms of all `total` rows are drawn and this call's columns used, so its tokens equal the whole batch's
+    and every process's generator ends in the same state."""
     assert prompts and all(len(p) > 0 for p in prompts), "every prompt needs at least one token"
     device = model.embed_tokens.weight.device
     if generator is None and seed is not None:
@@ -108,7 +111,10 @@ def generate(model, prompts, *, num_samples=1, max_new_tokens=256, temperature=1
     next_pos = lens.repeat_interleave(G)  # (B,) position of the next token of each row
 
     B = P * G
-    uniforms = None if temperature == 0 else torch.rand(max_new_tokens, B, generator=generator, device=device)
+    offset, total = rng_rows or (0, B)
+    assert 0 <= offset and offset + B <= total, f"rng_rows {rng_rows}: {B} rows do not fit"
+    uniforms = None if temperature == 0 else torch.rand(max_new_tokens, total, generator=generator,
+                                                        device=device)[:, offset:offset + B]
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)

@@ -6,6 +6,7 @@ train.py: MEML-GRPO end to end in one readable loop: MEF (multi-expert SFT), the
     python train.py --riel.advantage grpo --experts rationale --riel.no-transfer --riel.no-buffer   # a baseline
     python train.py --resume                     # continue the run in --out-dir from its last checkpoint
     python train.py --mel                        # + MEL: learn from self-written analyses of right vs wrong (mel.py)
+    torchrun --standalone --nproc_per_node 8 train.py ...   # data-parallel on 8 GPUs (dist.py; README)
 
 Data flows one way: data (records, experts) -> mef.py (stage 1) -> riel.py (stage 2: rollout.py samples,
 verify.py scores, losses.py turns rewards into gradients) -> eval.py. This file only wires them together,
@@ -18,6 +19,9 @@ logs, and checkpoints. Choices:
 - Every optimizer step is logged (one line, plus a JSON line in metrics.jsonl); checkpoints are atomic
   (checkpoint.py) and hold everything needed for `--resume` to continue bit for bit: weights, optimizer,
   sampling RNG, buffer, stage and step. The data order is a function of (seed, step), never of history.
+- Under torchrun every rank runs this same loop on the same data order; mef.py, riel.py and eval.py split the
+  work of each step (dist.py). Rank 0 alone writes checkpoints, metrics, the summary and the log; every rank
+  resumes from the checkpoint rank 0 names.
 """
 
 import dataclasses
@@ -36,6 +40,7 @@ from tqdm import tqdm
 
 import checkpoint
 import data
+import dist
 import verify
 from eval import EvalConfig, evaluate, format_table
 from mef import MEFConfig, build_sft_examples, mef_steps, num_steps
@@ -157,6 +162,22 @@ def question_batch(n: int, size: int, step: int, seed: int) -> list:
     return out
 
 
+def check_world(cfg: Config):
+    """Under torchrun every rank needs a share of each RL step's questions and of each eval batch."""
+    w = dist.world()
+    if w > 1 and cfg.riel.questions_per_step < w:
+        raise ValueError(f"--riel.questions-per-step {cfg.riel.questions_per_step} < {w} processes: each needs a question")
+    if w > 1 and cfg.eval.batch_size < w:
+        raise ValueError(f"--eval.batch-size {cfg.eval.batch_size} < {w} processes: each needs a prompt per batch")
+
+
+class NullLog:
+    """The metrics log of ranks other than 0: they compute the same metrics, rank 0 writes them."""
+
+    def write(self, record: dict):
+        pass
+
+
 class MetricsLog:
     """metrics.jsonl: one JSON object per line. On resume, lines past the checkpoint are dropped (they will be
     redone), so the file always describes exactly one uninterrupted run."""
@@ -188,8 +209,12 @@ class MetricsLog:
 
 def main(cfg: Config):
     t_start = time.time()
+    device = dist.init(cfg.device)  # under torchrun: joins the process group; this rank's device
+    if not dist.is_main():
+        sys.stdout = open(os.devnull, "w")  # one log, rank 0's; errors and warnings still reach stderr
+    check_world(cfg)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    ckpt = checkpoint.latest(cfg.out_dir)
+    ckpt = dist.from_main(lambda: checkpoint.latest(cfg.out_dir))  # rank 0 sweeps half-written ones
     if ckpt and not cfg.resume:
         raise SystemExit(f"{cfg.out_dir} already holds a run (last checkpoint {ckpt}): pass --resume to continue "
                          "it, or choose another --out-dir")
@@ -198,7 +223,6 @@ def main(cfg: Config):
     if ckpt:
         print(f"resuming from {ckpt}: stage {state['stage']}, step {state['step']}, done {state['done']}")
     torch.manual_seed(cfg.seed)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     param_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if (
         cfg.precision == "auto" and device.type == "cuda") else nullcontext()
@@ -209,12 +233,14 @@ def main(cfg: Config):
     else:
         model = Transformer.from_pretrained(source, device, param_dtype)
     model.gradient_checkpointing = cfg.gradient_checkpointing
+    dist.wrap(model, device)  # DDP: gradients summed over ranks in mef.clip_and_step (no-op in one process)
     tok = load_tokenizer(source)
     experts = load_experts(cfg)
     eval_split = data.SPLITS[cfg.data].eval
-    log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), state["gstep"] if ckpt else None)
-    print(f"model {source}: {model.num_params() / 1e6:.2f}M params on {device} ({cfg.precision}); task {cfg.data}; "
-          f"experts {[e.name for e in experts]}; stages {list(cfg.stages)}")
+    log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), state["gstep"] if ckpt else None) \
+        if dist.is_main() else NullLog()
+    print(f"model {source}: {model.num_params() / 1e6:.2f}M params on {device} ({cfg.precision}) x {dist.world()} "
+          f"processes; task {cfg.data}; experts {[e.name for e in experts]}; stages {list(cfg.stages)}")
 
     def save(stage, step, optimizer=None, generator=None, buffer=None):
         state.update(stage=stage, step=step, wall_s=state["wall_s"] + time.time() - save.t0,
@@ -222,7 +248,9 @@ def main(cfg: Config):
                      generator=generator.get_state() if generator is not None else None,
                      buffer=buffer.to_dict() if buffer else None, config=dataclasses.asdict(cfg))
         save.t0 = time.time()
-        return checkpoint.save(cfg.out_dir, model, tok, state)
+        path = checkpoint.save(cfg.out_dir, model, tok, state) if dist.is_main() else None  # ranks hold equal state
+        dist.barrier()  # no rank runs ahead of (or resumes past) a checkpoint that is not complete
+        return path
     save.t0 = t_start
 
     def run_eval(name):
@@ -252,7 +280,8 @@ def main(cfg: Config):
             run_eval(f"after_{stage}")  # a no-op when this checkpoint already holds it
     if "eval" in cfg.stages and not any(f"after_{s}" in state["evals"] for s in ("mef", "riel")):
         run_eval("final")
-    write_summary(cfg, state, log, time.time() - save.t0)
+    if dist.is_main():
+        write_summary(cfg, state, log, time.time() - save.t0)
 
 
 def run_mef(cfg, model, tok, records, experts, state, start, resumed, save, log):
@@ -264,7 +293,7 @@ def run_mef(cfg, model, tok, records, experts, state, start, resumed, save, log)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.mef.lr, weight_decay=cfg.mef.weight_decay)
     if resumed:
         opt.load_state_dict(resumed)
-    bar = tqdm(total=total, initial=start, desc="mef", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=start, desc="mef", dynamic_ncols=True, disable=not dist.is_main())
     t0 = time.time()
     for m in mef_steps(model, examples, cfg.mef, opt, seed=cfg.seed, start_step=start,
                        lr_at=lr_schedule(cfg.mef, total)):
@@ -293,7 +322,8 @@ def run_riel(cfg, model, tok, records, experts, state, start, resumed, save, log
         buffer = HardExampleBuffer.from_dict(state["buffer"])
     reward_fn = lambda record, text: verify.reward(cfg.data, text, record.answer)
     print(f"RIEL: {steps} steps of {rc.questions_per_step} questions x {len(experts)} experts x {rc.group_size} samples")
-    for step in tqdm(range(start, steps), initial=start, total=steps, desc="riel", dynamic_ncols=True):
+    for step in tqdm(range(start, steps), initial=start, total=steps, desc="riel", dynamic_ncols=True,
+                     disable=not dist.is_main()):
         batch = [records[i] for i in question_batch(len(records), rc.questions_per_step, step, cfg.seed)]
         m = riel_step(model, tok, batch, experts, rc, opt, buffer, generator, reward_fn, mel_cfg=cfg.mel)
         state["gstep"] += 1
@@ -336,4 +366,7 @@ def cli(argv=None) -> Config:
 
 
 if __name__ == "__main__":
-    main(cli())
+    try:
+        main(cli())
+    finally:
+        dist.teardown()

@@ -1,0 +1,170 @@
+"""
+dist.py: data-parallel training across processes and machines, on PyTorch's own engine (torch.distributed + DDP).
+
+    torchrun --standalone --nproc_per_node 8 train.py ...                  # one machine, 8 GPUs
+    torchrun --nnodes 2 --nproc_per_node 8 --node_rank 0 --master_addr HOST --master_port 29500 train.py ...
+
+Without torchrun every function here is the identity or a no-op (rank 0 of 1), so a single-process run executes
+exactly the code it did before this file existed. Under torchrun (RANK / WORLD_SIZE / LOCAL_RANK set):
+- `init` joins the process group: nccl on CUDA (one GPU per process, cuda:LOCAL_RANK), gloo on CPU.
+- Every rank holds the whole model. Work is split with `shard` (contiguous, balanced slices, so `gather`
+  restores the original order); decisions are not: whatever consumes the random generator or decides what to
+  train on (the O+ draw, buffer admission) runs on every rank on the same gathered data, so all ranks stay in
+  the same state and a step trains on exactly what one process would.
+- Gradients: every rank backpropagates its share of the work through the PLAIN module, any number of times
+  (ranks differ: other rows, other transfer pairs). DDP's reducer only listens after a forward through the DDP
+  wrapper, so these backwards accumulate locally, as under `ddp.no_sync()`. Then `sync_grads` runs exactly one
+  zero-weighted forward/backward through the wrapper on every rank: its gradient is 0, so the reducer all-reduces
+  the accumulated .grad, bucketed and overlapped as DDP always does. The alternative, routing every micro-batch
+  through the wrapper under no_sync, would need the wrapper's forward signature everywhere (token_logprobs and
+  generate call model.trunk / model.lm_head directly); this keeps the model code unaware of DDP.
+- The reducer SUMS (a comm hook) instead of DDP's default mean: every loss is already divided by the step's
+  global count (tokens, sequences), so the sum over ranks is exactly one process's gradient, with no factor of
+  world size to remember anywhere. After it the gradients are identical on every rank, so clipping sees the
+  global norm and the optimizers stay identical.
+"""
+import os
+
+import torch
+import torch.distributed as td
+from torch.nn.parallel import DistributedDataParallel
+
+_WRAPPED = {}  # id(module) -> its DDP wrapper: one process trains one model
+
+
+def launched() -> bool:
+    """True when started by torchrun (or any launcher that sets the torch.distributed environment)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init(device: str | None = None) -> torch.device:
+    """Join the process group under torchrun and return this rank's device; without torchrun just pick the device
+    (`device`, else cuda if available, else cpu). Under torchrun a CUDA device is always cuda:LOCAL_RANK."""
+    if not launched():
+        return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    use_cuda = device.startswith("cuda") if device else torch.cuda.is_available()
+    if use_cuda:
+        local = int(os.environ["LOCAL_RANK"])
+        if local >= torch.cuda.device_count():
+            raise RuntimeError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPUs visible: "
+                               "--nproc_per_node must not exceed the GPUs of a node")
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    if not td.is_initialized():
+        td.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+    return dev
+
+
+def rank() -> int:
+    return td.get_rank() if td.is_initialized() else 0
+
+
+def world() -> int:
+    return td.get_world_size() if td.is_initialized() else 1
+
+
+def is_main() -> bool:
+    """Rank 0 writes checkpoints, metrics and logs."""
+    return rank() == 0
+
+
+def barrier():
+    if world() > 1:
+        td.barrier()
+
+
+def teardown():
+    if td.is_initialized():
+        td.destroy_process_group()
+
+
+def _comm_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if td.get_backend() == "nccl" else torch.device("cpu")
+
+
+def sum_floats(values: list) -> list:
+    """Element-wise sum of Python numbers over all ranks (float64, so counts stay exact)."""
+    if world() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
+    td.all_reduce(t)
+    return t.tolist()
+
+
+def mean_over_ranks(value: float, weight: float) -> float:
+    """The weighted mean of per-rank means (e.g. a per-token metric over each rank's own tokens)."""
+    if world() == 1:
+        return value
+    total, weights = sum_floats([value * weight, weight])
+    return total / weights if weights else 0.0
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's obj, in rank order (any picklable object)."""
+    if world() == 1:
+        return [obj]
+    out = [None] * world()
+    td.all_gather_object(out, obj)
+    return out
+
+
+def from_main(fn):
+    """Run fn on rank 0 only and hand its result to every rank (e.g. looking up the checkpoint to resume)."""
+    if world() == 1:
+        return fn()
+    box = [fn() if is_main() else None]
+    td.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shard_range(n: int, r: int | None = None, w: int | None = None) -> tuple:
+    """[lo, hi) of rank r's contiguous share of n items; shares differ in size by at most one."""
+    r, w = rank() if r is None else r, world() if w is None else w
+    base, extra = divmod(n, w)
+    lo = r * base + min(r, extra)
+    return lo, lo + base + (r < extra)
+
+
+def shard(items: list) -> list:
+    lo, hi = shard_range(len(items))
+    return items[lo:hi]
+
+
+def gather(local: list) -> list:
+    """Inverse of shard: every rank's list, concatenated in rank order (so in the original order)."""
+    return [x for part in all_gather_object(local) for x in part] if world() > 1 else local
+
+
+def _sum_hook(state, bucket):
+    # DDP's default hook divides by the world size; our losses are normalised by global counts already
+    return td.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda fut: fut.value()[0])
+
+
+def wrap(model: torch.nn.Module, device: torch.device):
+    """Wrap the model in DDP (it broadcasts rank 0's weights, so every rank starts equal) for sync_grads; returns the
+    wrapper, or None in a single process. The code keeps calling the plain model."""
+    if world() == 1:
+        return None
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                  forward_sync_buffers=False)  # buffers (RoPE frequencies) are equal by construction
+    ddp.register_comm_hook(None, _sum_hook)
+    _WRAPPED[id(model)] = ddp
+    return ddp
+
+
+def sync_grads(model: torch.nn.Module):
+    """Sum the gradients accumulated on every rank into every rank's .grad (one collective per optimizer step; every
+    rank must call it). A no-op in one process, and when no rank has any gradient: one process would then step
+    with no gradients at all (AdamW skips such parameters), whereas all-reduced zeros would move its momentum."""
+    if world() == 1:
+        return
+    ddp = _WRAPPED.get(id(model))
+    if ddp is None:
+        raise RuntimeError("dist.sync_grads: wrap the model with dist.wrap(model, device) first")
+    if not sum_floats([float(any(p.grad is not None for p in model.parameters()))])[0]:
+        return
+    device = next(model.parameters()).device
+    logits = ddp(torch.zeros(1, 1, dtype=torch.long, device=device))
+    (logits.float().sum() * 0.0).backward()  # gradient 0: only triggers the reducer on the accumulated .grad

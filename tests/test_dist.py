@@ -1,0 +1,206 @@
+"""Data-parallel training (dist.py) against one process: `torchrun --nproc_per_node 2` (gloo, CPU) must give the same
+losses, gradient norms, trained rows, transfers, buffer flushes, evals and (to fp32 tolerance) weights as one
+process with the same global batch and seed; a killed 2-process run must resume to the uninterrupted one's weights."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import checkpoint
+import dist
+from model import Transformer, tiny_config
+from rollout import generate
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # two ranks on a shared CPU must not oversubscribe it
+# From an init that gets a few rewards on level-1 sums (see `init`): 6 MEF steps, then 3 RIEL steps with
+# rewarded rows, transfers and a buffer flush, then sharded greedy eval and pass@k (several eval batches).
+RUN = ["--train-size", "64", "--mef.epochs", "1", "--mef.batch-size", "32", "--mef.micro-batch-size", "32",
+       "--mef.lr", "3e-4", "--riel.steps", "3", "--riel.questions-per-step", "4", "--riel.group-size", "8",
+       "--riel.max-new-tokens", "24", "--riel.buffer-size", "4", "--riel.buffer-k", "2", "--riel.lr", "3e-4",
+       "--difficulty", "1", "1", "--rl-difficulty", "1", "1", "--eval.size", "12", "--eval.batch-size", "8",
+       "--eval.max-new-tokens", "24", "--eval.pass-k", "2", "--eval.pass-samples", "3", "--checkpoint-every", "1",
+       "--mel", "--mel.max-analysis-tokens", "16", "--mel.replay-temperature", "1.0", "--mel.pairs-per-question", "2"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def train(launcher, out_dir, *args, wait=True):
+    cmd = [*launcher, "train.py", "--out-dir", str(out_dir), *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE if wait else subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT, text=True)
+    if not wait:
+        return proc
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def children(pid) -> list:
+    """Pids of pid's child processes (torchrun starts its workers in sessions of their own, so killing torchrun's
+    process group would leave them running)."""
+    kids = []
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid:
+            kids.append(int(d))
+    return kids
+
+
+def weights(out_dir):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(checkpoint.latest(str(out_dir)), "model.safetensors"))
+
+
+def metrics(out_dir):
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """init: 38 MEF steps from scratch on level-1 sums (one process), so that RIEL gets some rewards; then the same
+    run from it in one process and in two."""
+    tmp = tmp_path_factory.mktemp("dist")
+    train([sys.executable], tmp / "init", "--train-size", "400", "--mef.batch-size", "32", "--mef.micro-batch-size",
+          "32", "--mef.lr", "3e-3", "--mef.warmup-steps", "5", "--difficulty", "1", "1", "--stages", "mef")
+    init = ["--init", checkpoint.latest(str(tmp / "init"))]
+    train([sys.executable], tmp / "one", *init, *RUN)
+    train(TORCHRUN, tmp / "two", *init, *RUN)
+    return tmp, init
+
+
+def test_two_processes_train_and_evaluate_like_one(runs):
+    tmp, _ = runs
+    one, two = metrics(tmp / "one"), metrics(tmp / "two")
+    assert [(m["stage"], m.get("step")) for m in one] == [(m["stage"], m.get("step")) for m in two]
+    riel = [m for m in one if m["stage"] == "riel"]
+    # the comparison means something only if every kind of RIEL gradient was there
+    assert sum(m["trained_rows"] for m in riel) > 0 and sum(m["transfer_pairs"] for m in riel) > 0
+    assert sum(m["flushed"] for m in riel) > 0
+    assert sum(m["mel/candidates"] for m in riel) > 0  # MEL's sharded analyses and replays (the tiny model's
+    # replays never pass, so MEL's sharded NLL is compared by test_mel_nll_over_two_ranks_equals_one_process)
+    for a, b in zip(one, two):
+        if a["stage"] == "eval":  # sharded eval, gathered: the same table, pass@k included
+            assert a == b
+            continue
+        for key in ("trained_rows", "transfer_pairs", "flushed", "buffer_size", "buffer_admitted", "reward",
+                    "mel/candidates", "mel/written", "mel/kept", "mel/analysis_len"):
+            assert a.get(key) == b.get(key), (a["stage"], a["step"], key)
+        for key in ("loss", "grad_norm", "loss_grpo", "loss_kl", "loss_sft", "mel/loss_nll"):  # global values, any wrong factor shows
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["stage"], a["step"], key)
+    w1, w2 = weights(tmp / "one"), weights(tmp / "two")
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-5, msg=k)
+    summary = json.loads((tmp / "two" / "summary.json").read_text())
+    assert summary["optimizer_steps"] == len(one) - 2  # written once, by rank 0: 6 MEF + 3 RIEL steps
+
+
+def test_killed_two_process_run_resumes_to_the_same_weights(runs):
+    tmp, init = runs
+    out = tmp / "killed"
+    proc = train(TORCHRUN, out, *init, *RUN, wait=False)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:  # kill once RIEL step 1 is checkpointed (gstep 7 of 9)
+        latest = out / "latest"
+        if latest.exists() and latest.read_text().strip() >= "ckpt-000007":
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    workers = children(proc.pid)
+    assert len(workers) == 2
+    for pid in [*workers, proc.pid]:  # the ranks first: they are the ones writing
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(0.5)  # let the kernel reap the orphaned workers
+    assert not any(os.path.exists(f"/proc/{pid}/cmdline") and open(f"/proc/{pid}/cmdline").read() for pid in workers)
+    stopped_at = (out / "latest").read_text().strip()
+    assert stopped_at < "ckpt-000009"
+
+    log = train(TORCHRUN, out, *init, *RUN, "--resume")
+    assert f"resuming from {out / stopped_at}" in log  # the resumed run really had steps left to do
+    resumed, reference = weights(out), weights(tmp / "two")
+    for k in reference:
+        assert torch.equal(resumed[k], reference[k]), k
+    gsteps = [m["gstep"] for m in metrics(out) if m["stage"] in ("mef", "riel")]
+    assert gsteps == list(range(1, 10))
+
+
+def test_sampling_a_share_of_the_rows_gives_the_same_tokens_and_generator_state():
+    model = Transformer.from_config(tiny_config(), torch.device("cpu"), torch.float32, seed=0)
+    prompts = [[1, 5, 9, 14], [1, 7], [1, 3, 3, 8, 2], [1, 4, 4]]
+    whole_gen, part_gen = torch.Generator().manual_seed(3), [torch.Generator().manual_seed(3) for _ in range(2)]
+    whole = generate(model, prompts, num_samples=2, max_new_tokens=12, temperature=2.0, generator=whole_gen)
+    parts = []
+    for r in range(2):  # two "ranks" with 1 and 3 prompts: rows [0, 2) and [2, 8) of 8
+        lo, hi = (0, 1) if r == 0 else (1, 4)
+        parts += generate(model, prompts[lo:hi], num_samples=2, max_new_tokens=12, temperature=2.0,
+                          generator=part_gen[r], rng_rows=(2 * lo, 8)).completions
+    assert parts == whole.completions
+    assert all(torch.equal(g.get_state(), whole_gen.get_state()) for g in part_gen)
+
+
+def test_shards_are_contiguous_balanced_and_cover_everything():
+    for n in range(0, 12):
+        for w in range(1, 5):
+            bounds = [dist.shard_range(n, r, w) for r in range(w)]
+            assert bounds[0][0] == 0 and bounds[-1][1] == n
+            assert all(bounds[r][1] == bounds[r + 1][0] for r in range(w - 1))
+            sizes = [hi - lo for lo, hi in bounds]
+            assert max(sizes) - min(sizes) <= 1
+
+
+def test_single_process_helpers_are_identities():
+    assert not dist.launched() and dist.world() == 1 and dist.is_main()
+    assert dist.shard([1, 2, 3]) == [1, 2, 3] and dist.gather([1, 2]) == [1, 2]
+    assert dist.sum_floats([0.1, 2]) == [0.1, 2] and dist.mean_over_ranks(0.3, 7) == 0.3
+    assert dist.wrap(torch.nn.Linear(1, 1), torch.device("cpu")) is None
+
+
+def _mel_nll_rank(rank, port, examples, out):
+    """One rank of test_mel_nll_over_two_ranks_equals_one_process: its share of the NLL, gradients summed by DDP."""
+    import torch.distributed as td
+    import mel
+    from test_mef import StandIn
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    device = dist.init("cpu")
+    model = StandIn(seed=0)
+    dist.wrap(model, device)
+    loss = mel.nll_backward(model, examples, micro_batch_size=2, weight=0.5)
+    dist.sync_grads(model)
+    if rank == 0:
+        torch.save({"loss": loss, "grads": [p.grad for p in model.parameters()]}, out)
+    td.barrier()
+    dist.teardown()
+
+
+def test_mel_nll_over_two_ranks_equals_one_process(tmp_path):
+    import socket
+    import torch.multiprocessing as mp
+    import mel
+    from test_mef import StandIn
+    g = torch.Generator().manual_seed(0)
+    examples = [(torch.randint(0, 250, (int(n),), generator=g).tolist(), torch.randint(0, 250, (int(m),), generator=g).tolist())
+                for n, m in torch.randint(2, 12, (5, 2), generator=g)]  # 5 analyses: shares of 3 and 2
+    model = StandIn(seed=0)
+    loss = mel.nll_backward(model, examples, micro_batch_size=2, weight=0.5)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_mel_nll_rank, args=(port, examples, str(tmp_path / "rank0.pt")), nprocs=2)
+    two = torch.load(tmp_path / "rank0.pt")
+    assert two["loss"] == pytest.approx(loss, rel=1e-6)
+    for a, b in zip(two["grads"], [p.grad for p in model.parameters()]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
