@@ -1,16 +1,23 @@
 """
-bench.py: side-by-side speed and memory of our sampler and scorer, in one run, on the same weights.
+bench.py: side-by-side speed and memory of our sampler, scorer and RL step, in one run, on the same weights.
 
-    python bench.py            # the README table (a few minutes on a 2-core CPU)
-    python bench.py --quick    # a smoke run in seconds
+    python bench.py            # the README tables (~15 minutes on a 2-core CPU, TRL included)
+    python bench.py --quick    # a smoke run in under a minute (no TRL, no compile)
 
-1. Sampling throughput (tokens/s, medians over repeats): transformers' `generate` vs our `rollout.generate`,
-   with and without shared-prefix prefill, for P prompts x G samples = one GRPO batch.
-2. Peak memory of `rollout.token_logprobs` (chunked, completion positions only) vs the naive
+1. Sampling throughput (medians over interleaved repeats): transformers' `generate` vs our
+   `rollout.generate` at 8, 64 and 256 rows (P prompts x G samples), plain and with each speed option.
+   Some ids are stop ids (`--stop-ids`), so rows finish at different lengths as they do in RL; each side's
+   tokens/s counts the tokens it generated up to each row's stop.
+2. One RIEL step (sampling + rewards + loss + optimizer step) of ours vs one step of TRL's GRPOTrainer
+   doing the same work (bench_step.py, bench_trl.py), on the tiny preset and on a ~30M-parameter Llama.
+3. Training forward+backward throughput as a fraction of this machine's measured matmul peak (MFU).
+4. Where a RIEL step's time goes: sampling / log-probs / backward / optimizer / checker.
+5. Peak memory of `rollout.token_logprobs` (chunked, completion positions only) vs the naive
    `log_softmax(model(ids)).gather(...)` at a 128k vocabulary, scoring only and with backward. Each measurement
    runs in a fresh subprocess; on CPU the peak is the resident-set high-water mark (reset through
    /proc/self/clear_refs), on CUDA `torch.cuda.max_memory_allocated`.
-Benchmarks print ratios; they are not timed tests.
+Benchmarks print ratios; they are not timed tests. Other processes on the machine slow every side alike
+only when the sides are interleaved, so every comparison alternates its sides repeat by repeat.
 """
 
 import json
@@ -31,12 +38,20 @@ from rollout import generate, token_logprobs
 
 @dataclass
 class Args:
-    quick: bool = False  # tiny sizes, one repeat: a smoke test
-    prompts: int = 8  # distinct prompts per batch (P)
-    group: int = 8  # samples per prompt (G): batch = P * G rows
+    quick: bool = False  # tiny sizes, one repeat, no TRL and no compile: a smoke test
+    threads: int = 0  # torch intra-op threads; 0 = torch's default (all cores)
+    rows: tuple[int, ...] = (8, 64, 256)  # sampling batch sizes (P * G rows)
+    group: int = 8  # samples per prompt (G)
     prompt_len: int = 64
     new_tokens: int = 64
+    stop_ids: int = 16  # ids 3.. that stop a row: rows end at different lengths, as in RL
     repeats: int = 3
+    compile: bool = True  # also time the compiled decode step (slow to build on a CPU)
+    step_questions: int = 16  # RIEL step: questions x G rows, one expert
+    step_repeats: int = 3
+    step_models: tuple[str, ...] = ("tiny", "30M")
+    trl: bool = True  # time TRL's GRPOTrainer too (pip install -r requirements-bench.txt)
+    mfu_rows: int = 16
     mem_vocab: int = 128256  # Llama 3 vocabulary
     mem_rows: int = 4
     mem_completion: int = 512
@@ -59,53 +74,115 @@ def make_models(vocab, path):
     return hf, ours.Transformer.from_pretrained(path).eval()
 
 
-def timed(fn, repeats):
-    times = []
+def timed_interleaved(fns: dict, repeats):
+    """{name: fn} -> {name: median seconds}, the sides alternating repeat by repeat."""
+    times = {k: [] for k in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
-def bench_sampling(a: Args):
-    vocab = 2048
-    with tempfile.TemporaryDirectory() as d:
-        hf, m = make_models(vocab, d)
+def stopped_len(row, stop):
+    return next((i + 1 for i, x in enumerate(row) if x in stop), len(row))
+
+
+def bench_sampling(a: Args, hf, m, vocab, n_rows):
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, vocab, (a.prompt_len - (i % 4) * 4,), generator=g).tolist() for i in range(a.prompts)]
+    P = max(1, n_rows // a.group)
+    prompts = [torch.randint(3 + a.stop_ids, vocab, (a.prompt_len - (i % 4) * 4,), generator=g).tolist()
+               for i in range(P)]
     rows = [p for p in prompts for _ in range(a.group)]
-    B, N = len(rows), a.new_tokens
+    stop, N = list(range(3, 3 + a.stop_ids)), a.new_tokens
     T = max(len(p) for p in rows)
     ids = torch.tensor([[0] * (T - len(p)) + p for p in rows])
     attn = (torch.arange(T)[None] >= torch.tensor([T - len(p) for p in rows])[:, None]).long()
+    n_tok = {}
 
     def hf_run():
         out = hf.generate(input_ids=ids, attention_mask=attn, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
-                          max_new_tokens=N, min_new_tokens=N, pad_token_id=0)
-        assert out.shape[1] == T + N
+                          max_new_tokens=N, eos_token_id=stop, pad_token_id=0)[:, T:].tolist()
+        n_tok["transformers `generate`"] = sum(stopped_len(r, set(stop)) for r in out)
 
-    def ours_shared():
-        out = generate(m, prompts, num_samples=a.group, max_new_tokens=N, seed=0)
-        assert all(len(c) == N for c in out.completions)
+    def ours(name, prompts_, G, **kw):
+        def run():
+            out = generate(m, prompts_, num_samples=G, max_new_tokens=N, seed=0, stop_ids=stop, **kw)
+            n_tok[name] = sum(len(c) for c in out.completions)
+        return run
 
-    def ours_every_row():
-        generate(m, rows, max_new_tokens=N, seed=0)
-
+    fns = {"transformers `generate`": hf_run,
+           "ours, prefill every row": ours("ours, prefill every row", rows, 1),
+           "ours, shared-prefix prefill": ours("ours, shared-prefix prefill", prompts, a.group),
+           "ours, + drop finished rows": ours("ours, + drop finished rows", prompts, a.group, drop_finished=True)}
+    if a.compile:
+        fns["ours, + drop + compile"] = ours("ours, + drop + compile", prompts, a.group, drop_finished=True,
+                                             compile=True)
     with torch.no_grad():
-        hf_run(), ours_shared()  # warm-up
-        t_hf = timed(hf_run, a.repeats)
-        t_shared = timed(ours_shared, a.repeats)
-        t_rows = timed(ours_every_row, a.repeats)
-    tok = B * N
-    print(f"\n### Sampling: {a.prompts} prompts x {a.group} samples = {B} rows, prompt ~{a.prompt_len}, {N} new "
-          f"tokens, random Llama {m.num_params() / 1e6:.1f}M params, vocab {vocab}, T=1, {torch.get_num_threads()} "
-          f"threads, median of {a.repeats}\n")
-    print("| sampler | s / batch | tokens/s | vs transformers |")
+        for fn in fns.values():  # warm-up (and compile)
+            fn()
+        t = timed_interleaved(fns, a.repeats)
+    print(f"\n### Sampling: {len(rows)} rows ({P} prompts x {a.group}), prompt ~{a.prompt_len}, up to {N} new "
+          f"tokens, {a.stop_ids} stop ids, random Llama {m.num_params() / 1e6:.1f}M params, vocab {vocab}, T=1, "
+          f"{torch.get_num_threads()} threads, median of {a.repeats}\n")
+    print("| sampler | s / batch | tokens/s | vs transformers (time) |")
     print("|---|---|---|---|")
-    for name, t in [("transformers `generate`", t_hf), ("ours, prefill every row", t_rows),
-                    ("ours, shared-prefix prefill", t_shared)]:
-        print(f"| {name} | {t:.3f} | {tok / t:,.0f} | {t_hf / t:.2f}x |")
+    t_hf = t["transformers `generate`"]
+    for name, s in t.items():
+        print(f"| {name} | {s:.3f} | {n_tok[name] / s:,.0f} | {t_hf / s:.2f}x |")
+
+
+def bench_riel_step(a: Args):
+    """Sections 2 and 4: our RIEL step vs TRL's GRPOTrainer step, and the parts of ours."""
+    import bench_step as bs
+    from bench_trl import trl_step_times
+    from tokenizer import stop_token_ids
+    Q, G, N = a.step_questions, a.group, a.new_tokens
+    print(f"\n### RIEL step: {Q} prompts x {G} samples, up to {N} new tokens, one expert, no reference KL, "
+          f"fp32, median of {a.step_repeats} steps after a warm-up\n")
+    print("| model | params | TRL GRPOTrainer s/step | ours s/step | ours, --compile s/step | TRL / ours |")
+    print("|---|---|---|---|---|---|")
+    parts = {}
+    for name in a.step_models:
+        mcfg = bs.step_configs()[name]
+        m, tok, records, experts, rc = bs.riel_setup(mcfg, Q, G, N, a.step_repeats)
+        with tempfile.TemporaryDirectory() as d:
+            m.save_pretrained(d)
+            t_trl = float("nan")
+            if a.trl:
+                t_trl = statistics.median(trl_step_times(
+                    d, tok, records, experts[0].system_prompt, bs.bench_reward, questions=Q, group=G,
+                    max_new_tokens=N, steps=a.step_repeats + 1, lr=rc.lr, stop_ids=stop_token_ids(tok)))
+            m = ours.Transformer.from_pretrained(d)  # the same starting weights as TRL's
+        res = bs.time_riel_steps(m, tok, records, experts, rc, a.step_repeats)
+        t_ours = statistics.median(r[0] for r in res)
+        parts[name] = bs.median_parts(res)
+        t_comp = float("nan")
+        if a.compile:
+            rc.compile = True
+            t_comp = statistics.median(r[0] for r in bs.time_riel_steps(m, tok, records, experts, rc, a.step_repeats))
+        print(f"| {name} | {m.num_params() / 1e6:.1f}M | {t_trl:.2f} | {t_ours:.2f} | {t_comp:.2f} | "
+              f"{t_trl / t_ours:.1f}x |")
+    print("\n### Where a RIEL step's time goes (ours, plain, median seconds per part)\n")
+    names = list(next(iter(parts.values())))
+    print("| model | " + " | ".join(names) + " | total |")
+    print("|---|" + "---|" * (len(names) + 1))
+    for model_name, p in parts.items():
+        total = sum(p.values())
+        print(f"| {model_name} | " + " | ".join(f"{p[k]:.3f} ({p[k] / total:.0%})" for k in names) + f" | {total:.3f} |")
+
+
+def bench_mfu(a: Args, hf, m, label):
+    import bench_step as bs
+    peak = bs.matmul_peak()
+    rates = bs.fwd_bwd_rates(hf, m, a.mfu_rows, a.prompt_len, a.new_tokens, a.repeats)
+    print(f"\n### MFU: training forward+backward, {a.mfu_rows} rows x ({a.prompt_len} + {a.new_tokens}) tokens, "
+          f"{label}; matmul peak {peak / 1e9:.0f} GFLOP/s (median of a 1024^3 matmul)\n")
+    print("| forward+backward | GFLOP/s | MFU (of measured peak) |")
+    print("|---|---|---|")
+    for name, r in rates.items():
+        print(f"| {name} | {r / 1e9:.1f} | {r / peak:.0%} |")
 
 
 def probe(a: Args):
@@ -158,6 +235,7 @@ def bench_memory(a: Args):
     for mode in ("score", "train"):
         for kind in ("naive", "ours"):
             cmd = [sys.executable, __file__, "--probe", f"{kind}:{mode}", "--mem-vocab", str(a.mem_vocab),
+                   "--threads", str(a.threads),
                    "--mem-rows", str(a.mem_rows), "--mem-completion", str(a.mem_completion)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             results[kind, mode] = json.loads(out)["peak_extra_bytes"]
@@ -173,13 +251,23 @@ def bench_memory(a: Args):
 
 
 def main(a: Args):
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if a.probe:
         return probe(a)
     if a.quick:
-        a.prompts, a.group, a.prompt_len, a.new_tokens, a.repeats = 2, 4, 16, 8, 1
+        a.rows, a.group, a.prompt_len, a.new_tokens, a.repeats = (8,), 4, 16, 8, 1
+        a.compile, a.trl, a.step_questions, a.step_repeats, a.step_models, a.mfu_rows = False, False, 2, 1, ("tiny",), 4
         a.mem_vocab, a.mem_rows, a.mem_completion = 4096, 2, 64
-    print(f"# bench.py  torch {torch.__version__}, device {'cuda' if torch.cuda.is_available() else 'cpu'}")
-    bench_sampling(a)
+    print(f"# bench.py  torch {torch.__version__}, device {'cuda' if torch.cuda.is_available() else 'cpu'}, "
+          f"{torch.get_num_threads()} threads")
+    vocab = 2048
+    with tempfile.TemporaryDirectory() as d:
+        hf, m = make_models(vocab, d)
+    for n_rows in a.rows:
+        bench_sampling(a, hf, m, vocab, n_rows)
+    bench_riel_step(a)
+    bench_mfu(a, hf, m, f"random Llama {m.num_params() / 1e6:.1f}M params, vocab {vocab}")
     if sys.platform.startswith("linux") or torch.cuda.is_available():
         bench_memory(a)
 

@@ -161,10 +161,25 @@ class RMSNorm(nn.Module):
 @dataclass
 class KVCache:
     """Preallocated keys/values, one (B, n_kv_heads, max_len, head_dim) pair per layer; `pos` = slots filled.
-    All rows write the same slot each step (prompts are left-padded), so one integer tracks the fill."""
+    All rows write the same slot each step (prompts are left-padded), so one integer tracks the fill.
+    Static mode (`slot` set, a (T,) long tensor): new keys go to those slots and attention sees the whole
+    buffer (the caller's key mask hides unfilled slots), so every decode step has the same shapes and no
+    Python int changes between steps: what torch.compile needs to trace the step once (gpt-fast's cache)."""
     k: list
     v: list
     pos: int = 0
+    slot: torch.Tensor | None = None  # static mode; the caller advances it, trunk leaves `pos` alone
+
+    def update(self, layer, k, v):
+        """Store k/v (B, Hkv, T, d) of this call; return the keys/values to attend over, (B, Hkv, S, d)."""
+        if self.slot is not None:
+            self.k[layer].index_copy_(2, self.slot, k)
+            self.v[layer].index_copy_(2, self.slot, v)
+            return self.k[layer], self.v[layer]
+        end = self.pos + k.shape[2]
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 class Attention(nn.Module):
@@ -183,10 +198,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            start = cache.pos
-            cache.k[layer][:, :, start:start + T] = k
-            cache.v[layer][:, :, start:start + T] = v
-            k, v = cache.k[layer][:, :, :start + T], cache.v[layer][:, :, :start + T]
+            k, v = cache.update(layer, k, v)
         if T == 1 and mask is not None:  # one decoding step
             y = decode_attention(q, k, v, mask)
         else:  # mask None means plain causal self-attention over exactly these T tokens (training, scoring)
@@ -260,7 +272,7 @@ class Transformer(nn.Module):
                 x = checkpoint(layer, x, cos, sin, mask, cache, i, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache, i)
-        if cache is not None:
+        if cache is not None and cache.slot is None:
             cache.pos += T
         return self.norm(x)
 

@@ -84,6 +84,7 @@ class RIELConfig:
     micro_batch_size: int = 8  # rows per forward/backward
     lr: float = 1e-6  # for the caller's optimizer
     grad_clip: float = 1.0
+    compile: bool = False  # torch.compile the sampler's decode step (rollout.generate)
 
     def __post_init__(self):
         if self.advantage not in ADVANTAGE_MODES:
@@ -180,7 +181,8 @@ def sample_groups(model, tok, records, experts, cfg, generator, rng_rows=None):
     with torch.no_grad():
         out = generate(model, prompts, num_samples=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
                        temperature=cfg.temperature, top_p=cfg.top_p, stop_ids=stop_token_ids(tok),
-                       generator=generator, vocab_limit=len(tok), rng_rows=rng_rows)
+                       generator=generator, vocab_limit=len(tok), rng_rows=rng_rows, drop_finished=True,
+                       compile=cfg.compile)
     return prompts, out
 
 

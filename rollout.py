@@ -71,11 +71,16 @@ def top_p_filter(probs, top_p):
 
 @torch.inference_mode()  # no autograd bookkeeping at all: cheaper per op than no_grad
 def generate(model, prompts, *, num_samples=1, max_new_tokens=256, temperature=1.0, top_p=1.0, stop_ids=(),
-             generator=None, seed=None, vocab_limit=None, pad_id=0, sync_every=8, rng_rows=None) -> Rollout:
+             generator=None, seed=None, vocab_limit=None, pad_id=0, sync_every=8, rng_rows=None, drop_finished=False,
+             static_cache=False, compile=False) -> Rollout:
     """prompts: P lists of token ids -> Rollout with P * num_samples rows (prompt-major).
     rng_rows=(offset, total): these rows are rows offset.. of a batch of `total` rows sampled by several processes;
     the uniforms of all `total` rows are drawn and this call's columns used, so its tokens equal the whole batch's
-    and every process's generator ends in the same state."""
+    and every process's generator ends in the same state.
+    Speed options, each giving the same tokens as the plain path (tests/test_speed.py):
+    drop_finished: at every sync point, rows that have stopped leave the decode batch (cache rows included).
+    static_cache: fixed-shape decode steps (KVCache static mode). compile: torch.compile the decode step
+    (implies static_cache)."""
     assert prompts and all(len(p) > 0 for p in prompts), "every prompt needs at least one token"
     device = model.embed_tokens.weight.device
     if generator is None and seed is not None:
@@ -99,16 +104,20 @@ def generate(model, prompts, *, num_samples=1, max_new_tokens=256, temperature=1
     logits = model.lm_head(hidden[:, -1]).float()  # (P, V)
 
     # copy each prompt's cache G times into a cache with room for the answers: (P*G, Hkv, Tp + new, d)
-    big = model.new_cache(P * G, Tp + max_new_tokens)
+    S = Tp + max_new_tokens
+    big = model.new_cache(P * G, S)
     for src, dst in ((cache.k, big.k), (cache.v, big.v)):
         for layer in range(len(src)):
             dst[layer][:, :, :Tp] = src[layer].repeat_interleave(G, dim=0)
     big.pos = Tp
     del cache
     logits = logits.repeat_interleave(G, dim=0)  # (B, V)
-    key_mask = torch.ones(P * G, Tp + max_new_tokens, dtype=torch.bool, device=device)
+    key_mask = torch.zeros(P * G, S, dtype=torch.bool, device=device)  # a slot becomes visible once written
     key_mask[:, :Tp] = valid.repeat_interleave(G, dim=0)
     next_pos = lens.repeat_interleave(G)  # (B,) position of the next token of each row
+    if static_cache or compile:
+        big.slot = torch.tensor([Tp], device=device)  # advanced in place: the step's shapes never change
+    step = _compiled_decode_step() if compile else decode_step
 
     B = P * G
     offset, total = rng_rows or (0, B)
@@ -117,21 +126,57 @@ def generate(model, prompts, *, num_samples=1, max_new_tokens=256, temperature=1
                                                         device=device)[:, offset:offset + B]
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    alive = None  # with drop_finished: (b,) original ids of the rows still decoding, else all rows in order
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     for t in range(max_new_tokens):
         if vocab_limit is not None:  # embedding rows past the tokenizer (Qwen pads 151665 -> 151936)
             logits[:, vocab_limit:] = float("-inf")
-        tok = sample_next(logits, temperature, top_p, u=None if uniforms is None else uniforms[t])
+        # a row's uniform is picked by its ORIGINAL id, so dropping other rows cannot change its tokens
+        u = None if uniforms is None else uniforms[t] if alive is None else uniforms[t, alive]
+        tok = sample_next(logits, temperature, top_p, u=u)
         tok = torch.where(done, pad_id, tok)  # finished rows are frozen
-        out[:, t] = tok
+        if alive is None:
+            out[:, t] = tok
+        else:
+            out[alive, t] = tok
         done = done | torch.isin(tok, stop)
-        if t == max_new_tokens - 1 or ((t + 1) % sync_every == 0 and bool(done.all())):
+        if t == max_new_tokens - 1:
             break
-        step_mask = key_mask[:, None, None, :big.pos + 1]  # (B, 1, 1, S)
-        hidden = model.trunk(tok[:, None], next_pos[:, None], big, step_mask)
-        logits = model.lm_head(hidden[:, -1]).float()
+        if (t + 1) % sync_every == 0:  # the only host syncs: at most one per sync_every tokens
+            if bool(done.all()):
+                break
+            if drop_finished and bool(done.any()):
+                keep = (~done).nonzero().squeeze(1)  # (b,)
+                alive = keep if alive is None else alive[keep]
+                tok, done, next_pos, key_mask = tok[keep], done[keep], next_pos[keep], key_mask[keep]
+                big.k = [x[keep] for x in big.k]
+                big.v = [x[keep] for x in big.v]
+        key_mask[:, big.pos] = True
+        step_mask = key_mask[:, None, None, :] if big.slot is not None else key_mask[:, None, None, :big.pos + 1]
+        logits = step(model, tok, next_pos, big, step_mask)  # (b, V)
+        if big.slot is not None:  # static mode: trunk leaves the fill to us
+            big.pos += 1
+            big.slot += 1
         next_pos = next_pos + 1
     return _collect(out[:, :t + 1].tolist(), set(stop.tolist()))
+
+
+def decode_step(model, tok, positions, cache, mask):
+    """One token per row through the model: tok, positions (b,), mask (b, 1, 1, S) -> fp32 logits (b, V).
+    With a static cache this is a fixed-shape function of tensors only, which is what torch.compile traces."""
+    hidden = model.trunk(tok[:, None], positions[:, None], cache, mask)
+    return model.lm_head(hidden[:, -1]).float()
+
+
+_COMPILED = {}
+
+
+def _compiled_decode_step():
+    """decode_step under torch.compile, built once per process. dynamic=True: the batch shrinks as rows are
+    dropped and prompt lengths change the cache length between calls; one trace serves them all."""
+    if "step" not in _COMPILED:
+        _COMPILED["step"] = torch.compile(decode_step, dynamic=True)
+    return _COMPILED["step"]
 
 
 def _collect(rows, stop):

@@ -1,0 +1,174 @@
+"""
+bench_step.py: bench.py's training-side measurements: one RIEL step (ours vs TRL's GRPOTrainer), where its
+time goes, and training forward+backward throughput as a fraction of this machine's matmul peak (MFU).
+
+- The RIEL step is the real `riel.riel_step` on the synthetic task with one expert (`chain`), no buffer
+  and no transfer (one expert has no one to teach), advantage `grpo` (TRL's default: (r - mean)/std per
+  group), token-level aggregation (TRL's default `dapo`), AdamW. Both sides get the same weights, prompts,
+  G, max new tokens, stop ids and reward function.
+- The bench reward is the checker (verify.reward) OR the completion's length parity: a random model never
+  solves a sum, and with all-zero rewards every advantage is 0, GRPO trains nothing and the step would
+  time sampling alone. With the parity term about half of each group is rewarded, so every row is trained
+  on both sides.
+- The breakdown wraps the functions riel.py calls (generate, token_logprobs, clip_and_step, the reward)
+  with timers for the duration of a step, so it times the real step, not a copy of it; backward and loss
+  math are what is left of the training part.
+- MFU = model FLOPs / s / measured peak. Model FLOPs of a forward+backward: 6 * N_params * tokens (matmuls
+  with weights) + 6 * n_layers * T * attention width * tokens (causal QK^T and AV, half of T^2). The peak is
+  the median rate of a square fp32 (bf16 on CUDA) matmul, the best case of the kernels the model runs.
+"""
+
+import statistics
+import time
+
+import torch
+
+import model as ours
+import riel
+
+CUDA = torch.cuda.is_available()
+
+
+def sync():
+    if CUDA:  # GPU work is asynchronous: a timer must wait for it
+        torch.cuda.synchronize()
+
+
+def step_configs():
+    """The two model sizes of the RIEL step comparison: the `tiny` preset and a ~30M-parameter Llama."""
+    return {"tiny": ours.tiny_config(),
+            "30M": ours.ModelConfig(dim=512, n_layers=10, n_heads=8, n_kv_heads=2, head_dim=64, ffn_dim=1536,
+                                    extra=ours.tiny_config().extra)}
+
+
+def bench_reward(record, text):
+    import verify
+    return float(verify.reward("synthetic", text, record.answer) or len(text) % 2)
+
+
+def riel_setup(mcfg, questions, group, new_tokens, steps):
+    import data
+    from tokenizer import tiny_tokenizer
+    tok = tiny_tokenizer()
+    model = ours.Transformer.from_config(mcfg)
+    records = data.load("synthetic", "train", n=questions * (steps + 1), difficulty=(2, 2), seed=0)
+    experts = data.experts("synthetic", ["chain"])
+    rc = riel.RIELConfig(questions_per_step=questions, group_size=group, max_new_tokens=new_tokens,
+                         advantage="grpo", transfer=False, buffer=False, micro_batch_size=64, lr=1e-5)
+    return model, tok, records, experts, rc
+
+
+class PartTimer:
+    """Wraps riel's helpers with timers while a step runs; seconds accumulate per part."""
+
+    PARTS = {"generate": "sampling", "token_logprobs": "log-probs (fwd)", "clip_and_step": "optimizer"}
+
+    def __init__(self):
+        self.s = {}
+
+    def wrap(self, name, fn):
+        def timed(*args, **kw):
+            sync()
+            t0 = time.perf_counter()
+            out = fn(*args, **kw)
+            sync()
+            self.s[name] = self.s.get(name, 0.0) + time.perf_counter() - t0
+            return out
+        return timed
+
+    def __enter__(self):
+        self.saved = {n: getattr(riel, n) for n in self.PARTS}
+        for n, fn in self.saved.items():
+            setattr(riel, n, self.wrap(self.PARTS[n], fn))
+        return self
+
+    def __exit__(self, *exc):
+        for n, fn in self.saved.items():
+            setattr(riel, n, fn)
+
+
+def time_riel_steps(model, tok, records, experts, rc, steps):
+    """Run `steps` RIEL steps after one warm-up; returns [(seconds, {part: seconds})] per measured step."""
+    opt = torch.optim.AdamW(model.parameters(), lr=rc.lr)
+    gen = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(0)
+    results, Q = [], rc.questions_per_step
+    for i in range(steps + 1):
+        timer = PartTimer()
+        reward = timer.wrap("checker", bench_reward)
+        batch = records[i * Q:(i + 1) * Q]
+        with timer:
+            sync()
+            t0 = time.perf_counter()
+            riel.riel_step(model, tok, batch, experts, rc, opt, riel.HardExampleBuffer(), gen, reward)
+            sync()
+            total = time.perf_counter() - t0
+        parts = timer.s
+        parts["backward + loss"] = total - sum(parts.values())
+        if i > 0:  # the first step warms up allocator, kernels (and compiles with --compile)
+            results.append((total, parts))
+    return results
+
+
+def median_parts(results):
+    return {k: statistics.median(p[k] for _, p in results) for k in results[0][1]}
+
+
+# ---- MFU ---------------------------------------------------------------------------------------------
+
+
+def matmul_peak(n=1024, repeats=10):
+    """Median FLOP/s of an (n, n) @ (n, n) matmul in the training dtype."""
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    dev = "cuda" if CUDA else "cpu"
+    a, b = torch.randn(n, n, dtype=dtype, device=dev), torch.randn(n, n, dtype=dtype, device=dev)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(times)
+
+
+def train_flops(cfg, n_params, rows, seq_len):
+    """Forward+backward FLOPs of `rows` sequences of `seq_len` tokens (see the file docstring)."""
+    tokens = rows * seq_len
+    attention = 6 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim * tokens  # causal: 12 * T/2
+    return 6 * n_params * tokens + attention
+
+
+def fwd_bwd_rates(hf, m, rows, prompt_len, completion_len, repeats):
+    """Median FLOP/s of one training forward+backward over the same batch: ours (token_logprobs on the
+    completion tokens) and transformers' (full logits -> log_softmax -> gather, its usual RL scoring)."""
+    from rollout import token_logprobs
+    g = torch.Generator().manual_seed(0)
+    V, dev = m.cfg.vocab_size, m.embed_tokens.weight.device
+    prompts = [torch.randint(0, V, (prompt_len,), generator=g).tolist() for _ in range(rows)]
+    comps = [torch.randint(0, V, (completion_len,), generator=g).tolist() for _ in range(rows)]
+    ids = torch.tensor([p + c for p, c in zip(prompts, comps)], device=dev)
+
+    def run_ours():
+        logp, mask = token_logprobs(m, prompts, comps)
+        (logp * mask).sum().backward()
+
+    def run_hf():
+        logits = hf(input_ids=ids).logits[:, prompt_len - 1:-1].float()  # (B, C, V)
+        logits.log_softmax(-1).gather(-1, ids[:, prompt_len:, None]).sum().backward()
+
+    flops = train_flops(m.cfg, m.num_params(), rows, prompt_len + completion_len)
+    times = {"transformers": [], "ours": []}
+    m.train(), hf.train()
+    for fn in (run_hf, run_ours):  # warm-up
+        fn()
+    for _ in range(repeats):  # interleaved, so that load from other processes hits both sides alike
+        for name, fn in (("transformers", run_hf), ("ours", run_ours)):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+            m.zero_grad(set_to_none=True), hf.zero_grad(set_to_none=True)
+    return {k: flops / statistics.median(v) for k, v in times.items()}

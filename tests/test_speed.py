@@ -1,0 +1,86 @@
+"""Speed options of rollout.generate give exactly the plain path's tokens; bench.py --quick runs end to end.
+
+No timing assertions here: speed is measured by bench.py, side by side, not by tests."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rollout import generate, token_logprobs
+
+PROMPTS = [[5, 17, 99, 3, 42, 8, 61], [7, 1], [100, 23, 4, 77], [9]]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def stopping_ids(m):
+    """Two ids that greedy decoding emits early, so rows stop at different steps and get dropped."""
+    free = generate(m, PROMPTS, max_new_tokens=12, temperature=0).completions
+    return {free[0][2], free[2][5]}
+
+
+def assert_same_rollout_and_logprobs(m, a, b):
+    assert a.completions == b.completions and a.finish == b.finish
+    with torch.no_grad():
+        rows = [p for p in PROMPTS for _ in range(len(a.completions) // len(PROMPTS))]
+        la, _ = token_logprobs(m, rows, a.completions)
+        lb, _ = token_logprobs(m, rows, b.completions)
+    torch.testing.assert_close(la, lb, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("option", [{"drop_finished": True}, {"static_cache": True},
+                                    {"drop_finished": True, "static_cache": True}])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_speed_options_give_the_plain_paths_tokens(hf_pair, option, temperature):
+    # sampled rows too: every row reads its uniforms by its original id, so dropping others changes nothing
+    _, m = hf_pair(kind="qwen2")
+    stop = stopping_ids(m)
+    kw = dict(num_samples=3, max_new_tokens=20, temperature=temperature, seed=1, stop_ids=stop, sync_every=2)
+    plain, fast = generate(m, PROMPTS, **kw), generate(m, PROMPTS, **kw, **option)
+    assert "stop" in plain.finish and "length" in plain.finish  # rows really were dropped mid-batch
+    assert_same_rollout_and_logprobs(m, plain, fast)
+
+
+def test_static_cache_step_logits_equal_the_plain_steps(hf_pair):
+    # the fixed-shape step attends over the whole buffer with unfilled slots masked: same logits, not just argmax
+    from model import KVCache
+    _, m = hf_pair(kind="llama")
+    ids = torch.tensor([[5, 17, 99, 3]])
+    full = m(ids)[0, -1]
+    cache = m.new_cache(1, 10)
+    m.trunk(ids[:, :3], cache=cache)
+    static = KVCache(cache.k, cache.v, pos=3, slot=torch.tensor([3]))
+    mask = torch.zeros(1, 1, 1, 10, dtype=torch.bool)
+    mask[..., :4] = True
+    from rollout import decode_step
+    torch.testing.assert_close(decode_step(m, ids[:, 3], torch.tensor([3]), static, mask)[0], full.float(),
+                               atol=1e-5, rtol=1e-5)
+
+
+def _compiler_works():
+    return shutil.which(os.environ.get("CXX", "g++")) is not None or torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _compiler_works(), reason="torch.compile on CPU needs a C++ compiler (g++) and none is found")
+def test_compiled_decode_gives_the_plain_paths_tokens(hf_pair):
+    _, m = hf_pair(kind="llama")
+    stop = stopping_ids(m)
+    for temperature in (0.0, 1.0):
+        kw = dict(num_samples=2, max_new_tokens=12, temperature=temperature, seed=2, stop_ids=stop, sync_every=2)
+        plain = generate(m, PROMPTS, **kw)
+        fast = generate(m, PROMPTS, **kw, compile=True, drop_finished=True)
+        # compiled kernels may reorder float sums: tokens must agree, log-probs to rounding
+        assert plain.completions == fast.completions and plain.finish == fast.finish
+
+
+def test_bench_quick_runs_end_to_end():
+    # one thread: a smoke test must not stall when other processes load the cores (OpenMP barriers spin)
+    out = subprocess.run([sys.executable, "bench.py", "--quick", "--threads", "1"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for section in ("Sampling", "RIEL step", "MFU", "Where a RIEL step's time goes"):
+        assert section in out.stdout
