@@ -31,12 +31,13 @@ def _fsync(path):
         os.close(fd)
 
 
-def save(out_dir: str, model, tok, state: dict, keep: int = 1) -> str:
-    """Write a checkpoint for state['gstep'] atomically and make it the latest. Returns its directory."""
+def save(out_dir: str, model, tok, state: dict, weights: dict | None = None, keep: int = 1) -> str:
+    """Write a checkpoint for state['gstep'] atomically and make it the latest. Returns its directory.
+    weights: the model's state dict when model.state_dict() does not hold it whole (FSDP, dist.full_state)."""
     name = f"ckpt-{state['gstep']:06d}"
     final, tmp = os.path.join(out_dir, name), os.path.join(out_dir, name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)  # in the parameters' own dtype: a resumed run continues bit for bit
+    model.save_pretrained(tmp, state=weights)  # in the parameters' own dtype: a resumed run continues bit for bit
     tok.save_pretrained(tmp)
     torch.save(state, os.path.join(tmp, STATE_FILE))
     for f in os.listdir(tmp):

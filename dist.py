@@ -22,14 +22,27 @@ exactly the code it did before this file existed. Under torchrun (RANK / WORLD_S
   global count (tokens, sequences), so the sum over ranks is exactly one process's gradient, with no factor of
   world size to remember anywhere. After it the gradients are identical on every rank, so clipping sees the
   global norm and the optimizers stay identical.
+
+`--fsdp` (`wrap(..., fsdp=True)`): FSDP2 instead of DDP, for models whose optimizer state (and fp32 master weights
+and gradients) do not fit one GPU. Between steps each rank keeps 1/world of every parameter, of its gradient
+and so of the AdamW moments (ZeRO-3 storage); clipping and the optimizer step run on those shards (DTensors:
+clip_grad_norm_ reduces the global norm). The weights are gathered whole for a step's compute, though, not
+layer by layer as FSDP usually does: ranks run different numbers of forwards (uneven shares, sampling stops
+when a rank's rows are done, token by token), and a per-layer all-gather is a collective every rank must
+join. So one all-gather per step (`model.unshard()`, by a hook on the first module of every path into the
+model, trunk and forward alike: rollout.py calls model.trunk / model.lm_head, bypassing the root's own
+hooks), local backwards into the whole-size .grad (gradient sync and resharding off), and sync_grads'
+zero-weighted forward/backward through the root, which reduce-scatters (a SUM, as above) and reshards.
+Peak memory is thus whole weights + whole gradients + 1/world of the optimizer state.
 """
 import os
 
 import torch
 import torch.distributed as td
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-_WRAPPED = {}  # id(module) -> its DDP wrapper: one process trains one model
+_WRAPPED = {}  # id(module) -> its DDP wrapper, or the module itself under FSDP: one process trains one model
 
 
 def launched() -> bool:
@@ -142,11 +155,14 @@ def _sum_hook(state, bucket):
     return td.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda fut: fut.value()[0])
 
 
-def wrap(model: torch.nn.Module, device: torch.device):
+def wrap(model: torch.nn.Module, device: torch.device, fsdp: bool = False):
     """Wrap the model in DDP (it broadcasts rank 0's weights, so every rank starts equal) for sync_grads; returns the
-    wrapper, or None in a single process. The code keeps calling the plain model."""
+    wrapper, or None in a single process. The code keeps calling the plain model. fsdp: shard it instead (FSDP2,
+    see the top of this file); every rank must have built the same weights (same seed or checkpoint)."""
     if world() == 1:
         return None
+    if fsdp:
+        return _shard(model, device)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                   forward_sync_buffers=False)  # buffers (RoPE frequencies) are equal by construction
     ddp.register_comm_hook(None, _sum_hook)
@@ -166,5 +182,69 @@ def sync_grads(model: torch.nn.Module):
     if not sum_floats([float(any(p.grad is not None for p in model.parameters()))])[0]:
         return
     device = next(model.parameters()).device
+    if ddp is model:  # FSDP: the same zero-weighted pass, through the root's hooks, with the reduction switched on
+        model.set_requires_gradient_sync(True)
     logits = ddp(torch.zeros(1, 1, dtype=torch.long, device=device))
     (logits.float().sum() * 0.0).backward()  # gradient 0: only triggers the reducer on the accumulated .grad
+    if ddp is model:
+        model.set_requires_gradient_sync(False)
+        model.reshard()  # the optimizer steps the shards; the next forward gathers the new weights
+
+
+# ---- FSDP2 (--fsdp) -------------------------------------------------------------------------------------
+
+
+def _sharded(model) -> bool:
+    return id(model) in _WRAPPED and _WRAPPED[id(model)] is model
+
+
+def _shard(model, device):
+    from torch.distributed.fsdp import fully_shard
+    fully_shard(model, reshard_after_forward=False)  # one group of all the parameters: gathered once per step
+    model.set_gradient_divide_factor(1.0)  # a SUM, like _sum_hook (force: gloo has no PREMUL_SUM)
+    model.set_force_sum_reduction_for_comms(True)
+    model.set_requires_gradient_sync(False)  # backwards accumulate locally; sync_grads reduces once per step
+    model.set_reshard_after_backward(False)
+    _WRAPPED[id(model)] = model
+    with torch.no_grad():  # FSDP's lazy init (root, streams) now, on every rank at once, not inside some later path
+        model(torch.zeros(1, 1, dtype=torch.long, device=device))
+    model.reshard()
+    model.embed_tokens.register_forward_pre_hook(lambda *_: gather_weights(model))  # where trunk and forward start
+    return model
+
+
+def gather_weights(model):
+    """Under FSDP: all-gather the whole weights if they are sharded (a collective: every rank calls it at the same
+    point, i.e. on its first forward after a step). Outside inference mode, even when called from generate: the
+    gathered tensors are reused by the training forwards that follow."""
+    if _sharded(model) and isinstance(next(model.parameters()), DTensor):
+        with torch.inference_mode(False):
+            model.unshard()
+
+
+def parameters(model):
+    """The parameters an optimizer must hold: under FSDP the shards (so reshard first), else model.parameters()."""
+    if _sharded(model):
+        model.reshard()
+    return model.parameters()
+
+
+def full_state(model, optimizer=None) -> tuple:
+    """(weights, optimizer state) to checkpoint: model.state_dict() / optimizer.state_dict(), except that under
+    FSDP every rank must call it (it gathers) and only rank 0 gets the whole tensors, on the CPU."""
+    if not _sharded(model):
+        return model.state_dict(), optimizer.state_dict() if optimizer else None
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    model.reshard()
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(model, options=options),
+            get_optimizer_state_dict(model, optimizer, options=options) if optimizer else None)
+
+
+def load_optimizer(model, optimizer, state: dict):
+    """optimizer.load_state_dict(state), or under FSDP each rank takes its shard of the whole state full_state wrote."""
+    if not _sharded(model):
+        return optimizer.load_state_dict(state)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))

@@ -333,12 +333,13 @@ class Transformer(nn.Module):
         model.inv_freq = rope_inv_freq(cfg).to(device)  # buffers were built on meta
         return model
 
-    def save_pretrained(self, out_dir: str, dtype=None):
-        """Write config.json + model.safetensors that transformers' AutoModelForCausalLM loads as-is."""
+    def save_pretrained(self, out_dir: str, dtype=None, state=None):
+        """Write config.json + model.safetensors that transformers' AutoModelForCausalLM loads as-is.
+        state: the weights to write instead of self.state_dict() (whole ones, gathered from FSDP shards)."""
         from safetensors.torch import save_file
         os.makedirs(out_dir, exist_ok=True)
         tensors = {}
-        for name, t in self.state_dict().items():
+        for name, t in (self.state_dict() if state is None else state).items():
             if self.cfg.tie_embeddings and name == "lm_head.weight":
                 continue
             key = name if name == "lm_head.weight" else "model." + name

@@ -69,6 +69,7 @@ class Config:
     device: str | None = None  # default: cuda if available, else cpu
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     gradient_checkpointing: bool = False  # recompute activations in backward: memory for ~30% more compute
+    fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state over the ranks (FSDP2, dist.py)
     train_size: int | None = None  # use at most this many training questions
     difficulty: tuple[int, int] = (1, 6)  # synthetic only: question levels for MEF
     rl_difficulty: tuple[int, int] | None = None  # synthetic only: levels for RIEL and eval (default: same)
@@ -209,6 +210,8 @@ class MetricsLog:
 
 def main(cfg: Config):
     t_start = time.time()
+    if cfg.fsdp and not dist.launched():
+        raise SystemExit("--fsdp shards the model over torchrun's processes: launch with torchrun (README)")
     device = dist.init(cfg.device)  # under torchrun: joins the process group; this rank's device
     if not dist.is_main():
         sys.stdout = open(os.devnull, "w")  # one log, rank 0's; errors and warnings still reach stderr
@@ -233,7 +236,7 @@ def main(cfg: Config):
     else:
         model = Transformer.from_pretrained(source, device, param_dtype)
     model.gradient_checkpointing = cfg.gradient_checkpointing
-    dist.wrap(model, device)  # DDP: gradients summed over ranks in mef.clip_and_step (no-op in one process)
+    dist.wrap(model, device, fsdp=cfg.fsdp)  # DDP/FSDP: gradients summed over ranks in mef.clip_and_step
     tok = load_tokenizer(source)
     experts = load_experts(cfg)
     eval_split = data.SPLITS[cfg.data].eval
@@ -243,12 +246,12 @@ def main(cfg: Config):
           f"processes; task {cfg.data}; experts {[e.name for e in experts]}; stages {list(cfg.stages)}")
 
     def save(stage, step, optimizer=None, generator=None, buffer=None):
-        state.update(stage=stage, step=step, wall_s=state["wall_s"] + time.time() - save.t0,
-                     optimizer=optimizer.state_dict() if optimizer else None,
+        weights, opt_state = dist.full_state(model, optimizer)  # under FSDP every rank gathers, rank 0 gets them
+        state.update(stage=stage, step=step, wall_s=state["wall_s"] + time.time() - save.t0, optimizer=opt_state,
                      generator=generator.get_state() if generator is not None else None,
                      buffer=buffer.to_dict() if buffer else None, config=dataclasses.asdict(cfg))
         save.t0 = time.time()
-        path = checkpoint.save(cfg.out_dir, model, tok, state) if dist.is_main() else None  # ranks hold equal state
+        path = checkpoint.save(cfg.out_dir, model, tok, state, weights) if dist.is_main() else None
         dist.barrier()  # no rank runs ahead of (or resumes past) a checkpoint that is not complete
         return path
     save.t0 = t_start
@@ -290,9 +293,9 @@ def run_mef(cfg, model, tok, records, experts, state, start, resumed, save, log)
         raise ValueError(f"MEF has no examples: {counts}")
     total = num_steps(len(examples), cfg.mef)
     print(f"MEF: {counts['examples']} examples ({counts}), {total} steps of {cfg.mef.batch_size}")
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.mef.lr, weight_decay=cfg.mef.weight_decay)
+    opt = torch.optim.AdamW(dist.parameters(model), lr=cfg.mef.lr, weight_decay=cfg.mef.weight_decay)
     if resumed:
-        opt.load_state_dict(resumed)
+        dist.load_optimizer(model, opt, resumed)
     bar = tqdm(total=total, initial=start, desc="mef", dynamic_ncols=True, disable=not dist.is_main())
     t0 = time.time()
     for m in mef_steps(model, examples, cfg.mef, opt, seed=cfg.seed, start_step=start,
@@ -313,11 +316,11 @@ def run_mef(cfg, model, tok, records, experts, state, start, resumed, save, log)
 def run_riel(cfg, model, tok, records, experts, state, start, resumed, save, log):
     rc = cfg.riel
     steps = rc.steps or max(1, len(records) // rc.questions_per_step)  # paper: one epoch
-    opt = torch.optim.AdamW(model.parameters(), lr=rc.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(dist.parameters(model), lr=rc.lr, weight_decay=0.0)
     generator = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(cfg.seed)
     buffer = HardExampleBuffer(rc.buffer_size)
     if resumed:
-        opt.load_state_dict(resumed)
+        dist.load_optimizer(model, opt, resumed)
         generator.set_state(state["generator"])
         buffer = HardExampleBuffer.from_dict(state["buffer"])
     reward_fn = lambda record, text: verify.reward(cfg.data, text, record.answer)
