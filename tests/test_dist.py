@@ -1,6 +1,7 @@
 """Data-parallel training (dist.py) against one process: `torchrun --nproc_per_node 2` (gloo, CPU) must give the same
 losses, gradient norms, trained rows, transfers, buffer flushes, evals and (to fp32 tolerance) weights as one
-process with the same global batch and seed; a killed 2-process run must resume to the uninterrupted one's weights."""
+process with the same global batch and seed; a killed 2-process run must resume to the uninterrupted one's weights.
+The same holds with --fsdp (FSDP2 shards), whose checkpoints must also load in transformers."""
 
 import json
 import os
@@ -79,9 +80,9 @@ def runs(tmp_path_factory):
     return tmp, init
 
 
-def test_two_processes_train_and_evaluate_like_one(runs):
-    tmp, _ = runs
-    one, two = metrics(tmp / "one"), metrics(tmp / "two")
+def assert_same_run(one_dir, two_dir):
+    """Two runs of RUN from the same init: the same metrics (global values to fp32 tolerance) and weights."""
+    one, two = metrics(one_dir), metrics(two_dir)
     assert [(m["stage"], m.get("step")) for m in one] == [(m["stage"], m.get("step")) for m in two]
     riel = [m for m in one if m["stage"] == "riel"]
     # the comparison means something only if every kind of RIEL gradient was there
@@ -99,20 +100,25 @@ def test_two_processes_train_and_evaluate_like_one(runs):
         for key in ("loss", "grad_norm", "loss_grpo", "loss_kl", "loss_sft", "mel/loss_nll"):  # global values, any wrong factor shows
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["stage"], a["step"], key)
-    w1, w2 = weights(tmp / "one"), weights(tmp / "two")
+    w1, w2 = weights(one_dir), weights(two_dir)
     assert w1.keys() == w2.keys()
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-5, msg=k)
-    summary = json.loads((tmp / "two" / "summary.json").read_text())
+    summary = json.loads((two_dir / "summary.json").read_text())
     assert summary["optimizer_steps"] == len(one) - 2  # written once, by rank 0: 6 MEF + 3 RIEL steps
 
 
-def test_killed_two_process_run_resumes_to_the_same_weights(runs):
-    tmp, init = runs
-    out = tmp / "killed"
-    proc = train(TORCHRUN, out, *init, *RUN, wait=False)
+def test_two_processes_train_and_evaluate_like_one(runs):
+    tmp, _ = runs
+    assert_same_run(tmp / "one", tmp / "two")
+
+
+def kill_and_resume(out, *args) -> Path:
+    """Start a 2-process run of args, SIGKILL it once RIEL step 1 is checkpointed (gstep 7 of 9), resume it; returns
+    out after checking that the resumed run really had steps left and logged every step once."""
+    proc = train(TORCHRUN, out, *args, wait=False)
     deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:  # kill once RIEL step 1 is checkpointed (gstep 7 of 9)
+    while time.time() < deadline and proc.poll() is None:
         latest = out / "latest"
         if latest.exists() and latest.read_text().strip() >= "ckpt-000007":
             break
@@ -128,13 +134,60 @@ def test_killed_two_process_run_resumes_to_the_same_weights(runs):
     stopped_at = (out / "latest").read_text().strip()
     assert stopped_at < "ckpt-000009"
 
-    log = train(TORCHRUN, out, *init, *RUN, "--resume")
+    log = train(TORCHRUN, out, *args, "--resume")
     assert f"resuming from {out / stopped_at}" in log  # the resumed run really had steps left to do
-    resumed, reference = weights(out), weights(tmp / "two")
-    for k in reference:
-        assert torch.equal(resumed[k], reference[k]), k
     gsteps = [m["gstep"] for m in metrics(out) if m["stage"] in ("mef", "riel")]
     assert gsteps == list(range(1, 10))
+    return out
+
+
+def test_killed_two_process_run_resumes_to_the_same_weights(runs):
+    tmp, init = runs
+    resumed, reference = weights(kill_and_resume(tmp / "killed", *init, *RUN)), weights(tmp / "two")
+    for k in reference:
+        assert torch.equal(resumed[k], reference[k]), k
+
+
+# ---- --fsdp: the same run on FSDP2 shards -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(runs):
+    tmp, init = runs
+    train(TORCHRUN, tmp / "fsdp", *init, *RUN, "--fsdp")
+    return tmp, init
+
+
+def test_fsdp_trains_and_evaluates_like_one_process(fsdp_run):
+    tmp, _ = fsdp_run
+    assert_same_run(tmp / "one", tmp / "fsdp")
+
+
+def test_fsdp_checkpoint_loads_in_transformers(fsdp_run):
+    transformers = pytest.importorskip("transformers")
+    tmp, _ = fsdp_run
+    path = checkpoint.latest(str(tmp / "fsdp"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+    ours = Transformer.from_pretrained(path, torch.device("cpu"), torch.float32)
+    ids = torch.tensor([[256, 49, 43, 50, 61]])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=1e-4, atol=1e-4)
+
+
+def test_killed_fsdp_run_resumes_to_the_same_weights(fsdp_run):
+    """The checkpoints of an FSDP run hold the whole AdamW state (gathered from the shards): with the moments lost
+    or misplaced on resume, the weights would differ."""
+    tmp, init = fsdp_run
+    out = kill_and_resume(tmp / "fsdp_killed", *init, *RUN, "--fsdp")
+    resumed, reference = weights(out), weights(tmp / "fsdp")
+    for k in reference:
+        assert torch.equal(resumed[k], reference[k]), k
+
+
+def test_fsdp_needs_torchrun(tmp_path):
+    out = subprocess.run([sys.executable, "train.py", "--fsdp", "--out-dir", str(tmp_path)], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "launch with torchrun" in out.stderr
 
 
 def test_sampling_a_share_of_the_rows_gives_the_same_tokens_and_generator_state():
