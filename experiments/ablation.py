@@ -88,7 +88,8 @@ def rl_steps(cfg: Config) -> int | None:
 
 
 def run_dir(cfg, row, seed):
-    return os.path.join(cfg.out_dir, "runs", row.replace(" ", "_").replace("+", "plus"), f"seed{seed}")
+    name = row.replace(" ", "_").replace("/", "").replace("+", "plus")  # "MEML w/o buffer" -> MEML_wo_buffer
+    return os.path.join(cfg.out_dir, "runs", name, f"seed{seed}")
 
 
 def train_args(cfg: Config, row: str, seed: int, steps: int | None) -> list:
@@ -203,10 +204,11 @@ def plot(cfg: Config, rows, path) -> bool:
         for ax, key in zip(axes, ("reward", "zero_spread")):
             ax.plot(smooth(c[key]), label=row)
     for ax, title in zip(axes, ("reward (mean over rollouts)", "zero-signal groups (no reward spread)")):
-        ax.set_title(f"{title}, mean over {len(cfg.seeds)} seed(s), 10-step moving mean")
+        ax.set_title(title)
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
+    fig.suptitle(f"{cfg.model} on {cfg.data}: mean over {len(cfg.seeds)} seed(s), 10-step moving mean")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return True
