@@ -25,6 +25,7 @@ import torch
 
 import model as ours
 import riel
+from buffer import HardExampleBuffer
 
 CUDA = torch.cuda.is_available()
 
@@ -99,7 +100,7 @@ def time_riel_steps(model, tok, records, experts, rc, steps):
         with timer:
             sync()
             t0 = time.perf_counter()
-            riel.riel_step(model, tok, batch, experts, rc, opt, riel.HardExampleBuffer(), gen, reward)
+            riel.riel_step(model, tok, batch, experts, rc, opt, HardExampleBuffer(), gen, reward)
             sync()
             total = time.perf_counter() - t0
         parts = timer.s

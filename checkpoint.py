@@ -12,9 +12,14 @@ Why a run killed at ANY moment loses nothing:
 4. only then are older checkpoints deleted.
 A kill before step 3 leaves `latest` naming the previous complete checkpoint, and the half-written
 `.tmp` directory is swept away on the next start.
+
+Reading goes the other way: `safetensors_files` lists a checkpoint's weight files (one file, or the shards of
+`model.safetensors.index.json`) and `read_safetensors` reads one straight to the target device and dtype,
+under our parameter names (model.Transformer.from_pretrained).
 """
 
 import glob
+import json
 import os
 import shutil
 
@@ -76,3 +81,29 @@ def latest(out_dir: str) -> str | None:
 def load_state(path: str) -> dict:
     # weights_only=False: the state holds plain Python containers (RNG states, buffer entries) we wrote ourselves
     return torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
+
+
+# ---- reading Hugging Face weights (model.Transformer.from_pretrained) ----------------------------------
+
+def safetensors_files(path: str) -> list:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(path, s) for s in shards]
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.exists(single):
+        raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
+    return [single]
+
+
+def read_safetensors(file, device, dtype) -> dict:
+    """One shard -> {our parameter name: tensor}, read straight to the target device and dtype."""
+    from safetensors import safe_open
+    out = {}
+    with safe_open(file, framework="pt", device=str(device)) as f:
+        for key in f.keys():
+            name = key[len("model."):] if key.startswith("model.") else key
+            t = f.get_tensor(key)
+            out[name] = t.to(dtype) if t.is_floating_point() else t
+    return out

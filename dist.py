@@ -42,6 +42,8 @@ import torch.distributed as td
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from model import default_device
+
 _WRAPPED = {}  # id(module) -> its DDP wrapper, or the module itself under FSDP: one process trains one model
 
 
@@ -54,7 +56,7 @@ def init(device: str | None = None) -> torch.device:
     """Join the process group under torchrun and return this rank's device; without torchrun just pick the device
     (`device`, else cuda if available, else cpu). Under torchrun a CUDA device is always cuda:LOCAL_RANK."""
     if not launched():
-        return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return default_device(device)
     use_cuda = device.startswith("cuda") if device else torch.cuda.is_available()
     if use_cuda:
         local = int(os.environ["LOCAL_RANK"])

@@ -34,6 +34,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from checkpoint import read_safetensors, safetensors_files  # reading Hugging Face weight files
+
 # Instruct checkpoints on the Hugging Face hub. Llama repos are gated: accept the license on the hub first.
 PRESETS = {
     "tiny": None,  # built in code, see tiny_config() and tokenizer.tiny_tokenizer()
@@ -361,30 +363,6 @@ def default_dtype(device=None, dtype=None):
     if dtype is not None:
         return dtype
     return torch.bfloat16 if default_device(device).type == "cuda" else torch.float32
-
-
-def safetensors_files(path: str) -> list:
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(path, s) for s in shards]
-    single = os.path.join(path, "model.safetensors")
-    if not os.path.exists(single):
-        raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
-    return [single]
-
-
-def read_safetensors(file, device, dtype) -> dict:
-    """One shard -> {our parameter name: tensor}, read straight to the target device and dtype."""
-    from safetensors import safe_open
-    out = {}
-    with safe_open(file, framework="pt", device=str(device)) as f:
-        for key in f.keys():
-            name = key[len("model."):] if key.startswith("model.") else key
-            t = f.get_tensor(key)
-            out[name] = t.to(dtype) if t.is_floating_point() else t
-    return out
 
 
 def resolve_checkpoint(name_or_path: str) -> str:

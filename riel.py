@@ -30,8 +30,8 @@ What we keep of GRPO, and the choices the paper leaves open (all config options)
   E+ has no correct response; one O+ drawn at random (option: all, pooled into one token mean over
   every O+ token of the step); scored at temperature 1 (it distils the policy, not the sampler).
   Option: the full-vocabulary token KL along O+.
-- Buffer (our reading, METHOD.md 4(e)): the reference is expert i's own stage-1 trace, else the
-  record's first trace; a full buffer joins L_SFT into this step's optimizer step, then is emptied.
+- Buffer (our reading, METHOD.md 4(e); buffer.py): the reference is expert i's own stage-1 trace, else
+  the record's first trace; a full buffer joins L_SFT into this step's optimizer step, then is emptied.
   With ppo_epochs > 1 the transfer and SFT terms join the first update only.
 - A NaN/inf loss or gradient skips the optimizer step with a warning.
 - Under torchrun (dist.py) each rank samples and scores its share of the questions (whole questions, so a
@@ -42,7 +42,7 @@ What we keep of GRPO, and the choices the paper leaves open (all config options)
   the step's global counts, and the gradients are summed: the same update as one process.
 """
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -51,7 +51,8 @@ import dist
 from losses import (ADVANTAGE_MODES, AGGREGATIONS, aggregate, clip_fraction, full_vocab_kl,
                     group_advantages, k3_kl, policy_gradient_loss, transfer_loss)
 import mel
-from mef import clip_and_step, encode_target, length_sorted_micro_batches, sharded_sft_backward
+from buffer import HardExampleBuffer, admit_hard_examples, uniform
+from mef import clip_and_step, length_sorted_micro_batches, sharded_sft_backward
 from tokenizer import render_chat, stop_token_ids
 from rollout import Rollout, generate, token_logprobs
 from verify import CORRECT
@@ -113,63 +114,12 @@ def choose_transfer(rewards):
     return plus, minus
 
 
-def _uniform(generator):
-    device = generator.device if generator is not None else "cpu"
-    return torch.rand((), generator=generator, device=device).item()
-
-
 def choose_teacher_samples(rewards_plus, generator=None, all_correct=False) -> list:
     """rewards_plus (G,) of E+ -> indices of the O+ to transfer: one correct response at random, or all."""
     correct = (rewards_plus >= CORRECT).nonzero().flatten().tolist()
     if all_correct or not correct:
         return correct
-    return [correct[min(int(_uniform(generator) * len(correct)), len(correct) - 1)]]
-
-
-# ---- (e) the hard-example buffer ----------------------------------------------------------------
-
-@dataclass
-class HardExample:
-    question_id: object
-    expert: str
-    prompt_ids: list  # the expert's chat prompt for the question
-    target_ids: list  # reference answer + end-of-turn
-
-
-@dataclass
-class HardExampleBuffer:
-    capacity: int = 64
-    entries: list = field(default_factory=list)  # list[HardExample]
-    flushes: int = 0
-
-    def is_full(self) -> bool:
-        return len(self.entries) >= self.capacity
-
-    def take_all(self) -> list:
-        """Empty the buffer for its SFT step and count the flush."""
-        out, self.entries = self.entries, []
-        self.flushes += 1
-        return out
-
-    def to_dict(self) -> dict:  # plain data, for checkpoints
-        return {"capacity": self.capacity, "flushes": self.flushes, "entries": [asdict(e) for e in self.entries]}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "HardExampleBuffer":
-        return cls(d["capacity"], [HardExample(**e) for e in d["entries"]], d["flushes"])
-
-
-def admit_hard_example(group_rewards, k, generator=None) -> bool:
-    """group_rewards (G,): more than k wrong -> admit with probability k / G."""
-    G = group_rewards.numel()
-    if int((group_rewards < CORRECT).sum()) <= k:
-        return False
-    return _uniform(generator) < k / G
-
-
-def reference_trace(record, expert):
-    """O_gt for the buffer: the expert's own stage-1 trace, else the record's first one (our reading)."""
-    return record.traces.get(expert.name) or next((t for t in record.traces.values() if t), None)
+    return [correct[min(int(uniform(generator) * len(correct)), len(correct) - 1)]]
 
 
 # ---- (a) sampling and scoring ----------------------------------------------------------------------
@@ -285,20 +235,6 @@ def transfer_backward(model, pairs, cfg, n_tokens=None) -> float:
         (cfg.lambda1 * loss).backward()
         total += loss.item()
     return total
-
-
-def admit_hard_examples(buffer, tok, records, experts, prompts, rewards, k, generator=None) -> int:
-    """(e) offer every (question, expert) group to the buffer; returns how many were admitted."""
-    N, admitted = len(experts), 0
-    for q, rec in enumerate(records):
-        for i, ex in enumerate(experts):
-            if not admit_hard_example(rewards[q, i], k, generator):
-                continue
-            trace = reference_trace(rec, ex)
-            if trace:
-                buffer.entries.append(HardExample(rec.id, ex.name, prompts[q * N + i], encode_target(tok, trace)))
-                admitted += 1
-    return admitted
 
 
 # ---- one RIEL step ------------------------------------------------------------------------------------

@@ -46,7 +46,8 @@ from eval import EvalConfig, evaluate, format_table
 from mef import MEFConfig, build_sft_examples, mef_steps, num_steps
 from mel import MELConfig
 from model import Transformer, tiny_config
-from riel import HardExampleBuffer, RIELConfig, riel_step
+from buffer import HardExampleBuffer
+from riel import RIELConfig, riel_step
 from rollout import generate
 from tokenizer import load_tokenizer, render_chat, stop_token_ids
 

@@ -44,3 +44,16 @@ def hf_pair(tmp_path):
         hf.save_pretrained(tmp_path / "ckpt")
         return hf, ours.Transformer.from_pretrained(str(tmp_path / "ckpt")).eval()
     return make
+
+
+def wait_for_checkpoint(proc, out_dir, name, timeout):
+    """Poll until `latest` in out_dir names checkpoint `name` or a later one (names sort by step), or proc ends;
+    then assert the run is still going, so that killing it now really interrupts it."""
+    import time
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        latest = out_dir / "latest"
+        if latest.exists() and latest.read_text().strip() >= name:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"

@@ -16,6 +16,7 @@ import torch
 
 import checkpoint
 import dist
+from conftest import wait_for_checkpoint
 from model import Transformer, tiny_config
 from rollout import generate
 
@@ -117,13 +118,7 @@ def kill_and_resume(out, *args) -> Path:
     """Start a 2-process run of args, SIGKILL it once RIEL step 1 is checkpointed (gstep 7 of 9), resume it; returns
     out after checking that the resumed run really had steps left and logged every step once."""
     proc = train(TORCHRUN, out, *args, wait=False)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        latest = out / "latest"
-        if latest.exists() and latest.read_text().strip() >= "ckpt-000007":
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run finished before it could be killed"
+    wait_for_checkpoint(proc, out, "ckpt-000007", timeout=240)
     workers = children(proc.pid)
     assert len(workers) == 2
     for pid in [*workers, proc.pid]:  # the ranks first: they are the ones writing

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import mel
+from buffer import HardExampleBuffer
 import riel
 from conftest import requires_shared
 from test_mef import StandIn, naive_nll
@@ -192,7 +193,7 @@ def test_mel_adds_weight_times_the_nll_gradient_to_the_rl_update(tok, monkeypatc
     def step(model, use_mel):
         before = [p.detach().clone() for p in model.parameters()]
         opt = torch.optim.SGD(model.parameters(), lr=1.0)
-        m = riel.riel_step(model, tok, RECORDS, EXPERTS, cfg, opt, riel.HardExampleBuffer(), torch.Generator().manual_seed(0),
+        m = riel.riel_step(model, tok, RECORDS, EXPERTS, cfg, opt, HardExampleBuffer(), torch.Generator().manual_seed(0),
                            reward_fn, mel_cfg=mel_cfg if use_mel else None)
         return m, sgd_delta(model, before)
 
@@ -222,7 +223,7 @@ def test_real_tiny_model_writes_replays_and_learns_analyses(tok):
     parity = lambda rec, text: float(len(text) % 2 == 0)  # noqa: E731  (mixed groups, and some replays pass)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(0)
-    logs = [riel.riel_step(model, tok, RECORDS, EXPERTS, cfg, opt, riel.HardExampleBuffer(), gen, parity,
+    logs = [riel.riel_step(model, tok, RECORDS, EXPERTS, cfg, opt, HardExampleBuffer(), gen, parity,
                            mel_cfg=mel_cfg) for _ in range(3)]
     assert all(m["mel/candidates"] == 4 for m in logs), "2 mixed questions x 2 pairs"
     assert 0 < sum(m["mel/kept"] for m in logs) < 12, "replay keeps some analyses and drops others"

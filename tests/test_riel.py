@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from buffer import HardExample, HardExampleBuffer, admit_hard_example, reference_trace
 import riel
 from tokenizer import load_tokenizer
 from test_mef import Expert, Rec, StandIn
@@ -49,39 +50,39 @@ def test_buffer_never_admits_with_k_or_fewer_wrong():
     g = torch.Generator().manual_seed(0)
     for n_wrong in range(7):  # K = 6, G = 8
         r = torch.tensor([0.] * n_wrong + [1.] * (8 - n_wrong))
-        assert not any(riel.admit_hard_example(r, 6, g) for _ in range(300))
+        assert not any(admit_hard_example(r, 6, g) for _ in range(300))
 
 
 @pytest.mark.parametrize("n_wrong", [7, 8])
 def test_buffer_admission_rate_is_k_over_g(n_wrong):
     g = torch.Generator().manual_seed(n_wrong)
     r = torch.tensor([0.] * n_wrong + [1.] * (8 - n_wrong))
-    rate = sum(riel.admit_hard_example(r, 6, g) for _ in range(4000)) / 4000
+    rate = sum(admit_hard_example(r, 6, g) for _ in range(4000)) / 4000
     assert abs(rate - 0.75) < 0.03  # binomial std at n = 4000 is 0.007
 
 
 def test_buffer_flush_clears_and_counts():
-    buf = riel.HardExampleBuffer(capacity=2)
-    buf.entries.append(riel.HardExample(1, "a", [1, 2], [3, 258]))
+    buf = HardExampleBuffer(capacity=2)
+    buf.entries.append(HardExample(1, "a", [1, 2], [3, 258]))
     assert not buf.is_full()
-    buf.entries.append(riel.HardExample(2, "b", [1], [4, 258]))
+    buf.entries.append(HardExample(2, "b", [1], [4, 258]))
     assert buf.is_full()
     out = buf.take_all()
     assert [e.question_id for e in out] == [1, 2] and buf.entries == [] and buf.flushes == 1
 
 
 def test_buffer_round_trips_through_a_plain_json_dict():
-    buf = riel.HardExampleBuffer(capacity=64, flushes=3)
-    buf.entries += [riel.HardExample("q7", "eq", [1, 2, 3], [9, 258]), riel.HardExample(8, "prose", [4], [258])]
+    buf = HardExampleBuffer(capacity=64, flushes=3)
+    buf.entries += [HardExample("q7", "eq", [1, 2, 3], [9, 258]), HardExample(8, "prose", [4], [258])]
     d = json.loads(json.dumps(buf.to_dict()))
-    assert riel.HardExampleBuffer.from_dict(d) == buf
+    assert HardExampleBuffer.from_dict(d) == buf
 
 
 def test_reference_trace_prefers_the_experts_own_trace():
     rec = Rec(0, "q", "1", {"gold": "g trace", "eq": "e trace", "code": ""})
-    assert riel.reference_trace(rec, Expert("eq", "")) == "e trace"
-    assert riel.reference_trace(rec, Expert("code", "")) == "g trace"
-    assert riel.reference_trace(Rec(1, "q", "1", {}), Expert("eq", "")) is None
+    assert reference_trace(rec, Expert("eq", "")) == "e trace"
+    assert reference_trace(rec, Expert("code", "")) == "g trace"
+    assert reference_trace(Rec(1, "q", "1", {}), Expert("eq", "")) is None
 
 
 def test_config_rejects_unknown_options():
@@ -142,7 +143,7 @@ def run_step(tok, cfg, model=None, buffer=None, seed=0, reward=reward_fn, **kw):
     model = model or StandIn(dim=16)
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    buffer = buffer if buffer is not None else riel.HardExampleBuffer(cfg.buffer_size)
+    buffer = buffer if buffer is not None else HardExampleBuffer(cfg.buffer_size)
     m = riel.riel_step(model, tok, RECORDS, EXPERTS, cfg, opt, buffer, torch.Generator().manual_seed(seed),
                        reward, **kw)
     return m, sgd_delta(model, before), buffer
@@ -249,8 +250,8 @@ def test_transfer_options_run_inside_a_step(scripted, tok, mode, all_correct):
 
 def test_full_buffer_joins_an_sft_step_and_is_cleared(scripted, tok):
     cfg = riel.RIELConfig(group_size=4, buffer_k=2, buffer_size=2, max_new_tokens=16, transfer=False)
-    buf = riel.HardExampleBuffer(capacity=2)
-    buf.entries.append(riel.HardExample(5, "steps", [259, 65], [66, 67, 258]))
+    buf = HardExampleBuffer(capacity=2)
+    buf.entries.append(HardExample(5, "steps", [259, 65], [66, 67, 258]))
     m, _, buf = run_step(tok, cfg, buffer=buf, seed=3)
     assert m["buffer_admitted"] >= 1 and m["flushed"] == 1 + m["buffer_admitted"]
     assert m["loss_sft"] > 0 and buf.entries == [] and buf.flushes == 1 and m["buffer_size"] == 0
@@ -292,7 +293,7 @@ def test_real_tiny_model_end_to_end(tok):
     model = Transformer.from_pretrained("tiny")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     cfg = riel.RIELConfig(group_size=4, max_new_tokens=12, buffer_k=2, buffer_size=1, micro_batch_size=4)
-    buf = riel.HardExampleBuffer(cfg.buffer_size)
+    buf = HardExampleBuffer(cfg.buffer_size)
     gen = torch.Generator().manual_seed(0)
     parity = lambda rec, text: float(len(text) % 5 == 0)  # noqa: E731  (mostly wrong, some spread)
     before = [p.detach().clone() for p in model.parameters()]

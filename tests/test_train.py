@@ -5,13 +5,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import train
+from conftest import wait_for_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 # a run of a few seconds: 8 MEF steps, 4 RIEL steps, 8 eval questions
@@ -69,13 +69,7 @@ def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp_path
     cmd = [sys.executable, "train.py", "--out-dir", str(out), *SMALL, "--checkpoint-every", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # same float reductions as in here
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        latest = out / "latest"
-        if latest.exists() and latest.read_text().strip() >= "ckpt-000003":
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run finished before it could be killed"
+    wait_for_checkpoint(proc, out, "ckpt-000003", timeout=120)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     stopped_at = (out / "latest").read_text().strip()
