@@ -23,23 +23,28 @@ exactly the code it did before this file existed. Under torchrun (RANK / WORLD_S
   world size to remember anywhere. After it the gradients are identical on every rank, so clipping sees the
   global norm and the optimizers stay identical.
 
-`--fsdp` (`wrap(..., fsdp=True)`): FSDP2 instead of DDP, for models whose optimizer state (and fp32 master weights
-and gradients) do not fit one GPU. Between steps each rank keeps 1/world of every parameter, of its gradient
-and so of the AdamW moments (ZeRO-3 storage); clipping and the optimizer step run on those shards (DTensors:
-clip_grad_norm_ reduces the global norm). The weights are gathered whole for a step's compute, though, not
-layer by layer as FSDP usually does: ranks run different numbers of forwards (uneven shares, sampling stops
-when a rank's rows are done, token by token), and a per-layer all-gather is a collective every rank must
-join. So one all-gather per step (`model.unshard()`, by a hook on the first module of every path into the
-model, trunk and forward alike: rollout.py calls model.trunk / model.lm_head, bypassing the root's own
-hooks), local backwards into the whole-size .grad (gradient sync and resharding off), and sync_grads'
-zero-weighted forward/backward through the root, which reduce-scatters (a SUM, as above) and reshards.
-Peak memory is thus whole weights + whole gradients + 1/world of the optimizer state.
+`--fsdp` (`wrap(..., fsdp=True)`): FSDP2 instead of DDP, for models whose weights, gradients and AdamW state do
+not fit one GPU together. Each Block is its own FSDP group, the root (embedding, final norm, head) one more; between
+passes every rank keeps 1/world of every weight, gradient and AdamW moment (ZeRO-3 storage). Training is FSDP as
+usual: a forward all-gathers one layer at a time and frees it after use, a backward gathers it again and
+reduce-scatters its gradient into the shards (a SUM, as above) at once, micro-batch by micro-batch; clipping and
+AdamW run on the shards (DTensors: clip_grad_norm_ reduces the global norm). Two things follow from FSDP's
+collectives being per layer, which every rank must join in the same order:
+- Training passes: ranks have different numbers of micro-batches (uneven shares of rows, transfer pairs, buffer
+  entries). Each micro-batch loop goes through `lockstep`, which runs zero-weighted passes on a one-token input until every
+  rank has run as many as the busiest one: same collectives, gradient exactly 0.
+- Sampling decodes token by token and stops when this rank's rows are done, a different number of forwards on
+  every rank. So `unsharded(model)` all-gathers every layer once around a generate call and keeps them for it
+  (what TRL's unwrap_model_for_generation does for DeepSpeed ZeRO-3: a gather per layer per token would also be
+  slow). Sampling therefore needs the whole weights (not the gradients or the optimizer state) on one GPU.
+Training passes must go through model(...) (`hidden_only=True` for token_logprobs), whose root hooks gather the
+embedding and head; generate may call model.trunk directly, as everything is gathered then.
 """
 import os
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as td
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from model import default_device
@@ -176,7 +181,7 @@ def sync_grads(model: torch.nn.Module):
     """Sum the gradients accumulated on every rank into every rank's .grad (one collective per optimizer step; every
     rank must call it). A no-op in one process, and when no rank has any gradient: one process would then step
     with no gradients at all (AdamW skips such parameters), whereas all-reduced zeros would move its momentum."""
-    if world() == 1:
+    if world() == 1 or _sharded(model):  # FSDP reduce-scattered every backward's gradient already
         return
     ddp = _WRAPPED.get(id(model))
     if ddp is None:
@@ -184,13 +189,8 @@ def sync_grads(model: torch.nn.Module):
     if not sum_floats([float(any(p.grad is not None for p in model.parameters()))])[0]:
         return
     device = next(model.parameters()).device
-    if ddp is model:  # FSDP: the same zero-weighted pass, through the root's hooks, with the reduction switched on
-        model.set_requires_gradient_sync(True)
     logits = ddp(torch.zeros(1, 1, dtype=torch.long, device=device))
     (logits.float().sum() * 0.0).backward()  # gradient 0: only triggers the reducer on the accumulated .grad
-    if ddp is model:
-        model.set_requires_gradient_sync(False)
-        model.reshard()  # the optimizer steps the shards; the next forward gathers the new weights
 
 
 # ---- FSDP2 (--fsdp) -------------------------------------------------------------------------------------
@@ -202,32 +202,74 @@ def _sharded(model) -> bool:
 
 def _shard(model, device):
     from torch.distributed.fsdp import fully_shard
-    fully_shard(model, reshard_after_forward=False)  # one group of all the parameters: gathered once per step
-    model.set_gradient_divide_factor(1.0)  # a SUM, like _sum_hook (force: gloo has no PREMUL_SUM)
-    model.set_force_sum_reduction_for_comms(True)
-    model.set_requires_gradient_sync(False)  # backwards accumulate locally; sync_grads reduces once per step
-    model.set_reshard_after_backward(False)
+    for layer in model.layers:
+        fully_shard(layer, reshard_after_forward=True)  # freed after its forward, gathered again for backward
+    fully_shard(model)  # the rest: embedding (tied head), final norm; FSDP keeps the root gathered after forward
+    for m in _fsdp_modules(model):
+        m.set_gradient_divide_factor(1.0)  # a SUM, like _sum_hook (force: gloo has no PREMUL_SUM)
+        m.set_force_sum_reduction_for_comms(True)
     _WRAPPED[id(model)] = model
     with torch.no_grad():  # FSDP's lazy init (root, streams) now, on every rank at once, not inside some later path
         model(torch.zeros(1, 1, dtype=torch.long, device=device))
-    model.reshard()
-    model.embed_tokens.register_forward_pre_hook(lambda *_: gather_weights(model))  # where trunk and forward start
+    _reshard(model)
     return model
 
 
-def gather_weights(model):
-    """Under FSDP: all-gather the whole weights if they are sharded (a collective: every rank calls it at the same
-    point, i.e. on its first forward after a step). Outside inference mode, even when called from generate: the
-    gathered tensors are reused by the training forwards that follow."""
-    if _sharded(model) and isinstance(next(model.parameters()), DTensor):
-        with torch.inference_mode(False):
-            model.unshard()
+def _fsdp_modules(model) -> list:
+    from torch.distributed.fsdp import FSDPModule
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def _reshard(model):
+    for m in _fsdp_modules(model):
+        m.reshard()
+
+
+@contextmanager
+def unsharded(model):
+    """Under FSDP: every layer's whole weights for the duration (one all-gather each; every rank must enter), e.g.
+    around generate, which runs a different number of forwards on every rank. Elsewhere a no-op."""
+    if not _sharded(model):
+        yield
+        return
+    with torch.inference_mode(False):  # gathered outside inference mode: they are parameters, not inference tensors
+        for m in _fsdp_modules(model):
+            if m is not model:  # the root is never resharded after forward anyway
+                m.set_reshard_after_forward(False, recurse=False)
+            m.unshard()
+    try:
+        yield
+    finally:
+        for m in _fsdp_modules(model):
+            if m is not model:
+                m.set_reshard_after_forward(True, recurse=False)
+            m.reshard()
+
+
+def lockstep(model, batches: list, no_grad_first: bool = False):
+    """Iterate over this rank's micro-batches; under FSDP, once they are done, run zero-weighted passes on a one-token
+    input until this rank has run as many as the rank with the most, so that every rank joins the same per-layer
+    collectives (a pass: forward + backward; with no_grad_first, a no-grad forward before it, like the transfer's
+    teacher side). Their gradient is exactly 0. The count is agreed before the first pass: a collective in the
+    middle of another rank's passes would be out of step. Every rank must call it; elsewhere plain iteration."""
+    if not _sharded(model):
+        yield from batches
+        return
+    most = torch.tensor([len(batches)], device=_comm_device())
+    td.all_reduce(most, op=td.ReduceOp.MAX)
+    yield from batches
+    ids = torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device)
+    for _ in range(int(most) - len(batches)):
+        if no_grad_first:
+            with torch.no_grad():
+                model(ids)
+        (model(ids).float().sum() * 0.0).backward()
 
 
 def parameters(model):
     """The parameters an optimizer must hold: under FSDP the shards (so reshard first), else model.parameters()."""
     if _sharded(model):
-        model.reshard()
+        _reshard(model)
     return model.parameters()
 
 
@@ -238,7 +280,7 @@ def full_state(model, optimizer=None) -> tuple:
         return model.state_dict(), optimizer.state_dict() if optimizer else None
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
-    model.reshard()
+    _reshard(model)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return (get_model_state_dict(model, options=options),
             get_optimizer_state_dict(model, optimizer, options=options) if optimizer else None)

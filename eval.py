@@ -50,16 +50,17 @@ def complete(model, tok, prompts, cfg: EvalConfig, num_samples=1, temperature=0.
     only the last batch can leave a rank without prompts) and every rank returns all the texts."""
     texts, stops = [], stop_token_ids(tok)
     gen = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed)
-    for s in tqdm(range(0, len(prompts), cfg.batch_size), desc=desc, leave=False, disable=not dist.is_main()):
-        batch = prompts[s:s + cfg.batch_size]
-        lo, hi = dist.shard_range(len(batch))
-        mine = []
-        if hi > lo:
-            out = generate(model, batch[lo:hi], num_samples=num_samples, max_new_tokens=cfg.max_new_tokens,
-                           temperature=temperature, stop_ids=stops, generator=gen, vocab_limit=len(tok),
-                           rng_rows=(lo * num_samples, len(batch) * num_samples))
-            mine = [tok.decode(c, skip_special_tokens=True) for c in out.completions]
-        texts += dist.gather(mine)
+    with dist.unsharded(model):  # FSDP: decoding runs on the whole weights, gathered once for all batches
+        for s in tqdm(range(0, len(prompts), cfg.batch_size), desc=desc, leave=False, disable=not dist.is_main()):
+            batch = prompts[s:s + cfg.batch_size]
+            lo, hi = dist.shard_range(len(batch))
+            mine = []
+            if hi > lo:
+                out = generate(model, batch[lo:hi], num_samples=num_samples, max_new_tokens=cfg.max_new_tokens,
+                               temperature=temperature, stop_ids=stops, generator=gen, vocab_limit=len(tok),
+                               rng_rows=(lo * num_samples, len(batch) * num_samples))
+                mine = [tok.decode(c, skip_special_tokens=True) for c in out.completions]
+            texts += dist.gather(mine)
     return texts
 
 

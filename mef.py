@@ -99,7 +99,8 @@ def sft_backward(model, prompts, targets, micro_batch_size, weight=1.0) -> float
     Returns the unweighted loss value of the whole batch."""
     n_tokens = sum(len(t) for t in targets)
     total = 0.0
-    for mb in length_sorted_micro_batches([len(p) + len(t) for p, t in zip(prompts, targets)], micro_batch_size):
+    mbs = length_sorted_micro_batches([len(p) + len(t) for p, t in zip(prompts, targets)], micro_batch_size)
+    for mb in dist.lockstep(model, mbs):  # FSDP: as many passes as the busiest rank
         loss = sft_loss(model, [prompts[i] for i in mb], [targets[i] for i in mb], n_tokens)
         (weight * loss).backward()
         total += loss.item()

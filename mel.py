@@ -140,9 +140,11 @@ def sample_shared(model, prompts, *, generator, temperature, max_new_tokens, **k
         if temperature > 0:
             device = generator.device if generator is not None else "cpu"
             torch.rand(max_new_tokens, len(prompts), generator=generator, device=device)
-        return dist.gather([])
-    out = generate(model, prompts[lo:hi], generator=generator, temperature=temperature, max_new_tokens=max_new_tokens,
-                   rng_rows=(lo, len(prompts)), **kw)
+        with dist.unsharded(model):  # FSDP: the gather is a collective, joined by every rank, busy or not
+            return dist.gather([])
+    with dist.unsharded(model):  # FSDP: decoding runs on the whole weights, gathered once
+        out = generate(model, prompts[lo:hi], generator=generator, temperature=temperature,
+                       max_new_tokens=max_new_tokens, rng_rows=(lo, len(prompts)), **kw)
     return dist.gather(out.completions)
 
 
@@ -160,7 +162,8 @@ def nll_backward(model, examples, micro_batch_size, weight=1.0) -> float:
     """Backprop weight * L_NLL over the kept (context, analysis) pairs, this rank's share of them (all in one
     process) over the count of all; returns the unweighted L_NLL of the whole step."""
     mine, total = dist.shard(examples), 0.0
-    for mb in length_sorted_micro_batches([len(c) + len(a) for c, a in mine], micro_batch_size):
+    mbs = length_sorted_micro_batches([len(c) + len(a) for c, a in mine], micro_batch_size)
+    for mb in dist.lockstep(model, mbs):  # FSDP: as many passes as the busiest rank
         loss = nll_loss(model, [mine[i][0] for i in mb], [mine[i][1] for i in mb], len(examples))
         (weight * loss).backward()
         total += loss.item()

@@ -278,9 +278,12 @@ class Transformer(nn.Module):
             cache.pos += T
         return self.norm(x)
 
-    def forward(self, ids, positions=None, cache=None, mask=None):
-        """ids (B, T) -> logits (B, T, vocab)."""
-        return self.lm_head(self.trunk(ids, positions, cache, mask))
+    def forward(self, ids, positions=None, cache=None, mask=None, hidden_only=False):
+        """ids (B, T) -> logits (B, T, vocab); hidden_only: the trunk's (B, T, dim), for callers that apply
+        lm_head.weight themselves (rollout.token_logprobs, chunk by chunk). Training passes go through here, not
+        through trunk(): under per-layer FSDP the root's forward hooks gather the embedding and head (dist.py)."""
+        hidden = self.trunk(ids, positions, cache, mask)
+        return hidden if hidden_only else self.lm_head(hidden)
 
     def new_cache(self, batch, max_len) -> KVCache:
         c, p = self.cfg, self.embed_tokens.weight

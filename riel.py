@@ -128,7 +128,7 @@ def sample_groups(model, tok, records, experts, cfg, generator, rng_rows=None):
     """Prompt q*N + i = (question q, expert i); completion row (q*N + i)*G + g. rng_rows: see generate."""
     prompts = [render_chat(tok, ex.system_prompt, rec.question) for rec in records for ex in experts]
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), dist.unsharded(model):  # FSDP: decoding runs on the whole weights, gathered once
         out = generate(model, prompts, num_samples=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
                        temperature=cfg.temperature, top_p=cfg.top_p, stop_ids=stop_token_ids(tok),
                        generator=generator, vocab_limit=len(tok), rng_rows=rng_rows, drop_finished=True,
@@ -170,7 +170,7 @@ def policy_gradient_backward(model, prompts, completions, adv, rows, cfg, counts
     mbs = length_sorted_micro_batches([len(prompts[r // G]) + len(completions[r]) for r in rows],
                                       cfg.micro_batch_size)
     loss_sum = kl_sum = clipped = 0.0
-    for j, mb in enumerate(mbs):
+    for j, mb in enumerate(dist.lockstep(model, mbs)):  # FSDP: as many passes as the busiest rank
         idx = [rows[i] for i in mb]
         p, c = [prompts[r // G] for r in idx], [completions[r] for r in idx]
         logp, mask = token_logprobs(model, p, c, temperature=cfg.temperature)  # (b, T) each
@@ -218,7 +218,7 @@ def transfer_backward(model, pairs, cfg, n_tokens=None) -> float:
     n_tokens = n_tokens or sum(len(o) for _, _, o in pairs)
     total = 0.0
     if cfg.transfer_mode == "full_vocab":  # one pair at a time: (C, V) logits under both prompts
-        for teacher_prompt, student_prompt, o in pairs:
+        for teacher_prompt, student_prompt, o in dist.lockstep(model, pairs, no_grad_first=True):
             with torch.no_grad():
                 teacher = completion_logits(model, teacher_prompt, o)
             student = completion_logits(model, student_prompt, o)
@@ -226,7 +226,8 @@ def transfer_backward(model, pairs, cfg, n_tokens=None) -> float:
             (cfg.lambda1 * loss).backward()
             total += loss.item()
         return total
-    for mb in length_sorted_micro_batches([len(s) + len(o) for _, s, o in pairs], cfg.micro_batch_size):
+    mbs = length_sorted_micro_batches([len(s) + len(o) for _, s, o in pairs], cfg.micro_batch_size)
+    for mb in dist.lockstep(model, mbs, no_grad_first=True):
         outs = [pairs[i][2] for i in mb]
         with torch.no_grad():  # the teacher side is a target: sg[logp(O+ | Q, P+)]
             teacher, _ = token_logprobs(model, [pairs[i][0] for i in mb], outs)
@@ -254,7 +255,7 @@ def update_policy(model, optimizer, cfg, prompts, completions, adv, rows, counts
         l_pg, kl_ref, clip = over_ranks(l_pg, kl_ref, clip, sum(len(completions[r]) for r in my_rows))
         loss = l_pg
         if epoch == 0:
-            l_kl = transfer_backward(model, my_pairs, cfg, n_tokens=sum(len(o) for *_, o in pairs)) if my_pairs else 0.0
+            l_kl = transfer_backward(model, my_pairs, cfg, n_tokens=sum(len(o) for *_, o in pairs)) if pairs else 0.0
             l_kl = dist.sum_floats([l_kl])[0]
             l_sft = sharded_sft_backward(model, [e.prompt_ids for e in flushed], [e.target_ids for e in flushed],
                                          cfg.micro_batch_size, cfg.lambda2) if flushed else 0.0

@@ -202,7 +202,7 @@ def token_logprobs(model, prompts, completions, temperature=1.0, chunk_size=256,
     ids = torch.full((B, L), pad_id, dtype=torch.long, device=device)
     for i, (p, c) in enumerate(zip(prompts, completions)):
         ids[i, :plen[i] + clen[i]] = torch.tensor(p + c, device=device)
-    hidden = model.trunk(ids)  # (B, L, dim), right-padded rows need only the causal mask
+    hidden = model(ids, hidden_only=True)  # (B, L, dim), right-padded rows need only the causal mask
 
     # the hidden state at position t predicts token t+1: completion token j of row i is ids[i, P_i + j],
     # predicted by hidden[i, P_i + j - 1]

@@ -132,8 +132,9 @@ def with_traces(cfg, records, experts, model, tok, log):
     if all(e.source == "gold" for e in experts):
         return records
     sampler = lambda prompts, **kw: generate(model, prompts, stop_ids=stop_token_ids(tok), vocab_limit=len(tok), **kw)
-    records, stats = data.collect_traces(cfg.data, records, experts, cfg.trace_file, generate=sampler, tok=tok,
-                                         render_chat=render_chat, max_new_tokens=cfg.riel.max_new_tokens)
+    with dist.unsharded(model):  # FSDP: decoding runs on the whole weights (every rank decodes them all)
+        records, stats = data.collect_traces(cfg.data, records, experts, cfg.trace_file, generate=sampler, tok=tok,
+                                             render_chat=render_chat, max_new_tokens=cfg.riel.max_new_tokens)
     for s in stats:
         log.write({"stage": "traces", **dataclasses.asdict(s)})
     return records

@@ -30,8 +30,9 @@ class StandIn(nn.Module):
         self.hidden = h
         return h
 
-    def forward(self, ids, positions=None):
-        return self.lm_head(self.trunk(ids))
+    def forward(self, ids, positions=None, cache=None, mask=None, hidden_only=False):
+        h = self.trunk(ids)
+        return h if hidden_only else self.lm_head(h)
 
 
 @dataclass

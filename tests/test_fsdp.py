@@ -1,0 +1,109 @@
+"""Per-layer FSDP (dist.py, `--fsdp`) on two gloo ranks against one process, below the training loop:
+- layer by layer: while a block computes, the other blocks hold only their shards;
+- ranks with different numbers of micro-batches (SFT, both transfer modes, MEL's NLL) give, summed over the shards,
+  the gradient one process gets, i.e. `pad_passes` keeps the per-layer collectives in step and adds exactly 0;
+- sampling inside `unsharded` with uneven shares and early stops gives one process's tokens;
+- between passes every weight and gradient is a 1/world shard.
+test_dist.py runs the whole `train.py --fsdp` against one process, kill and resume included."""
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import dist
+import mef
+import mel
+import riel
+from model import Transformer, tiny_config
+from rollout import generate
+
+SFT = [([1, 5, 9], [14, 3, 7, 2]), ([1, 7], [8, 8]), ([1, 3, 3, 8], [2, 4, 6, 8, 10])]  # 3 pairs: 2 + 1 micro-batches
+PAIRS = [([1, 2], [1, 3, 4], [9, 9, 10]), ([1, 5, 6], [1, 7], [11, 12]), ([1, 2], [1, 8], [13, 14, 15, 16])]
+PROMPTS = [[1, 5, 9, 14], [1, 7], [1, 3, 3, 8, 2]]  # decoded 2 + 1 prompts, 2 samples each
+
+
+@dataclass
+class Cfg:  # the fields riel.transfer_backward reads
+    transfer_mode: str = "sampled"
+    micro_batch_size: int = 1
+    lambda1: float = 0.5
+
+
+def model_3_layers(checkpointing):
+    cfg = tiny_config()
+    cfg.n_layers = 3
+    model = Transformer.from_config(cfg, torch.device("cpu"), torch.float32, seed=0)
+    model.gradient_checkpointing = checkpointing
+    return model.train()
+
+
+def backward_all(model, share):
+    """Every loss kind with uneven shares; `share` picks this rank's items (identity in one process)."""
+    prompts, targets = [p for p, _ in SFT], [t for _, t in SFT]
+    mef.sharded_sft_backward(model, prompts, targets, micro_batch_size=1)
+    for mode in ("sampled", "full_vocab"):
+        riel.transfer_backward(model, share(PAIRS), Cfg(mode), n_tokens=sum(len(o) for *_, o in PAIRS))
+    mel.nll_backward(model, SFT, micro_batch_size=1, weight=0.3)
+
+
+def sample(model, lo, hi):
+    with torch.no_grad():
+        return generate(model, PROMPTS[lo:hi], num_samples=2, max_new_tokens=10, temperature=1.5, stop_ids=(7, 9),
+                        generator=torch.Generator().manual_seed(1), rng_rows=(2 * lo, 2 * len(PROMPTS))).completions
+
+
+def _rank(rank, port, out, checkpointing):
+    from torch.distributed.tensor import DTensor
+    import torch.distributed as td
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    td.init_process_group("gloo", timeout=timedelta(seconds=60))  # a collective out of step fails, not hangs
+    try:
+        model = model_3_layers(checkpointing)
+        dist.wrap(model, torch.device("cpu"), fsdp=True)
+        whole = []  # per call of block 1's forward: which blocks hold their whole weights
+        model.layers[1].register_forward_pre_hook(
+            lambda *_: whole.append([not isinstance(b.mlp.up_proj.weight, DTensor) for b in model.layers]))
+        backward_all(model, dist.shard)
+        trained, whole[:] = list(whole), []
+        grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+        local = {n: (p.to_local().numel(), p.grad.to_local().numel(), p.numel()) for n, p in model.named_parameters()}
+        model.eval()
+        lo, hi = dist.shard_range(len(PROMPTS))
+        with dist.unsharded(model):
+            rows = sample(model, lo, hi)
+        rows = dist.gather(rows)
+        if rank == 0:
+            torch.save({"grads": grads, "trained": trained, "sampled": whole, "local": local, "rows": rows}, out)
+        td.barrier()
+    finally:
+        dist.teardown()
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_per_layer_fsdp_with_uneven_micro_batches_equals_one_process(tmp_path, checkpointing):
+    model = model_3_layers(checkpointing)
+    backward_all(model, lambda items: items)
+    model.eval()
+    rows = sample(model, 0, len(PROMPTS))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank, args=(port, str(tmp_path / "rank0.pt"), checkpointing), nprocs=2)
+    two = torch.load(tmp_path / "rank0.pt")
+
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(two["grads"][name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert two["rows"] == rows
+    # rank 0 ran 2 SFT + (2 teacher + 2 student) x 2 transfer modes + 2 NLL = 12 forwards, 8 of them with a
+    # backward, which recomputes block 1 when checkpointing; never with blocks 0 or 2 whole
+    assert len(two["trained"]) == 12 + 8 * checkpointing
+    assert all(w == [False, True, False] for w in two["trained"])
+    assert two["sampled"] and all(w == [True, True, True] for w in two["sampled"])  # gathered once for decoding
+    for name, (shard, grad_shard, numel) in two["local"].items():
+        assert shard == grad_shard and shard <= -(-numel // 2), name  # 1/world of every weight and gradient
