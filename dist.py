@@ -31,8 +31,8 @@ reduce-scatters its gradient into the shards (a SUM, as above) at once, micro-ba
 AdamW run on the shards (DTensors: clip_grad_norm_ reduces the global norm). Two things follow from FSDP's
 collectives being per layer, which every rank must join in the same order:
 - Training passes: ranks have different numbers of micro-batches (uneven shares of rows, transfer pairs, buffer
-  entries). Each micro-batch loop goes through `lockstep`, which runs zero-weighted passes on a one-token input until every
-  rank has run as many as the busiest one: same collectives, gradient exactly 0.
+  entries). Each micro-batch loop goes through `lockstep`, which runs zero-weighted passes on a one-token input
+  until every rank has run as many as the busiest one: same collectives, gradient exactly 0.
 - Sampling decodes token by token and stops when this rank's rows are done, a different number of forwards on
   every rank. So `unsharded(model)` all-gathers every layer once around a generate call and keeps them for it
   (what TRL's unwrap_model_for_generation does for DeepSpeed ZeRO-3: a gather per layer per token would also be
