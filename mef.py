@@ -131,6 +131,10 @@ def clip_and_step(model, optimizer, grad_clip, loss_value):
         return grad_norm, True
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    # autocast caches the bf16 copy of each fp32 weight until its region ends, keyed by the tensor, not its
+    # version; train.py runs a whole stage in one region, so without this every later forward would still
+    # compute with the weights of before this step (CUDA; CPU autocast caches alike)
+    torch.clear_autocast_cache()
     return grad_norm, False
 
 

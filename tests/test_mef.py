@@ -162,3 +162,23 @@ def test_mef_resumed_at_a_step_takes_the_same_batches_as_an_uninterrupted_run(mo
     list(mef.mef_steps(model, examples, cfg, opt, seed=5, start_step=3))
     assert len(full) == mef.num_steps(10, cfg) == 8
     assert seen == full[3:]
+
+
+def test_forwards_after_a_step_see_the_new_weights_inside_one_autocast_region():
+    """train.py runs a whole stage inside one autocast region (bf16 compute on CUDA). Autocast caches the bf16 copy
+    of every fp32 weight until the region ends, keyed by the weight tensor, not its version: without
+    clip_and_step dropping that cache, every forward after the first optimizer step would still use the weights
+    of before it. Checked here with CPU autocast, which caches the same way."""
+    from model import Transformer, tiny_config
+    model = Transformer.from_config(tiny_config(), torch.device("cpu"), torch.float32, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    ids = torch.tensor([[256, 49, 43, 50, 61]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before = model(ids)
+        before.float().logsumexp(-1).sum().backward()
+        mef.clip_and_step(model, opt, 1.0, 0.0)
+        after = model(ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fresh = model(ids)  # a new region casts the updated weights
+    assert not torch.equal(fresh, before)
+    assert torch.equal(after, fresh)
