@@ -37,6 +37,7 @@ collectives being per layer, which every rank must join in the same order:
   every rank. So `unsharded(model)` all-gathers every layer once around a generate call and keeps them for it
   (what TRL's unwrap_model_for_generation does for DeepSpeed ZeRO-3: a gather per layer per token would also be
   slow). Sampling therefore needs the whole weights (not the gradients or the optimizer state) on one GPU.
+Under autocast the weights are gathered in bf16 (`compute_dtype`); shards, gradient reduction and AdamW stay fp32.
 Training passes must go through model(...) (`hidden_only=True` for token_logprobs), whose root hooks gather the
 embedding and head; generate may call model.trunk directly, as everything is gathered then.
 """
@@ -162,14 +163,15 @@ def _sum_hook(state, bucket):
     return td.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda fut: fut.value()[0])
 
 
-def wrap(model: torch.nn.Module, device: torch.device, fsdp: bool = False):
+def wrap(model: torch.nn.Module, device: torch.device, fsdp: bool = False, compute_dtype=None):
     """Wrap the model in DDP (it broadcasts rank 0's weights, so every rank starts equal) for sync_grads; returns the
     wrapper, or None in a single process. The code keeps calling the plain model. fsdp: shard it instead (FSDP2,
-    see the top of this file); every rank must have built the same weights (same seed or checkpoint)."""
+    see the top of this file); every rank must have built the same weights (same seed or checkpoint).
+    compute_dtype (FSDP only): the dtype weights are gathered in, e.g. bf16 under autocast."""
     if world() == 1:
         return None
     if fsdp:
-        return _shard(model, device)
+        return _shard(model, device, compute_dtype)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                   forward_sync_buffers=False)  # buffers (RoPE frequencies) are equal by construction
     ddp.register_comm_hook(None, _sum_hook)
@@ -200,11 +202,14 @@ def _sharded(model) -> bool:
     return id(model) in _WRAPPED and _WRAPPED[id(model)] is model
 
 
-def _shard(model, device):
-    from torch.distributed.fsdp import fully_shard
+def _shard(model, device, compute_dtype=None):
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    # gathered in compute_dtype (bf16 under autocast: half the traffic and memory of fp32 gathers, and autocast
+    # then finds no fp32 weights to keep bf16 copies of); shards, gradient reduction and AdamW stay in fp32
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32 if compute_dtype else None)
     for layer in model.layers:
-        fully_shard(layer, reshard_after_forward=True)  # freed after its forward, gathered again for backward
-    fully_shard(model)  # the rest: embedding (tied head), final norm; FSDP keeps the root gathered after forward
+        fully_shard(layer, reshard_after_forward=True, mp_policy=mp)  # freed after forward, gathered again for backward
+    fully_shard(model, mp_policy=mp)  # the rest: embedding (tied head), final norm; gathered from forward to backward
     for m in _fsdp_modules(model):
         m.set_gradient_divide_factor(1.0)  # a SUM, like _sum_hook (force: gloo has no PREMUL_SUM)
         m.set_force_sum_reduction_for_comms(True)

@@ -68,7 +68,9 @@ class Config:
     resume: bool = False  # continue the run in out_dir from its last complete checkpoint
     seed: int = 0
     device: str | None = None  # default: cuda if available, else cpu
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # auto: autocast on CUDA, fp32 on CPU | autocast: fp32 weights, bf16 autocast, any device (on CPU: tries the
+    # GPU path) | fp32 | bf16: bf16 weights
+    precision: Literal["auto", "autocast", "fp32", "bf16"] = "auto"
     gradient_checkpointing: bool = False  # recompute activations in backward: memory for ~30% more compute
     fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state over the ranks (FSDP2, dist.py)
     train_size: int | None = None  # use at most this many training questions
@@ -229,8 +231,8 @@ def main(cfg: Config):
         print(f"resuming from {ckpt}: stage {state['stage']}, step {state['step']}, done {state['done']}")
     torch.manual_seed(cfg.seed)
     param_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if (
-        cfg.precision == "auto" and device.type == "cuda") else nullcontext()
+    use_autocast = cfg.precision == "autocast" or (cfg.precision == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_autocast else nullcontext()
 
     source = ckpt or cfg.init or cfg.model
     if source == "tiny":
@@ -238,7 +240,8 @@ def main(cfg: Config):
     else:
         model = Transformer.from_pretrained(source, device, param_dtype)
     model.gradient_checkpointing = cfg.gradient_checkpointing
-    dist.wrap(model, device, fsdp=cfg.fsdp)  # DDP/FSDP: gradients summed over ranks in mef.clip_and_step
+    # DDP/FSDP: gradients summed over ranks; under autocast FSDP gathers bf16 weights
+    dist.wrap(model, device, fsdp=cfg.fsdp, compute_dtype=torch.bfloat16 if use_autocast else None)
     tok = load_tokenizer(source)
     experts = load_experts(cfg)
     eval_split = data.SPLITS[cfg.data].eval
