@@ -16,8 +16,8 @@ exactly the code it did before this file existed. Under torchrun (RANK / WORLD_S
   wrapper, so these backwards accumulate locally, as under `ddp.no_sync()`. Then `sync_grads` runs exactly one
   zero-weighted forward/backward through the wrapper on every rank: its gradient is 0, so the reducer all-reduces
   the accumulated .grad, bucketed and overlapped as DDP always does. The alternative, routing every micro-batch
-  through the wrapper under no_sync, would need the wrapper's forward signature everywhere (token_logprobs and
-  generate call model.trunk / model.lm_head directly); this keeps the model code unaware of DDP.
+  through the wrapper under no_sync, would need the wrapper everywhere (token_logprobs multiplies by
+  model.lm_head.weight itself, generate calls model.trunk); this keeps the model code unaware of DDP.
 - The reducer SUMS (a comm hook) instead of DDP's default mean: every loss is already divided by the step's
   global count (tokens, sequences), so the sum over ranks is exactly one process's gradient, with no factor of
   world size to remember anywhere. After it the gradients are identical on every rank, so clipping sees the
