@@ -94,7 +94,8 @@ def contrastive_pairs(rewards, pairs_per_question, generator=None) -> list:
         wrong = (flat < CORRECT).nonzero().flatten().tolist()
         if not right or not wrong:
             continue  # no contrast: an all-right or all-wrong question teaches MEL nothing
-        order = torch.randperm(len(wrong) * len(right), generator=generator).tolist()
+        device = generator.device if generator is not None else "cpu"  # a CUDA generator draws only on CUDA
+        order = torch.randperm(len(wrong) * len(right), generator=generator, device=device).tolist()
         for k in order[:pairs_per_question]:
             w, r = divmod(k, len(right))
             out.append((q, q * N * G + wrong[w], q * N * G + right[r]))
