@@ -175,8 +175,9 @@ class KVCache:
     def update(self, layer, k, v):
         """Store k/v (B, Hkv, T, d) of this call; return the keys/values to attend over, (B, Hkv, S, d)."""
         if self.slot is not None:
-            self.k[layer].index_copy_(2, self.slot, k)
-            self.v[layer].index_copy_(2, self.slot, v)
+            # under autocast RoPE's fp32 cos/sin promote k to fp32; index_copy_ casts nothing (slicing below does)
+            self.k[layer].index_copy_(2, self.slot, k.to(self.k[layer].dtype))
+            self.v[layer].index_copy_(2, self.slot, v.to(self.v[layer].dtype))
             return self.k[layer], self.v[layer]
         end = self.pos + k.shape[2]
         self.k[layer][:, :, self.pos:end] = k
@@ -292,6 +293,13 @@ class Transformer(nn.Module):
         shape = (batch, c.n_kv_heads, max_len, c.head_dim)
         return KVCache([torch.zeros(shape, device=p.device, dtype=dtype) for _ in range(c.n_layers)],
                        [torch.zeros(shape, device=p.device, dtype=dtype) for _ in range(c.n_layers)])
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(bf16) / .half() would round the RoPE frequencies too (0.05 rad off by position 256): rebuild them fp32
+        super()._apply(fn, *args, **kwargs)
+        if self.inv_freq.device.type != "meta":
+            self.inv_freq = rope_inv_freq(self.cfg).to(self.inv_freq.device)
+        return self
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # parameters() counts a tied weight once

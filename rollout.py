@@ -50,8 +50,10 @@ def sample_next(logits, temperature=1.0, top_p=1.0, generator=None, u=None):
     if top_p < 1.0:
         probs = top_p_filter(probs, top_p)
     # inverse-CDF sampling: one uniform per row instead of torch.multinomial's one random number per
-    # vocabulary entry; u lies in (0, total], so a zero-probability token (an empty CDF step) is never drawn
-    cdf = probs.cumsum(dim=-1)  # (B, V)
+    # vocabulary entry; u lies in (0, total], so a zero-probability token (an empty CDF step) is never drawn.
+    # A sequential cumsum (CPU) keeps such a step exactly empty; a parallel scan (CUDA, one row) may leave it
+    # one rounding wide, so the running max makes it empty again (a no-op on CPU)
+    cdf = torch.where(probs > 0, probs.cumsum(dim=-1), 0.0).cummax(dim=-1).values  # (B, V)
     if u is None:
         u = torch.rand(cdf.shape[0], generator=generator, device=cdf.device)
     u = (1.0 - u[:, None]) * cdf[:, -1:]
@@ -130,7 +132,7 @@ def generate(model, prompts, *, num_samples=1, max_new_tokens=256, temperature=1
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     for t in range(max_new_tokens):
         if vocab_limit is not None:  # embedding rows past the tokenizer (Qwen pads 151665 -> 151936)
-            logits[:, vocab_limit:] = float("-inf")
+            logits = logits[:, :vocab_limit]
         # a row's uniform is picked by its ORIGINAL id, so dropping other rows cannot change its tokens
         u = None if uniforms is None else uniforms[t] if alive is None else uniforms[t, alive]
         tok = sample_next(logits, temperature, top_p, u=u)
@@ -259,5 +261,6 @@ class ChunkedLogProbs(torch.autograd.Function):
 
 
 def _logits(h, weight, temperature):
-    logits = (h @ weight.T).float()  # a fresh tensor: the in-place division below copies nothing
+    # F.linear, not h @ weight.T: autocast caches its bf16 copy of `weight`, never of a transposed view
+    logits = F.linear(h, weight).float()  # a fresh tensor: the in-place division below copies nothing
     return logits.div_(temperature) if temperature != 1.0 else logits

@@ -276,7 +276,8 @@ def main(cfg: Config):
             if data.SPLITS[cfg.data].train is None:
                 raise ValueError(f"{cfg.data} is for evaluation only: use --stages eval")
             records = load_records(cfg, data.SPLITS[cfg.data].train, stage)
-            records = with_traces(cfg, records, experts, model, tok, log)
+            with autocast:  # self-sampled traces in the precision RIEL samples in
+                records = with_traces(cfg, records, experts, model, tok, log)
             start = state["step"] if state["stage"] == stage else 0
             resumed = state.get("optimizer") if state["stage"] == stage else None
             run = run_mef if stage == "mef" else run_riel

@@ -166,3 +166,15 @@ def test_missing_weights_file_names_the_directory(tmp_path):
     hf_tiny().config.save_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
         ours.Transformer.from_pretrained(str(tmp_path))
+
+
+def test_rope_frequencies_stay_fp32_when_the_model_is_cast_to_bf16():
+    """bf16 is the default dtype on CUDA: casting the model must not round inv_freq (it would turn the angles
+    ~0.05 rad wrong by position 256, and a reloaded checkpoint, which rebuilds them in fp32, would differ)."""
+    cfg = ours.tiny_config()
+    exact = ours.rope_inv_freq(cfg)
+    built = ours.Transformer.from_config(cfg, torch.device("cpu"), torch.bfloat16)
+    cast = ours.Transformer.from_config(cfg, torch.device("cpu"), torch.float32).to(torch.bfloat16)
+    for m in (built, cast):
+        assert m.embed_tokens.weight.dtype == torch.bfloat16
+        assert m.inv_freq.dtype == torch.float32 and torch.equal(m.inv_freq, exact)

@@ -84,3 +84,13 @@ def test_bench_quick_runs_end_to_end():
     assert out.returncode == 0, out.stderr[-2000:]
     for section in ("Sampling", "RIEL step", "MFU", "Where a RIEL step's time goes"):
         assert section in out.stdout
+
+
+def test_static_cache_under_autocast_gives_the_plain_paths_tokens(hf_pair):
+    # the CUDA default (fp32 weights, bf16 autocast; CPU autocast here): RoPE returns fp32 keys for a bf16 cache,
+    # which the static path's index_copy_ must cast as the plain path's slice assignment does
+    _, m = hf_pair(kind="llama")
+    kw = dict(num_samples=2, max_new_tokens=12, temperature=1.0, seed=3, stop_ids=stopping_ids(m), sync_every=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain, fast = generate(m, PROMPTS, **kw), generate(m, PROMPTS, **kw, static_cache=True, drop_finished=True)
+    assert plain.completions == fast.completions and plain.finish == fast.finish
