@@ -190,11 +190,13 @@ def test_a_zero_probability_token_is_never_drawn_even_from_a_rounding_wide_cdf_s
     """On CUDA a single row's cumsum is a parallel scan whose sums may differ in the last bit across a run of zero
     probabilities, giving a zero-probability token a CDF step one rounding wide. Emulated here by a cumsum that
     adds such a step; uniforms aimed into it must still not draw the token."""
+    import rollout
     from rollout import sample_next
     probs = torch.tensor([[0.25, 0.0, 0.75, 0.0]])
     real = torch.Tensor.cumsum
     wide = lambda self, dim: real(self, dim) + torch.tensor([0.0, 1e-6, 1e-6, 2e-6])  # steps at ids 1 and 3
     monkeypatch.setattr(torch.Tensor, "cumsum", wide)
+    monkeypatch.setattr(rollout, "SEQUENTIAL_CUMSUM", ())  # take the path of devices with a parallel scan
     total = 1.0 + 2e-6
     for target in (0.25 + 5e-7, 1.0 + 1.5e-6):  # inside the steps of ids 1 and 3
         u = torch.tensor([1.0 - target / total])  # sample_next maps u to (1 - u) * total
