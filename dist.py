@@ -97,6 +97,7 @@ def barrier():
 
 
 def teardown():
+    _WRAPPED.clear()  # DDP's reducer must be gone before its process group (else: "terminate called" at exit)
     if td.is_initialized():
         td.destroy_process_group()
 

@@ -114,3 +114,16 @@ def test_per_layer_fsdp_with_uneven_micro_batches_equals_one_process(tmp_path, c
     for name, (shard, grad_shard, numel, dtype, grad_dtype) in two["local"].items():
         assert shard == grad_shard and shard <= -(-numel // 2), name  # 1/world of every weight and gradient
         assert dtype == grad_dtype == torch.float32, name  # the shards AdamW steps stay fp32
+
+
+def test_memory_experiment_runs_the_three_set_ups_and_fsdp_holds_half_the_state(capsys):
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    import fsdp_memory
+    rows = fsdp_memory.run_all(fsdp_memory.Config(dim=64, layers=2, vocab=300, len=16, new_tokens=8))
+    assert "| FSDP, 2 processes |" in capsys.readouterr().out
+    one, ddp, fsdp = rows["one process"], rows["DDP, 2 processes"], rows["FSDP, 2 processes"]
+    assert ddp["state"] == pytest.approx(one["state"]) and ddp["world"] == fsdp["world"] == 2
+    assert fsdp["state"] <= 0.55 * ddp["state"]  # 1/2 of every weight, gradient and moment (+ shard padding)
+    assert all(r["train_peak"] > 0 and r["sample_peak"] > 0 for r in rows.values())
