@@ -41,6 +41,7 @@ Under autocast the weights are gathered in bf16 (`compute_dtype`); shards, gradi
 Training passes must go through model(...) (`hidden_only=True` for token_logprobs), whose root hooks gather the
 embedding and head; generate may call model.trunk directly, as everything is gathered then.
 """
+import gc
 import os
 from contextlib import contextmanager
 
@@ -97,7 +98,10 @@ def barrier():
 
 
 def teardown():
-    _WRAPPED.clear()  # DDP's reducer must be gone before its process group (else: "terminate called" at exit)
+    # free DDP/FSDP state (reference cycles through the module's hooks) while Python is alive: left to interpreter
+    # shutdown, their references to gloo's process group occasionally aborted it ("terminate called")
+    _WRAPPED.clear()
+    gc.collect()
     if td.is_initialized():
         td.destroy_process_group()
 
