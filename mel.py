@@ -137,13 +137,12 @@ def sample_shared(model, prompts, *, generator, temperature, max_new_tokens, **k
     if not prompts:
         return []
     lo, hi = dist.shard_range(len(prompts))
-    if hi == lo:
-        if temperature > 0:
-            device = generator.device if generator is not None else "cpu"
-            torch.rand(max_new_tokens, len(prompts), generator=generator, device=device)
-        with dist.unsharded(model):  # FSDP: the gather is a collective, joined by every rank, busy or not
+    with dist.unsharded(model):  # FSDP: decoding runs on the whole weights, gathered by every rank, busy or not
+        if hi == lo:
+            if temperature > 0:
+                device = generator.device if generator is not None else "cpu"
+                torch.rand(max_new_tokens, len(prompts), generator=generator, device=device)
             return dist.gather([])
-    with dist.unsharded(model):  # FSDP: decoding runs on the whole weights, gathered once
         out = generate(model, prompts[lo:hi], generator=generator, temperature=temperature,
                        max_new_tokens=max_new_tokens, rng_rows=(lo, len(prompts)), **kw)
     return dist.gather(out.completions)
