@@ -16,10 +16,14 @@ from mef import encode_target
 from verify import CORRECT
 
 
+def rng_device(generator):
+    """Where a generator draws: a CUDA generator fills only CUDA tensors (None: torch's global CPU stream)."""
+    return generator.device if generator is not None else "cpu"
+
+
 def uniform(generator) -> float:
     """One draw in [0, 1) from the generator (on its device): the step's random decisions share its stream."""
-    device = generator.device if generator is not None else "cpu"
-    return torch.rand((), generator=generator, device=device).item()
+    return torch.rand((), generator=generator, device=rng_device(generator)).item()
 
 
 @dataclass

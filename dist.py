@@ -163,6 +163,16 @@ def gather(local: list) -> list:
     return [x for part in all_gather_object(local) for x in part] if world() > 1 else local
 
 
+def _one_token(model) -> torch.Tensor:
+    return torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device)
+
+
+def _zero_pass(wrapper, model):
+    """Forward one token through wrapper (DDP, or the FSDP-sharded model itself) and backward a zero loss: every
+    parameter joins the backward (and its collectives), every gradient grows by exactly 0."""
+    (wrapper(_one_token(model)).float().sum() * 0.0).backward()
+
+
 def _sum_hook(state, bucket):
     # DDP's default hook divides by the world size; our losses are normalised by global counts already
     return td.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda fut: fut.value()[0])
@@ -176,7 +186,7 @@ def wrap(model: torch.nn.Module, device: torch.device, fsdp: bool = False, compu
     if world() == 1:
         return None
     if fsdp:
-        return _shard(model, device, compute_dtype)
+        return _shard(model, compute_dtype)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                   forward_sync_buffers=False)  # buffers (RoPE frequencies) are equal by construction
     ddp.register_comm_hook(None, _sum_hook)
@@ -195,9 +205,7 @@ def sync_grads(model: torch.nn.Module):
         raise RuntimeError("dist.sync_grads: wrap the model with dist.wrap(model, device) first")
     if not sum_floats([float(any(p.grad is not None for p in model.parameters()))])[0]:
         return
-    device = next(model.parameters()).device
-    logits = ddp(torch.zeros(1, 1, dtype=torch.long, device=device))
-    (logits.float().sum() * 0.0).backward()  # gradient 0: only triggers the reducer on the accumulated .grad
+    _zero_pass(ddp, model)  # gradient 0: only triggers the reducer on the accumulated .grad
 
 
 # ---- FSDP2 (--fsdp) -------------------------------------------------------------------------------------
@@ -207,7 +215,7 @@ def _sharded(model) -> bool:
     return id(model) in _WRAPPED and _WRAPPED[id(model)] is model
 
 
-def _shard(model, device, compute_dtype=None):
+def _shard(model, compute_dtype=None):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     # gathered in compute_dtype (bf16 under autocast: half the traffic and memory of fp32 gathers, and autocast
     # then finds no fp32 weights to keep bf16 copies of); shards, gradient reduction and AdamW stay in fp32
@@ -220,7 +228,7 @@ def _shard(model, device, compute_dtype=None):
         m.set_force_sum_reduction_for_comms(True)
     _WRAPPED[id(model)] = model
     with torch.no_grad():  # FSDP's lazy init (root, streams) now, on every rank at once, not inside some later path
-        model(torch.zeros(1, 1, dtype=torch.long, device=device))
+        model(_one_token(model))
     _reshard(model)
     return model
 
@@ -268,12 +276,11 @@ def lockstep(model, batches: list, no_grad_first: bool = False):
     most = torch.tensor([len(batches)], device=_comm_device())
     td.all_reduce(most, op=td.ReduceOp.MAX)
     yield from batches
-    ids = torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device)
     for _ in range(int(most) - len(batches)):
         if no_grad_first:
             with torch.no_grad():
-                model(ids)
-        (model(ids).float().sum() * 0.0).backward()
+                model(_one_token(model))
+        _zero_pass(model, model)
 
 
 def parameters(model):

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 
 import dist
+from buffer import rng_device
 from mef import length_sorted_micro_batches
 from rollout import generate, token_logprobs
 from tokenizer import render_chat, stop_token_ids
@@ -94,8 +95,7 @@ def contrastive_pairs(rewards, pairs_per_question, generator=None) -> list:
         wrong = (flat < CORRECT).nonzero().flatten().tolist()
         if not right or not wrong:
             continue  # no contrast: an all-right or all-wrong question teaches MEL nothing
-        device = generator.device if generator is not None else "cpu"  # a CUDA generator draws only on CUDA
-        order = torch.randperm(len(wrong) * len(right), generator=generator, device=device).tolist()
+        order = torch.randperm(len(wrong) * len(right), generator=generator, device=rng_device(generator)).tolist()
         for k in order[:pairs_per_question]:
             w, r = divmod(k, len(right))
             out.append((q, q * N * G + wrong[w], q * N * G + right[r]))
@@ -140,8 +140,7 @@ def sample_shared(model, prompts, *, generator, temperature, max_new_tokens, **k
     with dist.unsharded(model):  # FSDP: decoding runs on the whole weights, gathered by every rank, busy or not
         if hi == lo:
             if temperature > 0:
-                device = generator.device if generator is not None else "cpu"
-                torch.rand(max_new_tokens, len(prompts), generator=generator, device=device)
+                torch.rand(max_new_tokens, len(prompts), generator=generator, device=rng_device(generator))
             return dist.gather([])
         out = generate(model, prompts[lo:hi], generator=generator, temperature=temperature,
                        max_new_tokens=max_new_tokens, rng_rows=(lo, len(prompts)), **kw)

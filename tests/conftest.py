@@ -57,3 +57,11 @@ def wait_for_checkpoint(proc, out_dir, name, timeout):
             break
         time.sleep(0.02)
     assert proc.poll() is None, "the run finished before it could be killed"
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on, for a test's own process group (mp.spawn)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -16,7 +16,7 @@ import torch
 
 import checkpoint
 import dist
-from conftest import wait_for_checkpoint
+from conftest import free_port, wait_for_checkpoint
 from model import Transformer, tiny_config
 from rollout import generate
 
@@ -261,7 +261,6 @@ def _mel_nll_rank(rank, port, examples, out):
 
 
 def test_mel_nll_over_two_ranks_equals_one_process(tmp_path):
-    import socket
     import torch.multiprocessing as mp
     import mel
     from test_mef import StandIn
@@ -270,9 +269,7 @@ def test_mel_nll_over_two_ranks_equals_one_process(tmp_path):
                 for n, m in torch.randint(2, 12, (5, 2), generator=g)]  # 5 analyses: shares of 3 and 2
     model = StandIn(seed=0)
     loss = mel.nll_backward(model, examples, micro_batch_size=2, weight=0.5)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.spawn(_mel_nll_rank, args=(port, examples, str(tmp_path / "rank0.pt")), nprocs=2)
     two = torch.load(tmp_path / "rank0.pt")
     assert two["loss"] == pytest.approx(loss, rel=1e-6)

@@ -7,7 +7,6 @@
 test_dist.py runs the whole `train.py --fsdp` against one process, kill and resume included."""
 
 import os
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -17,6 +16,7 @@ import torch.multiprocessing as mp
 
 import dist
 import mef
+from conftest import free_port
 import mel
 import riel
 from model import Transformer, tiny_config
@@ -94,9 +94,7 @@ def test_per_layer_fsdp_with_uneven_micro_batches_equals_one_process(tmp_path, c
     model = model_3_layers(checkpointing)
     backward_all(model, lambda items: items)
     rows = sample(model_3_layers(checkpointing, compute_dtype or torch.float32).eval(), 0, len(PROMPTS))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.spawn(_rank, args=(port, str(tmp_path / "rank0.pt"), checkpointing, compute_dtype), nprocs=2)
     two = torch.load(tmp_path / "rank0.pt")
 
