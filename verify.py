@@ -15,9 +15,11 @@ to find markers, parse what follows and compare it with the gold answer:
 | synthetic  | `#### x`                   | exact string                                              |
 
 Choices (see ../shared/docs/REFERENCES.md section 6 for what others do):
-- **The last marker is the answer, and every marker must agree.** A completion with several markers
-  that name different answers (`#### 1 #### 2 #### 3`) hedges, and an RL policy would learn to
-  hedge if it paid, so it scores 0. Repeating the same answer is fine.
+- **The last marker is the answer.** A model that corrects itself (`#### 17 ... wait ... #### 18`) is scored
+  on its final answer, as verl's strict GSM8K rule and MATH's `last_boxed_only_string` do (REFERENCES.md 6;
+  the official GSM8K script takes the first). Hedging stays worthless: listing `#### 1 #### 2 #### 3` earns
+  exactly what writing `#### 3` alone earns, since only one answer counts. A last marker with nothing
+  parseable behind it (output cut at `####`) scores 0 even when an earlier marker was right.
 - **Strict by default.** With no marker the reward is 0, which also covers empty output and output
   cut at max length before the answer. `flexible=True` falls back to the last number (gsm8k), the
   last `(x)` letter (mathqa) or the last yes/no word (strategyqa); log it as a separate score.
@@ -54,12 +56,9 @@ def check(task: str, completion: str, gold: str, flexible: bool = False) -> tupl
         return 0.0, None
 
 
-def _agreed(candidates: list, same) -> object | None:
-    """The last candidate if all candidates agree under `same`, else None (none found, or a hedge)."""
-    if not candidates:
-        return None
-    last = candidates[-1]
-    return last if all(same(c, last) for c in candidates) else None
+def _last(candidates: list):
+    """The final answer: the last marker's candidate (None when there is no marker)."""
+    return candidates[-1] if candidates else None
 
 
 # ----------------------------------------------------------------------------- numbers
@@ -111,8 +110,7 @@ def _check_gsm8k(completion: str, gold: str, flexible: bool) -> tuple[float, str
     target = parse_number(gold.split("####")[-1])
     found = [m.group(1).strip() for m in _HASH_MARKER.finditer(completion)]
     if found:
-        values = [parse_number(f) for f in found]
-        value = _agreed(values, lambda a, b: a is not None and a == b)
+        value = parse_number(found[-1])
         parsed = found[-1] if value is not None else None
     elif flexible:
         value = _last_number(completion)
@@ -126,7 +124,7 @@ def _check_gsm8k(completion: str, gold: str, flexible: bool) -> tuple[float, str
 def _check_synthetic(completion: str, gold: str, flexible: bool) -> tuple[float, str | None]:
     # exact: the first word after the marker, character for character (`042` and `42.0` are wrong)
     found = [(m.group(1).split() or [""])[0] for m in _HASH_MARKER.finditer(completion)]
-    answer = _agreed(found, str.__eq__)
+    answer = _last(found)
     if not answer:
         return 0.0, None
     return float(answer == gold.strip()), answer
@@ -158,11 +156,11 @@ def _check_mathqa(completion: str, gold: str, flexible: bool) -> tuple[float, st
     if not letters and flexible:
         letters = [x.lower() for x in re.findall(r"\(([a-eA-E])\)", completion)[-1:]]
     if letters:
-        letter = _agreed(letters, str.__eq__)
+        letter = _last(letters)
         return float(letter == gold_letter), letter
     # no letter: accept the option's text itself ("Answer: 625" for option "c ) 625")
     texts = [t.strip() for t in _TEXT_MARKER.findall(completion)]
-    text = _agreed([_option_value(t) for t in texts], str.__eq__)
+    text = _option_value(texts[-1]) if texts else None
     if not text or not gold_text:
         return 0.0, None
     return float(text == _option_value(gold_text)), texts[-1]
@@ -178,7 +176,7 @@ def _check_strategyqa(completion: str, gold: str, flexible: bool) -> tuple[float
     words = [w.lower() for w in _YESNO_MARKER.findall(completion)]
     if not words and flexible:
         words = [w.lower() for w in re.findall(r"\b(yes|no)\b", completion, re.IGNORECASE)[-1:]]
-    answer = _agreed(words, str.__eq__)
+    answer = _last(words)
     if answer is None:
         return 0.0, None
     return float(answer == _GOLD_YESNO.get(gold.strip().lower())), answer
@@ -251,7 +249,7 @@ def latex_equal(a: str, b: str) -> bool:
 
 
 def _check_math500(completion: str, gold: str, flexible: bool) -> tuple[float, str | None]:
-    answer = _agreed(boxed_contents(completion), latex_equal)
+    answer = _last(boxed_contents(completion))
     if answer is None:
         return 0.0, None
     return float(latex_equal(answer, gold)), answer

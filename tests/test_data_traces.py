@@ -28,7 +28,7 @@ def test_teacher_file_keeps_first_accepted_response_per_record(tmp_path):
         {"id": "q0", "expert": "chain", "response": "again\n#### 5"},  # accepted, but q0 already has one
         {"id": "q1", "expert": "columns", "response": "#### 8"},  # another expert
         {"id": "zz", "expert": "chain", "response": "#### 1"},  # unknown id
-        {"id": "q1", "expert": "chain", "response": "#### 8 #### 9"},  # a hedge: dropped
+        {"id": "q1", "expert": "chain", "response": "#### 8 #### 9"},  # the last answer (9) is wrong: dropped
     ])
     found, stats = data.file_traces("synthetic", records(), "chain", path)
     assert found == {"q0": "two and three\n#### 5"}

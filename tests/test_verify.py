@@ -27,8 +27,11 @@ TABLE = [
     ("gsm8k", "####42", "42", 1.0, False),  # no space after the marker
     ("gsm8k", "#### 42 apples. Then 3 more.", "42", 1.0, False),  # text after the answer
     ("gsm8k", "#### 42\n" + "and so on. " * 34, "42", 1.0, False),  # long text after it: never clipped
-    ("gsm8k", "#### 7\nwait\n#### 8", "8", 0.0, False),  # two different answers: a hedge
-    ("gsm8k", "#### 1 #### 2 #### 3", "3", 0.0, False),  # run-on of candidates
+    ("gsm8k", "#### 17  Wait, recompute: 9 + 9 = 18\n#### 18", "18", 1.0, False),  # self-correction: the last counts
+    ("gsm8k", "#### 18  Wait, recompute\n#### 17", "18", 0.0, False),  # ... in both directions
+    ("gsm8k", "#### 1 #### 2 #### 3", "3", 1.0, False),  # run-on: only the last one counts ...
+    ("gsm8k", "#### 1 #### 2 #### 3", "1", 0.0, False),  # ... so a hedge earns nothing from its others
+    ("gsm8k", "#### 18\nso the answer is\n#### ", "18", 0.0, False),  # cut after a last, empty marker
     ("gsm8k", "#### 7 then #### 7.0", "7", 1.0, False),  # repeated, same value
     ("gsm8k", "#### 1,5", "15", 0.0, False),  # not a thousands separator
     ("gsm8k", "So the answer is 12.", "12", 0.0, False),  # missing marker: strict 0
@@ -41,7 +44,8 @@ TABLE = [
     ("synthetic", "rev 765\n#### 567", "567", 1.0, False),
     ("synthetic", "#### 0567", "567", 0.0, False),
     ("synthetic", "#### 567.0", "567", 0.0, False),
-    ("synthetic", "#### 567 #### 568", "567", 0.0, False),
+    ("synthetic", "#### 567 #### 568", "567", 0.0, False),  # the last marker counts
+    ("synthetic", "#### 568 #### 567", "567", 1.0, False),
     ("synthetic", "567", "567", 0.0, False),
     # mathqa: the letter, or the option text behind it
     ("mathqa", "5 ^ 4 = 625\nAnswer: (c)", "(c) 625", 1.0, False),
@@ -53,14 +57,17 @@ TABLE = [
     ("mathqa", "Answer: 624", "(c) 625", 0.0, False),
     ("mathqa", "the answer is a prime number, so (c)", "(c) 625", 0.0, False),  # 'a' is an article here
     ("mathqa", "the answer is a prime number, so (c)", "(c) 625", 1.0, True),  # flexible: last (x)
-    ("mathqa", "Answer: (a) Answer: (b) Answer: (c)", "(c) 625", 0.0, False),  # run-on
+    ("mathqa", "Answer: (a) Answer: (b) Answer: (c)", "(c) 625", 1.0, False),  # run-on: the last counts
+    ("mathqa", "Answer: (c) Answer: (b) Answer: (a)", "(c) 625", 0.0, False),  # ... whichever way
+    ("mathqa", "Answer: 624\nNo, 5^4 is\nAnswer: 625", "(c) 625", 1.0, False),  # corrected option text
     ("mathqa", "Answer: (c)\nAnswer: (c)", "c", 1.0, False),  # gold as a bare letter
     ("mathqa", "", "(c) 625", 0.0, True),
     # strategyqa: yes/no after the marker
     ("strategyqa", "Fact.\nAnswer: yes", "yes", 1.0, False),
     ("strategyqa", "Answer: Yes.", "true", 1.0, False),  # gold as a bool string
     ("strategyqa", "Answer: no", "yes", 0.0, False),
-    ("strategyqa", "Answer: yes\nAnswer: no", "no", 0.0, False),  # hedge
+    ("strategyqa", "Answer: yes\nAnswer: no", "no", 1.0, False),  # corrected: the last counts
+    ("strategyqa", "Answer: no\nAnswer: yes", "no", 0.0, False),  # a hedge only gets its last answer
     ("strategyqa", "I think no.", "no", 0.0, False),  # no marker
     ("strategyqa", "I think no.", "no", 1.0, True),
     ("strategyqa", "Answer: maybe", "yes", 0.0, True),
@@ -75,7 +82,8 @@ TABLE = [
     ("math500", "\\boxed{C}", "\\text{(C)}", 1.0, False),
     ("math500", "\\boxed{x=5}", "5", 1.0, False),
     ("math500", "\\boxed{\\frac{2}{1}}", "\\frac{1}{2}", 0.0, False),
-    ("math500", "\\boxed{1} and \\boxed{5}", "5", 0.0, False),  # two different boxes: a hedge
+    ("math500", "\\boxed{1} and \\boxed{5}", "5", 1.0, False),  # two boxes: the last counts
+    ("math500", "\\boxed{5} and \\boxed{1}", "5", 0.0, False),
     ("math500", "\\boxed{5} so \\boxed{5}", "5", 1.0, False),
     ("math500", "The answer is \\boxed{5", "5", 0.0, False),  # cut before the closing brace
     ("math500", "The answer is 5", "5", 0.0, False),
@@ -92,7 +100,7 @@ def test_check_returns_the_parsed_answer_for_logging():
     assert verify.check("gsm8k", "#### $1,000", "1000") == (1.0, "$1,000")
     assert verify.check("mathqa", "Answer: (B)", "(c) 1") == (0.0, "b")
     assert verify.check("strategyqa", "Answer: no", "yes") == (0.0, "no")
-    assert verify.check("gsm8k", "#### 1 #### 2", "1") == (0.0, None)  # a hedge parses to nothing
+    assert verify.check("gsm8k", "#### 1 #### 2", "1") == (0.0, "2")  # the last marker is the parsed answer
 
 
 def test_reward_is_check_without_the_answer():
@@ -146,10 +154,13 @@ def test_any_integer_written_with_separators_is_accepted(n, extra):
 
 @settings(max_examples=200, deadline=None)
 @given(a=st.integers(0, 10**6), b=st.integers(0, 10**6))
-def test_two_different_answers_never_score(a, b):
+def test_only_the_last_of_two_answers_counts(a, b):
+    # a corrected answer scores; a hedge earns no more than its last answer alone would
     for task in ("gsm8k", "synthetic"):
-        assert verify.reward(task, f"#### {a}\n#### {b}", str(b)) == float(a == b)
-    assert verify.reward("math500", f"\\boxed{{{a}}} \\boxed{{{b}}}", str(b)) == float(a == b)
+        assert verify.reward(task, f"#### {a}\n#### {b}", str(b)) == 1.0
+        assert verify.reward(task, f"#### {a}\n#### {b}", str(a)) == float(a == b)
+    assert verify.reward("math500", f"\\boxed{{{a}}} \\boxed{{{b}}}", str(b)) == 1.0
+    assert verify.reward("math500", f"\\boxed{{{a}}} \\boxed{{{b}}}", str(a)) == float(a == b)
 
 
 @pytest.mark.parametrize("text", [
