@@ -44,6 +44,11 @@ PRESETS = {
     "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B-Instruct",
     "qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B-Instruct",
     "qwen2.5-math-1.5b": "Qwen/Qwen2.5-Math-1.5B-Instruct",
+    # SmolLM2: Llama architecture, ChatML; ungated. The 135M one runs offline from ../shared/data's GGUF
+    # (experiments/convert_gguf.py, README "Real model")
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "smollm2-360m": "HuggingFaceTB/SmolLM2-360M-Instruct",
+    "smollm2-1.7b": "HuggingFaceTB/SmolLM2-1.7B-Instruct",
 }
 
 

@@ -56,7 +56,7 @@ Stage = Literal["mef", "riel", "eval"]
 
 @dataclass
 class Config:
-    model: str = "tiny"  # a preset (tiny, llama3.2-1b, llama3.2-3b, qwen2.5-0.5b, ...), a directory or a hub id
+    model: str = "tiny"  # a preset (tiny, llama3.2-3b, qwen2.5-0.5b, smollm2-135m, ...), a directory or a hub id
     data: str = "synthetic"  # synthetic | gsm8k | mathqa | strategyqa | math500 (eval only)
     data_dir: str | None = None  # where the task files are (default: data/<task>/ in this project)
     experts: tuple[str, ...] | None = None  # expert names, in order (default: all); one name = ExpertX baseline
