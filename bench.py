@@ -3,6 +3,7 @@ bench.py: side-by-side speed and memory of our sampler, scorer and RL step, in o
 
     python bench.py            # the README tables (~15 minutes on a 2-core CPU, TRL included)
     python bench.py --quick    # a smoke run in under a minute (no TRL, no compile)
+    python bench.py --model DIR --data-dir ../shared/data   # sections 1-4 at a real size (~15 minutes)
 
 1. Sampling throughput (medians over interleaved repeats): transformers' `generate` vs our
    `rollout.generate` at 8, 64 and 256 rows (P prompts x G samples), plain and with each speed option.
@@ -16,11 +17,18 @@ bench.py: side-by-side speed and memory of our sampler, scorer and RL step, in o
    `log_softmax(model(ids)).gather(...)` at a 128k vocabulary, scoring only and with backward. Each measurement
    runs in a fresh subprocess; on CPU the peak is the resident-set high-water mark (reset through
    /proc/self/clear_refs), on CUDA `torch.cuda.max_memory_allocated`.
+--model DIR runs sections 1-4 on a real checkpoint (a Hugging Face directory, e.g. SmolLM2-135M-Instruct) with
+real prompts: GSM8K questions (via the data package) under the task's expert system prompts, rendered with the
+checkpoint's own chat template, its own stop ids, and the plain checker as the RIEL reward, so reward
+sparsity is real too. Sizes are smaller than the random-model tables (see Args.real_sizes) to fit ~15
+minutes on a 2-core CPU; every table heading says what ran. Each heading also gives the 1-minute load
+average before and after it: on a shared machine that is what the timings are conditioned on.
 Benchmarks print ratios; they are not timed tests. Other processes on the machine slow every side alike
 only when the sides are interleaved, so every comparison alternates its sides repeat by repeat.
 """
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -56,6 +64,18 @@ class Args:
     mem_rows: int = 4
     mem_completion: int = 512
     probe: str = ""  # internal: run one memory measurement in this process and print it
+    model: str = ""  # a checkpoint directory (or preset): real weights, real prompts, the real checker
+    task: str = "gsm8k"  # with --model: the prompts and the checker
+    data_dir: str | None = None  # with --model: the task's data directory (None: the data package's default)
+
+    def real_sizes(self):
+        """--model: sizes that fit ~15 minutes for a 135M model on a 2-core CPU (a real prompt is ~130 tokens
+        and every token runs all the weights, ~40x the random model's FLOPs)."""
+        self.rows, self.new_tokens, self.repeats, self.compile = (8, 32), 64, 3, False
+        self.step_questions, self.step_repeats, self.mfu_rows, self.prompt_len = 2, 2, 4, 128
+        if self.quick:
+            self.rows, self.group, self.new_tokens, self.repeats = (4,), 4, 4, 1
+            self.trl, self.step_questions, self.step_repeats, self.mfu_rows, self.prompt_len = False, 1, 1, 1, 16
 
 
 def bench_config(vocab):
@@ -89,21 +109,29 @@ def stopped_len(row, stop):
     return next((i + 1 for i, x in enumerate(row) if x in stop), len(row))
 
 
-def bench_sampling(a: Args, hf, m, vocab, n_rows):
+def load_avg():
+    return f"{os.getloadavg()[0]:.1f}"
+
+
+def random_prompts(a: Args, vocab, n_rows):
     g = torch.Generator().manual_seed(0)
-    P = max(1, n_rows // a.group)
-    prompts = [torch.randint(3 + a.stop_ids, vocab, (a.prompt_len - (i % 4) * 4,), generator=g).tolist()
-               for i in range(P)]
+    return [torch.randint(3 + a.stop_ids, vocab, (a.prompt_len - (i % 4) * 4,), generator=g).tolist()
+            for i in range(max(1, n_rows // a.group))]
+
+
+def bench_sampling(a: Args, hf, m, prompts, stop, what, pad=0):
+    """prompts: P distinct prompts, each sampled G = a.group times. what: the heading's description."""
+    P, load0 = len(prompts), load_avg()
     rows = [p for p in prompts for _ in range(a.group)]
-    stop, N = list(range(3, 3 + a.stop_ids)), a.new_tokens
+    N = a.new_tokens
     T = max(len(p) for p in rows)
-    ids = torch.tensor([[0] * (T - len(p)) + p for p in rows])
+    ids = torch.tensor([[pad] * (T - len(p)) + p for p in rows])
     attn = (torch.arange(T)[None] >= torch.tensor([T - len(p) for p in rows])[:, None]).long()
     n_tok = {}
 
     def hf_run():
         out = hf.generate(input_ids=ids, attention_mask=attn, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
-                          max_new_tokens=N, eos_token_id=stop, pad_token_id=0)[:, T:].tolist()
+                          max_new_tokens=N, eos_token_id=stop, pad_token_id=pad)[:, T:].tolist()
         n_tok["transformers `generate`"] = sum(stopped_len(r, set(stop)) for r in out)
 
     def ours(name, prompts_, G, **kw):
@@ -123,9 +151,8 @@ def bench_sampling(a: Args, hf, m, vocab, n_rows):
         for fn in fns.values():  # warm-up (and compile)
             fn()
         t = timed_interleaved(fns, a.repeats)
-    print(f"\n### Sampling: {len(rows)} rows ({P} prompts x {a.group}), prompt ~{a.prompt_len}, up to {N} new "
-          f"tokens, {a.stop_ids} stop ids, random Llama {m.num_params() / 1e6:.1f}M params, vocab {vocab}, T=1, "
-          f"{torch.get_num_threads()} threads, median of {a.repeats}\n")
+    print(f"\n### Sampling: {len(rows)} rows ({P} prompts x {a.group}), {what}, up to {N} new tokens, T=1, "
+          f"{torch.get_num_threads()} threads, median of {a.repeats}, load {load0} -> {load_avg()}\n")
     print("| sampler | s / batch | tokens/s | vs transformers (time) |")
     print("|---|---|---|---|")
     t_hf = t["transformers `generate`"]
@@ -133,38 +160,28 @@ def bench_sampling(a: Args, hf, m, vocab, n_rows):
         print(f"| {name} | {s:.3f} | {n_tok[name] / s:,.0f} | {t_hf / s:.2f}x |")
 
 
-def bench_riel_step(a: Args):
-    """Sections 2 and 4: our RIEL step vs TRL's GRPOTrainer step, and the parts of ours."""
+def bench_riel_step(a: Args, what="one expert"):
+    """Sections 2 and 4: our RIEL step vs TRL's GRPOTrainer step, and the parts of ours. Random models: the
+    presets of a.step_models; with a.model, that checkpoint on a.task."""
     import bench_step as bs
-    from bench_trl import trl_step_times
-    from tokenizer import stop_token_ids
     Q, G, N = a.step_questions, a.group, a.new_tokens
-    print(f"\n### RIEL step: {Q} prompts x {G} samples, up to {N} new tokens, one expert, no reference KL, "
-          f"fp32, median of {a.step_repeats} steps after a warm-up\n")
-    print("| model | params | TRL GRPOTrainer s/step | ours s/step | ours, --compile s/step | TRL / ours |")
-    print("|---|---|---|---|---|---|")
+    print(f"\n### RIEL step: {Q} prompts x {G} samples, up to {N} new tokens, {what}, no reference KL, "
+          f"fp32, {torch.get_num_threads()} threads, median of {a.step_repeats} steps after a warm-up, load "
+          f"{load_avg()} at the start\n")
+    print("| model | params | TRL GRPOTrainer s/step | ours s/step | ours, --compile s/step | TRL / ours | "
+          f"rows with A != 0 of {Q * G}: TRL's / ours (we train only these) |")
+    print("|---|---|---|---|---|---|---|")
     parts = {}
-    for name in a.step_models:
-        mcfg = bs.step_configs()[name]
-        m, tok, records, experts, rc = bs.riel_setup(mcfg, Q, G, N, a.step_repeats)
+    if a.model:
+        name = os.path.basename(a.model.rstrip("/"))
+        tok, records, experts, rc, reward = bs.real_setup(a.model, a.task, a.data_dir, Q, G, N, a.step_repeats)
+        parts[name] = step_row(a, name, tok, records, experts, rc, reward, a.model)
+    for name in () if a.model else a.step_models:
+        m, tok, records, experts, rc = bs.riel_setup(bs.step_configs()[name], Q, G, N, a.step_repeats)
         with tempfile.TemporaryDirectory() as d:
-            m.save_pretrained(d)
-            t_trl = float("nan")
-            if a.trl:
-                t_trl = statistics.median(trl_step_times(
-                    d, tok, records, experts[0].system_prompt, bs.bench_reward, questions=Q, group=G,
-                    max_new_tokens=N, steps=a.step_repeats + 1, lr=rc.lr, stop_ids=stop_token_ids(tok)))
-            m = ours.Transformer.from_pretrained(d)  # the same starting weights as TRL's
-        res = bs.time_riel_steps(m, tok, records, experts, rc, a.step_repeats)
-        t_ours = statistics.median(r[0] for r in res)
-        parts[name] = bs.median_parts(res)
-        t_comp = float("nan")
-        if a.compile:
-            rc.compile = True
-            t_comp = statistics.median(r[0] for r in bs.time_riel_steps(m, tok, records, experts, rc, a.step_repeats))
-        print(f"| {name} | {m.num_params() / 1e6:.1f}M | {t_trl:.2f} | {t_ours:.2f} | {t_comp:.2f} | "
-              f"{t_trl / t_ours:.1f}x |")
-    print("\n### Where a RIEL step's time goes (ours, plain, median seconds per part)\n")
+            m.save_pretrained(d)  # both sides start from these weights
+            parts[name] = step_row(a, name, tok, records, experts, rc, bs.bench_reward, d)
+    print(f"\n### Where a RIEL step's time goes (ours, plain, median seconds per part), load {load_avg()}\n")
     names = list(next(iter(parts.values())))
     print("| model | " + " | ".join(names) + " | total |")
     print("|---|" + "---|" * (len(names) + 1))
@@ -173,12 +190,39 @@ def bench_riel_step(a: Args):
         print(f"| {model_name} | " + " | ".join(f"{p[k]:.3f} ({p[k] / total:.0%})" for k in names) + f" | {total:.3f} |")
 
 
+def step_row(a: Args, name, tok, records, experts, rc, reward, model_dir):
+    """One row of the RIEL step table: TRL's step, ours, ours compiled. Returns our median parts."""
+    import bench_step as bs
+    from bench_trl import trl_step_times
+    from tokenizer import stop_token_ids
+    t_trl, trl_signal = float("nan"), []
+    if a.trl:
+        times, trl_signal = trl_step_times(
+            model_dir, tok, records, experts[0].system_prompt, reward, questions=rc.questions_per_step,
+            group=rc.group_size, max_new_tokens=rc.max_new_tokens, steps=a.step_repeats + 1, lr=rc.lr,
+            stop_ids=stop_token_ids(tok))
+        t_trl = statistics.median(times)
+    m = ours.Transformer.from_pretrained(model_dir)  # the same starting weights as TRL's
+    res = bs.time_riel_steps(m, tok, records, experts, rc, a.step_repeats, reward)
+    t_ours = statistics.median(r[0] for r in res)
+    t_comp = float("nan")
+    if a.compile:
+        rc.compile = True
+        t_comp = statistics.median(r[0] for r in bs.time_riel_steps(m, tok, records, experts, rc, a.step_repeats,
+                                                                    reward))
+    signal = f"{'/'.join(map(str, trl_signal)) or '-'} / {'/'.join(str(r[2]) for r in res)}"
+    print(f"| {name} | {m.num_params() / 1e6:.1f}M | {t_trl:.2f} | {t_ours:.2f} | {t_comp:.2f} | "
+          f"{t_trl / t_ours:.1f}x | {signal} |", flush=True)
+    return bs.median_parts(res)
+
+
 def bench_mfu(a: Args, hf, m, label):
     import bench_step as bs
     peak = bs.matmul_peak()
     rates = bs.fwd_bwd_rates(hf, m, a.mfu_rows, a.prompt_len, a.new_tokens, a.repeats)
     print(f"\n### MFU: training forward+backward, {a.mfu_rows} rows x ({a.prompt_len} + {a.new_tokens}) tokens, "
-          f"{label}; matmul peak {peak / 1e9:.0f} GFLOP/s (median of a 1024^3 matmul)\n")
+          f"{label}; matmul peak {peak / 1e9:.0f} GFLOP/s (median of a 1024^3 matmul), "
+          f"{torch.get_num_threads()} threads, median of {a.repeats}, load {load_avg()}\n")
     print("| forward+backward | GFLOP/s | MFU (of measured peak) |")
     print("|---|---|---|")
     for name, r in rates.items():
@@ -261,15 +305,44 @@ def main(a: Args):
         a.mem_vocab, a.mem_rows, a.mem_completion = 4096, 2, 64
     print(f"# bench.py  torch {torch.__version__}, device {'cuda' if torch.cuda.is_available() else 'cpu'}, "
           f"{torch.get_num_threads()} threads")
+    if a.model:
+        return main_real(a)
     vocab = 2048
     with tempfile.TemporaryDirectory() as d:
         hf, m = make_models(vocab, d)
     for n_rows in a.rows:
-        bench_sampling(a, hf, m, vocab, n_rows)
+        bench_sampling(a, hf, m, random_prompts(a, vocab, n_rows), list(range(3, 3 + a.stop_ids)),
+                       f"prompt ~{a.prompt_len}, {a.stop_ids} stop ids, random Llama "
+                       f"{m.num_params() / 1e6:.1f}M params, vocab {vocab}")
     bench_riel_step(a)
     bench_mfu(a, hf, m, f"random Llama {m.num_params() / 1e6:.1f}M params, vocab {vocab}")
     if sys.platform.startswith("linux") or torch.cuda.is_available():
         bench_memory(a)
+
+
+def main_real(a: Args):
+    """Sections 1-4 on a real checkpoint with real prompts (no memory section: it is about a 128k vocabulary)."""
+    import data
+    from transformers import AutoModelForCausalLM
+    from tokenizer import load_tokenizer, render_chat, stop_token_ids
+    a.real_sizes()
+    tok = load_tokenizer(a.model)
+    hf = AutoModelForCausalLM.from_pretrained(ours.resolve_checkpoint(a.model), dtype=torch.float32).eval()
+    m = ours.Transformer.from_pretrained(a.model, dtype=torch.float32).eval()
+    experts = data.experts(a.task)
+    records = data.load(a.task, data_dir=a.data_dir)
+    stop, name = stop_token_ids(tok), os.path.basename(a.model.rstrip("/"))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else stop[0]
+    for n_rows in a.rows:
+        P = max(1, n_rows // a.group)  # (question, expert) prompts, the experts taking turns as in a MEML step
+        prompts = [render_chat(tok, experts[i % len(experts)].system_prompt, records[i].question) for i in range(P)]
+        lens = sorted(len(p) for p in prompts)
+        bench_sampling(a, hf, m, prompts, stop,
+                       f"{a.task} prompts of {lens[0]}-{lens[-1]} tokens ({name}'s chat template, {len(experts)} experts'"
+                       f" system prompts), its {len(stop)} stop ids, {name} {m.num_params() / 1e6:.0f}M params, vocab "
+                       f"{m.cfg.vocab_size}", pad)
+    bench_riel_step(a, f"{a.task} questions under the `{experts[0].name}` expert, the real checker as reward")
+    bench_mfu(a, hf, m, f"{name} ({m.num_params() / 1e6:.0f}M params, vocab {m.cfg.vocab_size}), random token ids")
 
 
 if __name__ == "__main__":

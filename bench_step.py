@@ -10,6 +10,10 @@ time goes, and training forward+backward throughput as a fraction of this machin
   solves a sum, and with all-zero rewards every advantage is 0, GRPO trains nothing and the step would
   time sampling alone. With the parity term about half of each group is rewarded, so every row is trained
   on both sides.
+- With a real checkpoint (`bench.py --model DIR`) the step runs on real prompts instead: GSM8K questions under
+  the first expert's system prompt, rendered with the checkpoint's own chat template, and the plain checker
+  (verify.reward) as the reward. Most groups then score all-zero (a 135M model rarely solves GSM8K), so their
+  rows have zero advantage: riel_step skips them, TRL still runs them through forward and backward.
 - The breakdown wraps the functions riel.py calls (generate, token_logprobs, clip_and_step, the reward)
   with timers for the duration of a step, so it times the real step, not a copy of it; backward and loss
   math are what is left of the training part.
@@ -54,9 +58,27 @@ def riel_setup(mcfg, questions, group, new_tokens, steps):
     model = ours.Transformer.from_config(mcfg)
     records = data.load("synthetic", "train", n=questions * (steps + 1), difficulty=(2, 2), seed=0)
     experts = data.experts("synthetic", ["chain"])
-    rc = riel.RIELConfig(questions_per_step=questions, group_size=group, max_new_tokens=new_tokens,
-                         advantage="grpo", transfer=False, buffer=False, micro_batch_size=64, lr=1e-5)
-    return model, tok, records, experts, rc
+    return model, tok, records, experts, step_config(questions, group, new_tokens, lr=1e-5)
+
+
+def step_config(questions, group, new_tokens, lr):
+    return riel.RIELConfig(questions_per_step=questions, group_size=group, max_new_tokens=new_tokens,
+                           advantage="grpo", transfer=False, buffer=False, micro_batch_size=64, lr=lr)
+
+
+def real_setup(model_dir, task, data_dir, questions, group, new_tokens, steps):
+    """A real checkpoint's tokenizer, a real task's first records and first expert, and the plain checker as the
+    reward (no parity term: sparse rewards are part of what is measured). The model is loaded by the caller."""
+    import data
+    import verify
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer(model_dir)
+    records = data.load(task, data_dir=data_dir)[:questions * (steps + 1)]
+    experts = data.experts(task)[:1]
+
+    def reward(record, text):
+        return verify.reward(task, text, record.answer)
+    return tok, records, experts, step_config(questions, group, new_tokens, lr=1e-6), reward
 
 
 class PartTimer:
@@ -64,8 +86,8 @@ class PartTimer:
 
     PARTS = {"generate": "sampling", "token_logprobs": "log-probs (fwd)", "clip_and_step": "optimizer"}
 
-    def __init__(self):
-        self.s = {}
+    def __init__(self):  # every part listed, in step order, even when a step skips it (no trained rows)
+        self.s = {"sampling": 0.0, "checker": 0.0, "log-probs (fwd)": 0.0, "optimizer": 0.0}
 
     def wrap(self, name, fn):
         def timed(*args, **kw):
@@ -88,30 +110,31 @@ class PartTimer:
             setattr(riel, n, fn)
 
 
-def time_riel_steps(model, tok, records, experts, rc, steps):
-    """Run `steps` RIEL steps after one warm-up; returns [(seconds, {part: seconds})] per measured step."""
+def time_riel_steps(model, tok, records, experts, rc, steps, reward_fn=bench_reward):
+    """Run `steps` RIEL steps after one warm-up; returns [(seconds, {part: seconds}, trained rows)] per measured
+    step (trained rows: those with a nonzero advantage, the only ones riel_step runs forward and backward)."""
     opt = torch.optim.AdamW(model.parameters(), lr=rc.lr)
     gen = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(0)
     results, Q = [], rc.questions_per_step
     for i in range(steps + 1):
         timer = PartTimer()
-        reward = timer.wrap("checker", bench_reward)
+        reward = timer.wrap("checker", reward_fn)
         batch = records[i * Q:(i + 1) * Q]
         with timer:
             sync()
             t0 = time.perf_counter()
-            riel.riel_step(model, tok, batch, experts, rc, opt, HardExampleBuffer(), gen, reward)
+            m = riel.riel_step(model, tok, batch, experts, rc, opt, HardExampleBuffer(), gen, reward)
             sync()
             total = time.perf_counter() - t0
         parts = timer.s
         parts["backward + loss"] = total - sum(parts.values())
         if i > 0:  # the first step warms up allocator, kernels (and compiles with --compile)
-            results.append((total, parts))
+            results.append((total, parts, m["trained_rows"]))
     return results
 
 
 def median_parts(results):
-    return {k: statistics.median(p[k] for _, p in results) for k in results[0][1]}
+    return {k: statistics.median(r[1][k] for r in results) for k in results[0][1]}
 
 
 # ---- MFU ---------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ The trainer is set up to do the same work as our riel_step with one expert and n
   max_new_tokens; beta = 0 (no reference model), num_iterations = 1 (on-policy, no old log-probs pass);
 - fp32 (bf16=False), like our CPU default; on CUDA both sides run bf16.
 Per-step wall time comes from a callback (on_step_begin -> on_step_end); trainer construction and the
-first (warm-up) step are excluded.
+first (warm-up) step are excluded. The reward calls also count, per step, the rows whose group's rewards
+are not all equal (a nonzero advantage): TRL trains every row anyway, riel_step only those.
 """
 
 import statistics
@@ -23,7 +24,8 @@ import time
 
 def trl_step_times(model_dir, tok, records, system_prompt, reward_fn, *, questions, group, max_new_tokens,
                    steps, lr, stop_ids, bf16=False):
-    """Seconds per GRPOTrainer step (all steps after the first). records: >= questions * steps records."""
+    """(seconds per GRPOTrainer step, rows with a nonzero advantage per step), all steps after the first.
+    records: >= questions * steps records."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainerCallback
@@ -34,8 +36,13 @@ def trl_step_times(model_dir, tok, records, system_prompt, reward_fn, *, questio
     ds = Dataset.from_list([{"prompt": [{"role": "system", "content": system_prompt},
                                         {"role": "user", "content": r.question}]} for r in records[:n]])
 
+    signal_rows = []
+
     def reward(prompts, completions, **_):  # conversational: completion = [{"role": "assistant", ...}]
-        return [float(reward_fn(by_question[p[-1]["content"]], c[0]["content"])) for p, c in zip(prompts, completions)]
+        r = [float(reward_fn(by_question[p[-1]["content"]], c[0]["content"])) for p, c in zip(prompts, completions)]
+        groups = [r[i:i + group] for i in range(0, len(r), group)]  # TRL repeats each prompt G times in a row
+        signal_rows.append(sum(len(g) for g in groups if max(g) != min(g)))
+        return r
 
     class StepTimer(TrainerCallback):
         times = []
@@ -61,7 +68,7 @@ def trl_step_times(model_dir, tok, records, system_prompt, reward_fn, *, questio
         trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds,
                               processing_class=tok, callbacks=[timer])
         trainer.train()
-    return timer.times[1:]
+    return timer.times[1:], signal_rows[1:]
 
 
 def median(xs):
