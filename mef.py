@@ -22,6 +22,9 @@ Choices:
 - The log-probs come from rollout.token_logprobs, the same function RIEL trains with.
 - Under torchrun (dist.py) each rank backpropagates a contiguous share of every optimizer batch, weighted by
   its share of the batch's tokens, so the ranks' gradients sum to the one-process gradient of the same batch.
+- Memory (README "Precision and memory"): AdamW is fused on CUDA (make_optimizer); the bf16 weight copies that
+  autocast caches are dropped after the last backward, before the optimizer step; gradients are set to None,
+  not zeroed, after every step.
 RIEL's hard-example buffer reuses `sharded_sft_backward` for its SFT step (METHOD.md 4(e)).
 """
 import math
@@ -119,22 +122,37 @@ def sharded_sft_backward(model, prompts, targets, micro_batch_size, weight=1.0) 
     return dist.sum_floats([loss])[0]
 
 
+def make_optimizer(params, lr, weight_decay=0.0, fused=None):
+    """The AdamW of both stages (train.py). fused=None: fused when every parameter is on CUDA, as TRL's default
+    (transformers' `adamw_torch_fused`): one kernel updates weights and moments in place, where foreach AdamW
+    allocates parameter-sized temporaries (12.8 GB at 3B, on top of the step's peak). Otherwise foreach (bit for
+    bit torch's per-tensor loop on a CPU: tests/test_memory.py). Pass fused=True to build what a CUDA run would use
+    (plan.py traces it on CPU tensors)."""
+    params = list(params)
+    if fused is None:
+        fused = bool(params) and all(p.device.type == "cuda" for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True if fused else None,
+                             foreach=None if fused else True)
+
+
 def clip_and_step(model, optimizer, grad_clip, loss_value):
     """Clip the gradient norm and step, unless the loss or the gradient is NaN/inf (then skip and warn).
     Under torchrun the gradients are summed over the ranks first, so every rank sees the same (global) norm and
     loss_value must be the global loss: all ranks then take the same decision. Returns (grad norm, skipped)."""
-    dist.sync_grads(model)
+    dist.sync_grads(model)  # under DDP a zero-weighted pass: it runs before the cache is dropped below
+    # autocast caches the bf16 copy of each fp32 weight until its region ends, keyed by the tensor, not its
+    # version; train.py runs a whole stage in one region, so without this every later forward would still
+    # compute with the weights of before this step (CUDA; CPU autocast caches alike). Dropped here, after the
+    # last backward and BEFORE the step, which does not need them: the step's peak (weights + grads + AdamW
+    # moments) then does not also hold a bf16 copy of every weight (6.4 GB at 3B)
+    torch.clear_autocast_cache()
     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
     if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
         warnings.warn(f"skipping optimizer step: loss {loss_value}, grad norm {grad_norm}")
         optimizer.zero_grad(set_to_none=True)
         return grad_norm, True
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    # autocast caches the bf16 copy of each fp32 weight until its region ends, keyed by the tensor, not its
-    # version; train.py runs a whole stage in one region, so without this every later forward would still
-    # compute with the weights of before this step (CUDA; CPU autocast caches alike)
-    torch.clear_autocast_cache()
+    optimizer.zero_grad(set_to_none=True)  # None, not zeros: no gradient memory between steps (RIEL samples there)
     return grad_norm, False
 
 

@@ -34,6 +34,9 @@ What we keep of GRPO, and the choices the paper leaves open (all config options)
   the record's first trace; a full buffer joins L_SFT into this step's optimizer step, then is emptied.
   With ppo_epochs > 1 the transfer and SFT terms join the first update only.
 - A NaN/inf loss or gradient skips the optimizer step with a warning.
+- Memory: sample_batch_size samples the step's rows in several calls of whole groups (the KV cache is the
+  largest tensor of sampling: 15.6 GiB for 192 rows x ~760 tokens at 3B), with the same tokens as one call;
+  no gradients and no cached bf16 weight copies are alive while sampling (README "Precision and memory").
 - Under torchrun (dist.py) each rank samples and scores its share of the questions (whole questions, so a
   group never spans ranks; the generator draws the whole batch's uniforms, so every token equals one
   process's), then all ranks gather the step. Everything that decides (advantages, token counts, the O+
@@ -83,6 +86,8 @@ class RIELConfig:
     buffer_size: int = 64  # B: SFT step and clear when it holds this many
     lambda2: float = 1.0
     micro_batch_size: int = 8  # rows per forward/backward
+    # rows per sampling call, in whole (question, expert) groups: bounds the KV cache; same tokens as one batch
+    sample_batch_size: int | None = None  # None: all the step's rows at once
     lr: float = 1e-6  # for the caller's optimizer
     grad_clip: float = 1.0
     compile: bool = False  # torch.compile the sampler's decode step (rollout.generate)
@@ -96,6 +101,9 @@ class RIELConfig:
             raise ValueError(f"transfer_mode must be 'sampled' or 'full_vocab', got {self.transfer_mode!r}")
         if self.group_size < 1 or self.ppo_epochs < 1 or self.micro_batch_size < 1:
             raise ValueError("group_size, ppo_epochs and micro_batch_size must be >= 1")
+        if self.sample_batch_size is not None and self.sample_batch_size < self.group_size:
+            raise ValueError(f"sample_batch_size {self.sample_batch_size} < group_size {self.group_size}: a sampling "
+                             "call holds whole groups (or None for one call)")
 
     def loss_aggregation(self) -> str:
         return self.aggregation or ("dr_grpo" if self.advantage == "dr_grpo" else "token")
@@ -125,15 +133,33 @@ def choose_teacher_samples(rewards_plus, generator=None, all_correct=False) -> l
 # ---- (a) sampling and scoring ----------------------------------------------------------------------
 
 def sample_groups(model, tok, records, experts, cfg, generator, rng_rows=None):
-    """Prompt q*N + i = (question q, expert i); completion row (q*N + i)*G + g. rng_rows: see generate."""
+    """Prompt q*N + i = (question q, expert i); completion row (q*N + i)*G + g. rng_rows: see generate.
+    cfg.sample_batch_size: at most that many rows per generate call (whole groups), so the KV cache holds that
+    many rows, not the step's. Every call starts from the same generator state and draws the uniforms of all
+    the rows (generate's rng_rows), so each row gets the token it gets in one call, and the generator ends
+    where one call leaves it."""
     prompts = [render_chat(tok, ex.system_prompt, rec.question) for rec in records for ex in experts]
+    G = cfg.group_size
+    offset, total = rng_rows or (0, len(prompts) * G)
+    per_call = len(prompts) if cfg.sample_batch_size is None else max(1, cfg.sample_batch_size // G)
+    state = None
+    if per_call < len(prompts):
+        if generator is None:
+            raise ValueError("sample_batch_size needs a generator: every sampling call replays its draw")
+        state = generator.get_state()
+    completions, finish = [], []
     model.eval()
     with torch.no_grad(), dist.unsharded(model):  # FSDP: decoding runs on the whole weights, gathered once
-        out = generate(model, prompts, num_samples=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
-                       temperature=cfg.temperature, top_p=cfg.top_p, stop_ids=stop_token_ids(tok),
-                       generator=generator, vocab_limit=len(tok), rng_rows=rng_rows, drop_finished=True,
-                       compile=cfg.compile)
-    return prompts, out
+        for s in range(0, len(prompts), per_call):
+            if state is not None:
+                generator.set_state(state)
+            out = generate(model, prompts[s:s + per_call], num_samples=G, max_new_tokens=cfg.max_new_tokens,
+                           temperature=cfg.temperature, top_p=cfg.top_p, stop_ids=stop_token_ids(tok),
+                           generator=generator, vocab_limit=len(tok), rng_rows=(offset + s * G, total),
+                           drop_finished=True, compile=cfg.compile)
+            completions += out.completions
+            finish += out.finish
+    return prompts, Rollout(completions, finish)
 
 
 def score_groups(tok, records, completions, reward_fn, n_experts, group_size):
@@ -306,6 +332,10 @@ def riel_step(model, tok, records, experts, cfg: RIELConfig, optimizer, buffer: 
         raise ValueError("kl_beta > 0 needs a frozen ref_model")
     N = len(experts)
     t0 = time.perf_counter()
+    # nothing of training lives on while sampling: no gradients (None, not zeros), no bf16 weight copies cached by
+    # autocast (sampling casts the current weights afresh; a caller may have stepped without dropping them)
+    optimizer.zero_grad(set_to_none=True)
+    torch.clear_autocast_cache()
     prompts, out, rewards = sample_and_score(model, tok, records, experts, cfg, generator, reward_fn)  # (a)
     completions = out.completions  # Q*N*G rows; rewards (Q, N, G)
     sample_s = time.perf_counter() - t0
