@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from checkpoint import read_safetensors, safetensors_files  # reading Hugging Face weight files
+from errors import UserError
 
 # Instruct checkpoints on the Hugging Face hub. Llama repos are gated: accept the license on the hub first.
 PRESETS = {
@@ -386,18 +387,27 @@ def resolve_checkpoint(name_or_path: str) -> str:
     if os.path.isdir(name_or_path):
         return name_or_path
     repo = PRESETS.get(name_or_path)
+    unknown = UserError(f"unknown model {name_or_path!r}: use a preset ({', '.join(PRESETS)}), "
+                        "a local directory in Hugging Face format, or a hub repo id like 'org/name'")
     if repo is None and (name_or_path.count("/") != 1 or os.path.exists(name_or_path)):
-        raise ValueError(f"unknown model {name_or_path!r}: use a preset ({', '.join(PRESETS)}), "
-                         "a local directory in Hugging Face format, or a hub repo id like 'org/name'")
+        raise unknown
     repo = repo or name_or_path
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, HFValidationError, LocalEntryNotFoundError,
+                                        OfflineModeIsEnabled, RepositoryNotFoundError)
     try:
         return snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja",
                                                        "merges.txt", "vocab.json"])
     except GatedRepoError as e:
-        raise RuntimeError(f"{repo} is gated: accept its license on https://huggingface.co/{repo}, then log in "
-                           "with `hf auth login` (or set HF_TOKEN=<your token>) and run again") from e
+        raise UserError(f"{repo} is gated: accept its license on https://huggingface.co/{repo}, then log in "
+                        "with `hf auth login` (or set HF_TOKEN=<your token>) and run again") from e
     except RepositoryNotFoundError as e:
-        raise RuntimeError(f"{repo} was not found on the hub (or is private: log in with `hf auth login`). "
-                           f"Presets: {', '.join(PRESETS)}") from e
+        raise UserError(f"{repo} was not found on the hub (or is private: log in with `hf auth login`). "
+                        f"Presets: {', '.join(PRESETS)}") from e
+    except HFValidationError as e:  # e.g. '/no/such/dir': neither a directory nor a valid repo id
+        raise unknown from e
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:  # offline, or the hub is unreachable
+        why = "HF_HUB_OFFLINE=1 is set" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
+        raise UserError(f"{repo} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}: download "
+                        f"it where there is internet (`hf download {repo}`) and copy the cache here, or pass "
+                        "--model <local directory>") from e

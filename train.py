@@ -16,7 +16,12 @@ logs, and checkpoints. Choices:
   harder RL task, so that the reward sparsity MEML-GRPO targets is real. `--help` shows the defaults.
 - Precision `auto`: on CUDA fp32 master weights with bf16 autocast (a 1e-6 update vanishes in a bf16
   weight); on CPU fp32. `bf16` stores the weights in bf16 to save memory.
-- Every optimizer step is logged (one line, plus a JSON line in metrics.jsonl); checkpoints are atomic
+- Every optimizer step is a JSON line in metrics.jsonl; stdout gets a line every --log-every steps (default:
+  ~20 lines per stage, plus its first and last step) holding the means over the steps since the previous
+  line, under tqdm's bar; curves.png in the run directory draws them (experiments/plot.py, needs matplotlib).
+- A user's mistake (errors.UserError: unknown model, task or expert, a missing or malformed data file, ...)
+  ends the command with `error: <message>` and exit status 2; anything else is a bug and keeps its traceback.
+- Checkpoints are atomic
   (checkpoint.py) and hold everything needed for `--resume` to continue bit for bit: weights, optimizer,
   sampling RNG, buffer, stage and step. The data order is a function of (seed, step), never of history.
 - Under torchrun every rank runs this same loop on the same data order; mef.py, riel.py and eval.py split the
@@ -42,6 +47,7 @@ import checkpoint
 import data
 import dist
 import verify
+from errors import UserError
 from eval import EvalConfig, evaluate, format_table
 from mef import MEFConfig, build_sft_examples, mef_steps, num_steps
 from mel import MELConfig
@@ -77,6 +83,7 @@ class Config:
     difficulty: tuple[int, int] = (1, 6)  # synthetic only: question levels for MEF
     rl_difficulty: tuple[int, int] | None = None  # synthetic only: levels for RIEL and eval (default: same)
     checkpoint_every: int = 50  # optimizer steps
+    log_every: int | None = None  # a stdout line every N steps (None: ~20 per stage); metrics.jsonl has them all
     mef: MEFConfig = field(default_factory=MEFConfig)
     riel: RIELConfig = field(default_factory=RIELConfig)
     mel: MELConfig = field(default_factory=MELConfig)  # `--mel` turns it on
@@ -120,11 +127,11 @@ def load_records(cfg: Config, split: str, stage: str) -> list:
 def load_experts(cfg: Config) -> list:
     experts = data.experts(cfg.data, list(cfg.experts) if cfg.experts is not None else None)
     if not experts:
-        raise ValueError("--experts is empty: name at least one expert of the task")
+        raise UserError("--experts is empty: name at least one expert of the task")
     for item in cfg.sources:
         name, _, source = item.partition("=")
         if source not in ("gold", "file", "self") or name not in [e.name for e in experts]:
-            raise ValueError(f"--sources {item!r}: expected <expert>=gold|file|self with an expert of {cfg.data}")
+            raise UserError(f"--sources {item!r}: expected <expert>=gold|file|self with an expert of {cfg.data}")
         experts = [dataclasses.replace(e, source=source) if e.name == name else e for e in experts]
     return experts
 
@@ -171,9 +178,9 @@ def check_world(cfg: Config):
     """Under torchrun every rank needs a share of each RL step's questions and of each eval batch."""
     w = dist.world()
     if w > 1 and cfg.riel.questions_per_step < w:
-        raise ValueError(f"--riel.questions-per-step {cfg.riel.questions_per_step} < {w} processes: each needs a question")
+        raise UserError(f"--riel.questions-per-step {cfg.riel.questions_per_step} < {w} processes: each needs a question")
     if w > 1 and cfg.eval.batch_size < w:
-        raise ValueError(f"--eval.batch-size {cfg.eval.batch_size} < {w} processes: each needs a prompt per batch")
+        raise UserError(f"--eval.batch-size {cfg.eval.batch_size} < {w} processes: each needs a prompt per batch")
 
 
 class NullLog:
@@ -207,6 +214,29 @@ class MetricsLog:
             return []
         with open(self.path) as f:
             return [json.loads(line) for line in f]
+
+
+class StepLines:
+    """The stdout lines of a stage: its first and last step and every `every`-th, each showing the mean of every
+    numeric metric over the steps since the previous line (one RL step alone is noisy); lr, buffer size and
+    the step counters are the current ones. metrics.jsonl keeps every step."""
+
+    CURRENT = ("step", "gstep", "epoch", "lr", "buffer_size")
+
+    def __init__(self, log_every: int | None, start: int, total: int):
+        self.every = log_every or max(1, math.ceil(total / 20))  # default: ~20 lines per stage
+        self.start, self.total, self.window = start, total, []
+
+    def __call__(self, step: int, m: dict) -> dict | None:
+        """Add step `step`'s metrics; the dict to print when this step gets a line, else None."""
+        self.window.append(m)
+        if not (step == self.start + 1 or step == self.total or step % self.every == 0):
+            return None
+        numeric = [k for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and k not in self.CURRENT]
+        means = {k: sum(w[k] for w in self.window) / len(self.window) for k in numeric}
+        self.window = []
+        return {**m, **means}
 
 
 # ---- the run ------------------------------------------------------------------------------------------
@@ -274,7 +304,7 @@ def main(cfg: Config):
     for stage in [s for s in ("mef", "riel") if s in cfg.stages]:
         if stage not in state["done"]:
             if data.SPLITS[cfg.data].train is None:
-                raise ValueError(f"{cfg.data} is for evaluation only: use --stages eval")
+                raise UserError(f"{cfg.data} is for evaluation only: use --stages eval")
             records = load_records(cfg, data.SPLITS[cfg.data].train, stage)
             with autocast:  # self-sampled traces in the precision RIEL samples in
                 records = with_traces(cfg, records, experts, model, tok, log)
@@ -287,6 +317,8 @@ def main(cfg: Config):
             save(stage, state["step"])
         if "eval" in cfg.stages:
             run_eval(f"after_{stage}")  # a no-op when this checkpoint already holds it
+        if dist.is_main() and stage == "mef" and "riel" in cfg.stages:
+            write_curves(cfg.out_dir)  # the picture so far, to look at while RIEL runs
     if "eval" in cfg.stages and not any(f"after_{s}" in state["evals"] for s in ("mef", "riel")):
         run_eval("final")
     if dist.is_main():
@@ -296,9 +328,11 @@ def main(cfg: Config):
 def run_mef(cfg, model, tok, records, experts, state, start, resumed, save, log):
     examples, counts = build_sft_examples(tok, records, experts, cfg.mef.max_len)
     if not examples:
-        raise ValueError(f"MEF has no examples: {counts}")
+        raise UserError(f"MEF has no examples: {counts}")
     total = num_steps(len(examples), cfg.mef)
-    print(f"MEF: {counts['examples']} examples ({counts}), {total} steps of {cfg.mef.batch_size}")
+    lines = StepLines(cfg.log_every, start, total)
+    print(f"MEF: {counts['examples']} examples ({counts}), {total} steps of {cfg.mef.batch_size}; a line every "
+          f"{lines.every} steps (means since the previous line)")
     opt = torch.optim.AdamW(dist.parameters(model), lr=cfg.mef.lr, weight_decay=cfg.mef.weight_decay)
     if resumed:
         dist.load_optimizer(model, opt, resumed)
@@ -311,8 +345,9 @@ def run_mef(cfg, model, tok, records, experts, state, start, resumed, save, log)
         t0 = time.time()
         log.write(m)
         bar.update(1)
-        tqdm.write(f"mef {m['step']:>5}/{total} loss {m['loss']:.4f} lr {m['lr']:.2e} gnorm {m['grad_norm']:.2f} "
-                   f"{m['tokens_per_s']:,.0f} tok/s")
+        if a := lines(m["step"], m):
+            tqdm.write(f"mef {a['step']:>5}/{total} loss {a['loss']:.4f} lr {a['lr']:.2e} gnorm {a['grad_norm']:.2f} "
+                       f"{a['tokens_per_s']:,.0f} tok/s")
         state["step"] = m["step"]
         if m["step"] % cfg.checkpoint_every == 0 and m["step"] < total:
             save("mef", m["step"], opt)
@@ -330,7 +365,9 @@ def run_riel(cfg, model, tok, records, experts, state, start, resumed, save, log
         generator.set_state(state["generator"])
         buffer = HardExampleBuffer.from_dict(state["buffer"])
     reward_fn = lambda record, text: verify.reward(cfg.data, text, record.answer)
-    print(f"RIEL: {steps} steps of {rc.questions_per_step} questions x {len(experts)} experts x {rc.group_size} samples")
+    lines = StepLines(cfg.log_every, start, steps)
+    print(f"RIEL: {steps} steps of {rc.questions_per_step} questions x {len(experts)} experts x {rc.group_size} "
+          f"samples; a line every {lines.every} steps (means since the previous line)")
     for step in tqdm(range(start, steps), initial=start, total=steps, desc="riel", dynamic_ncols=True,
                      disable=not dist.is_main()):
         batch = [records[i] for i in question_batch(len(records), rc.questions_per_step, step, cfg.seed)]
@@ -338,12 +375,13 @@ def run_riel(cfg, model, tok, records, experts, state, start, resumed, save, log
         state["gstep"] += 1
         state["step"] = step + 1
         log.write({"stage": "riel", "step": step + 1, "gstep": state["gstep"], **m})
-        tqdm.write(f"riel {step + 1:>4}/{steps} reward {m['reward']:.3f} zero-spread {m['zero_spread']:.2f} "
-                   f"L_grpo {m['loss_grpo']:+.4f} L_kl {m['loss_kl']:+.4f} L_sft {m['loss_sft']:.3f} "
-                   f"buffer {m['buffer_size']} transfers {m['transfers']} len {m['response_len']:.0f} "
-                   f"gnorm {m['grad_norm']:.2f} sample {m['sample_s']:.1f}s train {m['train_s']:.1f}s"
-                   + (f" | mel kept {m['mel/kept']}/{m['mel/candidates']} L_nll {m['mel/loss_nll']:.3f} "
-                      f"{m['mel_s']:.1f}s" if cfg.mel.enabled else ""))
+        if a := lines(step + 1, m):
+            tqdm.write(f"riel {step + 1:>4}/{steps} reward {a['reward']:.3f} zero-spread {a['zero_spread']:.2f} "
+                       f"L_grpo {a['loss_grpo']:+.4f} L_kl {a['loss_kl']:+.4f} L_sft {a['loss_sft']:.3f} "
+                       f"buffer {a['buffer_size']} transfers {a['transfers']:.1f} len {a['response_len']:.0f} "
+                       f"gnorm {a['grad_norm']:.2f} sample {a['sample_s']:.1f}s train {a['train_s']:.1f}s"
+                       + (f" | mel kept {a['mel/kept']:.1f}/{a['mel/candidates']:.1f} L_nll {a['mel/loss_nll']:.3f} "
+                          f"{a['mel_s']:.1f}s" if cfg.mel.enabled else ""))
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
             save("riel", step + 1, opt, generator, buffer)
 
@@ -362,6 +400,20 @@ def write_summary(cfg, state, log, wall_since_save):
     with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(f"summary -> {os.path.join(cfg.out_dir, 'summary.json')} ({summary['wall_s']:.0f}s)")
+    write_curves(cfg.out_dir)
+
+
+def write_curves(out_dir: str):
+    """curves.png in the run directory (experiments/plot.py). A picture is never worth a failed run: any
+    error becomes a warning; without matplotlib, plot_runs says in one line how to get it."""
+    try:
+        from experiments.plot import plot_runs
+        path = plot_runs([out_dir], os.path.join(out_dir, "curves.png"))
+    except Exception as e:  # noqa: BLE001 (deliberately broad, see above)
+        print(f"warning: curves.png not written ({type(e).__name__}: {e})", file=sys.stderr)
+        return
+    if path:
+        print(f"curves -> {path}")
 
 
 def cli(argv=None) -> Config:
@@ -377,5 +429,13 @@ def cli(argv=None) -> Config:
 if __name__ == "__main__":
     try:
         main(cli())
+    except UserError as e:  # bad input, not a bug: the message is the whole report (errors.py)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except SystemExit as e:
+        if not isinstance(e.code, str):  # tyro's --help (0) and usage errors (2)
+            raise
+        print(f"error: {e.code}", file=sys.stderr)  # ours, e.g. an existing run without --resume
+        sys.exit(2)
     finally:
         dist.teardown()

@@ -24,7 +24,7 @@ Teacher-file and self-sampled traces: data/traces.py.
 from typing import NamedTuple
 
 from . import gsm8k, math500, mathqa, strategyqa, synthetic
-from .common import DataError, Expert, MissingDataError, Record, reference_trace
+from .common import DataError, Expert, MissingDataError, Record, UserError, reference_trace
 from .traces import KeepStats, collect_traces, file_traces, read_teacher_traces, replace_traces, self_traces
 
 TASKS = ("synthetic", "gsm8k", "mathqa", "strategyqa", "math500")
@@ -47,7 +47,7 @@ SPLITS = {
 
 def _module(task: str):
     if task not in _MODULES:
-        raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+        raise UserError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     return _MODULES[task]
 
 
@@ -57,7 +57,7 @@ def load(task: str, split: str | None = None, data_dir: str | None = None, **opt
     module = _module(task)
     split = split or SPLITS[task].train
     if split is None:
-        raise ValueError(f"{task} is for evaluation only; load split {SPLITS[task].eval!r}")
+        raise UserError(f"{task} is for evaluation only; load split {SPLITS[task].eval!r}")
     return module.load(split, data_dir, **options)
 
 
@@ -68,7 +68,7 @@ def experts(task: str, names: list[str] | None = None) -> list[Expert]:
         return list(pool.values())
     unknown = [n for n in names if n not in pool]
     if unknown:
-        raise ValueError(f"{task} has experts {list(pool)}, not {unknown}")
+        raise UserError(f"{task} has experts {list(pool)}, not {unknown}")
     return [pool[n] for n in names]
 
 

@@ -14,7 +14,8 @@ Choices:
 - Files live in `data_dir/<task>/<file>`, with `data_dir` defaulting to this package's folder (the
   `data/<task>/` folders are gitignored). The layout is the one of ../shared/data, so tests point
   `data_dir` there. A missing file raises MissingDataError naming the file, its source and the exact
-  command that fetches it; a malformed one raises DataError with file and line (or record index).
+  command that fetches it; a malformed one raises DataError with file and line (or record index). Both
+  are UserErrors (errors.py): the command line prints their message alone, without a traceback.
 """
 
 import hashlib
@@ -24,6 +25,8 @@ import shutil
 import sys
 import urllib.request
 from dataclasses import dataclass, field
+
+from errors import UserError
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -50,11 +53,11 @@ def reference_trace(record: Record, expert: str, fallback: str) -> str | None:
     return record.traces.get(expert, record.traces.get(fallback))
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data file exists but a line or record in it is malformed."""
 
 
-class MissingDataError(FileNotFoundError):
+class MissingDataError(UserError, FileNotFoundError):
     """A data file is not where it should be; the message says how to get it."""
 
 

@@ -46,7 +46,7 @@ Generation is deterministic for (split, n, seed, difficulty).
 import random
 import zlib
 
-from .common import Expert, Record
+from .common import Expert, Record, UserError
 
 SPLITS = ("train", "test")
 SFT_DIFFICULTY = (1, 2)  # see Calibration above
@@ -65,7 +65,7 @@ EXPERTS = [
 def shape(difficulty: int) -> tuple[int, int]:
     """(number of terms, maximum digits per term) for a difficulty level >= 1."""
     if difficulty < 1:
-        raise ValueError(f"difficulty must be >= 1, got {difficulty}")
+        raise UserError(f"difficulty must be >= 1, got {difficulty}")
     return 2 + (difficulty - 1) // 2, 1 + difficulty // 2
 
 

@@ -22,7 +22,7 @@ from typing import Callable
 
 from verify import reward
 
-from .common import DataError, Expert, Record, read_jsonl
+from .common import DataError, Expert, Record, UserError, read_jsonl
 
 
 @dataclass
@@ -120,12 +120,12 @@ def collect_traces(task: str, records: list[Record], experts: list[Expert], trac
             continue
         if ex.source == "file":
             if trace_file is None:
-                raise ValueError(f"expert {ex.name!r} has source 'file' but no trace file was given")
+                raise UserError(f"expert {ex.name!r} has source 'file' but no trace file was given")
             found, stats = file_traces(task, records, ex.name, trace_file)
         elif ex.source == "self":
             found, stats = self_traces(task, records, ex, **self_kwargs)
         else:
-            raise ValueError(f"expert {ex.name!r}: unknown trace source {ex.source!r} (gold, file, self)")
+            raise UserError(f"expert {ex.name!r}: unknown trace source {ex.source!r} (gold, file, self)")
         records = replace_traces(records, ex.name, found)
         all_stats.append(stats)
     return records, all_stats

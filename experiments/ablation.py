@@ -44,6 +44,7 @@ import tyro
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402  (the task's experts, for the Expert0 rows)
+from experiments.plot import pyplot, smooth  # noqa: E402  (train.py's curves.png draws with the same)
 from train import defaults  # noqa: E402  (the per-model defaults the rows scale)
 
 NO_EXTRAS = ["--riel.no-transfer", "--riel.no-buffer"]
@@ -186,17 +187,9 @@ def curves(cfg: Config, row: str) -> dict:
     return {k: [statistics.mean(s[i][k] for s in per_seed) for i in range(n)] for k in ("reward", "zero_spread")}
 
 
-def smooth(xs, k=10):
-    return [statistics.mean(xs[max(0, i - k + 1):i + 1]) for i in range(len(xs))]
-
-
 def plot(cfg: Config, rows, path) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install matplotlib): no ablation.png")
+    plt = pyplot("ablation.png")
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for row in rows:

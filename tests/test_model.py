@@ -158,7 +158,7 @@ def test_gated_model_error_says_how_to_log_in(monkeypatch):
         Exception.__init__(error, "403 Client Error: access to model is restricted")
         raise error
     monkeypatch.setattr(huggingface_hub, "snapshot_download", gated)
-    with pytest.raises(RuntimeError, match="hf auth login"):
+    with pytest.raises(ours.UserError, match="hf auth login"):
         ours.Transformer.from_pretrained("llama3.2-3b")
 
 

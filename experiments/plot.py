@@ -1,0 +1,190 @@
+"""
+experiments/plot.py: the training curves of one or more runs, drawn from their metrics.jsonl.
+
+    python -m experiments.plot out/run                        # -> out/run/curves.png
+    python -m experiments.plot out/a out/b --out compare.png  # several runs overlaid (default: ./curves.png)
+
+train.py writes `curves.png` into its run directory with this file at the end of a run (and after MEF when
+RIEL follows); run this by hand to see a run in progress or to compare runs. Six panels:
+
+  RIEL reward per expert           mean reward of each expert's rollouts, and of all of them
+  RIEL zero-spread groups          share of (question, expert) groups whose rewards are all equal: no signal
+  held-out accuracy                greedy accuracy per expert prompt and the majority vote at each eval
+  MEF loss                         the SFT loss of stage 1
+  RIEL loss terms                  L_GRPO, L_KL (transfer), L_SFT (only at the steps the buffer flushed: dots),
+                                   MEL's L_NLL when on
+  RIEL response length             mean sampled tokens per response
+
+Choices:
+- Per-step RL numbers are noisy (16 questions a step by default): every per-step curve is a trailing moving
+  mean over `window` steps (default: a twentieth of the stage, so the first points are the raw values);
+  evals are points, never smoothed.
+- One run: a colour per expert. Several runs: a colour per run and a line style per expert, so that the
+  same expert is comparable across runs.
+- matplotlib is optional (requirements-dev.txt), imported lazily with the Agg backend (no display needed);
+  without it `pyplot` prints one line saying how to install it and the caller skips the picture.
+  experiments/ablation.py draws its curves with the same `pyplot` and `smooth`.
+"""
+import argparse
+import json
+import os
+
+STYLES = ("-", "--", ":", "-.")
+
+
+def pyplot(what: str):
+    """matplotlib.pyplot on the Agg backend, or None (after one line saying how to get it)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"no {what}: matplotlib is not installed (pip install matplotlib)")
+        return None
+    return plt
+
+
+def smooth(xs, k=10):
+    """Trailing moving mean over k values: point i is the mean of xs[max(0, i - k + 1) : i + 1]."""
+    out, total = [], 0.0
+    for i, x in enumerate(xs):
+        total += x
+        if i >= k:
+            total -= xs[i - k]
+        out.append(total / min(i + 1, k))
+    return out
+
+
+def read_metrics(run_dir: str) -> list:
+    """The records of a run's metrics.jsonl (train.py's MetricsLog)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: is {run_dir} a train.py run directory?")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def experts_of(records: list) -> list:
+    """Expert names, in log order: from RIEL's per-expert keys, else from the evals."""
+    for m in records:
+        if m.get("stage") == "riel":
+            return [k.split("/", 1)[1] for k in m if k.startswith("reward/")]
+    for m in records:
+        if m.get("stage") == "eval":
+            return list(m["accuracy"])
+    return []
+
+
+def curves(records: list, window: int | None = None) -> dict:
+    """panel -> {series name -> (xs, ys)}: what plot_runs draws, smoothed where the docstring says."""
+    mef = [m for m in records if m.get("stage") == "mef"]
+    rl = [m for m in records if m.get("stage") == "riel"]
+    evals = [m for m in records if m.get("stage") == "eval"]
+    experts = experts_of(records)
+
+    def line(rows, key):
+        k = window or max(1, len(rows) // 20)
+        return [m["step"] for m in rows], smooth([m[key] for m in rows], k)
+
+    out = {name: {} for name in ("reward", "zero_spread", "accuracy", "mef_loss", "riel_loss", "response_len")}
+    if rl:
+        for e in experts:
+            out["reward"][e] = line(rl, f"reward/{e}")
+            out["zero_spread"][e] = line(rl, f"zero_spread/{e}")
+        out["reward"]["all experts"] = line(rl, "reward")
+        out["zero_spread"]["all experts"] = line(rl, "zero_spread")
+        out["riel_loss"]["L_GRPO"] = line(rl, "loss_grpo")
+        out["riel_loss"]["L_KL"] = line(rl, "loss_kl")
+        flushes = [m for m in rl if m.get("flushed")]  # L_SFT is 0 at every other step
+        out["riel_loss"]["L_SFT"] = ([m["step"] for m in flushes], [m["loss_sft"] for m in flushes])
+        if "mel/loss_nll" in rl[0]:
+            out["riel_loss"]["L_NLL (MEL)"] = line(rl, "mel/loss_nll")
+        out["response_len"]["tokens"] = line(rl, "response_len")
+    if mef:
+        out["mef_loss"]["loss"] = line(mef, "loss")
+    for e in experts if evals else []:
+        out["accuracy"][e] = ([m["gstep"] for m in evals], [m["accuracy"].get(e, float("nan")) for m in evals])
+    if len(experts) > 1 and evals:
+        out["accuracy"]["majority vote"] = ([m["gstep"] for m in evals], [m["majority_vote"] for m in evals])
+    return out
+
+
+PANELS = {  # panel -> (title, x label)
+    "reward": ("RIEL reward per expert", "RIEL step"),
+    "zero_spread": ("RIEL zero-spread groups (no signal)", "RIEL step"),
+    "accuracy": ("held-out greedy accuracy", "optimizer step (MEF, then RIEL)"),
+    "mef_loss": ("MEF loss", "MEF step"),
+    "riel_loss": ("RIEL loss terms", "RIEL step"),
+    "response_len": ("RIEL response length (tokens)", "RIEL step"),
+}
+POINTS = {"accuracy", "L_SFT"}  # drawn with markers: evals and buffer flushes are sparse
+RIGHT = {"L_GRPO"}  # ~100x smaller than the other loss terms: its own scale, on the right axis
+
+
+def figure(plt, runs: list, labels: list, window: int | None = None):
+    """The 2 x 3 panels of `runs` (each a curves() dict) on one matplotlib figure."""
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    one = len(runs) == 1
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
+    for ax, (panel, (title, xlabel)) in zip(axes.flat, PANELS.items()):
+        right = None
+        for r, (run, label) in enumerate(zip(runs, labels)):
+            for s, (name, (xs, ys)) in enumerate(run[panel].items()):
+                style = dict(color=colours[(s if one else r) % len(colours)],
+                             linestyle="-" if one else STYLES[s % len(STYLES)], label=name if one else f"{label}: {name}")
+                if name in RIGHT:
+                    right = right or ax.twinx()
+                    right.plot(xs, ys, **{**style, "label": style["label"] + " (right axis)"})
+                    continue
+                if one and name == "all experts":
+                    style.update(color="black", linewidth=2)
+                if panel in POINTS or name in POINTS:
+                    style.update(marker="o", markersize=4)
+                if name in POINTS:
+                    style.update(linestyle="none")
+                ax.plot(xs, ys, **style)
+        if ax.lines or right:
+            handles = [h for a in (ax, right) if a for h in a.get_lines()]
+            ax.legend(handles, [h.get_label() for h in handles], fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, alpha=0.5)
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    smoothing = f"{window}-step" if window else "a twentieth of the stage"
+    fig.suptitle(f"{', '.join(labels)}  (per-step curves: moving mean over {smoothing})", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_runs(run_dirs: list, out: str, window: int | None = None, labels: list | None = None) -> str | None:
+    """Draw the runs' curves into `out` (PNG); returns its path, or None when matplotlib is missing."""
+    runs = [curves(read_metrics(d), window) for d in run_dirs]
+    plt = pyplot(os.path.basename(out))
+    if plt is None:
+        return None
+    fig = figure(plt, runs, labels or [os.path.normpath(d) for d in run_dirs], window)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m experiments.plot", description=__doc__.split("\n\n")[0].strip(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="a train.py run directory (holds metrics.jsonl)")
+    parser.add_argument("--out", help="PNG to write (default: RUN_DIR/curves.png for one run, ./curves.png for several)")
+    parser.add_argument("--window", type=int, help="moving-mean width in steps (default: a twentieth of each stage)")
+    args = parser.parse_args(argv)
+    out = args.out or (os.path.join(args.runs[0], "curves.png") if len(args.runs) == 1 else "curves.png")
+    try:
+        path = plot_runs(args.runs, out, args.window)
+    except FileNotFoundError as e:  # a wrong run directory: the message is the whole story
+        parser.exit(2, f"error: {e}\n")
+    if path:
+        print(f"curves -> {path}")
+
+
+if __name__ == "__main__":
+    main()

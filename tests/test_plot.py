@@ -1,0 +1,108 @@
+"""experiments/plot.py: what it reads from metrics.jsonl, overlaying runs, the command line, and life without
+matplotlib. The runs here are written by hand (fast); tests/test_cli.py plots a real train.py run."""
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import train
+from experiments import plot
+from riel import step_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERTS = data.experts("synthetic")  # chain, columns, reverse
+
+
+def fake_run(path: Path, seed=0, mef_steps=6, rl_steps=12, flush_every=4):
+    """A run directory whose metrics.jsonl has train.py's records: RIEL's per-expert keys come from
+    riel.step_metrics itself, so a renamed key breaks this test, not just the picture."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [{"stage": "mef", "step": i, "gstep": i, "loss": 5.0 / i} for i in range(1, mef_steps + 1)]
+    rows.append({"stage": "eval", "name": "after_mef", "gstep": mef_steps, "majority_vote": 0.25,
+                 "accuracy": {"chain": 0.1, "columns": 0.2, "reverse": 0.05}})
+    for i in range(1, rl_steps + 1):
+        rewards = (torch.rand(4, len(EXPERTS), 8, generator=g) < 0.3).float()
+        flushed = 3 if i % flush_every == 0 else 0
+        rows.append({"stage": "riel", "step": i, "gstep": mef_steps + i, **step_metrics(rewards, EXPERTS, []),
+                     "loss_grpo": 0.01 * i, "loss_kl": 0.5, "loss_sft": 2.0 if flushed else 0.0, "flushed": flushed,
+                     "response_len": 10.0 + i})
+    rows.append({"stage": "eval", "name": "after_riel", "gstep": mef_steps + rl_steps, "majority_vote": 0.4,
+                 "accuracy": {"chain": 0.3, "columns": 0.25, "reverse": 0.1}})
+    path.mkdir(parents=True)
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def test_smooth_is_a_trailing_moving_mean():
+    xs = torch.rand(50, generator=torch.Generator().manual_seed(0)).tolist()
+    for k in (1, 3, 7, 80):
+        ref = [statistics.mean(xs[max(0, i - k + 1):i + 1]) for i in range(len(xs))]
+        assert plot.smooth(xs, k) == pytest.approx(ref, abs=1e-12)
+
+
+def test_curves_are_the_logged_metrics(tmp_path):
+    rows = fake_run(tmp_path / "run")
+    rl = [r for r in rows if r["stage"] == "riel"]
+    c = plot.curves(plot.read_metrics(str(tmp_path / "run")), window=3)
+    assert list(c["reward"]) == ["chain", "columns", "reverse", "all experts"]
+    xs, ys = c["reward"]["columns"]
+    assert xs == list(range(1, 13)) and ys == pytest.approx(plot.smooth([r["reward/columns"] for r in rl], 3))
+    assert c["zero_spread"]["all experts"][1] == pytest.approx(plot.smooth([r["zero_spread"] for r in rl], 3))
+    assert c["riel_loss"]["L_SFT"] == ([4, 8, 12], [2.0, 2.0, 2.0])  # only where the buffer flushed
+    assert c["accuracy"]["chain"] == ([6, 18], [0.1, 0.3])
+    assert c["accuracy"]["majority vote"] == ([6, 18], [0.25, 0.4])
+    assert c["mef_loss"]["loss"][0] == list(range(1, 7))
+    # no RIEL stage (an SFT-only run): those panels are empty, the others drawn
+    sft_only = plot.curves([r for r in rows if r["stage"] != "riel"])
+    assert not sft_only["reward"] and list(sft_only["accuracy"]) == ["chain", "columns", "reverse", "majority vote"]
+
+
+def test_two_runs_overlay_with_a_legend(tmp_path):
+    pytest.importorskip("matplotlib")
+    fake_run(tmp_path / "a", seed=0)
+    fake_run(tmp_path / "b", seed=1)
+    out = plot.plot_runs([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "both.png"), labels=["a", "b"])
+    assert out and os.path.getsize(out) > 20_000
+    plt = plot.pyplot("test")
+    fig = plot.figure(plt, [plot.curves(plot.read_metrics(str(tmp_path / d))) for d in "ab"], ["a", "b"])
+    reward_ax = fig.axes[0]
+    assert {"a: chain", "b: chain", "a: all experts", "b: all experts"} <= set(reward_ax.get_legend_handles_labels()[1])
+    # same expert, same line style; different runs, different colours
+    lines = {line.get_label(): line for line in reward_ax.lines}
+    assert lines["a: chain"].get_linestyle() == lines["b: chain"].get_linestyle()
+    assert lines["a: chain"].get_color() != lines["b: chain"].get_color()
+    plt.close(fig)
+
+
+def test_command_line_overlays_runs_and_names_a_wrong_directory(tmp_path):
+    pytest.importorskip("matplotlib")
+    fake_run(tmp_path / "a", seed=0)
+    fake_run(tmp_path / "b", seed=1)
+    cmd = [sys.executable, "-m", "experiments.plot"]
+    ok = subprocess.run(cmd + [str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "c.png")], cwd=ROOT,
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "c.png").stat().st_size > 20_000
+    bad = subprocess.run(cmd + [str(tmp_path / "nope")], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.startswith("error: ") and "nope" in bad.stderr and "metrics.jsonl" in bad.stderr
+
+
+def test_without_matplotlib_one_line_says_how_to_get_it(tmp_path, monkeypatch, capsys):
+    fake_run(tmp_path / "run")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    assert plot.plot_runs([str(tmp_path / "run")], str(tmp_path / "run" / "curves.png")) is None
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "pip install matplotlib" in out[0]
+    assert not (tmp_path / "run" / "curves.png").exists()
+
+
+def test_a_failed_picture_never_fails_the_run(tmp_path, capsys):
+    train.write_curves(str(tmp_path))  # no metrics.jsonl here: plot_runs raises, write_curves warns
+    assert "warning: curves.png not written" in capsys.readouterr().err
