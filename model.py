@@ -385,6 +385,8 @@ def default_dtype(device=None, dtype=None):
 def resolve_checkpoint(name_or_path: str) -> str:
     """Preset name or repo id -> local directory (downloading from the hub if needed)."""
     if os.path.isdir(name_or_path):
+        if not os.path.exists(os.path.join(name_or_path, "config.json")):
+            raise UserError(f"{name_or_path} is not a checkpoint in Hugging Face format: it has no config.json")
         return name_or_path
     repo = PRESETS.get(name_or_path)
     unknown = UserError(f"unknown model {name_or_path!r}: use a preset ({', '.join(PRESETS)}), "
