@@ -76,3 +76,9 @@ def test_log_every_prints_a_few_lines_keeps_every_step_and_draws_the_curves(tmp_
         return
     assert (tmp_path / "curves.png").stat().st_size > 20_000
     assert sum(line == f"curves -> {tmp_path / 'curves.png'}" for line in out) == 2  # after MEF, at the end
+
+
+def test_a_directory_that_is_not_a_checkpoint_is_a_user_error(tmp_path):
+    import model
+    with pytest.raises(model.UserError, match="no config.json"):
+        model.resolve_checkpoint(str(tmp_path))
