@@ -3,7 +3,7 @@ python -m data show <task> [--split S] [--data-dir DIR]: print one record with i
 
 import argparse
 
-from . import TASKS, SPLITS, download, experts, load
+from . import TASKS, SPLITS, UserError, download, experts, load
 
 
 def main() -> None:
@@ -13,6 +13,13 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None, help="default: the data/ package folder")
     parser.add_argument("--split", default=None)
     args = parser.parse_args()
+    try:
+        run(args)
+    except UserError as e:  # e.g. a missing data file: the message says what to do, no traceback
+        parser.exit(2, f"error: {e}\n")
+
+
+def run(args) -> None:
     tasks = TASKS if args.task == "all" else (args.task,)
     for task in tasks:
         if args.command == "download":
