@@ -21,9 +21,9 @@ logs, and checkpoints. Choices:
   line, under tqdm's bar; curves.png in the run directory draws them (experiments/plot.py, needs matplotlib).
 - A user's mistake (errors.UserError: unknown model, task or expert, a missing or malformed data file, ...)
   ends the command with `error: <message>` and exit status 2; anything else is a bug and keeps its traceback.
-- Checkpoints are atomic
-  (checkpoint.py) and hold everything needed for `--resume` to continue bit for bit: weights, optimizer,
-  sampling RNG, buffer, stage and step. The data order is a function of (seed, step), never of history.
+- Checkpoints are atomic (checkpoint.py) and hold everything needed for `--resume` to continue bit for bit:
+  weights, optimizer, sampling RNG, buffer, stage and step. The data order is a function of (seed, step),
+  never of history.
 - Under torchrun every rank runs this same loop on the same data order; mef.py, riel.py and eval.py split the
   work of each step (dist.py). Rank 0 alone writes checkpoints, metrics, the summary and the log; every rank
   resumes from the checkpoint rank 0 names.
