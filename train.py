@@ -33,6 +33,7 @@ import dataclasses
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -234,7 +235,7 @@ class StepLines:
             return None
         numeric = [k for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
                    and k not in self.CURRENT]
-        means = {k: sum(w[k] for w in self.window) / len(self.window) for k in numeric}
+        means = {k: statistics.fmean(w[k] for w in self.window if k in w) for k in numeric}
         self.window = []
         return {**m, **means}
 

@@ -83,6 +83,7 @@ def curves(records: list, window: int | None = None) -> dict:
     experts = experts_of(records)
 
     def line(rows, key):
+        rows = [m for m in rows if key in m]
         k = window or max(1, len(rows) // 20)
         return [m["step"] for m in rows], smooth([m[key] for m in rows], k)
 
@@ -97,7 +98,7 @@ def curves(records: list, window: int | None = None) -> dict:
         out["riel_loss"]["L_KL"] = line(rl, "loss_kl")
         flushes = [m for m in rl if m.get("flushed")]  # L_SFT is 0 at every other step
         out["riel_loss"]["L_SFT"] = ([m["step"] for m in flushes], [m["loss_sft"] for m in flushes])
-        if "mel/loss_nll" in rl[0]:
+        if any("mel/loss_nll" in m for m in rl):
             out["riel_loss"]["L_NLL (MEL)"] = line(rl, "mel/loss_nll")
         out["response_len"]["tokens"] = line(rl, "response_len")
     if mef:
@@ -130,8 +131,8 @@ def figure(plt, runs: list, labels: list, window: int | None = None):
         right = None
         for r, (run, label) in enumerate(zip(runs, labels)):
             for s, (name, (xs, ys)) in enumerate(run[panel].items()):
-                style = dict(color=colours[(s if one else r) % len(colours)],
-                             linestyle="-" if one else STYLES[s % len(STYLES)], label=name if one else f"{label}: {name}")
+                style = dict(color=colours[(s if one else r) % len(colours)], label=name if one else f"{label}: {name}",
+                             linestyle="-" if one else STYLES[s % len(STYLES)])
                 if name in RIGHT:
                     right = right or ax.twinx()
                     right.plot(xs, ys, **{**style, "label": style["label"] + " (right axis)"})
@@ -174,7 +175,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m experiments.plot", description=__doc__.split("\n\n")[0].strip(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="a train.py run directory (holds metrics.jsonl)")
-    parser.add_argument("--out", help="PNG to write (default: RUN_DIR/curves.png for one run, ./curves.png for several)")
+    parser.add_argument("--out", help="the PNG (default: RUN_DIR/curves.png for one run, ./curves.png for several)")
     parser.add_argument("--window", type=int, help="moving-mean width in steps (default: a twentieth of each stage)")
     args = parser.parse_args(argv)
     out = args.out or (os.path.join(args.runs[0], "curves.png") if len(args.runs) == 1 else "curves.png")
