@@ -52,6 +52,36 @@ PRESETS = {
     "smollm2-1.7b": "HuggingFaceTB/SmolLM2-1.7B-Instruct",
 }
 
+# The shapes of each preset's config.json, so that plan.py can size a run offline (no download). From
+# ../shared/docs/REFERENCES.md 4.5 (Llama-3.2, Qwen2.5) and, for Qwen2.5-Math and SmolLM2, the hub's config.json
+# files as we know them (SmolLM2-135M checked against the GGUF in ../shared/data). Key order: hidden_size,
+# num_hidden_layers, num_attention_heads, num_key_value_heads, intermediate_size, vocab_size, rope_theta,
+# rms_norm_eps, max_position_embeddings. All are tied; Llama-3.2's head_dim and rope_scaling are explicit.
+_SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+               "vocab_size", "rope_theta", "rms_norm_eps", "max_position_embeddings")
+_LLAMA32 = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}
+PRESET_CONFIGS = {name: dict(zip(_SHAPE_KEYS, shape), model_type=kind, tie_word_embeddings=True, **extra)
+                  for name, kind, shape, extra in [
+    ("llama3.2-1b", "llama", (2048, 16, 32, 8, 8192, 128256, 5e5, 1e-5, 131072), {"head_dim": 64, "rope_scaling": _LLAMA32}),
+    ("llama3.2-3b", "llama", (3072, 28, 24, 8, 8192, 128256, 5e5, 1e-5, 131072), {"head_dim": 128, "rope_scaling": _LLAMA32}),
+    ("qwen2.5-0.5b", "qwen2", (896, 24, 14, 2, 4864, 151936, 1e6, 1e-6, 32768), {}),
+    ("qwen2.5-1.5b", "qwen2", (1536, 28, 12, 2, 8960, 151936, 1e6, 1e-6, 32768), {}),
+    ("qwen2.5-math-1.5b", "qwen2", (1536, 28, 12, 2, 8960, 151936, 1e4, 1e-6, 4096), {}),
+    ("smollm2-135m", "llama", (576, 30, 9, 3, 1536, 49152, 1e5, 1e-5, 8192), {}),
+    ("smollm2-360m", "llama", (960, 32, 15, 5, 2560, 49152, 1e5, 1e-5, 8192), {}),
+    ("smollm2-1.7b", "llama", (2048, 24, 32, 32, 8192, 49152, 1.3e5, 1e-5, 8192), {})]}
+
+
+def model_config(name_or_path: str) -> "ModelConfig":
+    """A preset's or a directory's ModelConfig without reading any weights (offline for presets)."""
+    if name_or_path == "tiny":
+        return tiny_config()
+    if name_or_path in PRESET_CONFIGS:
+        return ModelConfig.from_hf(PRESET_CONFIGS[name_or_path])
+    with open(os.path.join(resolve_checkpoint(name_or_path), "config.json")) as f:
+        return ModelConfig.from_hf(json.load(f))
+
 
 # ----------------------------------------------------------------------------------------------------------
 # config

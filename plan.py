@@ -1,0 +1,486 @@
+"""
+plan.py: how much GPU memory a run needs, found by running the real training code on fake tensors.
+
+    python train.py --model llama3.2-3b --plan [--plan-gpu-gb 80] [--plan-world-size 8 --fsdp]
+    python plan.py --all --gpu-gb 24 40 80          # the README's tables: every preset at its defaults
+
+Nothing here is a formula for memory. The plan builds the model at its real shapes on PyTorch's fake tensors
+(`FakeTensorMode`: shapes, dtypes and storages, no data, no GPU) and runs the code a run runs: two MEF optimizer
+steps (mef.mef_steps), then RIEL's update (riel.update_policy), its sampling call (riel.sample_groups) and a second
+update, the order train.py runs them in. A `TorchDispatchMode` sees every tensor every aten op returns and counts
+its storage from birth (the op) to death (a weakref callback when the last reference goes): the sum of live
+storages at each moment is what a caching allocator's `memory_allocated` would show, so its maximum per stage is the
+stage's peak. When the code changes, the plan follows.
+
+What the peak is made of (the parts, classified at the moment of the peak): weights (the parameters), grads (the
+parameters' .grad), AdamW state (the optimizers' state), bf16 weight copies (autocast's cached casts of fp32
+weights), KV cache (tensors made by model.new_cache), log-prob chunks (rollout._logits: one chunk of full-vocabulary
+logits), optimizer step (temporaries of optimizer.step), activations (everything else: saved activations, temporaries).
+
+Choices and limits, stated:
+- Fake CPU tensors under CPU bf16 autocast stand for CUDA ones (this CPU build cannot fake a CUDA device). CPU and
+  CUDA autocast cast the same ops that matter here (linear, matmul, attention) to bf16. The optimizer is built as
+  the CUDA run builds it (foreach or fused AdamW, `_optimizer`), since AdamW's temporaries differ by kernel.
+- Host reads of tensor values (`.item()`, `bool(t)`, `.tolist()`) cannot be answered from fake tensors. Small
+  integer/bool tensors built from Python data (lengths, positions, masks, indices) are shadowed by real copies, so
+  host reads of them are exact. Any other read gets the worst case for memory: a bool is False (no row has
+  stopped: decoding runs to max_new_tokens with every row alive), a float is 1.0 (finite loss and gradient norm:
+  the optimizer steps), an integer (a sampled token id) is 0, not a stop id.
+- Worst-case inputs: every MEF example is mef.max_len tokens; every prompt is PROMPT_TOKENS tokens; every rollout
+  reaches max_new_tokens; every rollout has a positive advantage and every question a transfer pair. Two micro-
+  batches per optimizer step: later ones add to .grad in place, so they add no memory, only time.
+- What a GPU adds on top of the traced bytes, as constants: each allocation rounded up to 512 B (exact, the CUDA
+  caching allocator's rule), CUDA_CONTEXT_GIB, WORKSPACE_GIB and FRAGMENTATION of the peak (reserved minus allocated).
+- FSDP (`world_size` > 1 with cfg.fsdp) is accounted, not traced: one rank's share of the rows is traced, then the
+  weights, grads, AdamW state and optimizer temporaries are divided by the world size and autocast's copies are
+  replaced by FSDP's gathered weights (training: the root and two blocks; sampling: all of them, dist.unsharded).
+  DDP (world_size > 1 without fsdp) keeps everything whole and adds its gradient buckets (one more copy of grads).
+"""
+import argparse
+import dataclasses
+import math
+import time
+import weakref
+from contextlib import contextmanager, nullcontext
+from types import SimpleNamespace
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.weak import WeakIdKeyDictionary
+
+GIB = 2 ** 30
+ALLOC_ROUND = 512  # the CUDA caching allocator rounds every block up to a multiple of 512 bytes
+CUDA_CONTEXT_GIB = 0.5  # CUDA context + loaded kernels of a torch process (lazy loading), H100/H200, CUDA 12
+WORKSPACE_GIB = 0.25  # cuBLAS/cuBLASLt workspaces (32 MiB per handle and stream on Hopper), attention scratch
+FRAGMENTATION = 0.05  # the caching allocator's reserved-but-free share at the peak (typical 2-8% in training)
+PROMPT_TOKENS = 200  # a GSM8K question under an expert's system prompt and the chat template: ~120-220 tokens
+DECODE_TRACED = 8  # decode steps traced at each end of a sampling call (see _instrumented)
+SHADOW_NUMEL = 1 << 22  # integer/bool tensors up to this size are also computed for real (see the docstring)
+HOST_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default,
+              torch.ops.aten.is_nonzero.default)  # ops that return a Python number
+PARTS = ("weights", "grads", "AdamW state", "bf16 weight copies", "KV cache", "log-prob chunks", "optimizer step",
+         "activations")
+
+
+class MemoryTrace(TorchDispatchMode):
+    """Counts the storages of every tensor that aten ops return, from the op to the storage's death; keeps each
+    stage's peak and what made it up. Enter it inside a FakeTensorMode (it also answers host reads, see above)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = {}  # id(storage) -> [bytes, tag, weakref]
+        self.total = self.peak = 0
+        self.pending = False  # a new peak was reached and not yet broken down
+        self.snap = {}
+        self.tag = "activations"
+        self.params, self.param_keys, self.optimizers = [], set(), []
+        self.shadow = WeakIdKeyDictionary()  # fake int/bool tensor -> a real copy
+
+    # ---- counting -----------------------------------------------------------------------------------------
+    def add(self, t, tag=None):
+        st = t.untyped_storage()
+        key = id(st)
+        if key in self.live:
+            return
+        n = -(-st.nbytes() // ALLOC_ROUND) * ALLOC_ROUND
+        self.live[key] = [n, tag or self.tag, weakref.ref(st, lambda _, k=key: self._free(k))]
+        self.total += n
+        if self.total > self.peak:
+            self.peak, self.pending = self.total, True
+
+    def _free(self, key):
+        # the moment before the first free after a new peak IS the peak: keep what was live (storages only: this
+        # runs inside a deallocation, where touching tensors is unsafe)
+        if self.pending:
+            self.snap, self.pending = {k: (v[0], v[1]) for k, v in self.live.items()}, False
+        self.total -= self.live.pop(key)[0]
+
+    def watch(self, model):
+        """Tag the weights, and each .grad as it is assigned (a post-accumulate-grad hook, a safe moment)."""
+        self.params = list(model.parameters())
+        self.param_keys = {id(p.untyped_storage()) for p in self.params}
+        for p in self.params:
+            self.live[id(p.untyped_storage())][1] = "weights"
+            p.register_post_accumulate_grad_hook(self._grad_hook)
+
+    def _grad_hook(self, p):
+        entry = self.live.get(id(p.grad.untyped_storage()))
+        if entry is not None:
+            entry[1] = "grads"
+
+    def stage(self) -> tuple:
+        """(peak bytes, {part: bytes}) since the last call; starts the next stage at the current total. AdamW's
+        moments are recognised here (they are made inside the first step, tagged as its temporaries until now)."""
+        if self.pending:
+            self.snap, self.pending = {k: (v[0], v[1]) for k, v in self.live.items()}, False
+        state = {id(v.untyped_storage()) for opt in self.optimizers for s in opt.state.values() for v in s.values()
+                 if isinstance(v, torch.Tensor)}
+        parts = dict.fromkeys(PARTS, 0)
+        for key, (n, tag) in self.snap.items():
+            part = "AdamW state" if key in state else tag
+            parts[part] = parts.get(part, 0) + n
+        result = (self.peak, parts)
+        self.peak, self.pending = self.total, True
+        return result
+
+    @contextmanager
+    def tagged(self, tag):
+        old, self.tag = self.tag, tag
+        try:
+            yield
+        finally:
+            self.tag = old
+
+    # ---- the dispatch hook ---------------------------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.prim.device.default:  # most calls by far: `t.device` of a fake tensor
+            return func(*args, **kwargs)
+        if func in HOST_READS:
+            return self._host_read(args[0])
+        out = func(*args, **kwargs)
+        flat_out = [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor)]
+        tag = None
+        if func is torch.ops.aten._to_copy.default and id(args[0].untyped_storage()) in self.param_keys:
+            tag = "bf16 weight copies"  # autocast casting a weight (cached until clear_autocast_cache)
+        for t in flat_out:
+            self.add(t, tag)
+        if any(not t.dtype.is_floating_point for t in flat_out) or len(self.shadow) and func._schema.is_mutable:
+            self._shadow(func, args, kwargs, flat_out)
+        return out
+
+    def _host_read(self, t):
+        real = self.shadow.get(t)
+        if real is not None:
+            with unset_fake_temporarily():
+                return real.item()
+        if t.dtype == torch.bool:
+            return False  # "has any row stopped?" -> no: the longest decode, every row alive
+        if t.dtype.is_floating_point:
+            return 1.0  # a finite loss / gradient norm: the optimizer steps
+        return 0  # a sampled token id: 0, not _PlanTokenizer's stop id
+
+    def _shadow(self, func, args, kwargs, flat_out):
+        """Compute small integer/bool results for real, so host reads of lengths, indices and masks are exact."""
+        flat_in = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+        ok = all(not isinstance(a, FakeTensor) or a in self.shadow for a in flat_in) and \
+            all(not t.dtype.is_floating_point and t.numel() <= SHADOW_NUMEL for t in flat_out)
+        if ok and flat_out:
+            real = lambda a: self.shadow[a] if isinstance(a, FakeTensor) else a
+            with unset_fake_temporarily():
+                res = func(*tree_map(lambda a: real(a) if isinstance(a, torch.Tensor) else a, args),
+                           **tree_map(lambda a: real(a) if isinstance(a, torch.Tensor) else a, kwargs))
+            for f, r in zip(flat_out, [t for t in tree_flatten(res)[0] if isinstance(t, torch.Tensor)]):
+                if isinstance(f, FakeTensor):
+                    self.shadow[f] = r
+            return
+        # an op that cannot be shadowed but writes into shadowed tensors: their copies (and their views') are stale
+        written = [a for i, a in enumerate(args) if isinstance(a, FakeTensor) and i < len(func._schema.arguments)
+                   and func._schema.arguments[i].alias_info is not None and func._schema.arguments[i].alias_info.is_write]
+        written += [v for k, v in kwargs.items() if k == "out" and isinstance(v, FakeTensor)]
+        if written:
+            stale = {id(a.untyped_storage()) for a in written}
+            for f in [f for f in self.shadow.keys() if id(f.untyped_storage()) in stale]:
+                del self.shadow[f]
+
+
+# ---- the run, on fake tensors ----------------------------------------------------------------------------------
+
+class _PlanTokenizer:
+    """What riel.sample_groups asks of a tokenizer, offline: every prompt is PROMPT_TOKENS ids; the stop id is the
+    last vocabulary row, which sampling never reaches (generate's vocab_limit = len(tok))."""
+
+    def __init__(self, vocab_size):
+        self.vocab_size, self.eos_token_id = vocab_size - 1, vocab_size - 1  # never sampled: no row stops
+
+    def __len__(self):
+        return self.vocab_size
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        return ""
+
+    def encode(self, text, add_special_tokens=False):
+        return [2] * PROMPT_TOKENS
+
+    def get_vocab(self):
+        return {}
+
+
+def _optimizer(params, lr, weight_decay, cuda):
+    """The AdamW train.py builds, as it would on the run's device (fused on CUDA when mef.make_optimizer says so)."""
+    import mef
+    if hasattr(mef, "make_optimizer"):
+        return mef.make_optimizer(params, lr, weight_decay, fused=True if cuda else None)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True if cuda else None)
+
+
+@contextmanager
+def _instrumented(trace, model):
+    """Tag what the KV cache and the log-prob chunks allocate (the wrappers call the originals), and bound the work
+    of sampling: sampling calls after the first reuse its rollout (same shapes: same peak), and within a call the
+    model's decode step runs for the first and the last DECODE_TRACED steps only. The steps between run the same
+    ops with a shorter attention span (fewer bytes), so they cannot set the peak; for them the wrapper does what
+    the step does to the cache (one more slot filled) and returns the last logits; generate's own loop (sampling,
+    masks, bookkeeping) still runs every step."""
+    import riel
+    import rollout
+    originals = {"logits": rollout._logits, "generate": riel.generate, "decode_step": rollout.decode_step}
+    new_cache = model.new_cache
+    model.new_cache = lambda *a, **k: _with_tag(trace, "KV cache", new_cache, *a, **k)
+    rollout._logits = lambda *a, **k: _with_tag(trace, "log-prob chunks", originals["logits"], *a, **k)
+    first, calls = {}, {}
+
+    def generate_once(model, prompts, **kw):
+        if len(prompts) not in first:
+            calls.update(n=0, last=None, steps=kw.get("max_new_tokens", 256) - 1)  # generate's decode steps
+            first[len(prompts)] = originals["generate"](model, prompts, **kw)
+        return first[len(prompts)]
+
+    def decode_step(model, tok, positions, cache, mask):
+        i, calls["n"] = calls["n"], calls["n"] + 1
+        if i < DECODE_TRACED or i >= calls["steps"] - DECODE_TRACED or calls["last"] is None:
+            calls["last"] = originals["decode_step"](model, tok, positions, cache, mask)
+        elif cache.slot is None:
+            cache.pos += 1  # what model.trunk does to a growing cache (a static one is advanced by generate)
+        return calls["last"]
+    riel.generate, rollout.decode_step = generate_once, decode_step
+    try:
+        yield
+    finally:
+        rollout._logits, riel.generate, rollout.decode_step = (originals["logits"], originals["generate"],
+                                                              originals["decode_step"])
+        del model.new_cache
+
+
+def _with_tag(trace, tag, fn, *args, **kwargs):
+    with trace.tagged(tag):
+        return fn(*args, **kwargs)
+
+
+def _tag_step(trace, opt):
+    """Tag what optimizer.step allocates; step hooks, as wrapping opt.step would make a reference cycle that keeps
+    the optimizer (and its state) alive after the code lets it go."""
+    def pre(*_):
+        trace.tag = "optimizer step"
+
+    def post(*_):
+        trace.tag = "activations"
+    opt.register_step_pre_hook(pre)
+    opt.register_step_post_hook(post)
+    return opt
+
+
+def run_steps(cfg, model, mark, world_size=1):
+    """The steps a plan measures, in train.py's order: two MEF optimizer steps, then RIEL's update (its AdamW state
+    is made), sampling call(s) (state alive) and update again. mark(stage) closes a stage. Worst-case inputs (see
+    the docstring); on real tensors too (tests/test_plan.py), where no row can stop: the stop id is past the
+    sampled vocabulary."""
+    import data
+    import mef
+    import riel
+    cuda = cfg.device is None or cfg.device.startswith("cuda")  # a plan is for the GPU run unless told otherwise
+    experts = data.experts(cfg.data, list(cfg.experts) if cfg.experts is not None else None)
+    rc, m, N, G = cfg.riel, cfg.mef, len(experts), cfg.riel.group_size
+    Q = -(-rc.questions_per_step // world_size)  # dist.shard_range: the first rank's (largest) share
+    opt = _optimizer(model.parameters(), m.lr, m.weight_decay, cuda)
+    yield opt
+    prompt = min(PROMPT_TOKENS, m.max_len // 2)
+    examples = [mef.SFTExample(i, "plan", [2] * prompt, [3] * (m.max_len - prompt)) for i in range(2 * m.micro_batch_size)]
+    mark(None)
+    # step 1 only makes AdamW's state (one short example); step 2 is the peak: two micro-batches, the second one
+    # backpropagating into the first one's .grad, then the step with the state alive
+    for batch in (examples[:1], examples):
+        for _ in mef.mef_steps(model, batch, dataclasses.replace(m, epochs=1, batch_size=len(batch)), opt):
+            pass
+    mark("mef_step")
+    del opt  # run_mef returns: its optimizer goes
+    opt = _optimizer(model.parameters(), rc.lr, 0.0, cuda)
+    yield opt
+    prompts = [[2] * PROMPT_TOKENS for _ in range(Q * N)]
+    completions = [[3] * rc.max_new_tokens for _ in range(Q * N * G)]
+    rows = list(range(min(len(completions), 2 * rc.micro_batch_size)))  # two micro-batches: see MEF above
+    adv = torch.ones(len(completions))  # every row trained (with max(A, 0) about half are, in a real step)
+    counts = {"n_tokens": sum(map(len, completions)), "n_seqs": len(completions), "max_len": rc.max_new_tokens}
+    pairs = [(prompts[0], prompts[1], completions[0])] * rc.micro_batch_size if rc.transfer and N > 1 else []
+    update = lambda rows, pairs: riel.update_policy(model, opt, rc, prompts, completions, adv, rows, counts, pairs, [])
+    mark(None)
+    update(rows[:1], [])  # makes AdamW's state
+    mark("riel_update")
+    records = [SimpleNamespace(id=i, question="", answer="", traces={}) for i in range(Q)]
+    riel.sample_groups(model, _PlanTokenizer(model.cfg.vocab_size), records, experts, rc,
+                       torch.Generator().manual_seed(0), rng_rows=(0, rc.questions_per_step * N * G))
+    mark("riel_sample")
+    update(rows, pairs)
+    mark("riel_update")
+
+
+def trace_run(cfg, world_size=1) -> dict:
+    """run_steps on fake tensors: {stage: (peak bytes, parts)} on one rank (its share of the rows), before FSDP/DDP
+    accounting and GPU constants."""
+    from model import Transformer, model_config
+    use_autocast = cfg.precision == "autocast" or (cfg.precision == "auto" and (cfg.device or "cuda").startswith("cuda"))
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if use_autocast else nullcontext()
+    trace, stages = MemoryTrace(), {}
+    fake = FakeTensorMode()
+    fake.cache_enabled = False  # hashing every op's arguments costs more than it saves here
+
+    def mark(stage):
+        peak = trace.stage()
+        if stage is not None and (stage not in stages or peak[0] > stages[stage][0]):
+            stages[stage] = peak
+    with fake, trace:
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # built in the weights' dtype (.to() on fake parameters would swap them)
+        try:
+            model = Transformer(model_config(cfg.model))
+        finally:
+            torch.set_default_dtype(default)
+        model.gradient_checkpointing = cfg.gradient_checkpointing
+        trace.watch(model)
+        with _instrumented(trace, model), autocast:
+            for opt in run_steps(cfg, model, mark, world_size):
+                trace.optimizers = [_tag_step(trace, opt)]
+    return stages
+
+
+# ---- from traced bytes to a GPU's: world size, constants, the report ------------------------------------------
+
+def _per_rank(stages, cfg, world_size, sizes):
+    """FSDP / DDP accounting on one rank (see the docstring): {stage: (bytes, parts)} -> the same, per rank."""
+    if world_size == 1:
+        return stages
+    out = {}
+    for name, (_, parts) in stages.items():
+        parts = dict(parts)
+        training = name != "riel_sample"
+        if cfg.fsdp:
+            for k in ("weights", "grads", "AdamW state", "optimizer step"):
+                parts[k] = parts.get(k, 0) / world_size
+            # gathered weights in the compute dtype (dist._shard): sampling gathers every layer (dist.unsharded);
+            # training holds the root and at most two blocks, plus the root's and one block's unsharded gradient
+            gathered = sizes["all"] if not training else sizes["root"] + 2 * sizes["block"]
+            parts["bf16 weight copies"] = gathered * sizes["compute_bytes"]
+            if training:
+                parts["grads"] += (sizes["root"] + sizes["block"]) * 4
+        elif training:
+            parts["DDP buckets"] = parts.get("grads", 0)  # DDP's flat gradient buckets (not bucket views)
+        out[name] = (sum(parts.values()), parts)
+    return out
+
+
+def plan_memory(cfg, world_size=1) -> dict:
+    """cfg: a train.Config. Per-GPU memory of its run with `world_size` processes (one: no FSDP/DDP):
+    {"stages": {"mef_step" | "riel_sample" | "riel_update": {"peak_gib", "allocated_gib", "parts": {name: GiB}}},
+     "peak_gib", "allocated_gib"}. allocated_gib: the traced bytes, what torch.cuda.max_memory_allocated would show;
+    peak_gib adds the GPU constants (what the GPU must have)."""
+    from model import Transformer, model_config
+    with torch.device("meta"):
+        m = Transformer(model_config(cfg.model))
+    count = lambda mod: sum(p.numel() for p in mod.parameters())
+    use_autocast = cfg.precision == "autocast" or (cfg.precision == "auto" and (cfg.device or "cuda").startswith("cuda"))
+    sizes = {"all": count(m), "block": count(m.layers[0]), "root": count(m) - len(m.layers) * count(m.layers[0]),
+             "compute_bytes": 2 if use_autocast or cfg.precision == "bf16" else 4}
+    stages = _per_rank(trace_run(cfg, world_size), cfg, world_size, sizes)
+    result = {"stages": {}, "params": sizes["all"], "world_size": world_size}
+    for name, (n, parts) in stages.items():
+        gib = {k: v / GIB for k, v in parts.items() if v}
+        gib["allocator reserve"] = FRAGMENTATION * n / GIB
+        gib["CUDA context + workspaces"] = CUDA_CONTEXT_GIB + WORKSPACE_GIB
+        result["stages"][name] = {"peak_gib": sum(gib.values()), "allocated_gib": n / GIB, "parts": gib}
+    result["peak_gib"] = max(s["peak_gib"] for s in result["stages"].values())
+    result["allocated_gib"] = max(s["allocated_gib"] for s in result["stages"].values())
+    return result
+
+
+# options that lower a stage's peak, cheapest first: (stage, flag, change(cfg) -> cfg or None, what it costs)
+def _options(cfg):
+    rc, mc, rows = cfg.riel, cfg.mef, None
+    import data
+    rows = cfg.riel.questions_per_step * len(data.experts(cfg.data, list(cfg.experts) if cfg.experts else None)) * \
+        rc.group_size
+    rep = dataclasses.replace
+    out = []
+    per_call = rc.sample_batch_size or rows
+    for k in (per_call // 2, per_call // 4):
+        if k >= rc.group_size:
+            out.append(("riel_sample", f"--riel.sample-batch-size {k}", rep(cfg, riel=rep(rc, sample_batch_size=k)),
+                        f"{-(-rows // k)} sampling calls per step instead of {-(-rows // per_call)}: same tokens, "
+                        "slower sampling"))
+    if not cfg.gradient_checkpointing:
+        out.append(("train", "--gradient-checkpointing", rep(cfg, gradient_checkpointing=True),
+                    "~30% more training compute (recomputed activations)"))
+    for stage, c, name, key in (("riel_update", rc, "riel", "riel"), ("mef_step", mc, "mef", "mef")):
+        if c.micro_batch_size > 1:
+            k = c.micro_batch_size // 2
+            out.append((stage, f"--{name}.micro-batch-size {k}", rep(cfg, **{key: rep(c, micro_batch_size=k)}),
+                        "twice the passes, smaller matmuls: slower training, same gradients"))
+    if cfg.precision != "bf16":
+        out.append(("all", "--precision bf16", rep(cfg, precision="bf16"),
+                    "bf16 weights and AdamW: updates below 1/256 of a weight are rounded away (lr 1e-6 ones are)"))
+    return out
+
+
+def suggest(cfg, result, gpu_gib, world_size=1):
+    """For a plan that does not fit: [(flag, new peak GiB, cost)] for the options that bring it under gpu_gib,
+    each one traced (a minute or so each for a 3B model)."""
+    over = {s for s, v in result["stages"].items() if v["peak_gib"] > gpu_gib}
+    found = []
+    for stage, flag, new, cost in _options(cfg):
+        if stage == "all" or stage in over or (stage == "train" and over - {"riel_sample"}):
+            peak = plan_memory(new, world_size)["peak_gib"]
+            found.append((flag, peak, cost))
+    return found
+
+
+def report(cfg, result, gpu_gib, world_size=1, find_fixes=True) -> str:
+    lines = [f"plan: {cfg.model}, {result['params'] / 1e9:.2f}B params, precision {cfg.precision}, gradient "
+             f"checkpointing {cfg.gradient_checkpointing}, {world_size} GPU(s){' FSDP' if cfg.fsdp else ''}; MEF "
+             f"micro-batch {cfg.mef.micro_batch_size} x {cfg.mef.max_len} tokens; RIEL {cfg.riel.questions_per_step} "
+             f"questions x G {cfg.riel.group_size}, {PROMPT_TOKENS} + {cfg.riel.max_new_tokens} tokens, sampling "
+             f"{cfg.riel.sample_batch_size or 'all'} rows per call, micro-batch {cfg.riel.micro_batch_size}"]
+    for name, s in result["stages"].items():
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(s["parts"].items(), key=lambda kv: -kv[1]) if v >= 0.005)
+        lines.append(f"  {name:<12} peak {s['peak_gib']:6.2f} GiB ({s['allocated_gib']:.2f} allocated): {parts}")
+    peak = result["peak_gib"]
+    if peak <= gpu_gib:
+        lines.append(f"peak {peak:.1f} GiB of {gpu_gib:g} GiB: fits ({gpu_gib - peak:.1f} GiB to spare)")
+        return "\n".join(lines)
+    fixes = suggest(cfg, result, gpu_gib, world_size) if find_fixes else []
+    fit = [f"{flag} (peak {p:.1f} GiB; costs: {cost})" for flag, p, cost in fixes if p <= gpu_gib]
+    lines.append(f"peak {peak:.1f} GiB of {gpu_gib:g} GiB: does not fit: " + ("; or ".join(fit) if fit else
+                 "no single option here fits; combine them, or shard over GPUs (--fsdp with torchrun)"))
+    return "\n".join(lines)
+
+
+def table(models, gpus, world_size=1) -> str:
+    """The README's table: each model at its train.py defaults, stage peaks and whether it fits each GPU."""
+    import train
+    rows = ["| model | params | MEF step | RIEL sampling | RIEL update | peak | biggest part at the peak | "
+            + " | ".join(f"{g:g} GiB" for g in gpus) + " |", "|" + "---|" * (7 + len(gpus))]
+    for name in models:
+        cfg = train.defaults(name)
+        r = plan_memory(cfg, world_size)
+        s = r["stages"]
+        top = max(s.values(), key=lambda v: v["peak_gib"])
+        part = max(top["parts"].items(), key=lambda kv: kv[1])
+        rows.append(f"| {name} | {r['params'] / 1e9:.2f}B | " + " | ".join(f"{s[k]['peak_gib']:.1f}" for k in
+                    ("mef_step", "riel_sample", "riel_update")) + f" | {r['peak_gib']:.1f} GiB | {part[0]} "
+                    f"{part[1]:.1f} | " + " | ".join("fits" if r["peak_gib"] <= g else "no" for g in gpus) + " |")
+        print(rows[-1], flush=True)
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="GPU memory plans of train.py's defaults (python train.py --model X "
+                                "--plan plans one run with any options)")
+    p.add_argument("--all", action="store_true", help="every preset (else --models)")
+    p.add_argument("--models", nargs="*", default=["llama3.2-3b"])
+    p.add_argument("--gpu-gb", type=float, nargs="*", default=[24, 40, 80])
+    a = p.parse_args()
+    from model import PRESETS
+    t0 = time.time()
+    print(table([m for m in PRESETS if m != "tiny"] if a.all else a.models, a.gpu_gb))
+    print(f"({time.time() - t0:.0f} s)")
