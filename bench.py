@@ -27,6 +27,7 @@ Benchmarks print ratios; they are not timed tests. Other processes on the machin
 only when the sides are interleaved, so every comparison alternates its sides repeat by repeat.
 """
 
+import dataclasses
 import json
 import os
 import statistics
@@ -65,17 +66,28 @@ class Args:
     mem_completion: int = 512
     probe: str = ""  # internal: run one memory measurement in this process and print it
     model: str = ""  # a checkpoint directory (or preset): real weights, real prompts, the real checker
+    # with --model, one RIEL step row per reward: the plain checker (real sparsity) and the checker OR the
+    # length parity of the random-model rows (about half of each group rewarded: every row trained)
+    real_rewards: tuple[str, ...] = ("checker", "checker or parity")
     task: str = "gsm8k"  # with --model: the prompts and the checker
     data_dir: str | None = None  # with --model: the task's data directory (None: the data package's default)
 
+    sections: tuple[str, ...] = ("sampling", "step", "mfu", "memory")  # which tables to run; + "profile": op
+    # tables of both forward+backward passes of the MFU batch (torch.profiler)
+
     def real_sizes(self):
-        """--model: sizes that fit ~15 minutes for a 135M model on a 2-core CPU (a real prompt is ~130 tokens
-        and every token runs all the weights, ~40x the random model's FLOPs)."""
-        self.rows, self.new_tokens, self.repeats, self.compile = (8, 32), 64, 3, False
-        self.step_questions, self.step_repeats, self.mfu_rows, self.prompt_len = 2, 2, 4, 128
+        """--model: sizes for a 135M model on a 2-core CPU (a real prompt is ~130 tokens and every token runs all
+        the weights, ~40x the random model's FLOPs), applied to the options still at their defaults, so that
+        e.g. --rows 8 16 still wins."""
+        sizes = dict(rows=(8,), new_tokens=32, repeats=3, compile=False, step_questions=2, step_repeats=2,
+                     mfu_rows=2, prompt_len=128)
         if self.quick:
-            self.rows, self.group, self.new_tokens, self.repeats = (4,), 4, 4, 1
-            self.trl, self.step_questions, self.step_repeats, self.mfu_rows, self.prompt_len = False, 1, 1, 1, 16
+            sizes.update(rows=(4,), group=4, new_tokens=4, repeats=1, trl=False, step_questions=1, step_repeats=1,
+                         mfu_rows=1, prompt_len=16)
+        default = Args()
+        for k, v in sizes.items():
+            if getattr(self, k) == getattr(default, k):
+                setattr(self, k, v)
 
 
 def bench_config(vocab):
@@ -174,8 +186,11 @@ def bench_riel_step(a: Args, what="one expert"):
     parts = {}
     if a.model:
         name = os.path.basename(a.model.rstrip("/"))
-        tok, records, experts, rc, reward = bs.real_setup(a.model, a.task, a.data_dir, Q, G, N, a.step_repeats)
-        parts[name] = step_row(a, name, tok, records, experts, rc, reward, a.model)
+        tok, records, experts, rc, checker = bs.real_setup(a.model, a.task, a.data_dir, Q, G, N, a.step_repeats)
+        rewards = {"checker": checker, "checker or parity": lambda r, text: checker(r, text) or float(len(text) % 2)}
+        for kind in a.real_rewards:
+            parts[f"{name}, {kind}"] = step_row(a, f"{name}, reward: {kind}", tok, records, experts,
+                                                dataclasses.replace(rc), rewards[kind], a.model)
     for name in () if a.model else a.step_models:
         m, tok, records, experts, rc = bs.riel_setup(bs.step_configs()[name], Q, G, N, a.step_repeats)
         with tempfile.TemporaryDirectory() as d:
@@ -299,24 +314,31 @@ def main(a: Args):
         torch.set_num_threads(a.threads)
     if a.probe:
         return probe(a)
-    if a.quick:
+    if a.quick and not a.model:  # --model: Args.real_sizes
         a.rows, a.group, a.prompt_len, a.new_tokens, a.repeats = (8,), 4, 16, 8, 1
         a.compile, a.trl, a.step_questions, a.step_repeats, a.step_models, a.mfu_rows = False, False, 2, 1, ("tiny",), 4
         a.mem_vocab, a.mem_rows, a.mem_completion = 4096, 2, 64
     print(f"# bench.py  torch {torch.__version__}, device {'cuda' if torch.cuda.is_available() else 'cpu'}, "
           f"{torch.get_num_threads()} threads")
     if a.model:
-        return main_real(a)
+        t0 = time.perf_counter()
+        main_real(a)
+        return print(f"\n# {(time.perf_counter() - t0) / 60:.1f} min, load {load_avg()} at the end")
     vocab = 2048
     with tempfile.TemporaryDirectory() as d:
         hf, m = make_models(vocab, d)
-    for n_rows in a.rows:
+    for n_rows in a.rows if "sampling" in a.sections else ():
         bench_sampling(a, hf, m, random_prompts(a, vocab, n_rows), list(range(3, 3 + a.stop_ids)),
                        f"prompt ~{a.prompt_len}, {a.stop_ids} stop ids, random Llama "
                        f"{m.num_params() / 1e6:.1f}M params, vocab {vocab}")
-    bench_riel_step(a)
-    bench_mfu(a, hf, m, f"random Llama {m.num_params() / 1e6:.1f}M params, vocab {vocab}")
-    if sys.platform.startswith("linux") or torch.cuda.is_available():
+    if "step" in a.sections:
+        bench_riel_step(a)
+    if "mfu" in a.sections:
+        bench_mfu(a, hf, m, f"random Llama {m.num_params() / 1e6:.1f}M params, vocab {vocab}")
+    if "profile" in a.sections:
+        import bench_step as bs
+        bs.profile_fwd_bwd(hf, m, a.mfu_rows, a.prompt_len, a.new_tokens, a.repeats)
+    if "memory" in a.sections and (sys.platform.startswith("linux") or torch.cuda.is_available()):
         bench_memory(a)
 
 
@@ -333,7 +355,7 @@ def main_real(a: Args):
     records = data.load(a.task, data_dir=a.data_dir)
     stop, name = stop_token_ids(tok), os.path.basename(a.model.rstrip("/"))
     pad = tok.pad_token_id if tok.pad_token_id is not None else stop[0]
-    for n_rows in a.rows:
+    for n_rows in a.rows if "sampling" in a.sections else ():
         P = max(1, n_rows // a.group)  # (question, expert) prompts, the experts taking turns as in a MEML step
         prompts = [render_chat(tok, experts[i % len(experts)].system_prompt, records[i].question) for i in range(P)]
         lens = sorted(len(p) for p in prompts)
@@ -341,8 +363,13 @@ def main_real(a: Args):
                        f"{a.task} prompts of {lens[0]}-{lens[-1]} tokens ({name}'s chat template, {len(experts)} experts'"
                        f" system prompts), its {len(stop)} stop ids, {name} {m.num_params() / 1e6:.0f}M params, vocab "
                        f"{m.cfg.vocab_size}", pad)
-    bench_riel_step(a, f"{a.task} questions under the `{experts[0].name}` expert, the real checker as reward")
-    bench_mfu(a, hf, m, f"{name} ({m.num_params() / 1e6:.0f}M params, vocab {m.cfg.vocab_size}), random token ids")
+    if "step" in a.sections:
+        bench_riel_step(a, f"{a.task} questions under the `{experts[0].name}` expert")
+    if "mfu" in a.sections:
+        bench_mfu(a, hf, m, f"{name} ({m.num_params() / 1e6:.0f}M params, vocab {m.cfg.vocab_size}), random token ids")
+    if "profile" in a.sections:
+        import bench_step as bs
+        bs.profile_fwd_bwd(hf, m, a.mfu_rows, a.prompt_len, a.new_tokens, a.repeats)
 
 
 if __name__ == "__main__":

@@ -164,8 +164,8 @@ def train_flops(cfg, n_params, rows, seq_len):
     return 6 * n_params * tokens + attention
 
 
-def fwd_bwd_rates(hf, m, rows, prompt_len, completion_len, repeats):
-    """Median FLOP/s of one training forward+backward over the same batch: ours (token_logprobs on the
+def fwd_bwd_fns(hf, m, rows, prompt_len, completion_len):
+    """{side: one training forward+backward over the same random batch}: ours (token_logprobs on the
     completion tokens) and transformers' (full logits -> log_softmax -> gather, its usual RL scoring)."""
     from rollout import token_logprobs
     g = torch.Generator().manual_seed(0)
@@ -182,13 +182,19 @@ def fwd_bwd_rates(hf, m, rows, prompt_len, completion_len, repeats):
         logits = hf(input_ids=ids).logits[:, prompt_len - 1:-1].float()  # (B, C, V)
         logits.log_softmax(-1).gather(-1, ids[:, prompt_len:, None]).sum().backward()
 
-    flops = train_flops(m.cfg, m.num_params(), rows, prompt_len + completion_len)
-    times = {"transformers": [], "ours": []}
     m.train(), hf.train()
-    for fn in (run_hf, run_ours):  # warm-up
+    return {"transformers": run_hf, "ours": run_ours}
+
+
+def fwd_bwd_rates(hf, m, rows, prompt_len, completion_len, repeats):
+    """Median FLOP/s of one training forward+backward over the same batch, ours and transformers'."""
+    fns = fwd_bwd_fns(hf, m, rows, prompt_len, completion_len)
+    flops = train_flops(m.cfg, m.num_params(), rows, prompt_len + completion_len)
+    times = {name: [] for name in fns}
+    for fn in fns.values():  # warm-up
         fn()
     for _ in range(repeats):  # interleaved, so that load from other processes hits both sides alike
-        for name, fn in (("transformers", run_hf), ("ours", run_ours)):
+        for name, fn in fns.items():
             sync()
             t0 = time.perf_counter()
             fn()
@@ -196,3 +202,17 @@ def fwd_bwd_rates(hf, m, rows, prompt_len, completion_len, repeats):
             times[name].append(time.perf_counter() - t0)
             m.zero_grad(set_to_none=True), hf.zero_grad(set_to_none=True)
     return {k: flops / statistics.median(v) for k, v in times.items()}
+
+
+def profile_fwd_bwd(hf, m, rows, prompt_len, completion_len, repeats, top=15):
+    """torch.profiler op tables (self time) of both sides' forward+backward: where they differ, kernel by kernel."""
+    from torch.profiler import ProfilerActivity, profile
+    for name, fn in fwd_bwd_fns(hf, m, rows, prompt_len, completion_len).items():
+        fn()
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])) as p:
+            for _ in range(repeats):
+                fn()
+                m.zero_grad(set_to_none=True), hf.zero_grad(set_to_none=True)
+            sync()
+        print(f"\n#### {name}: {repeats} forward+backward passes\n")
+        print(p.key_averages().table(sort_by="self_cuda_time_total" if CUDA else "self_cpu_time_total", row_limit=top))
