@@ -86,8 +86,7 @@ class RIELConfig:
     buffer_size: int = 64  # B: SFT step and clear when it holds this many
     lambda2: float = 1.0
     micro_batch_size: int = 8  # rows per forward/backward
-    # rows per sampling call, in whole (question, expert) groups: bounds the KV cache; same tokens as one batch
-    sample_batch_size: int | None = None  # None: all the step's rows at once
+    sample_batch_size: int | None = None  # rows per sampling call (whole groups): bounds the KV cache; None: all
     lr: float = 1e-6  # for the caller's optimizer
     grad_clip: float = 1.0
     compile: bool = False  # torch.compile the sampler's decode step (rollout.generate)

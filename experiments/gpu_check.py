@@ -212,7 +212,8 @@ def check_sampling(table, name, device, quick, rows_list, new_tokens, use_compil
                   compare=f"transformers {hf_tps:,.0f} tok/s ({t['hf']:.1f} s): ours {t['hf'] / t['ours']:.2f}x",
                   note=f"{str(m.embed_tokens.weight.dtype)[6:]} weights; transformers twin max abs dlogit {twin:.3f}")
         if not use_compile:
-            table.row(part="sampling: ours + compile", model=name, setting=setting, note="skipped (--quick or --no-compile)")
+            table.row(part="sampling: ours + compile", model=name, setting=setting,
+                      note="skipped (--quick or --no-compile)")
             continue
         if time.time() - t0 > budget:
             table.row(part="sampling: ours + compile", model=name, setting=setting, note="skipped: past the budget")
@@ -313,7 +314,8 @@ def check_riel_step(table, device, quick, results):
                               max(peak, torch.cuda.max_memory_allocated(device) / GIB if cuda else float("nan")))
         return wrapper
 
-    for key, attr in [("sampling (+ rewards)", "sample_and_score"), ("policy-gradient backward", "policy_gradient_backward"),
+    for key, attr in [("sampling (+ rewards)", "sample_and_score"),
+                      ("policy-gradient backward", "policy_gradient_backward"),
                       ("transfer backward", "transfer_backward"), ("buffer SFT backward", "sharded_sft_backward"),
                       ("clip + optimizer step", "clip_and_step")]:
         originals[attr] = getattr(riel, attr)
@@ -336,13 +338,15 @@ def check_riel_step(table, device, quick, results):
     for key, (s, peak) in parts.items():
         results[key] = peak
         table.row(part=f"RIEL step: {key}", model=name, setting=setting, result=f"{s:.1f} s, {mem(peak)}",
-                  compare="plan: see the plan rows", note=f"at rest (weights + AdamW) {at_rest:.1f} GiB" if cuda else "")
+                  compare="plan: see the plan rows",
+                  note=f"at rest (weights + AdamW) {at_rest:.1f} GiB" if cuda else "")
     results["step"] = max(p for _, p in parts.values())
+    note = f"rows trained {stats['trained_rows']}, transfer pairs {stats['transfer_pairs']}"
+    if cuda:
+        note += (f", mean length {stats['response_len']:.0f}, "
+                 f"max reserved {torch.cuda.max_memory_reserved(device) / GIB:.1f} GiB")
     table.row(part="RIEL step: whole", model=name, setting=setting, result=f"{total:.1f} s, {mem(results['step'])}",
-              compare=f"sample_s {stats['sample_s']:.1f}, train_s {stats['train_s']:.1f}",
-              note=f"rows trained {stats['trained_rows']}, transfer pairs {stats['transfer_pairs']}, "
-                   f"mean length {stats['response_len']:.0f}, reserved {torch.cuda.max_memory_reserved(device) / GIB:.1f} GiB"
-                   if cuda else f"rows trained {stats['trained_rows']}, transfer pairs {stats['transfer_pairs']}")
+              compare=f"sample_s {stats['sample_s']:.1f}, train_s {stats['train_s']:.1f}", note=note)
     del m, opt
 
 
@@ -369,9 +373,10 @@ def report_plan(table, proc, results, t0, budget, quick):
         table.row(part=f"plan.py prediction: {stage}", model=model, result=f"peak {v['peak_gib']:.1f} GiB",
                   compare=f"measured {got:.1f} GiB" if got is not None and got == got else "not measured here",
                   note=parts)
+    step = results.get("step")
     table.row(part="plan.py prediction: run", model=model, result=f"peak {plan['peak_gib']:.1f} GiB",
-              compare=f"measured step {results['step']:.1f} GiB" if results.get("step", float("nan")) == results.get("step")
-              else "", note="measured: torch.cuda.max_memory_allocated (no CUDA context, no allocator slack)")
+              compare=f"measured step {step:.1f} GiB" if step is not None and step == step else "",
+              note="measured: torch.cuda.max_memory_allocated (no CUDA context, no allocator slack)")
 
 
 def main(argv=None):
