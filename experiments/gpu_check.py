@@ -367,16 +367,18 @@ def report_plan(table, proc, results, t0, budget, quick):
                                    "clip + optimizer step") if k in results]
     update = max(update) if update else None
     measured = {"riel_sample": results.get("sampling (+ rewards)"), "riel_update": update, "mef_step": None}
+    alloc = lambda v: f" ({v['allocated_gib']:.1f} allocated)" if "allocated_gib" in v else ""  # noqa: E731
     for stage, v in plan["stages"].items():
         parts = ", ".join(f"{k} {g:.1f}" for k, g in sorted(v["parts"].items(), key=lambda kv: -kv[1]))
         got = measured.get(stage)
-        table.row(part=f"plan.py prediction: {stage}", model=model, result=f"peak {v['peak_gib']:.1f} GiB",
+        table.row(part=f"plan.py prediction: {stage}", model=model, result=f"peak {v['peak_gib']:.1f} GiB{alloc(v)}",
                   compare=f"measured {got:.1f} GiB" if got is not None and got == got else "not measured here",
                   note=parts)
     step = results.get("step")
-    table.row(part="plan.py prediction: run", model=model, result=f"peak {plan['peak_gib']:.1f} GiB",
+    table.row(part="plan.py prediction: run", model=model, result=f"peak {plan['peak_gib']:.1f} GiB{alloc(plan)}",
               compare=f"measured step {step:.1f} GiB" if step is not None and step == step else "",
-              note="measured: torch.cuda.max_memory_allocated (no CUDA context, no allocator slack)")
+              note="measured = torch.cuda.max_memory_allocated, comparable to the plan's `allocated` (no CUDA "
+                   "context, workspaces or allocator slack)")
 
 
 def main(argv=None):
