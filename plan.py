@@ -76,6 +76,7 @@ class MemoryTrace(TorchDispatchMode):
         self.snap = {}
         self.tag = "activations"
         self.params, self.param_keys, self.optimizers = [], set(), []
+        self.in_backward = False  # set around torch.autograd.backward by _instrumented
         self.shadow = WeakIdKeyDictionary()  # fake int/bool tensor -> a real copy
 
     # ---- counting -----------------------------------------------------------------------------------------
@@ -138,18 +139,30 @@ class MemoryTrace(TorchDispatchMode):
         kwargs = kwargs or {}
         if func is torch.ops.prim.device.default:  # most calls by far: `t.device` of a fake tensor
             return func(*args, **kwargs)
-        if func in HOST_READS:
+        if func in HOST_READS and isinstance(args[0], FakeTensor):
             return self._host_read(args[0])
         out = func(*args, **kwargs)
         flat_out = [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor)]
         tag = None
         if func is torch.ops.aten._to_copy.default and id(args[0].untyped_storage()) in self.param_keys:
             tag = "bf16 weight copies"  # autocast casting a weight (cached until clear_autocast_cache)
+        if func is torch.ops.aten.add.Tensor and self.in_backward and not torch.is_grad_enabled():
+            self._in_place(args, flat_out[0])  # before counting the output: it takes the input's block
         for t in flat_out:
             self.add(t, tag)
         if any(not t.dtype.is_floating_point for t in flat_out) or len(self.shadow) and func._schema.is_mutable:
             self._shadow(func, args, kwargs, flat_out)
         return out
+
+    def _in_place(self, args, out):
+        """The autograd engine summing two gradients of one tensor (its InputBuffer) adds out of place here, because
+        under a dispatch mode every tensor has a Python object holding a reference; a real run's buffers have none and
+        it adds in place. Count it so: the input's block becomes the output's."""
+        for a in args[:2]:
+            entry = self.live.get(id(a.untyped_storage())) if isinstance(a, torch.Tensor) else None
+            if entry is not None and a.shape == out.shape and entry[0] and entry[1] == "activations":
+                self.total, entry[0] = self.total - entry[0], 0
+                return
 
     def _host_read(self, t):
         real = self.shadow.get(t)
@@ -226,7 +239,8 @@ def _instrumented(trace, model):
     masks, bookkeeping) still runs every step."""
     import riel
     import rollout
-    originals = {"logits": rollout._logits, "generate": riel.generate, "decode_step": rollout.decode_step}
+    originals = {"logits": rollout._logits, "generate": riel.generate, "decode_step": rollout.decode_step,
+                 "backward": torch.autograd.backward}
     new_cache = model.new_cache
     model.new_cache = lambda *a, **k: _with_tag(trace, "KV cache", new_cache, *a, **k)
     rollout._logits = lambda *a, **k: _with_tag(trace, "log-prob chunks", originals["logits"], *a, **k)
@@ -245,10 +259,17 @@ def _instrumented(trace, model):
         elif cache.slot is None:
             cache.pos += 1  # what model.trunk does to a growing cache (a static one is advanced by generate)
         return calls["last"]
-    riel.generate, rollout.decode_step = generate_once, decode_step
+    def backward(*args, **kwargs):
+        trace.in_backward = True
+        try:
+            return originals["backward"](*args, **kwargs)
+        finally:
+            trace.in_backward = False
+    riel.generate, rollout.decode_step, torch.autograd.backward = generate_once, decode_step, backward
     try:
         yield
     finally:
+        torch.autograd.backward = originals["backward"]
         rollout._logits, riel.generate, rollout.decode_step = (originals["logits"], originals["generate"],
                                                               originals["decode_step"])
         del model.new_cache

@@ -1,0 +1,106 @@
+"""plan.py's peaks against measured ones: the same steps (plan.run_steps) run for real on this CPU, small configs.
+
+The measurement does not use plan.py's counting: PyTorch's CPU allocator reports every allocation and free to the
+profiler (`profile_memory=True`); the running sum of those events, from an empty start (the model is built inside
+the profiler), is the memory in use, and its maximum between two stage marks is the stage's measured peak. Marks
+are allocations of unique sizes, made and freed at once, found in the event stream and left out of the sum.
+
+The plan's number compared is its traced allocation (allocated_gib's bytes, before GPU constants), on fake tensors
+with the decode step skipped between the first and last plan.DECODE_TRACED steps, against the real run decoding
+every step. Margin 10%: what may differ is the plan's rounding of every block to 512 B (CUDA's rule; the CPU
+allocator does not round) and kernels' internal buffers, which the profiler sees and the plan cannot.
+"""
+import json
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import plan
+import train
+from model import ModelConfig, Transformer, model_config
+
+MARK = 987_654_321  # bytes of the first stage mark: no real tensor of these tests has a size near it
+
+
+def measured_peaks(cfg) -> dict:
+    """{stage: peak bytes in use} of plan.run_steps on real CPU tensors (see the module docstring)."""
+    marks = []
+
+    def mark(stage):
+        marks.append(stage)
+        del_me = torch.empty(MARK + len(marks), dtype=torch.uint8)
+        del del_me
+
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.precision == "autocast" else torch.autocast(
+        "cpu", enabled=False)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        model = Transformer(model_config(cfg.model))
+        model.gradient_checkpointing = cfg.gradient_checkpointing
+        with autocast:
+            for _ in plan.run_steps(cfg, model, mark):
+                pass
+        del model, _
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    peaks, live, peak, k = {}, 0, 0, 0
+    for e in events:
+        n = e.nbytes()
+        if MARK < abs(n) <= MARK + len(marks):
+            if n > 0:  # a mark: close the stage
+                stage = marks[abs(n) - MARK - 1]
+                if stage is not None:
+                    peaks[stage] = max(peaks.get(stage, 0), peak)
+                peak = live
+            continue
+        live += n
+        peak = max(peak, live)
+    assert set(peaks) == {"mef_step", "riel_update", "riel_sample"}, peaks
+    return peaks
+
+
+def small_config(tmp_path, model_cfg: ModelConfig, **kw) -> train.Config:
+    path = tmp_path / "model"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(model_cfg.to_hf()))
+    cfg = train.defaults("llama3.2-1b")  # a real model's defaults (gsm8k: 3 experts), shrunk below
+    cfg.model, cfg.device = str(path), "cpu"
+    cfg.mef.micro_batch_size, cfg.mef.max_len = 2, 40
+    cfg.riel.questions_per_step, cfg.riel.group_size, cfg.riel.max_new_tokens = 2, 2, 24  # 12 rows, > 2 x 8 steps
+    cfg.riel.micro_batch_size, cfg.riel.sample_batch_size = 2, 4  # 3 sampling calls
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+CASES = {
+    # a 128k vocabulary (Llama 3's): the head, its gradient, log-prob chunks and sampling logits dominate
+    "vocab128k-autocast-checkpointed": (dict(vocab_size=128256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                             head_dim=16, ffn_dim=128), dict(precision="autocast",
+                                                                             gradient_checkpointing=True)),
+    # a small vocabulary, fp32, no checkpointing: activations and the KV cache weigh more
+    "vocab264-fp32": (dict(vocab_size=264, dim=128, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=32, ffn_dim=384),
+                      dict(precision="fp32", gradient_checkpointing=False)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_plan_matches_measured_peaks(tmp_path, monkeypatch, case):
+    shape, options = CASES[case]
+    monkeypatch.setattr(plan, "PROMPT_TOKENS", 16)
+    cfg = small_config(tmp_path, ModelConfig(**shape), **options)
+    torch.manual_seed(0)
+    predicted = {k: v[0] for k, v in plan.trace_run(cfg).items()}
+    measured = measured_peaks(cfg)
+    for stage, got in measured.items():
+        assert abs(predicted[stage] - got) <= 0.10 * got, (stage, predicted[stage] / 2**20, got / 2**20)
+
+
+def test_every_preset_has_offline_shapes():
+    """Every hub preset can be planned offline; the shapes give the parameter counts of REFERENCES.md 4.5."""
+    from model import PRESETS
+    assert set(PRESETS) - {"tiny"} <= set(__import__("model").PRESET_CONFIGS)
+    with torch.device("meta"):
+        counts = {n: Transformer(model_config(n)).num_params() for n in ("llama3.2-1b", "llama3.2-3b",
+                                                                          "qwen2.5-0.5b", "qwen2.5-1.5b")}
+    assert [round(c / 1e9, 3) for c in counts.values()] == [1.236, 3.213, 0.494, 1.544]
