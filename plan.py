@@ -5,9 +5,9 @@ plan.py: how much GPU memory a run needs, found by running the real training cod
     python plan.py --all --gpu-gb 24 40 80          # the README's tables: every preset at its defaults
 
 Nothing here is a formula for memory. The plan builds the model at its real shapes on PyTorch's fake tensors
-(`FakeTensorMode`: shapes, dtypes and storages, no data, no GPU) and runs the code a run runs: two MEF optimizer
-steps (mef.mef_steps), then RIEL's update (riel.update_policy), its sampling call (riel.sample_groups) and a second
-update, the order train.py runs them in. A `TorchDispatchMode` sees every tensor every aten op returns and counts
+(`FakeTensorMode`: shapes, dtypes and storages, no data, no GPU) and runs the code a run runs: an MEF optimizer
+step (mef.mef_steps), RIEL's update (riel.update_policy) and its sampling call (riel.sample_groups), each after a
+first optimizer step that makes AdamW's state (mef.clip_and_step on zero gradients), as train.py runs them. A `TorchDispatchMode` sees every tensor every aten op returns and counts
 its storage from birth (the op) to death (a weakref callback when the last reference goes): the sum of live
 storages at each moment is what a caching allocator's `memory_allocated` would show, so its maximum per stage is the
 stage's peak. When the code changes, the plan follows.
@@ -294,8 +294,8 @@ def _tag_step(trace, opt):
 
 
 def run_steps(cfg, model, mark, world_size=1):
-    """The steps a plan measures, in train.py's order: two MEF optimizer steps, then RIEL's update (its AdamW state
-    is made), sampling call(s) (state alive) and update again. mark(stage) closes a stage. Worst-case inputs (see
+    """The steps a plan measures, in train.py's order: an MEF optimizer step, then RIEL's update and its sampling
+    call(s), each with its AdamW state made first (_make_state). mark(stage) closes a stage. Worst-case inputs (see
     the docstring); on real tensors too (tests/test_plan.py), where no row can stop: the stop id is past the
     sampled vocabulary."""
     import data
@@ -310,11 +310,10 @@ def run_steps(cfg, model, mark, world_size=1):
     prompt = min(PROMPT_TOKENS, m.max_len // 2)
     examples = [mef.SFTExample(i, "plan", [2] * prompt, [3] * (m.max_len - prompt)) for i in range(2 * m.micro_batch_size)]
     mark(None)
-    # step 1 only makes AdamW's state (one short example); step 2 is the peak: two micro-batches, the second one
-    # backpropagating into the first one's .grad, then the step with the state alive
-    for batch in (examples[:1], examples):
-        for _ in mef.mef_steps(model, batch, dataclasses.replace(m, epochs=1, batch_size=len(batch)), opt):
-            pass
+    _make_state(model, opt, m.grad_clip)
+    # the peak: two micro-batches, the second one backpropagating into the first one's .grad, then the step
+    for _ in mef.mef_steps(model, examples, dataclasses.replace(m, epochs=1, batch_size=len(examples)), opt):
+        pass
     mark("mef_step")
     del opt  # run_mef returns: its optimizer goes
     opt = _optimizer(model.parameters(), rc.lr, 0.0, cuda)
@@ -327,14 +326,22 @@ def run_steps(cfg, model, mark, world_size=1):
     pairs = [(prompts[0], prompts[1], completions[0])] * rc.micro_batch_size if rc.transfer and N > 1 else []
     update = lambda rows, pairs: riel.update_policy(model, opt, rc, prompts, completions, adv, rows, counts, pairs, [])
     mark(None)
-    update(rows[:1], [])  # makes AdamW's state
+    _make_state(model, opt, rc.grad_clip)
+    update(rows, pairs)
     mark("riel_update")
     records = [SimpleNamespace(id=i, question="", answer="", traces={}) for i in range(Q)]
     riel.sample_groups(model, _PlanTokenizer(model.cfg.vocab_size), records, experts, rc,
                        torch.Generator().manual_seed(0), rng_rows=(0, rc.questions_per_step * N * G))
     mark("riel_sample")
-    update(rows, pairs)
-    mark("riel_update")
+
+
+def _make_state(model, opt, grad_clip):
+    """AdamW makes its moments at its first step: one clip_and_step on zero gradients makes them (and moves no
+    weight), so the traced step is a later one, as almost every step of a run is."""
+    import mef
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    mef.clip_and_step(model, opt, grad_clip, 0.0)
 
 
 def trace_run(cfg, world_size=1) -> dict:
