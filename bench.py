@@ -3,7 +3,7 @@ bench.py: side-by-side speed and memory of our sampler, scorer and RL step, in o
 
     python bench.py            # the README tables (~15 minutes on a 2-core CPU, TRL included)
     python bench.py --quick    # a smoke run in under a minute (no TRL, no compile)
-    python bench.py --model DIR --data-dir ../shared/data   # sections 1-4 at a real size (~15 minutes)
+    python bench.py --model DIR --data-dir ../shared/data   # sections 1-4 at a real size (see below)
 
 1. Sampling throughput (medians over interleaved repeats): transformers' `generate` vs our
    `rollout.generate` at 8, 64 and 256 rows (P prompts x G samples), plain and with each speed option.
@@ -20,8 +20,9 @@ bench.py: side-by-side speed and memory of our sampler, scorer and RL step, in o
 --model DIR runs sections 1-4 on a real checkpoint (a Hugging Face directory, e.g. SmolLM2-135M-Instruct) with
 real prompts: GSM8K questions (via the data package) under the task's expert system prompts, rendered with the
 checkpoint's own chat template, its own stop ids, and the plain checker as the RIEL reward, so reward
-sparsity is real too. Sizes are smaller than the random-model tables (see Args.real_sizes) to fit ~15
-minutes on a 2-core CPU; every table heading says what ran. Each heading also gives the 1-minute load
+sparsity is real too. Sizes are smaller than the random-model tables (Args.real_sizes; for SmolLM2-135M on
+this 2-core CPU with --threads 1 at a load average of ~10: sampling ~13 min per row count, RIEL step ~19 min,
+TRL's steps most of it, MFU ~3 min; --sections picks tables). Every table heading says what ran. Each heading also gives the 1-minute load
 average before and after it: on a shared machine that is what the timings are conditioned on.
 Benchmarks print ratios; they are not timed tests. Other processes on the machine slow every side alike
 only when the sides are interleaved, so every comparison alternates its sides repeat by repeat.
@@ -79,7 +80,7 @@ class Args:
         """--model: sizes for a 135M model on a 2-core CPU (a real prompt is ~130 tokens and every token runs all
         the weights, ~40x the random model's FLOPs), applied to the options still at their defaults, so that
         e.g. --rows 8 16 still wins."""
-        sizes = dict(rows=(8,), new_tokens=32, repeats=3, compile=False, step_questions=2, step_repeats=2,
+        sizes = dict(rows=(8, 16), new_tokens=32, repeats=3, compile=False, step_questions=2, step_repeats=2,
                      mfu_rows=2, prompt_len=128)
         if self.quick:
             sizes.update(rows=(4,), group=4, new_tokens=4, repeats=1, trl=False, step_questions=1, step_repeats=1,
