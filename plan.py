@@ -23,9 +23,10 @@ Choices and limits, stated:
   the CUDA run builds it (foreach or fused AdamW, `_optimizer`), since AdamW's temporaries differ by kernel.
 - Host reads of tensor values (`.item()`, `bool(t)`, `.tolist()`) cannot be answered from fake tensors. Small
   integer/bool tensors built from Python data (lengths, positions, masks, indices) are shadowed by real copies, so
-  host reads of them are exact. Any other read gets the worst case for memory: a bool is False (no row has
-  stopped: decoding runs to max_new_tokens with every row alive), a float is 1.0 (finite loss and gradient norm:
-  the optimizer steps), an integer (a sampled token id) is 0, not a stop id.
+  host reads of them are exact. Any other read gets the worst case for memory: decoding runs to max_new_tokens,
+  and at the first check one row of each sampling call has stopped and is dropped (generate copies the cache of
+  the other rows while the old cache is alive: the largest transient of sampling); a float is 1.0 (finite loss and
+  gradient norm: the optimizer steps); an integer (a sampled token id) is 0, not a stop id.
 - Worst-case inputs: every MEF example is mef.max_len tokens; every prompt is PROMPT_TOKENS tokens; every rollout
   reaches max_new_tokens; every rollout has a positive advantage and every question a transfer pair. Two micro-
   batches per optimizer step: later ones add to .grad in place, so they add no memory, only time.
@@ -77,6 +78,7 @@ class MemoryTrace(TorchDispatchMode):
         self.tag = "activations"
         self.params, self.param_keys, self.optimizers = [], set(), []
         self.in_backward = False  # set around torch.autograd.backward by _instrumented
+        self.any_results, self.dropped = WeakIdKeyDictionary(), False  # see _host_read
         self.shadow = WeakIdKeyDictionary()  # fake int/bool tensor -> a real copy
 
     # ---- counting -----------------------------------------------------------------------------------------
@@ -141,11 +143,21 @@ class MemoryTrace(TorchDispatchMode):
             return func(*args, **kwargs)
         if func in HOST_READS and isinstance(args[0], FakeTensor):
             return self._host_read(args[0])
+        if func is torch.ops.aten.nonzero.default and isinstance(args[0], FakeTensor) and args[0] not in self.shadow:
+            # which rows are still running, after the read above said one stopped: all but one
+            out = torch.empty((max(args[0].numel() - 1, 0), args[0].dim()), dtype=torch.long, device=args[0].device)
+            self.add(out)
+            return out
         out = func(*args, **kwargs)
+        if func in (torch.ops.aten.any.default, torch.ops.aten.any.dim) and isinstance(out, FakeTensor):
+            self.any_results[out] = True
         flat_out = [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor)]
         tag = None
         if func is torch.ops.aten._to_copy.default and id(args[0].untyped_storage()) in self.param_keys:
             tag = "bf16 weight copies"  # autocast casting a weight (cached until clear_autocast_cache)
+        elif func is torch.ops.aten.index.Tensor and self.live.get(id(args[0].untyped_storage()), (0, ""))[1] == \
+                "KV cache":
+            tag = "KV cache"  # generate dropping finished rows: a copy of the cache
         if func is torch.ops.aten.add.Tensor and self.in_backward and not torch.is_grad_enabled():
             self._in_place(args, flat_out[0])  # before counting the output: it takes the input's block
         for t in flat_out:
@@ -170,7 +182,10 @@ class MemoryTrace(TorchDispatchMode):
             with unset_fake_temporarily():
                 return real.item()
         if t.dtype == torch.bool:
-            return False  # "has any row stopped?" -> no: the longest decode, every row alive
+            if t in self.any_results and not self.dropped:  # "has any row stopped?": once yes (one row), then no
+                self.dropped = True
+                return True
+            return False  # "have all rows stopped?" -> no: the longest decode
         if t.dtype.is_floating_point:
             return 1.0  # a finite loss / gradient norm: the optimizer steps
         return 0  # a sampled token id: 0, not _PlanTokenizer's stop id
@@ -249,6 +264,7 @@ def _instrumented(trace, model):
     def generate_once(model, prompts, **kw):
         if len(prompts) not in first:
             calls.update(n=0, last=None, steps=kw.get("max_new_tokens", 256) - 1)  # generate's decode steps
+            trace.dropped = False
             first[len(prompts)] = originals["generate"](model, prompts, **kw)
         return first[len(prompts)]
 
@@ -258,7 +274,8 @@ def _instrumented(trace, model):
             calls["last"] = originals["decode_step"](model, tok, positions, cache, mask)
         elif cache.slot is None:
             cache.pos += 1  # what model.trunk does to a growing cache (a static one is advanced by generate)
-        return calls["last"]
+        return calls["last"][:tok.shape[0]]  # rows may have been dropped since
+
     def backward(*args, **kwargs):
         trace.in_backward = True
         try:
