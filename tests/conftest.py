@@ -34,6 +34,23 @@ def hf_tiny(kind="llama", tied=True, scaling=True, n_kv=2, vocab=128, seed=0):
     return model.eval()
 
 
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """The real SmolLM2-135M-Instruct: ../shared/data's GGUF de-quantised ONCE per session into a Hugging Face
+    directory (experiments/convert_gguf.py, ~15-20 s). Skips without the file or the gguf/accelerate packages."""
+    import importlib.util
+    gguf_file = SHARED / "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not gguf_file.is_file():
+        pytest.skip(f"{gguf_file} is absent")
+    pytest.importorskip("gguf")
+    pytest.importorskip("accelerate")
+    script = Path(__file__).resolve().parents[1] / "experiments" / "convert_gguf.py"
+    spec = importlib.util.spec_from_file_location("convert_gguf", script)
+    convert_gguf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convert_gguf)
+    return Path(convert_gguf.convert(str(gguf_file), str(tmp_path_factory.mktemp("smollm2-135m"))))
+
+
 @pytest.fixture
 def hf_pair(tmp_path):
     """(transformers model, our model loaded from its saved checkpoint) for a given config."""

@@ -1,0 +1,191 @@
+"""A real pretrained chat model end to end, offline: SmolLM2-135M-Instruct (../shared/data's GGUF, de-quantised once
+per session by the `smollm2_dir` fixture) against transformers, which we did not write.
+
+- fp32 logits equal LlamaForCausalLM's on chat prompts rendered with every expert of GSM8K, MathQA and StrategyQA;
+- greedy rollout.generate equals transformers' greedy generate token for token on a left-padded batch;
+- tokenizer.render_chat equals apply_chat_template for every expert of every task, and the expert prompt REPLACES
+  the template's default system prompt ("You are a helpful AI assistant named SmolLM, ...");
+- bf16 autocast (the CUDA default precision, run here as CPU autocast) equals transformers' own bf16 autocast, and
+  stays close to fp32: the next-token argmax and the log-probs of a sampled completion (tolerances measured below);
+- train.py on GSM8K (one MEF step, one RIEL step, eval) writes a checkpoint AutoModelForCausalLM and AutoTokenizer
+  load, chat template intact, with our logits.
+Skips without ../shared/data or the gguf/accelerate packages.
+"""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import data
+import model as ours
+import tokenizer
+import train
+from conftest import SHARED
+from rollout import generate, token_logprobs
+from test_rollout import hf_greedy
+
+DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+TASKS = ("gsm8k", "mathqa", "strategyqa")
+
+
+@pytest.fixture(scope="module")
+def real(smollm2_dir):
+    """The converted model in transformers and in ours, chat prompts, our greedy answers and our fp32 logits."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    hf = LlamaForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    mine = ours.Transformer.from_pretrained(str(smollm2_dir)).eval()
+    # one chat prompt per (task, expert): expert i asks held-out question i, so the lengths differ (74-141 tokens)
+    prompts = []
+    for task in TASKS:
+        records = data.load(task, data.SPLITS[task].eval, data_dir=str(SHARED))
+        prompts += [tokenizer.render_chat(tok, e.system_prompt, records[i].question)
+                    for i, e in enumerate(data.experts(task))]
+    # greedy answers: 4 of the 9 end with <|im_end|> within 32 tokens (MathQA and StrategyQA answer briefly)
+    greedy = generate(mine, prompts, max_new_tokens=32, temperature=0, stop_ids=tokenizer.stop_token_ids(tok))
+    rows = [p + c for p, c in zip(prompts, greedy.completions)]
+    ids = torch.full((len(rows), max(map(len, rows))), tok.pad_token_id)  # right-padded
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+    prompt_pos, answer_pos = torch.zeros_like(ids, dtype=torch.bool), torch.zeros_like(ids, dtype=torch.bool)
+    for i, (p, c) in enumerate(zip(prompts, greedy.completions)):
+        prompt_pos[i, :len(p) - 1] = True  # positions that predict the next prompt token
+        answer_pos[i, len(p) - 1:len(p) + len(c) - 1] = True  # positions that predict an answer token
+    with torch.no_grad():
+        fp32 = mine(ids)
+    return SimpleNamespace(dir=smollm2_dir, tok=tok, hf=hf, ours=mine, prompts=prompts, greedy=greedy, ids=ids,
+                           valid=prompt_pos | answer_pos, prompt_pos=prompt_pos, answer_pos=answer_pos, fp32=fp32)
+
+
+def test_fp32_logits_equal_transformers_on_every_expert_prompt(real):
+    with torch.no_grad():
+        theirs = real.hf(real.ids).logits  # right padding: the causal mask alone keeps pads out of real positions
+    # the same fp32 operations in the same order: here they agree bit for bit (max |diff| 0.0 on logits up to 43).
+    # 1e-4 leaves room for another CPU's kernels summing in another order (fp32 rounding through 30 layers
+    # stays ~1e-5 at this scale) and still fails any real difference (a wrong eps, theta or cast is > 1e-2).
+    diff = (real.fp32 - theirs)[real.valid].abs().max().item()
+    assert diff < 1e-4, diff
+
+
+def test_greedy_generate_equals_transformers_and_stops_at_im_end(real):
+    stop = tokenizer.stop_token_ids(real.tok)
+    # transformers' own greedy decoding of the same left-padded batch (prompts of 74-141 tokens), same stop ids
+    assert real.greedy.completions == hf_greedy(real.hf, real.prompts, 32, set(stop), pad=real.tok.pad_token_id)
+    ends = [c[-1] for c, f in zip(real.greedy.completions, real.greedy.finish) if f == "stop"]
+    assert set(ends) == {2}  # rows stop at <|im_end|>, at different steps
+    assert len({len(c) for c, f in zip(real.greedy.completions, real.greedy.finish) if f == "stop"}) >= 2
+
+
+def test_render_chat_equals_apply_chat_template_and_replaces_the_default_system_prompt(real):
+    tok = real.tok
+    question = "Natalia sold clips to 48 of her friends in April. How many clips did she sell?"
+    for task in data.TASKS:
+        for e in data.experts(task):
+            ids = tokenizer.render_chat(tok, e.system_prompt, question)
+            messages = [{"role": "system", "content": e.system_prompt}, {"role": "user", "content": question}]
+            assert ids == tok.apply_chat_template(messages, add_generation_prompt=True)["input_ids"], (task, e.name)
+            text = tok.decode(ids)
+            assert DEFAULT_SYSTEM not in text and text.count("<|im_start|>system\n") == 1
+            assert text == f"<|im_start|>system\n{e.system_prompt}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n" \
+                           "<|im_start|>assistant\n"
+    # the check can fail: without a system message the template inserts its default
+    assert DEFAULT_SYSTEM in tok.decode(tokenizer.render_chat(tok, None, question))
+
+
+def test_stop_ids_end_the_turn_at_im_end(real):
+    tok = real.tok
+    # <|im_end|> (2) closes every ChatML turn: SFT targets end with it and sampling stops on it. <|endoftext|> (0)
+    # is the pretraining corpus' document separator (and this vocabulary's unk): a model that emits it has ended
+    # the text, so it stops sampling too; byte-level BPE never produces it from text, so no prompt or trace holds it.
+    assert tokenizer.end_of_turn_id(tok) == 2 and tok.convert_ids_to_tokens(2) == "<|im_end|>"
+    assert tokenizer.stop_token_ids(tok) == [2, 0] and tok.convert_ids_to_tokens(0) == "<|endoftext|>"
+    assert all(0 not in p for p in real.prompts)
+
+
+def test_bf16_autocast_equals_transformers_bf16_and_keeps_fp32s_greedy_choices(real):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        mine = real.ours(real.ids).float()
+        theirs = real.hf(real.ids).logits.float()
+    # our bf16 path is transformers' bf16 path: the same casts at the same places (bit for bit here; 1e-2 is far
+    # below the ~0.1-1 that one cast in another place moves bf16 logits by)
+    assert (mine - theirs)[real.valid].abs().max().item() < 1e-2
+    same = mine.argmax(-1) == real.fp32.argmax(-1)
+    # along the model's own greedy answers, bf16 would pick fp32's token at 99.4% of the positions here (320/322)
+    assert same[real.answer_pos].float().mean() >= 0.99
+    # along the prompts, many positions are near-ties (guessing the question's next word): 97.5% here, as many as
+    # transformers' bf16. bf16 keeps 8 bits of mantissa and moves these logits by up to 1.1: where fp32's best
+    # token leads the second by more than twice that, bf16 cannot change it
+    top2 = real.fp32.topk(2, dim=-1).values
+    clear = real.prompt_pos & (top2[..., 0] - top2[..., 1] > 2.5)
+    assert same[clear].all() and clear.sum() > 0.15 * real.prompt_pos.sum()  # 214 of 995 here
+    assert same[real.prompt_pos].float().mean() >= 0.95
+
+
+def test_bf16_logprobs_of_sampled_completions_equal_transformers_and_stay_close_to_fp32(real):
+    prompts = real.prompts[::3]  # one expert per task
+    out = generate(real.ours, prompts, max_new_tokens=32, temperature=1.0, seed=0,
+                   stop_ids=tokenizer.stop_token_ids(real.tok))
+    with torch.no_grad():
+        fp32, mask = token_logprobs(real.ours, prompts, out.completions)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16, _ = token_logprobs(real.ours, prompts, out.completions)
+            # transformers' bf16 log-probs of the same right-padded batch (token_logprobs pads with id 0)
+            ids = torch.zeros(len(prompts), max(len(p) + len(c) for p, c in zip(prompts, out.completions)),
+                              dtype=torch.long)
+            for i, (p, c) in enumerate(zip(prompts, out.completions)):
+                ids[i, :len(p) + len(c)] = torch.tensor(p + c)
+            logp = real.hf(ids).logits.float().log_softmax(-1)
+    theirs = torch.zeros_like(bf16)
+    for i, (p, c) in enumerate(zip(prompts, out.completions)):
+        theirs[i, :len(c)] = logp[i, torch.arange(len(p) - 1, len(p) + len(c) - 1), torch.tensor(c)]
+    m = mask.bool()
+    assert (bf16 - theirs)[m].abs().max() < 1e-3
+    # bf16 vs fp32, measured here on these 81 sampled tokens (seed 0; 96 tokens with seed 1): mean |error|
+    # 0.031 (0.025), max 0.11 (0.13) nats, i.e. a probability ratio within exp(0.13) = 1.14 per token. Tolerances
+    # with ~3x margin: mean 0.1, max 0.4. This bounds what bf16 costs; the exact check of the bf16 path is the one
+    # above against transformers
+    err = (bf16 - fp32).abs()[m]
+    assert err.mean() < 0.1 and err.max() < 0.4, (err.mean(), err.max())
+
+
+def test_train_run_on_gsm8k_writes_a_checkpoint_transformers_loads(real, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    out = tmp_path / "run"
+    # one GSM8K question (Natalia's clips). The 135M model solves ~0% of GSM8K zero-shot (0 of 60 samples of 48
+    # tokens here), so a reward needs MEF first: 3 steps at lr 1e-4 on the question's 3 expert traces teach its
+    # answer (MEF loss 1.08 -> 0.24), and RIEL's 4 samples per expert are then right 3, 2 and 3 times here, which
+    # makes a transfer (E+ rationale -> E- equations). Eval: 2 held-out questions x 3 experts, 16 tokens.
+    train.main(train.cli([
+        "--model", str(real.dir), "--data", "gsm8k", "--data-dir", str(SHARED), "--out-dir", str(out),
+        "--train-size", "1", "--mef.epochs", "3", "--mef.lr", "1e-4", "--mef.batch-size", "3",
+        "--mef.micro-batch-size", "3", "--riel.steps", "1", "--riel.questions-per-step", "1",
+        "--riel.group-size", "4", "--riel.max-new-tokens", "48", "--riel.micro-batch-size", "6",
+        "--riel.buffer-size", "2", "--riel.buffer-k", "2", "--eval.size", "2", "--eval.max-new-tokens", "16"]))
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    mef = [m for m in lines if m["stage"] == "mef"]
+    (rl,) = [m for m in lines if m["stage"] == "riel"]
+    assert len(mef) == 3 and mef[-1]["loss"] < 0.5 * mef[0]["loss"]
+    means = [rl[f"reward/{e.name}"] for e in data.experts("gsm8k")]
+    assert max(means) > 0
+    # one question per step: a transfer happens exactly when the experts' mean rewards differ (E+ != E-). So the
+    # test holds whatever the samples are; with these it is a transfer
+    assert rl["transfers"] == int(max(means) > min(means))
+    summary = json.loads((out / "summary.json").read_text())
+    assert {name: res["questions"] for name, res in summary["evals"].items()} == {"after_mef": 2, "after_riel": 2}
+
+    ckpt = summary["checkpoint"]
+    hf = AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    mine = ours.Transformer.from_pretrained(ckpt).eval()
+    ids = real.ids[:2, :60]
+    with torch.no_grad():
+        trained = mine(ids)
+        assert (hf(ids).logits - trained).abs().max() < 1e-4  # the tolerance of the fp32 test above
+        assert (trained - real.fp32[:2, :60]).abs().max() > 1e-2  # it saved the trained weights
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"}]
+    assert tok.apply_chat_template(messages, add_generation_prompt=True)["input_ids"] == \
+        real.tok.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+    assert tok.chat_template == real.tok.chat_template
+    assert tokenizer.stop_token_ids(tok) == tokenizer.stop_token_ids(real.tok)
