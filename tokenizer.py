@@ -4,10 +4,12 @@ tokenizer.py: the tokenizer next to the model: load it, render chat prompts, kno
 - `load_tokenizer(name_or_path)`: the checkpoint's own transformers tokenizer (presets as in model.py).
 - `render_chat(tok, system, user)`: prompt ids from the checkpoint's OWN chat template with system = the
   expert prompt and user = the question, ending with the assistant header. The template already emits any
-  BOS (Llama's <|begin_of_text|>), so we never add a second one.
+  BOS (Llama's <|begin_of_text|>), so we never add a second one. A template's default system prompt (Qwen's,
+  SmolLM2's "You are a helpful AI assistant named SmolLM...") is replaced by the expert's, never kept.
 - `stop_token_ids(tok)`: every id that ends generation (Llama-3.x-Instruct: <|eot_id|>, <|eom_id|>,
-  <|end_of_text|>; Qwen: <|im_end|>, <|endoftext|>; REFERENCES.md 4.8). `end_of_turn_id(tok)`: the one an
-  SFT target ends with, so that trained answers stop the way sampled ones do.
+  <|end_of_text|>; Qwen: <|im_end|>, <|endoftext|>; REFERENCES.md 4.8; SmolLM2: <|im_end|> = 2, and
+  <|endoftext|> = 0, its pretraining document separator: text after it would be a new document).
+  `end_of_turn_id(tok)`: the one an SFT target ends with, so that trained answers stop the way sampled ones do.
 - The `tiny` preset's tokenizer is byte-level (ids 0-255 are the bytes, then 8 special tokens) with a
   ChatML template: built in code, nothing to download or train, and it can spell any text.
 """
