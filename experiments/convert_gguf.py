@@ -51,7 +51,7 @@ def convert(gguf_file: str, out_dir: str) -> str:
 
 if __name__ == "__main__":
     if len(sys.argv) not in (2, 3) or sys.argv[1].startswith("-"):
-        raise SystemExit(f"usage: python experiments/convert_gguf.py OUT_DIR [GGUF_FILE]  (default GGUF: {DEFAULT_GGUF})")
+        raise SystemExit(f"usage: python experiments/convert_gguf.py OUT_DIR [GGUF_FILE] (default: {DEFAULT_GGUF})")
     t0 = time.time()
     out = convert(sys.argv[2] if len(sys.argv) == 3 else DEFAULT_GGUF, sys.argv[1])
     print(f"{out}: converted in {time.time() - t0:.0f}s")

@@ -7,8 +7,8 @@ per session by the `smollm2_dir` fixture) against transformers, which we did not
   the template's default system prompt ("You are a helpful AI assistant named SmolLM, ...");
 - bf16 autocast (the CUDA default precision, run here as CPU autocast) equals transformers' own bf16 autocast, and
   stays close to fp32: the next-token argmax and the log-probs of a sampled completion (tolerances measured below);
-- train.py on GSM8K (one MEF step, one RIEL step, eval) writes a checkpoint AutoModelForCausalLM and AutoTokenizer
-  load, chat template intact, with our logits.
+- train.py on GSM8K (MEF on one question, one RIEL step with an inter-expert transfer, eval) writes a checkpoint
+  AutoModelForCausalLM and AutoTokenizer load, chat template intact, with our logits.
 Skips without ../shared/data or the gguf/accelerate packages.
 """
 
@@ -88,8 +88,8 @@ def test_render_chat_equals_apply_chat_template_and_replaces_the_default_system_
             assert ids == tok.apply_chat_template(messages, add_generation_prompt=True)["input_ids"], (task, e.name)
             text = tok.decode(ids)
             assert DEFAULT_SYSTEM not in text and text.count("<|im_start|>system\n") == 1
-            assert text == f"<|im_start|>system\n{e.system_prompt}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n" \
-                           "<|im_start|>assistant\n"
+            assert text == (f"<|im_start|>system\n{e.system_prompt}<|im_end|>\n"
+                            f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n")
     # the check can fail: without a system message the template inserts its default
     assert DEFAULT_SYSTEM in tok.decode(tokenizer.render_chat(tok, None, question))
 
@@ -154,9 +154,9 @@ def test_train_run_on_gsm8k_writes_a_checkpoint_transformers_loads(real, tmp_pat
     from transformers import AutoModelForCausalLM, AutoTokenizer
     out = tmp_path / "run"
     # one GSM8K question (Natalia's clips). The 135M model solves ~0% of GSM8K zero-shot (0 of 60 samples of 48
-    # tokens here), so a reward needs MEF first: 3 steps at lr 1e-4 on the question's 3 expert traces teach its
-    # answer (MEF loss 1.08 -> 0.24), and RIEL's 4 samples per expert are then right 3, 2 and 3 times here, which
-    # makes a transfer (E+ rationale -> E- equations). Eval: 2 held-out questions x 3 experts, 16 tokens.
+    # tokens on 5 short questions here), so a reward needs MEF first: 3 steps at lr 1e-4 on the question's 3 expert
+    # traces teach its answer (MEF loss 1.08 -> 0.24), and RIEL's 4 samples per expert are then right 3, 2 and 3
+    # times here, which makes a transfer (E+ rationale -> E- equations). Eval: 2 held-out questions x 3 experts.
     train.main(train.cli([
         "--model", str(real.dir), "--data", "gsm8k", "--data-dir", str(SHARED), "--out-dir", str(out),
         "--train-size", "1", "--mef.epochs", "3", "--mef.lr", "1e-4", "--mef.batch-size", "3",
