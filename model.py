@@ -63,8 +63,10 @@ _LLAMA32 = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high
             "original_max_position_embeddings": 8192}
 PRESET_CONFIGS = {name: dict(zip(_SHAPE_KEYS, shape), model_type=kind, tie_word_embeddings=True, **extra)
                   for name, kind, shape, extra in [
-    ("llama3.2-1b", "llama", (2048, 16, 32, 8, 8192, 128256, 5e5, 1e-5, 131072), {"head_dim": 64, "rope_scaling": _LLAMA32}),
-    ("llama3.2-3b", "llama", (3072, 28, 24, 8, 8192, 128256, 5e5, 1e-5, 131072), {"head_dim": 128, "rope_scaling": _LLAMA32}),
+    ("llama3.2-1b", "llama", (2048, 16, 32, 8, 8192, 128256, 5e5, 1e-5, 131072),
+     dict(head_dim=64, rope_scaling=_LLAMA32)),
+    ("llama3.2-3b", "llama", (3072, 28, 24, 8, 8192, 128256, 5e5, 1e-5, 131072),
+     dict(head_dim=128, rope_scaling=_LLAMA32)),
     ("qwen2.5-0.5b", "qwen2", (896, 24, 14, 2, 4864, 151936, 1e6, 1e-6, 32768), {}),
     ("qwen2.5-1.5b", "qwen2", (1536, 28, 12, 2, 8960, 151936, 1e6, 1e-6, 32768), {}),
     ("qwen2.5-math-1.5b", "qwen2", (1536, 28, 12, 2, 8960, 151936, 1e4, 1e-6, 4096), {}),

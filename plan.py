@@ -7,7 +7,8 @@ plan.py: how much GPU memory a run needs, found by running the real training cod
 Nothing here is a formula for memory. The plan builds the model at its real shapes on PyTorch's fake tensors
 (`FakeTensorMode`: shapes, dtypes and storages, no data, no GPU) and runs the code a run runs: an MEF optimizer
 step (mef.mef_steps), RIEL's update (riel.update_policy) and its sampling call (riel.sample_groups), each after a
-first optimizer step that makes AdamW's state (mef.clip_and_step on zero gradients), as train.py runs them. A `TorchDispatchMode` sees every tensor every aten op returns and counts
+first optimizer step that makes AdamW's state (mef.clip_and_step on zero gradients), as train.py runs them. A
+`TorchDispatchMode` sees every tensor every aten op returns and counts
 its storage from birth (the op) to death (a weakref callback when the last reference goes): the sum of live
 storages at each moment is what a caching allocator's `memory_allocated` would show, so its maximum per stage is the
 stage's peak. When the code changes, the plan follows.
@@ -39,7 +40,6 @@ Choices and limits, stated:
 """
 import argparse
 import dataclasses
-import math
 import time
 import weakref
 from contextlib import contextmanager, nullcontext
@@ -205,8 +205,9 @@ class MemoryTrace(TorchDispatchMode):
                     self.shadow[f] = r
             return
         # an op that cannot be shadowed but writes into shadowed tensors: their copies (and their views') are stale
-        written = [a for i, a in enumerate(args) if isinstance(a, FakeTensor) and i < len(func._schema.arguments)
-                   and func._schema.arguments[i].alias_info is not None and func._schema.arguments[i].alias_info.is_write]
+        schema = func._schema.arguments
+        written = [a for i, a in enumerate(args) if isinstance(a, FakeTensor) and i < len(schema)
+                   and schema[i].alias_info is not None and schema[i].alias_info.is_write]
         written += [v for k, v in kwargs.items() if k == "out" and isinstance(v, FakeTensor)]
         if written:
             stale = {id(a.untyped_storage()) for a in written}
@@ -237,11 +238,9 @@ class _PlanTokenizer:
 
 
 def _optimizer(params, lr, weight_decay, cuda):
-    """The AdamW train.py builds, as it would on the run's device (fused on CUDA when mef.make_optimizer says so)."""
+    """The AdamW train.py builds (mef.make_optimizer), as it would on the run's device: fused on CUDA."""
     import mef
-    if hasattr(mef, "make_optimizer"):
-        return mef.make_optimizer(params, lr, weight_decay, fused=True if cuda else None)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True if cuda else None)
+    return mef.make_optimizer(params, lr, weight_decay, fused=True if cuda else None)
 
 
 @contextmanager
@@ -325,7 +324,8 @@ def run_steps(cfg, model, mark, world_size=1):
     opt = _optimizer(model.parameters(), m.lr, m.weight_decay, cuda)
     yield opt
     prompt = min(PROMPT_TOKENS, m.max_len // 2)
-    examples = [mef.SFTExample(i, "plan", [2] * prompt, [3] * (m.max_len - prompt)) for i in range(2 * m.micro_batch_size)]
+    examples = [mef.SFTExample(i, "plan", [2] * prompt, [3] * (m.max_len - prompt))
+                for i in range(2 * m.micro_batch_size)]
     mark(None)
     _make_state(model, opt, m.grad_clip)
     # the peak: two micro-batches, the second one backpropagating into the first one's .grad, then the step
@@ -361,11 +361,16 @@ def _make_state(model, opt, grad_clip):
     mef.clip_and_step(model, opt, grad_clip, 0.0)
 
 
+def _autocast(cfg) -> bool:
+    """train.py's choice: bf16 autocast on CUDA (a plan is for the GPU run unless --device says otherwise)."""
+    return cfg.precision == "autocast" or (cfg.precision == "auto" and (cfg.device or "cuda").startswith("cuda"))
+
+
 def trace_run(cfg, world_size=1) -> dict:
     """run_steps on fake tensors: {stage: (peak bytes, parts)} on one rank (its share of the rows), before FSDP/DDP
     accounting and GPU constants."""
     from model import Transformer, model_config
-    use_autocast = cfg.precision == "autocast" or (cfg.precision == "auto" and (cfg.device or "cuda").startswith("cuda"))
+    use_autocast = _autocast(cfg)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if use_autocast else nullcontext()
     trace, stages = MemoryTrace(), {}
@@ -425,7 +430,7 @@ def plan_memory(cfg, world_size=1) -> dict:
     with torch.device("meta"):
         m = Transformer(model_config(cfg.model))
     count = lambda mod: sum(p.numel() for p in mod.parameters())
-    use_autocast = cfg.precision == "autocast" or (cfg.precision == "auto" and (cfg.device or "cuda").startswith("cuda"))
+    use_autocast = _autocast(cfg)
     sizes = {"all": count(m), "block": count(m.layers[0]), "root": count(m) - len(m.layers) * count(m.layers[0]),
              "compute_bytes": 2 if use_autocast or cfg.precision == "bf16" else 4}
     stages = _per_rank(trace_run(cfg, world_size), cfg, world_size, sizes)
@@ -501,19 +506,20 @@ def report(cfg, result, gpu_gib, world_size=1, find_fixes=True) -> str:
 
 
 def table(models, gpus, world_size=1) -> str:
-    """The README's table: each model at its train.py defaults, stage peaks and whether it fits each GPU."""
+    """The README's table: each model at its train.py defaults, stage peaks (GiB, constants included) and whether
+    it fits each GPU."""
     import train
-    rows = ["| model | params | MEF step | RIEL sampling | RIEL update | peak | biggest part at the peak | "
-            + " | ".join(f"{g:g} GiB" for g in gpus) + " |", "|" + "---|" * (7 + len(gpus))]
+    rows = ["| model | params | MEF step | RIEL sampling | RIEL update | peak GiB | largest parts at the peak (GiB) | "
+            + " | ".join(f"{g:g} GiB" for g in gpus) + " | plan s |", "|" + "---|" * (8 + len(gpus))]
     for name in models:
-        cfg = train.defaults(name)
-        r = plan_memory(cfg, world_size)
+        t0 = time.time()
+        r = plan_memory(train.defaults(name), world_size)
         s = r["stages"]
-        top = max(s.values(), key=lambda v: v["peak_gib"])
-        part = max(top["parts"].items(), key=lambda kv: kv[1])
+        top = sorted(max(s.values(), key=lambda v: v["peak_gib"])["parts"].items(), key=lambda kv: -kv[1])[:3]
         rows.append(f"| {name} | {r['params'] / 1e9:.2f}B | " + " | ".join(f"{s[k]['peak_gib']:.1f}" for k in
-                    ("mef_step", "riel_sample", "riel_update")) + f" | {r['peak_gib']:.1f} GiB | {part[0]} "
-                    f"{part[1]:.1f} | " + " | ".join("fits" if r["peak_gib"] <= g else "no" for g in gpus) + " |")
+                    ("mef_step", "riel_sample", "riel_update")) + f" | **{r['peak_gib']:.1f}** | "
+                    + ", ".join(f"{k} {v:.1f}" for k, v in top) + " | "
+                    + " | ".join("fits" if r["peak_gib"] <= g else "no" for g in gpus) + f" | {time.time() - t0:.0f} |")
         print(rows[-1], flush=True)
     return "\n".join(rows)
 
