@@ -29,6 +29,7 @@ token_logprobs(model, prompts, completions)
     - Logits are divided by the sampling temperature first: sampler and trainer must use the same T.
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -76,7 +77,20 @@ def top_p_filter(probs, top_p):
     return probs / probs.sum(dim=-1, keepdim=True)
 
 
-@torch.inference_mode()  # no autograd bookkeeping at all: cheaper per op than no_grad
+def _without_autograd(fn):
+    """Run fn under inference_mode (no autograd bookkeeping at all: cheaper per op than no_grad), except under
+    autocast. Autocast caches its bf16 copy of each fp32 weight only outside inference_mode, so there every decode
+    step would cast every weight afresh (CPU: a 2048^2 linear on one row 3.3x slower; CUDA, 3B: 12.8 GB of fp32
+    weights re-read per token). Under no_grad the copies are made once and training's forwards reuse them."""
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kwargs):
+        autocast = torch.is_autocast_enabled(model.embed_tokens.weight.device.type)
+        with torch.no_grad() if autocast else torch.inference_mode():
+            return fn(model, *args, **kwargs)
+    return wrapper
+
+
+@_without_autograd
 def generate(model, prompts, *, num_samples=1, max_new_tokens=256, temperature=1.0, top_p=1.0, stop_ids=(),
              generator=None, seed=None, vocab_limit=None, pad_id=0, sync_every=8, rng_rows=None, drop_finished=False,
              static_cache=False, compile=False) -> Rollout:

@@ -155,3 +155,29 @@ def test_optimizer_factory_foreach_on_cpu_is_torch_adamw_bit_for_bit():
     for a, b in zip(runs["torch"][0], runs["fused"][0]):  # the fused kernel: the same update, its own rounding
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert not any(math.isclose(float((a - b.detach()).abs().max()), 0.0) for a, b in zip(init, runs["ours"][0]))
+
+
+def test_sampling_under_autocast_casts_each_weight_once_per_call_not_per_token():
+    """inference_mode keeps autocast from caching its bf16 weight copies, so generate samples under no_grad when
+    autocast is on: the weights are cast at the first forward of a call, not again at every decode step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from rollout import generate
+    model = Transformer.from_config(tiny_config(), torch.device("cpu"), torch.float32, seed=0)
+    weights = {p.data_ptr() for p in model.parameters() if p.dim() == 2}
+
+    class CountWeightCasts(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            # a cast is _to_copy, or to.dtype where inference_mode keeps that composite op whole
+            if func in (torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype) and args[0].data_ptr() in weights:
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    for new_tokens in (4, 16):
+        with torch.autocast("cpu", dtype=torch.bfloat16), CountWeightCasts() as casts:
+            out = generate(model, [[256, 49, 43]], num_samples=2, max_new_tokens=new_tokens, seed=0)
+        assert max(len(c) for c in out.completions) == new_tokens  # no stop ids: every row decodes them all
+        counts.append(casts.n)
+    assert counts[0] == counts[1] and 0 < counts[0] <= len(weights)
