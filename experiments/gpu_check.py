@@ -167,28 +167,8 @@ def check_precision(table, name, device, quick):
 
 # ---- 2. sampling: ours vs transformers ------------------------------------------------------------------------------
 
-def bench_helpers():
-    """bench.py's side-by-side helpers; the same few lines here if bench.py no longer has them."""
-    try:
-        from bench import stopped_len, timed_interleaved
-        return stopped_len, timed_interleaved
-    except ImportError:
-        def stopped(row, stop):
-            return next((i + 1 for i, x in enumerate(row) if x in stop), len(row))
-
-        def interleaved(fns, repeats):
-            times = {k: [] for k in fns}
-            for _ in range(repeats):
-                for k, fn in fns.items():
-                    t = time.perf_counter()
-                    fn()
-                    times[k].append(time.perf_counter() - t)
-            return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-        return stopped, interleaved
-
-
 def check_sampling(table, name, device, quick, rows_list, new_tokens, use_compile, t0, budget):
-    stopped_len, timed_interleaved = bench_helpers()
+    from bench import stopped_len, timed_interleaved  # the same side-by-side timing as bench.py's tables
     m = random_model(model_cfg(name), device, torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
     hf = hf_twin(m)
     V, G = m.cfg.vocab_size, 8 if not quick else 4
