@@ -170,8 +170,9 @@ def generate(model, prompts, *, num_samples=1, max_new_tokens=256, temperature=1
                 keep = (~done).nonzero().squeeze(1)  # (b,)
                 alive = keep if alive is None else alive[keep]
                 tok, done, next_pos, key_mask = tok[keep], done[keep], next_pos[keep], key_mask[keep]
-                big.k = [x[keep] for x in big.k]
-                big.v = [x[keep] for x in big.v]
+                for cache in (big.k, big.v):  # layer by layer: each old layer is freed before the next is copied
+                    for i in range(len(cache)):
+                        cache[i] = cache[i][keep]
         key_mask[:, big.pos] = True
         step_mask = key_mask[:, None, None, :] if big.slot is not None else key_mask[:, None, None, :big.pos + 1]
         logits = step(model, tok, next_pos, big, step_mask)  # (b, V)
