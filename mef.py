@@ -50,6 +50,11 @@ class MEFConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0  # linear warmup (train.py's schedule)
     schedule: Literal["constant", "cosine"] = "constant"  # after warmup; cosine decays to 10% of lr
+    # Stop early at the edge of competence (train.py): every check_every steps, greedy accuracy of each expert on
+    # check_size RL-level training questions; stop once the best expert reaches stop_at (None: never check).
+    stop_at: float | None = None
+    check_every: int = 25
+    check_size: int = 100
 
 
 @dataclass

@@ -18,7 +18,10 @@ logs, and checkpoints. Choices:
   weight); on CPU fp32. `bf16` stores the weights in bf16 to save memory.
 - Every optimizer step is a JSON line in metrics.jsonl; stdout gets a line every --log-every steps (default:
   ~20 lines per stage, plus its first and last step) holding the means over the steps since the previous
-  line, under tqdm's bar; curves.png in the run directory draws them (experiments/plot.py, needs matplotlib).
+  line, under tqdm's bar; curves.png in the run directory draws them (runlog.py; experiments/plot.py draws,
+  with matplotlib).
+- The tiny default stops MEF by measurement, not by a step count (`--mef.stop-at`, `competent` below): RL starts
+  where the best expert solves about a fifth of the RL questions greedily, the edge of competence.
 - A user's mistake (errors.UserError: unknown model, task or expert, a missing or malformed data file, ...)
   ends the command with `error: <message>` and exit status 2; anything else is a bug and keeps its traceback.
 - Checkpoints are atomic (checkpoint.py) and hold everything needed for `--resume` to continue bit for bit:
@@ -30,10 +33,8 @@ logs, and checkpoints. Choices:
 """
 
 import dataclasses
-import json
 import math
 import os
-import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -47,6 +48,7 @@ from tqdm import tqdm
 import checkpoint
 import data
 import dist
+import runlog
 import verify
 from errors import UserError
 from eval import EvalConfig, evaluate, format_table
@@ -189,62 +191,6 @@ def check_world(cfg: Config):
         raise UserError(f"--eval.batch-size {cfg.eval.batch_size} < {w} processes: each needs a prompt per batch")
 
 
-class NullLog:
-    """The metrics log of ranks other than 0: they compute the same metrics, rank 0 writes them."""
-
-    def write(self, record: dict):
-        pass
-
-
-class MetricsLog:
-    """metrics.jsonl: one JSON object per line. On resume, lines past the checkpoint are dropped (they will be
-    redone), so the file always describes exactly one uninterrupted run."""
-
-    def __init__(self, path: str, keep_upto: int | None):
-        self.path = path
-        if keep_upto is not None and os.path.exists(path):
-            with open(path) as f:
-                kept = [line for line in f if json.loads(line).get("gstep", 0) <= keep_upto]
-            with open(path + ".tmp", "w") as f:
-                f.writelines(kept)
-            os.replace(path + ".tmp", path)
-        elif keep_upto is None and os.path.exists(path):
-            os.remove(path)
-
-    def write(self, record: dict):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def read(self) -> list:
-        if not os.path.exists(self.path):
-            return []
-        with open(self.path) as f:
-            return [json.loads(line) for line in f]
-
-
-class StepLines:
-    """The stdout lines of a stage: its first and last step and every `every`-th, each showing the mean of every
-    numeric metric over the steps since the previous line (one RL step alone is noisy); lr, buffer size and
-    the step counters are the current ones. metrics.jsonl keeps every step."""
-
-    CURRENT = ("step", "gstep", "epoch", "lr", "buffer_size")
-
-    def __init__(self, log_every: int | None, start: int, total: int):
-        self.every = log_every or max(1, math.ceil(total / 20))  # default: ~20 lines per stage
-        self.start, self.total, self.window = start, total, []
-
-    def __call__(self, step: int, m: dict) -> dict | None:
-        """Add step `step`'s metrics; the dict to print when this step gets a line, else None."""
-        self.window.append(m)
-        if not (step == self.start + 1 or step == self.total or step % self.every == 0):
-            return None
-        numeric = [k for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-                   and k not in self.CURRENT]
-        means = {k: statistics.fmean(w[k] for w in self.window if k in w) for k in numeric}
-        self.window = []
-        return {**m, **means}
-
-
 # ---- the run ------------------------------------------------------------------------------------------
 
 
@@ -285,8 +231,8 @@ def main(cfg: Config):
     tok = load_tokenizer(source)
     experts = load_experts(cfg)
     eval_split = data.SPLITS[cfg.data].eval
-    log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), state["gstep"] if ckpt else None) \
-        if dist.is_main() else NullLog()
+    log = runlog.MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), state["gstep"] if ckpt else None) \
+        if dist.is_main() else runlog.NullLog()
     print(f"model {source}: {model.num_params() / 1e6:.2f}M params on {device} ({cfg.precision}) x {dist.world()} "
           f"processes; task {cfg.data}; experts {[e.name for e in experts]}; stages {list(cfg.stages)}")
 
@@ -328,11 +274,11 @@ def main(cfg: Config):
         if "eval" in cfg.stages:
             run_eval(f"after_{stage}")  # a no-op when this checkpoint already holds it
         if dist.is_main() and stage == "mef" and "riel" in cfg.stages:
-            write_curves(cfg.out_dir)  # the picture so far, to look at while RIEL runs
+            runlog.write_curves(cfg.out_dir)  # the picture so far, to look at while RIEL runs
     if "eval" in cfg.stages and not any(f"after_{s}" in state["evals"] for s in ("mef", "riel")):
         run_eval("final")
     if dist.is_main():
-        write_summary(cfg, state, log, time.time() - save.t0)
+        runlog.write_summary(cfg, state, log, time.time() - save.t0)
 
 
 def run_mef(cfg, model, tok, records, experts, state, start, resumed, save, log):
@@ -340,7 +286,7 @@ def run_mef(cfg, model, tok, records, experts, state, start, resumed, save, log)
     if not examples:
         raise UserError(f"MEF has no examples: {counts}")
     total = num_steps(len(examples), cfg.mef)
-    lines = StepLines(cfg.log_every, start, total)
+    lines = runlog.StepLines(cfg.log_every, start, total)
     print(f"MEF: {counts['examples']} examples ({counts}), {total} steps of {cfg.mef.batch_size}; a line every "
           f"{lines.every} steps (means since the previous line)")
     opt = make_optimizer(dist.parameters(model), lr=cfg.mef.lr, weight_decay=cfg.mef.weight_decay)
@@ -359,9 +305,29 @@ def run_mef(cfg, model, tok, records, experts, state, start, resumed, save, log)
             tqdm.write(f"mef {a['step']:>5}/{total} loss {a['loss']:.4f} lr {a['lr']:.2e} gnorm {a['grad_norm']:.2f} "
                        f"{a['tokens_per_s']:,.0f} tok/s")
         state["step"] = m["step"]
+        if cfg.mef.stop_at is not None and m["step"] % cfg.mef.check_every == 0 and m["step"] < total:
+            if competent(cfg, model, tok, experts, state, log):
+                break
         if m["step"] % cfg.checkpoint_every == 0 and m["step"] < total:
             save("mef", m["step"], opt)
     bar.close()
+
+
+def competent(cfg, model, tok, experts, state, log) -> bool:
+    """MEF's early stop (TINY_RL.md 4A): RL teaches best from the edge of competence, and how many SFT steps reach
+    it swings with seed and machine (a phase change: 3% to 70% within a few hundred steps). So measure instead of
+    guessing: greedy accuracy per expert on RL-level training questions (never the held-out ones)."""
+    records = load_records(cfg, data.SPLITS[cfg.data].train, "riel")[:cfg.mef.check_size]
+    res = evaluate(model, tok, cfg.data, records, experts,
+                   EvalConfig(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size), seed=cfg.seed)
+    model.train()
+    log.write({"stage": "mef_check", "step": state["step"], "gstep": state["gstep"], "accuracy": res["accuracy"],
+               "best_accuracy": res["best_accuracy"]})
+    done = res["best_accuracy"] >= cfg.mef.stop_at
+    tqdm.write(f"mef check {state['step']:>5}: greedy on {len(records)} RL questions "
+               + " ".join(f"{k} {100 * v:.0f}%" for k, v in res["accuracy"].items())
+               + (f" -> best >= {100 * cfg.mef.stop_at:.0f}%: stop MEF here" if done else ""))
+    return done
 
 
 def run_riel(cfg, model, tok, records, experts, state, start, resumed, save, log):
@@ -375,7 +341,7 @@ def run_riel(cfg, model, tok, records, experts, state, start, resumed, save, log
         generator.set_state(state["generator"])
         buffer = HardExampleBuffer.from_dict(state["buffer"])
     reward_fn = lambda record, text: verify.reward(cfg.data, text, record.answer)
-    lines = StepLines(cfg.log_every, start, steps)
+    lines = runlog.StepLines(cfg.log_every, start, steps)
     print(f"RIEL: {steps} steps of {rc.questions_per_step} questions x {len(experts)} experts x {rc.group_size} "
           f"samples; a line every {lines.every} steps (means since the previous line)")
     for step in tqdm(range(start, steps), initial=start, total=steps, desc="riel", dynamic_ncols=True,
@@ -394,36 +360,6 @@ def run_riel(cfg, model, tok, records, experts, state, start, resumed, save, log
                           f"{a['mel_s']:.1f}s" if cfg.mel.enabled else ""))
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
             save("riel", step + 1, opt, generator, buffer)
-
-
-def write_summary(cfg, state, log, wall_since_save):
-    rl = [m for m in log.read() if m.get("stage") == "riel"]
-    tenth = max(1, len(rl) // 10)
-    trend = {}
-    if rl:
-        for key in ("zero_spread", "reward"):
-            trend[key] = {"first_10pct": sum(m[key] for m in rl[:tenth]) / tenth,
-                          "last_10pct": sum(m[key] for m in rl[-tenth:]) / tenth}
-    summary = {"model": cfg.model, "data": cfg.data, "stages": list(cfg.stages), "evals": state["evals"],
-               "riel_trend": trend, "optimizer_steps": state["gstep"], "wall_s": state["wall_s"] + wall_since_save,
-               "checkpoint": checkpoint.latest(cfg.out_dir), "config": dataclasses.asdict(cfg)}
-    with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    print(f"summary -> {os.path.join(cfg.out_dir, 'summary.json')} ({summary['wall_s']:.0f}s)")
-    write_curves(cfg.out_dir)
-
-
-def write_curves(out_dir: str):
-    """curves.png in the run directory (experiments/plot.py). A picture is never worth a failed run: any
-    error becomes a warning; without matplotlib, plot_runs says in one line how to get it."""
-    try:
-        from experiments.plot import plot_runs
-        path = plot_runs([out_dir], os.path.join(out_dir, "curves.png"))
-    except Exception as e:  # noqa: BLE001 (deliberately broad, see above)
-        print(f"warning: curves.png not written ({type(e).__name__}: {e})", file=sys.stderr)
-        return
-    if path:
-        print(f"curves -> {path}")
 
 
 def cli(argv=None) -> Config:

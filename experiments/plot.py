@@ -56,7 +56,7 @@ def smooth(xs, k=10):
 
 
 def read_metrics(run_dir: str) -> list:
-    """The records of a run's metrics.jsonl (train.py's MetricsLog)."""
+    """The records of a run's metrics.jsonl (runlog.MetricsLog)."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist: is {run_dir} a train.py run directory?")

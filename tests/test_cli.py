@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import runlog
 import train
 from test_train import SMALL
 
@@ -50,12 +51,12 @@ def test_user_mistakes_end_with_the_message_alone_and_a_bug_keeps_its_traceback(
 
 
 def test_step_lines_every_n_steps_hold_the_means_since_the_previous_line():
-    lines = train.StepLines(log_every=None, start=0, total=400)
+    lines = runlog.StepLines(log_every=None, start=0, total=400)
     printed = [s for s in range(1, 401) if lines(s, {"step": s, "loss": float(s), "lr": 0.1 * s})]
     assert printed == [1] + list(range(20, 401, 20))  # the default RIEL stage: 21 lines, not 400
-    lines = train.StepLines(log_every=None, start=0, total=282)  # the default MEF stage
+    lines = runlog.StepLines(log_every=None, start=0, total=282)  # the default MEF stage
     assert sum(lines(s, {"loss": 1.0}) is not None for s in range(1, 283)) == 20  # 1, 15, 30, ..., 270, 282
-    lines = train.StepLines(log_every=4, start=5, total=14)  # resumed after step 5
+    lines = runlog.StepLines(log_every=4, start=5, total=14)  # resumed after step 5
     got = {s: lines(s, {"step": s, "loss": float(s), "lr": 0.1 * s}) for s in range(6, 15)}
     assert [s for s, a in got.items() if a] == [6, 8, 12, 14]
     assert got[12]["loss"] == (9 + 10 + 11 + 12) / 4 and got[12]["lr"] == pytest.approx(1.2)  # mean; current

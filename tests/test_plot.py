@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import data
-import train
+import runlog
 from experiments import plot
 from riel import step_metrics
 
@@ -104,5 +104,5 @@ def test_without_matplotlib_one_line_says_how_to_get_it(tmp_path, monkeypatch, c
 
 
 def test_a_failed_picture_never_fails_the_run(tmp_path, capsys):
-    train.write_curves(str(tmp_path))  # no metrics.jsonl here: plot_runs raises, write_curves warns
+    runlog.write_curves(str(tmp_path))  # no metrics.jsonl here: plot_runs raises, write_curves warns
     assert "warning: curves.png not written" in capsys.readouterr().err

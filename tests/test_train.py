@@ -60,6 +60,23 @@ def test_smoke_run_writes_metrics_checkpoint_and_summary(tmp_path):
     assert tok.decode(tok.encode("12+3=?", add_special_tokens=False)) == "12+3=?"
 
 
+def test_mef_stops_at_the_edge_of_competence_and_rl_starts_there(tmp_path):
+    """--mef.stop-at: every check_every steps a greedy check on RL-level training questions; MEF ends at the
+    first check whose best expert reaches the target (0.0: the first), and never when none does (1.01)."""
+    run(tmp_path / "stop", "--mef.stop-at", "0.0", "--mef.check-every", "3", "--mef.check-size", "5")
+    run(tmp_path / "never", "--mef.stop-at", "1.01", "--mef.check-every", "3", "--mef.check-size", "5",
+        "--stages", "mef")
+    for name, mef_steps, checks in (("stop", 3, [3]), ("never", 8, [3, 6])):
+        lines = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        assert [m["step"] for m in lines if m["stage"] == "mef"] == list(range(1, mef_steps + 1))
+        found = [m for m in lines if m["stage"] == "mef_check"]
+        assert [m["step"] for m in found] == checks
+        assert set(found[0]["accuracy"]) == {"chain", "columns", "reverse"}
+        assert found[0]["best_accuracy"] == max(found[0]["accuracy"].values())
+    stopped = [json.loads(x) for x in (tmp_path / "stop" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["gstep"] for m in stopped if m["stage"] == "riel"] == [4, 5, 6, 7]  # RL right after the stop
+
+
 def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp_path):
     run(tmp_path / "full", "--checkpoint-every", "1")
     reference = weights(train.checkpoint.latest(str(tmp_path / "full")))
