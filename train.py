@@ -104,15 +104,16 @@ def defaults(model: str) -> Config:
                       # sample 96 of the 192 rows at a time: half the KV cache, the same tokens (README)
                       riel=RIELConfig(max_new_tokens=512, micro_batch_size=4, questions_per_step=8,
                                       sample_batch_size=96))
-    # tiny: a short SFT from scratch on easy sums (levels 1-2), then RL on level 2, where after SFT every
-    # expert solves only a few percent: ~90% of the groups get no reward at all. lambda1 = 0.1: at
-    # these sizes the transfer term (normalised by its own few tokens) outweighs the GRPO term ~16x per token,
-    # and at 1.0 it dominated the gradient and cost the best expert 8 points in our runs (README).
+    # tiny: SFT from scratch on easy sums (levels 1-2) until the best expert solves ~20% of level-2 questions
+    # greedily (the edge of competence, measured every 25 steps: mef.stop_at), then RL on level 2, where most
+    # (question, expert) groups still get no reward spread. lambda1 = 0.1: at these sizes the transfer term
+    # (normalised by its own few tokens) outweighs the GRPO term ~16x per token, and at 1.0 it dominated the
+    # gradient and cost the best expert 8 points in our runs (README).
     return Config(
-        difficulty=(1, 2), rl_difficulty=(2, 2), train_size=3000, checkpoint_every=100,
+        difficulty=(1, 2), rl_difficulty=(2, 2), train_size=10000, checkpoint_every=100,
         mef=MEFConfig(epochs=2, lr=3e-3, batch_size=64, micro_batch_size=64, max_len=256, warmup_steps=20,
-                      schedule="cosine"),
-        riel=RIELConfig(steps=400, questions_per_step=16, group_size=8, max_new_tokens=48, lr=3e-4, lambda1=0.1,
+                      schedule="cosine", stop_at=0.2, check_every=25, check_size=100),
+        riel=RIELConfig(steps=250, questions_per_step=16, group_size=8, max_new_tokens=48, lr=3e-4, lambda1=0.1,
                         micro_batch_size=64, buffer_size=32),
         mel=MELConfig(max_analysis_tokens=48),
         eval=EvalConfig(size=300, max_new_tokens=48, batch_size=150))

@@ -31,6 +31,7 @@ groups with no reward spread, mean of the first and of the last 10% of RL steps;
 """
 import dataclasses
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -48,11 +49,13 @@ from experiments.plot import pyplot, smooth  # noqa: E402  (train.py's curves.pn
 from train import defaults  # noqa: E402  (the per-model defaults the rows scale)
 
 NO_EXTRAS = ["--riel.no-transfer", "--riel.no-buffer"]
-# name -> (SFT row it starts from, or None for an SFT row; train.py arguments)
+# name -> (row it starts from, or None for an SFT row from scratch; train.py arguments)
 ROWS = {
     "Expert0-SFT": (None, ["--stages", "mef", "eval"]),
     "MoE-SFT": (None, ["--stages", "mef", "eval"]),
+    "MoE-SFT + gold SFT": ("MoE-SFT", ["--stages", "mef", "eval"]),  # the control: see control_args
     "Expert0-SFT-GRPO": ("Expert0-SFT", ["--riel.advantage", "grpo", *NO_EXTRAS]),
+    "GRPO, one expert": ("MoE-SFT", ["--riel.advantage", "grpo", *NO_EXTRAS]),
     "MoE-SFT-GRPO": ("MoE-SFT", ["--riel.advantage", "grpo", *NO_EXTRAS]),
     "MoE-SFT-Dr.GRPO": ("MoE-SFT", ["--riel.advantage", "dr_grpo", *NO_EXTRAS]),
     "MEML w/o buffer": ("MoE-SFT", ["--riel.no-buffer"]),
@@ -60,9 +63,13 @@ ROWS = {
     "MEML-GRPO": ("MoE-SFT", []),
     "MEML-GRPO + MEL": ("MoE-SFT", ["--mel"]),
 }
+# the grid run by default: the rows that tell what each part of the method does at this scale
+DEFAULT_ROWS = ("MoE-SFT", "MoE-SFT + gold SFT", "GRPO, one expert", "MoE-SFT-GRPO", "MEML w/o buffer",
+                "MEML w/o transfer", "MEML-GRPO")
+CONTROL = "MoE-SFT + gold SFT"  # runs after MEML-GRPO: it replays as many gold traces as MEML's buffer flushed
 QUICK_ROWS = ("MoE-SFT", "MEML-GRPO")
 # seconds per RL step of a tiny-preset row with one thread, measured on this 2-core machine: turns --budget
-# (minutes for the whole grid) into a number of RL steps. Two MEF runs and the evals take ~7 minutes per seed.
+# (minutes for the whole grid) into a number of RL steps. The MEF run and the evals take ~7 minutes per seed.
 RL_STEP_S, FIXED_S_PER_SEED = 1.6, 420
 
 
@@ -72,7 +79,7 @@ class Config:
     model: str = "tiny"
     data: str = "synthetic"
     seeds: tuple[int, ...] = (0, 1, 2)
-    rows: tuple[str, ...] = tuple(ROWS)  # any subset of the row names, in table order
+    rows: tuple[str, ...] = DEFAULT_ROWS  # any subset of ROWS' names, in table order
     budget: float = 60.0  # minutes for the whole grid on this 2-core CPU (tiny preset); sets the RL steps
     steps: int | None = None  # RL steps per row; overrides --budget (None with a real model: one epoch)
     jobs: int = 2  # runs at a time; each gets cpu_count / jobs threads
@@ -83,7 +90,7 @@ class Config:
 def rl_steps(cfg: Config) -> int | None:
     if cfg.steps is not None or cfg.model != "tiny":
         return cfg.steps
-    rl_rows = sum(ROWS[r][0] is not None for r in cfg.rows) * len(cfg.seeds)
+    rl_rows = sum(ROWS[r][0] is not None and r != CONTROL for r in cfg.rows) * len(cfg.seeds)
     seconds = cfg.budget * 60 - FIXED_S_PER_SEED * len(cfg.seeds) / cfg.jobs
     return max(10, int(seconds * cfg.jobs / max(1, rl_rows) / RL_STEP_S))
 
@@ -93,9 +100,11 @@ def run_dir(cfg, row, seed):
     return os.path.join(cfg.out_dir, "runs", name, f"seed{seed}")
 
 
-def train_args(cfg: Config, row: str, seed: int, steps: int | None) -> list:
-    """The train.py command line of one (row, seed)."""
+def train_args(cfg: Config, row: str, seed: int, steps: int | None, expert: str = "columns", flushes: int = 0) -> list:
+    """The train.py command line of one (row, seed). `expert`: the one expert of "GRPO, one expert" (run_one
+    passes the parent's best); `flushes`: how many times MEML-GRPO's buffer flushed (for the control)."""
     parent, args = ROWS[row]
+    d = defaults(cfg.model)
     n_experts = len(data.experts(cfg.data))
     base = ["--model", cfg.model, "--data", cfg.data, "--seed", str(seed), "--out-dir", run_dir(cfg, row, seed)]
     if cfg.quick:
@@ -104,16 +113,40 @@ def train_args(cfg: Config, row: str, seed: int, steps: int | None) -> list:
         base += ["--experts", data.experts(cfg.data)[0].name]
     if parent is None:
         if row.startswith("Expert0"):  # same number of SFT examples as MoE-SFT: N times the epochs
-            epochs = 1 if cfg.quick else defaults(cfg.model).mef.epochs
+            epochs = 1 if cfg.quick else d.mef.epochs
             base += ["--mef.epochs", str(epochs * n_experts)]
         return base + args + list(cfg.extra)
-    q = defaults(cfg.model).riel.questions_per_step
-    base += ["--init", os.path.join(run_dir(cfg, parent, seed), "latest_ckpt"), "--stages", "riel", "eval"]
-    if row.startswith("Expert0"):  # same number of sampled responses per step as the N-expert rows
-        base += ["--riel.questions-per-step", str(q * n_experts)]
+    base += ["--init", os.path.join(run_dir(cfg, parent, seed), "latest_ckpt")]
+    if row == CONTROL:  # MEML's buffer flushes as plain SFT: B gold traces per step at RL's lr, on RL questions
+        b = d.riel.buffer_size
+        base += ["--train-size", str(max(1, math.ceil(flushes * b / n_experts))), "--mef.epochs", "1",
+                 "--mef.batch-size", str(b), "--mef.micro-batch-size", str(b), "--mef.lr", str(d.riel.lr),
+                 "--mef.warmup-steps", "0", "--mef.schedule", "constant", "--mef.stop-at", "None"]
+        if d.rl_difficulty:
+            base += ["--difficulty", *map(str, d.rl_difficulty)]
+        return base + args + list(cfg.extra)
+    base += ["--stages", "riel", "eval"]
+    if row.startswith("Expert0") or row == "GRPO, one expert":  # as many sampled responses per step as N experts
+        base += ["--riel.questions-per-step", str(d.riel.questions_per_step * n_experts)]
+    if row == "GRPO, one expert":
+        base += ["--experts", expert]
     if steps is not None:
         base += ["--riel.steps", str(steps)]
     return base + args + list(cfg.extra)
+
+
+def best_expert(out: str) -> str:
+    """An SFT run's best expert, by its last calibration check on training questions (not the held-out eval)."""
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    checks = [m for m in records if m.get("stage") == "mef_check"]
+    acc = checks[-1]["accuracy"] if checks else [m for m in records if m.get("stage") == "eval"][-1]["accuracy"]
+    return max(acc, key=acc.get)
+
+
+def buffer_flushes(out: str) -> int:
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [m for m in map(json.loads, f) if m.get("stage") == "riel"][-1]["buffer_flushes"]
 
 
 def run_one(cfg: Config, row: str, seed: int, steps, threads: int) -> dict:
@@ -122,23 +155,34 @@ def run_one(cfg: Config, row: str, seed: int, steps, threads: int) -> dict:
     summary = os.path.join(out, "summary.json")
     if os.path.exists(summary):
         return json.load(open(summary))
-    args = train_args(cfg, row, seed, steps)
     parent = ROWS[row][0]
+    extra = {}
+    if row == "GRPO, one expert":
+        extra["expert"] = best_expert(run_dir(cfg, parent, seed))
+    if row == CONTROL:
+        extra["flushes"] = buffer_flushes(run_dir(cfg, "MEML-GRPO", seed))
+    args = train_args(cfg, row, seed, steps, **extra)
     if parent is not None:  # --init needs the parent's final checkpoint directory
         pointer = open(os.path.join(run_dir(cfg, parent, seed), "latest")).read().strip()
         args[args.index("--init") + 1] = os.path.join(run_dir(cfg, parent, seed), pointer)
-    if os.path.exists(os.path.join(out, "latest")):
-        args.append("--resume")
-    os.makedirs(out, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     t0 = time.time()
-    with open(os.path.join(out, "train.log"), "a") as log:
-        code = subprocess.call([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, env=env,
-                               stdout=log, stderr=subprocess.STDOUT)
-    if code != 0:
-        raise RuntimeError(f"{row} seed {seed} failed (exit {code}); see {os.path.join(out, 'train.log')}")
+    launch(args, out, threads, f"{row} seed {seed}")
     print(f"  done {row:<18} seed {seed}  {time.time() - t0:6.0f}s", flush=True)
     return json.load(open(summary))
+
+
+def launch(args: list, out: str, threads: int, name: str):
+    """`python train.py ARGS` (whose --out-dir is OUT) with `threads` CPU threads, its output in OUT/train.log; resumes an
+    interrupted run (OUT/latest exists) instead of starting over."""
+    if os.path.exists(os.path.join(out, "latest")):
+        args = [*args, "--resume"]
+    os.makedirs(out, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    with open(os.path.join(out, "train.log"), "a") as log:
+        code = subprocess.call([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+    if code != 0:
+        raise RuntimeError(f"{name} failed (exit {code}); see {os.path.join(out, 'train.log')}")
 
 
 # ---- the table and the picture ---------------------------------------------------------------------------
@@ -215,6 +259,8 @@ def main(cfg: Config):
         raise SystemExit(f"unknown rows {unknown}; choose from {list(ROWS)}")
     rows = [r for r in ROWS if r in cfg.rows]
     needed = rows + [ROWS[r][0] for r in rows if ROWS[r][0] and ROWS[r][0] not in rows]
+    if CONTROL in rows and "MEML-GRPO" not in needed:
+        needed.append("MEML-GRPO")
     steps = rl_steps(cfg)
     threads = max(1, (os.cpu_count() or 2) // cfg.jobs)
     print(f"ablation: {len(rows)} rows x {len(cfg.seeds)} seeds, {steps} RL steps per RL row, {cfg.jobs} jobs of "
@@ -224,16 +270,19 @@ def main(cfg: Config):
         sft = {(r, s): pool.submit(run_one, cfg, r, s, steps, threads) for r in needed if ROWS[r][0] is None
                for s in cfg.seeds}
         done = {k: f.result() for k, f in sft.items()}
-        rl = {(r, s): pool.submit(run_one, cfg, r, s, steps, threads) for r in rows if ROWS[r][0] is not None
-              for s in cfg.seeds}
+        rl = {(r, s): pool.submit(run_one, cfg, r, s, steps, threads) for r in needed
+              if ROWS[r][0] is not None and r != CONTROL for s in cfg.seeds}
         done.update({k: f.result() for k, f in rl.items()})
+        control = {(r, s): pool.submit(run_one, cfg, r, s, steps, threads) for r in rows if r == CONTROL
+                   for s in cfg.seeds}  # after MEML-GRPO, whose buffer flushes it replays
+        done.update({k: f.result() for k, f in control.items()})
     results = {r: [row_numbers(done[r, s]) for s in cfg.seeds] for r in rows}
     table = markdown_table(results, cfg, steps)
     with open(os.path.join(cfg.out_dir, "ablation.md"), "w") as f:
         f.write(table)
     with open(os.path.join(cfg.out_dir, "ablation.json"), "w") as f:
         json.dump({"config": dataclasses.asdict(cfg), "rl_steps": steps, "results": results}, f, indent=2)
-    rl_rows = [r for r in rows if ROWS[r][0] is not None]
+    rl_rows = [r for r in rows if ROWS[r][0] is not None and r != CONTROL]
     pictured = plot(cfg, rl_rows, os.path.join(cfg.out_dir, "ablation.png")) if rl_rows else False
     print("\n" + table + f"\n-> {cfg.out_dir}/ablation.md{', ablation.png' if pictured else ''} "
           f"({(time.time() - t0) / 60:.1f} min)")

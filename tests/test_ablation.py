@@ -28,6 +28,7 @@ def test_quick_grid_writes_the_table_and_the_plot(tmp_path):
 
 def test_rows_are_the_papers_baselines_with_equal_compute():
     cfg = ablation.Config()
+    assert set(ablation.DEFAULT_ROWS) <= set(ablation.ROWS)
     sft0 = ablation.train_args(cfg, "Expert0-SFT", 0, 100)
     moe = ablation.train_args(cfg, "MoE-SFT", 0, 100)
     assert sft0[sft0.index("--experts") + 1] == "chain" and "--experts" not in moe
@@ -41,3 +42,24 @@ def test_rows_are_the_papers_baselines_with_equal_compute():
     assert ablation.rl_steps(ablation.Config(budget=30)) < ablation.rl_steps(cfg)
     with pytest.raises(SystemExit, match="unknown rows"):
         ablation.main(ablation.Config(rows=("nope",)))
+
+
+def test_one_expert_grpo_and_the_gold_sft_control_match_mehls_compute(tmp_path):
+    cfg = ablation.Config(out_dir=str(tmp_path))
+    d = ablation.defaults("tiny")
+    one = ablation.train_args(cfg, "GRPO, one expert", 0, 100, expert="reverse")
+    assert one[one.index("--experts") + 1] == "reverse" and "--riel.no-buffer" in one
+    assert int(one[one.index("--riel.questions-per-step") + 1]) == 3 * d.riel.questions_per_step
+    ctl = ablation.train_args(cfg, "MoE-SFT + gold SFT", 0, 100, flushes=10)
+    # 10 flushes of B gold traces = 10 SFT steps of B examples (3 experts per question) at RL's lr
+    assert int(ctl[ctl.index("--train-size") + 1]) * 3 >= 10 * d.riel.buffer_size
+    assert ctl[ctl.index("--mef.batch-size") + 1] == str(d.riel.buffer_size)
+    assert float(ctl[ctl.index("--mef.lr") + 1]) == d.riel.lr and "riel" not in ctl[ctl.index("--stages") + 1:]
+    # the parents' records choose the expert and count the flushes
+    sft, meml = tmp_path / "sft", tmp_path / "meml"
+    sft.mkdir(), meml.mkdir()
+    (sft / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in [
+        {"stage": "mef_check", "accuracy": {"chain": 0.3, "columns": 0.1}},
+        {"stage": "mef_check", "accuracy": {"chain": 0.1, "columns": 0.2}}]) + "\n")
+    (meml / "metrics.jsonl").write_text("\n".join(json.dumps({"stage": "riel", "buffer_flushes": n}) for n in (0, 1, 7)))
+    assert ablation.best_expert(str(sft)) == "columns" and ablation.buffer_flushes(str(meml)) == 7

@@ -77,6 +77,17 @@ def test_mef_stops_at_the_edge_of_competence_and_rl_starts_there(tmp_path):
     assert [m["gstep"] for m in stopped if m["stage"] == "riel"] == [4, 5, 6, 7]  # RL right after the stop
 
 
+def test_mef_then_riel_from_its_checkpoint_equals_one_run(tmp_path):
+    """experiments/ablation.py runs `python train.py` as two commands (the RL rows share one SFT run): the same
+    weights as one run, bit for bit."""
+    run(tmp_path / "one")
+    run(tmp_path / "sft", "--stages", "mef", "eval")
+    sft = tmp_path / "sft" / (tmp_path / "sft" / "latest").read_text().strip()
+    run(tmp_path / "rl", "--init", str(sft), "--stages", "riel", "eval")
+    one, two = (weights(tmp_path / d / (tmp_path / d / "latest").read_text().strip()) for d in ("one", "rl"))
+    assert all(torch.equal(one[k], two[k]) for k in one)
+
+
 def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp_path):
     run(tmp_path / "full", "--checkpoint-every", "1")
     reference = weights(train.checkpoint.latest(str(tmp_path / "full")))
