@@ -12,7 +12,8 @@ It prints and writes (out_dir/demo_seeds.md, .json), per run: where MEF stopped,
 the held-out questions after MEF and after RIEL and their difference, the majority vote, the share of zero-spread
 (question, expert) groups in the first and last 10% of RIEL, and the wall time; then the issue-14 targets, each
 marked met or not: gain >= 15 points in every run, mean >= 20 over the seeds, >= 50% zero-spread at RIEL's start
-and falling, <= 10 minutes.
+and falling, <= 10 minutes for the runs with the first thread count (the others
+show that the result holds; their wall time is not a user's).
 """
 import json
 import os
@@ -65,7 +66,8 @@ def targets(rows: list[dict], first_threads: int) -> list[tuple[str, bool]]:
             (f"mean gain >= 20 over the {first_threads}-thread seeds", statistics.mean(r["gain"] for r in main) >= 20),
             (">= 50% zero-spread groups at RIEL's start, falling", all(r["zero_start"] >= 0.5 > 0 and
                                                                        r["zero_end"] < r["zero_start"] for r in rows)),
-            ("<= 10 minutes per run", all(r["wall_min"] <= 10 for r in rows))]
+            (f"<= 10 minutes per {first_threads}-thread run (a user's `python train.py`: every core)",
+             all(r["wall_min"] <= 10 for r in main))]
 
 
 def table(rows: list[dict], marks: list) -> str:

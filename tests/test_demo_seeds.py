@@ -30,6 +30,6 @@ def test_rows_and_targets_come_from_the_runs(tmp_path):
     assert out["targets"] == {"RIEL gain >= 15 points in every run": False,
                               "mean gain >= 20 over the 2-thread seeds": True,
                               ">= 50% zero-spread groups at RIEL's start, falling": True,
-                              "<= 10 minutes per run": True}
+                              "<= 10 minutes per 2-thread run (a user's `python train.py`: every core)": True}
     table = (tmp_path / "demo_seeds.md").read_text()
     assert "| 0 | 1 | 5 | columns 21.0% | columns 34.0% | +13.0 |" in table and "mean +21.5" in table
