@@ -1,27 +1,32 @@
 """
 experiments/ablation.py: the paper's ablation (METHOD.md section 6) at small scale, with seeds.
 
-    python experiments/ablation.py                      # 9 rows x 3 seeds, tiny + synthetic, ~1 hour on 2 cores
-    python experiments/ablation.py --budget 20          # the same grid with fewer RL steps
+    python experiments/ablation.py --steps 250          # the 7 default rows x 3 seeds, ~2 hours on 2 cores
+    python experiments/ablation.py --budget 60          # the same grid with as many RL steps as fit 60 minutes
     python experiments/ablation.py --quick              # 2 rows, 1 seed, a few minutes (a smoke test)
     python experiments/ablation.py --model llama3.2-1b --data gsm8k --seeds 0 1 2   # the GPU grid (not run here)
 
 Every row is one or two `train.py` runs in a subprocess (so a row is exactly what a user can run by hand,
-and an interrupted grid picks up where it stopped: finished runs are skipped, unfinished ones resumed):
+and an interrupted grid picks up where it stopped: finished runs are skipped, unfinished ones resumed).
+Default rows (DEFAULT_ROWS), then the others `--rows` can add:
 
-  Expert0-SFT          MEF on expert 0's traces only                       --experts <first> --stages mef eval
-  MoE-SFT              MEF on every expert's traces                        --stages mef eval
-  Expert0-SFT-GRPO     RL from Expert0-SFT, one expert, GRPO advantages    --riel.advantage grpo, no transfer/buffer
-  MoE-SFT-GRPO         RL from MoE-SFT, all experts, GRPO                  idem
-  MoE-SFT-Dr.GRPO      idem with Dr.GRPO advantages and normaliser         --riel.advantage dr_grpo
+  MoE-SFT              MEF on every expert's traces (the default run's MEF) --stages mef eval
+  MoE-SFT + gold SFT   the control: MEML-GRPO's buffer flushes replayed as plain SFT steps, no RL (control rows
+                       run after MEML-GRPO, whose `buffer_flushes` they read)
+  GRPO, one expert     plain GRPO on the SFT model's best expert prompt     --experts X --riel.advantage grpo, no
+                       (by its last check on training questions)          transfer/buffer
+  MoE-SFT-GRPO         RL from MoE-SFT, all experts, GRPO                  idem, all experts
   MEML w/o buffer      the paper's method minus the hard-example buffer    --riel.no-buffer
   MEML w/o transfer    minus the inter-expert transfer                     --riel.no-transfer
-  MEML-GRPO            the full method
+  MEML-GRPO            the full method                                     (the defaults)
+  Expert0-SFT          MEF on expert 0's traces only                       --experts <first> --stages mef eval
+  Expert0-SFT-GRPO     RL from Expert0-SFT, one expert, GRPO advantages    --riel.advantage grpo, no transfer/buffer
+  MoE-SFT-Dr.GRPO      idem with Dr.GRPO advantages and normaliser         --riel.advantage dr_grpo
   MEML-GRPO + MEL      plus the MEL loss (mel.py)                          --mel
 
 Equal compute per row: Expert0-SFT trains N times as many epochs on its one expert's traces (same number of
 SFT examples as MoE-SFT), and Expert0-SFT-GRPO samples N times as many questions per step (same number of
-sampled responses per step as the N-expert rows); every RL row runs the same number of steps. The RL rows of
+sampled responses per step as the N-expert rows; so does "GRPO, one expert"); every RL row runs the same number of steps. The RL rows of
 one seed all start from that seed's SFT checkpoint, so they differ only in the RL stage.
 
 Output in --out-dir: `ablation.md` (held-out greedy accuracy, mean +- std over seeds, of the best expert
