@@ -25,9 +25,9 @@ Default rows (DEFAULT_ROWS), then the others `--rows` can add:
   MEML-GRPO + MEL      plus the MEL loss (mel.py)                          --mel
 
 Equal compute per row: Expert0-SFT trains N times as many epochs on its one expert's traces (same number of
-SFT examples as MoE-SFT), and Expert0-SFT-GRPO samples N times as many questions per step (same number of
-sampled responses per step as the N-expert rows; so does "GRPO, one expert"); every RL row runs the same number of steps. The RL rows of
-one seed all start from that seed's SFT checkpoint, so they differ only in the RL stage.
+SFT examples as MoE-SFT), and Expert0-SFT-GRPO and "GRPO, one expert" sample N times as many questions per step
+(the same number of sampled responses per step as the N-expert rows); every RL row runs the same number of steps.
+The RL rows of one seed all start from that seed's SFT checkpoint, so they differ only in the RL stage.
 
 Output in --out-dir: `ablation.md` (held-out greedy accuracy, mean +- std over seeds, of the best expert
 prompt and of the majority vote across expert prompts; zero-signal fraction = share of (question, expert)
