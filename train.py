@@ -293,6 +293,8 @@ def run_mef(cfg, model, tok, records, experts, state, start, resumed, save, log)
     opt = make_optimizer(dist.parameters(model), lr=cfg.mef.lr, weight_decay=cfg.mef.weight_decay)
     if resumed:
         dist.load_optimizer(model, opt, resumed)
+    calibration = (load_records(cfg, data.SPLITS[cfg.data].train, "riel")[:cfg.mef.check_size]  # loaded once
+                   if cfg.mef.stop_at is not None else [])
     bar = tqdm(total=total, initial=start, desc="mef", dynamic_ncols=True, disable=not dist.is_main())
     t0 = time.time()
     for m in mef_steps(model, examples, cfg.mef, opt, seed=cfg.seed, start_step=start,
@@ -307,18 +309,17 @@ def run_mef(cfg, model, tok, records, experts, state, start, resumed, save, log)
                        f"{a['tokens_per_s']:,.0f} tok/s")
         state["step"] = m["step"]
         if cfg.mef.stop_at is not None and m["step"] % cfg.mef.check_every == 0 and m["step"] < total:
-            if competent(cfg, model, tok, experts, state, log):
+            if competent(cfg, model, tok, experts, calibration, state, log):
                 break
         if m["step"] % cfg.checkpoint_every == 0 and m["step"] < total:
             save("mef", m["step"], opt)
     bar.close()
 
 
-def competent(cfg, model, tok, experts, state, log) -> bool:
+def competent(cfg, model, tok, experts, records, state, log) -> bool:
     """MEF's early stop (TINY_RL.md 4A): RL teaches best from the edge of competence, and how many SFT steps reach
     it swings with seed and machine (a phase change: 3% to 70% within a few hundred steps). So measure instead of
     guessing: greedy accuracy per expert on RL-level training questions (never the held-out ones)."""
-    records = load_records(cfg, data.SPLITS[cfg.data].train, "riel")[:cfg.mef.check_size]
     res = evaluate(model, tok, cfg.data, records, experts,
                    EvalConfig(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size), seed=cfg.seed)
     model.train()
