@@ -43,6 +43,7 @@ import torch.nn.functional as F
 import tyro
 
 import model as ours
+from presets import resolve_checkpoint
 from rollout import generate, token_logprobs
 
 
@@ -350,7 +351,7 @@ def main_real(a: Args):
     from tokenizer import load_tokenizer, render_chat, stop_token_ids
     a.real_sizes()
     tok = load_tokenizer(a.model)
-    hf = AutoModelForCausalLM.from_pretrained(ours.resolve_checkpoint(a.model), dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(resolve_checkpoint(a.model), dtype=torch.float32).eval()
     m = ours.Transformer.from_pretrained(a.model, dtype=torch.float32).eval()
     experts = data.experts(a.task)
     records = data.load(a.task, data_dir=a.data_dir)

@@ -20,6 +20,7 @@ Choices (see REFERENCES.md section 4 for every fact used here):
   and an explicit key mask, with per-row positions (see rollout.py).
 - bf16 on CUDA, fp32 on CPU unless asked otherwise.
 
+Which checkpoint a name like `llama3.2-3b` means, and fetching it, is presets.py's job.
 The `tiny` preset is a random-init Llama (its byte-level tokenizer is in tokenizer.py), so the whole pipeline
 runs on a laptop CPU through exactly the same code path as a 3B model.
 """
@@ -35,44 +36,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from checkpoint import read_safetensors, safetensors_files  # reading Hugging Face weight files
-from errors import UserError
-
-# Instruct checkpoints on the Hugging Face hub. Llama repos are gated: accept the license on the hub first.
-PRESETS = {
-    "tiny": None,  # built in code, see tiny_config() and tokenizer.tiny_tokenizer()
-    "llama3.2-1b": "meta-llama/Llama-3.2-1B-Instruct",
-    "llama3.2-3b": "meta-llama/Llama-3.2-3B-Instruct",
-    "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B-Instruct",
-    "qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B-Instruct",
-    "qwen2.5-math-1.5b": "Qwen/Qwen2.5-Math-1.5B-Instruct",
-    # SmolLM2: Llama architecture, ChatML; ungated. The 135M one runs offline from ../shared/data's GGUF
-    # (experiments/convert_gguf.py, README "Real model")
-    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
-    "smollm2-360m": "HuggingFaceTB/SmolLM2-360M-Instruct",
-    "smollm2-1.7b": "HuggingFaceTB/SmolLM2-1.7B-Instruct",
-}
-
-# The shapes of each preset's config.json, so that plan.py can size a run offline (no download). From
-# ../shared/docs/REFERENCES.md 4.5 (Llama-3.2, Qwen2.5) and, for Qwen2.5-Math and SmolLM2, the hub's config.json
-# files as we know them (SmolLM2-135M checked against the GGUF in ../shared/data). Key order: hidden_size,
-# num_hidden_layers, num_attention_heads, num_key_value_heads, intermediate_size, vocab_size, rope_theta,
-# rms_norm_eps, max_position_embeddings. All are tied; Llama-3.2's head_dim and rope_scaling are explicit.
-_SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
-               "vocab_size", "rope_theta", "rms_norm_eps", "max_position_embeddings")
-_LLAMA32 = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192}
-PRESET_CONFIGS = {name: dict(zip(_SHAPE_KEYS, shape), model_type=kind, tie_word_embeddings=True, **extra)
-                  for name, kind, shape, extra in [
-    ("llama3.2-1b", "llama", (2048, 16, 32, 8, 8192, 128256, 5e5, 1e-5, 131072),
-     dict(head_dim=64, rope_scaling=_LLAMA32)),
-    ("llama3.2-3b", "llama", (3072, 28, 24, 8, 8192, 128256, 5e5, 1e-5, 131072),
-     dict(head_dim=128, rope_scaling=_LLAMA32)),
-    ("qwen2.5-0.5b", "qwen2", (896, 24, 14, 2, 4864, 151936, 1e6, 1e-6, 32768), {}),
-    ("qwen2.5-1.5b", "qwen2", (1536, 28, 12, 2, 8960, 151936, 1e6, 1e-6, 32768), {}),
-    ("qwen2.5-math-1.5b", "qwen2", (1536, 28, 12, 2, 8960, 151936, 1e4, 1e-6, 4096), {}),
-    ("smollm2-135m", "llama", (576, 30, 9, 3, 1536, 49152, 1e5, 1e-5, 8192), {}),
-    ("smollm2-360m", "llama", (960, 32, 15, 5, 2560, 49152, 1e5, 1e-5, 8192), {}),
-    ("smollm2-1.7b", "llama", (2048, 24, 32, 32, 8192, 49152, 1.3e5, 1e-5, 8192), {})]}
+from presets import PRESET_CONFIGS, PRESETS, resolve_checkpoint  # noqa: F401  (names and hub: presets.py)
 
 
 def model_config(name_or_path: str) -> "ModelConfig":
@@ -412,36 +376,3 @@ def default_dtype(device=None, dtype=None):
     if dtype is not None:
         return dtype
     return torch.bfloat16 if default_device(device).type == "cuda" else torch.float32
-
-
-def resolve_checkpoint(name_or_path: str) -> str:
-    """Preset name or repo id -> local directory (downloading from the hub if needed)."""
-    if os.path.isdir(name_or_path):
-        if not os.path.exists(os.path.join(name_or_path, "config.json")):
-            raise UserError(f"{name_or_path} is not a checkpoint in Hugging Face format: it has no config.json")
-        return name_or_path
-    repo = PRESETS.get(name_or_path)
-    unknown = UserError(f"unknown model {name_or_path!r}: use a preset ({', '.join(PRESETS)}), "
-                        "a local directory in Hugging Face format, or a hub repo id like 'org/name'")
-    if repo is None and (name_or_path.count("/") != 1 or os.path.exists(name_or_path)):
-        raise unknown
-    repo = repo or name_or_path
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, HFValidationError, LocalEntryNotFoundError,
-                                        OfflineModeIsEnabled, RepositoryNotFoundError)
-    try:
-        return snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja",
-                                                       "merges.txt", "vocab.json"])
-    except GatedRepoError as e:
-        raise UserError(f"{repo} is gated: accept its license on https://huggingface.co/{repo}, then log in "
-                        "with `hf auth login` (or set HF_TOKEN=<your token>) and run again") from e
-    except RepositoryNotFoundError as e:
-        raise UserError(f"{repo} was not found on the hub (or is private: log in with `hf auth login`). "
-                        f"Presets: {', '.join(PRESETS)}") from e
-    except HFValidationError as e:  # e.g. '/no/such/dir': neither a directory nor a valid repo id
-        raise unknown from e
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:  # offline, or the hub is unreachable
-        why = "HF_HUB_OFFLINE=1 is set" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
-        raise UserError(f"{repo} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}: download "
-                        f"it where there is internet (`hf download {repo}`) and copy the cache here, or pass "
-                        "--model <local directory>") from e

@@ -7,11 +7,9 @@ plan.py: how much GPU memory a run needs, found by running the real training cod
 Nothing here is a formula for memory. The plan builds the model at its real shapes on PyTorch's fake tensors
 (`FakeTensorMode`: shapes, dtypes and storages, no data, no GPU) and runs the code a run runs: an MEF optimizer
 step (mef.mef_steps), RIEL's update (riel.update_policy) and its sampling call (riel.sample_groups), each after a
-first optimizer step that makes AdamW's state (mef.clip_and_step on zero gradients), as train.py runs them. A
-`TorchDispatchMode` sees every tensor every aten op returns and counts
-its storage from birth (the op) to death (a weakref callback when the last reference goes): the sum of live
-storages at each moment is what a caching allocator's `memory_allocated` would show, so its maximum per stage is the
-stage's peak. When the code changes, the plan follows.
+first optimizer step that makes AdamW's state (mef.clip_and_step on zero gradients), as train.py runs them, under
+memtrace.MemoryTrace, which counts every storage from the op that makes it to its death: its maximum per stage is
+the stage's peak, as a caching allocator's `memory_allocated` would show it. When the code changes, the plan follows.
 
 What the peak is made of (the parts, classified at the moment of the peak): weights (the parameters), grads (the
 parameters' .grad), AdamW state (the optimizers' state), bf16 weight copies (autocast's cached casts of fp32
@@ -22,12 +20,8 @@ Choices and limits, stated:
 - Fake CPU tensors under CPU bf16 autocast stand for CUDA ones (this CPU build cannot fake a CUDA device). CPU and
   CUDA autocast cast the same ops that matter here (linear, matmul, attention) to bf16. The optimizer is built as
   the CUDA run builds it (foreach or fused AdamW, `_optimizer`), since AdamW's temporaries differ by kernel.
-- Host reads of tensor values (`.item()`, `bool(t)`, `.tolist()`) cannot be answered from fake tensors. Small
-  integer/bool tensors built from Python data (lengths, positions, masks, indices) are shadowed by real copies, so
-  host reads of them are exact. Any other read gets the worst case for memory: decoding runs to max_new_tokens,
-  and at the first check one row of each sampling call has stopped and is dropped (generate copies the cache of
-  the other rows while the old cache is alive: the largest transient of sampling); a float is 1.0 (finite loss and
-  gradient norm: the optimizer steps); an integer (a sampled token id) is 0, not a stop id.
+- Host reads of tensor values (`.item()`, `bool(t)`) cannot be answered from fake tensors: memtrace.py answers
+  exactly where it can (small index tensors have real shadows) and with the worst case for memory elsewhere.
 - Worst-case inputs: every MEF example is mef.max_len tokens; every prompt is PROMPT_TOKENS tokens; every rollout
   reaches max_new_tokens; every rollout has a positive advantage and every question a transfer pair. Two micro-
   batches per optimizer step: later ones add to .grad in place, so they add no memory, only time.
@@ -41,178 +35,20 @@ Choices and limits, stated:
 import argparse
 import dataclasses
 import time
-import weakref
 from contextlib import contextmanager, nullcontext
 from types import SimpleNamespace
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_map
-from torch.utils.weak import WeakIdKeyDictionary
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from memtrace import MemoryTrace
 
 GIB = 2 ** 30
-ALLOC_ROUND = 512  # the CUDA caching allocator rounds every block up to a multiple of 512 bytes
 CUDA_CONTEXT_GIB = 0.5  # CUDA context + loaded kernels of a torch process (lazy loading), H100/H200, CUDA 12
 WORKSPACE_GIB = 0.25  # cuBLAS/cuBLASLt workspaces (32 MiB per handle and stream on Hopper), attention scratch
 FRAGMENTATION = 0.05  # the caching allocator's reserved-but-free share at the peak (typical 2-8% in training)
 PROMPT_TOKENS = 200  # a GSM8K question under an expert's system prompt and the chat template: ~120-220 tokens
 DECODE_TRACED = 8  # decode steps traced at each end of a sampling call (see _instrumented)
-SHADOW_NUMEL = 1 << 22  # integer/bool tensors up to this size are also computed for real (see the docstring)
-HOST_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default,
-              torch.ops.aten.is_nonzero.default)  # ops that return a Python number
-PARTS = ("weights", "grads", "AdamW state", "bf16 weight copies", "KV cache", "log-prob chunks", "optimizer step",
-         "activations")
-
-
-class MemoryTrace(TorchDispatchMode):
-    """Counts the storages of every tensor that aten ops return, from the op to the storage's death; keeps each
-    stage's peak and what made it up. Enter it inside a FakeTensorMode (it also answers host reads, see above)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = {}  # id(storage) -> [bytes, tag, weakref]
-        self.total = self.peak = 0
-        self.pending = False  # a new peak was reached and not yet broken down
-        self.snap = {}
-        self.tag = "activations"
-        self.params, self.param_keys, self.optimizers = [], set(), []
-        self.in_backward = False  # set around torch.autograd.backward by _instrumented
-        self.any_results, self.dropped = WeakIdKeyDictionary(), False  # see _host_read
-        self.shadow = WeakIdKeyDictionary()  # fake int/bool tensor -> a real copy
-
-    # ---- counting -----------------------------------------------------------------------------------------
-    def add(self, t, tag=None):
-        st = t.untyped_storage()
-        key = id(st)
-        if key in self.live:
-            return
-        n = -(-st.nbytes() // ALLOC_ROUND) * ALLOC_ROUND
-        self.live[key] = [n, tag or self.tag, weakref.ref(st, lambda _, k=key: self._free(k))]
-        self.total += n
-        if self.total > self.peak:
-            self.peak, self.pending = self.total, True
-
-    def _free(self, key):
-        # the moment before the first free after a new peak IS the peak: keep what was live (storages only: this
-        # runs inside a deallocation, where touching tensors is unsafe)
-        if self.pending:
-            self.snap, self.pending = {k: (v[0], v[1]) for k, v in self.live.items()}, False
-        self.total -= self.live.pop(key)[0]
-
-    def watch(self, model):
-        """Tag the weights, and each .grad as it is assigned (a post-accumulate-grad hook, a safe moment)."""
-        self.params = list(model.parameters())
-        self.param_keys = {id(p.untyped_storage()) for p in self.params}
-        for p in self.params:
-            self.live[id(p.untyped_storage())][1] = "weights"
-            p.register_post_accumulate_grad_hook(self._grad_hook)
-
-    def _grad_hook(self, p):
-        entry = self.live.get(id(p.grad.untyped_storage()))
-        if entry is not None:
-            entry[1] = "grads"
-
-    def stage(self) -> tuple:
-        """(peak bytes, {part: bytes}) since the last call; starts the next stage at the current total. AdamW's
-        moments are recognised here (they are made inside the first step, tagged as its temporaries until now)."""
-        if self.pending:
-            self.snap, self.pending = {k: (v[0], v[1]) for k, v in self.live.items()}, False
-        state = {id(v.untyped_storage()) for opt in self.optimizers for s in opt.state.values() for v in s.values()
-                 if isinstance(v, torch.Tensor)}
-        parts = dict.fromkeys(PARTS, 0)
-        for key, (n, tag) in self.snap.items():
-            part = "AdamW state" if key in state else tag
-            parts[part] = parts.get(part, 0) + n
-        result = (self.peak, parts)
-        self.peak, self.pending = self.total, True
-        return result
-
-    @contextmanager
-    def tagged(self, tag):
-        old, self.tag = self.tag, tag
-        try:
-            yield
-        finally:
-            self.tag = old
-
-    # ---- the dispatch hook ---------------------------------------------------------------------------------
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.ops.prim.device.default:  # most calls by far: `t.device` of a fake tensor
-            return func(*args, **kwargs)
-        if func in HOST_READS and isinstance(args[0], FakeTensor):
-            return self._host_read(args[0])
-        if func is torch.ops.aten.nonzero.default and isinstance(args[0], FakeTensor) and args[0] not in self.shadow:
-            # which rows are still running, after the read above said one stopped: all but one
-            out = torch.empty((max(args[0].numel() - 1, 0), args[0].dim()), dtype=torch.long, device=args[0].device)
-            self.add(out)
-            return out
-        out = func(*args, **kwargs)
-        if func in (torch.ops.aten.any.default, torch.ops.aten.any.dim) and isinstance(out, FakeTensor):
-            self.any_results[out] = True
-        flat_out = [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor)]
-        tag = None
-        if func is torch.ops.aten._to_copy.default and id(args[0].untyped_storage()) in self.param_keys:
-            tag = "bf16 weight copies"  # autocast casting a weight (cached until clear_autocast_cache)
-        elif func is torch.ops.aten.index.Tensor and self.live.get(id(args[0].untyped_storage()), (0, ""))[1] == \
-                "KV cache":
-            tag = "KV cache"  # generate dropping finished rows: a copy of the cache
-        if func is torch.ops.aten.add.Tensor and self.in_backward and not torch.is_grad_enabled():
-            self._in_place(args, flat_out[0])  # before counting the output: it takes the input's block
-        for t in flat_out:
-            self.add(t, tag)
-        if any(not t.dtype.is_floating_point for t in flat_out) or len(self.shadow) and func._schema.is_mutable:
-            self._shadow(func, args, kwargs, flat_out)
-        return out
-
-    def _in_place(self, args, out):
-        """The autograd engine summing two gradients of one tensor (its InputBuffer) adds out of place here, because
-        under a dispatch mode every tensor has a Python object holding a reference; a real run's buffers have none and
-        it adds in place. Count it so: the input's block becomes the output's."""
-        for a in args[:2]:
-            entry = self.live.get(id(a.untyped_storage())) if isinstance(a, torch.Tensor) else None
-            if entry is not None and a.shape == out.shape and entry[0] and entry[1] == "activations":
-                self.total, entry[0] = self.total - entry[0], 0
-                return
-
-    def _host_read(self, t):
-        real = self.shadow.get(t)
-        if real is not None:
-            with unset_fake_temporarily():
-                return real.item()
-        if t.dtype == torch.bool:
-            if t in self.any_results and not self.dropped:  # "has any row stopped?": once yes (one row), then no
-                self.dropped = True
-                return True
-            return False  # "have all rows stopped?" -> no: the longest decode
-        if t.dtype.is_floating_point:
-            return 1.0  # a finite loss / gradient norm: the optimizer steps
-        return 0  # a sampled token id: 0, not _PlanTokenizer's stop id
-
-    def _shadow(self, func, args, kwargs, flat_out):
-        """Compute small integer/bool results for real, so host reads of lengths, indices and masks are exact."""
-        flat_in = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
-        ok = all(not isinstance(a, FakeTensor) or a in self.shadow for a in flat_in) and \
-            all(not t.dtype.is_floating_point and t.numel() <= SHADOW_NUMEL for t in flat_out)
-        if ok and flat_out:
-            real = lambda a: self.shadow[a] if isinstance(a, FakeTensor) else a
-            with unset_fake_temporarily():
-                res = func(*tree_map(lambda a: real(a) if isinstance(a, torch.Tensor) else a, args),
-                           **tree_map(lambda a: real(a) if isinstance(a, torch.Tensor) else a, kwargs))
-            for f, r in zip(flat_out, [t for t in tree_flatten(res)[0] if isinstance(t, torch.Tensor)]):
-                if isinstance(f, FakeTensor):
-                    self.shadow[f] = r
-            return
-        # an op that cannot be shadowed but writes into shadowed tensors: their copies (and their views') are stale
-        schema = func._schema.arguments
-        written = [a for i, a in enumerate(args) if isinstance(a, FakeTensor) and i < len(schema)
-                   and schema[i].alias_info is not None and schema[i].alias_info.is_write]
-        written += [v for k, v in kwargs.items() if k == "out" and isinstance(v, FakeTensor)]
-        if written:
-            stale = {id(a.untyped_storage()) for a in written}
-            for f in [f for f in self.shadow.keys() if id(f.untyped_storage()) in stale]:
-                del self.shadow[f]
 
 
 # ---- the run, on fake tensors ----------------------------------------------------------------------------------
@@ -531,7 +367,7 @@ if __name__ == "__main__":
     p.add_argument("--models", nargs="*", default=["llama3.2-3b"])
     p.add_argument("--gpu-gb", type=float, nargs="*", default=[24, 40, 80])
     a = p.parse_args()
-    from model import PRESETS
+    from presets import PRESETS
     t0 = time.time()
     print(table([m for m in PRESETS if m != "tiny"] if a.all else a.models, a.gpu_gb))
     print(f"({time.time() - t0:.0f} s)")

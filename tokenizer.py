@@ -14,7 +14,7 @@ tokenizer.py: the tokenizer next to the model: load it, render chat prompts, kno
   ChatML template: built in code, nothing to download or train, and it can spell any text.
 """
 
-from model import resolve_checkpoint
+from presets import resolve_checkpoint
 
 # Every id that ends an assistant turn, by token text (REFERENCES.md 4.8). The first one present is the
 # end-of-turn token an SFT target ends with; all present ones stop sampling.

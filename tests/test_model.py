@@ -7,6 +7,7 @@ import torch
 from conftest import hf_tiny
 
 import model as ours
+import presets
 
 CONFIGS = {
     "llama_gqa_llama3rope32_tied": dict(kind="llama", tied=True, scaling=True, n_kv=2),
@@ -145,7 +146,7 @@ def test_tiny_preset_is_deterministic_and_saves_loads(tmp_path):
 def test_unknown_model_name_lists_the_presets():
     with pytest.raises(ValueError) as e:
         ours.Transformer.from_pretrained("llama-9000")
-    for preset in ours.PRESETS:
+    for preset in presets.PRESETS:
         assert preset in str(e.value)
 
 
@@ -158,7 +159,7 @@ def test_gated_model_error_says_how_to_log_in(monkeypatch):
         Exception.__init__(error, "403 Client Error: access to model is restricted")
         raise error
     monkeypatch.setattr(huggingface_hub, "snapshot_download", gated)
-    with pytest.raises(ours.UserError, match="hf auth login"):
+    with pytest.raises(presets.UserError, match="hf auth login"):
         ours.Transformer.from_pretrained("llama3.2-3b")
 
 

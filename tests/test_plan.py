@@ -98,8 +98,8 @@ def test_plan_matches_measured_peaks(tmp_path, monkeypatch, case):
 
 def test_every_preset_has_offline_shapes():
     """Every hub preset can be planned offline; the shapes give the parameter counts of REFERENCES.md 4.5."""
-    from model import PRESETS
-    assert set(PRESETS) - {"tiny"} <= set(__import__("model").PRESET_CONFIGS)
+    from presets import PRESET_CONFIGS, PRESETS
+    assert set(PRESETS) - {"tiny"} <= set(PRESET_CONFIGS)
     with torch.device("meta"):
         counts = {n: Transformer(model_config(n)).num_params() for n in ("llama3.2-1b", "llama3.2-3b",
                                                                           "qwen2.5-0.5b", "qwen2.5-1.5b")}
