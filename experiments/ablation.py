@@ -212,17 +212,24 @@ def mean_std(values, pct=True) -> str:
 
 
 def markdown_table(results: dict, cfg: Config, steps) -> str:
-    """results: row -> [row_numbers of each seed]."""
+    """results: row -> [row_numbers of each seed]. Every row of a seed starts from that seed's MoE-SFT, so the gain
+    over it is paired per seed (mean ± std of the per-seed differences), which the seeds' spread would blur."""
+    base = [r["best"] for r in results.get("MoE-SFT", [])]
     lines = [f"Held-out greedy accuracy (%), mean ± std over seeds {list(cfg.seeds)}; {cfg.model} on {cfg.data}, "
              f"{steps if steps is not None else 'one epoch of'} RL steps per RL row.", "",
-             "| row | best expert | majority vote | zero-signal start → end | wall time per run |",
-             "|---|---|---|---|---|"]
+             "| row | best expert | per seed | gain over MoE-SFT (points) | majority vote | zero-signal start → end "
+             "| wall time per run |", "|---|---|---|---|---|---|---|"]
     for row, runs in results.items():
         zs, ze = mean_std([r["zero_start"] for r in runs], False), mean_std([r["zero_end"] for r in runs], False)
         zero = "-" if zs == "-" else f"{zs} → {ze}"
         wall = statistics.median(r["wall_s"] for r in runs)
-        lines.append(f"| {row} | {mean_std([r['best'] for r in runs])} | {mean_std([r['vote'] for r in runs])} | "
-                     f"{zero} | {wall / 60:.1f} min |")
+        per_seed = " / ".join(f"{100 * r['best']:.1f}" for r in runs)
+        gain = "-"
+        if row != "MoE-SFT" and len(base) == len(runs):
+            diffs = [100 * (r["best"] - b) for r, b in zip(runs, base)]
+            gain = f"{statistics.mean(diffs):+.1f} ± {statistics.stdev(diffs) if len(diffs) > 1 else 0.0:.1f}"
+        lines.append(f"| {row} | {mean_std([r['best'] for r in runs])} | {per_seed} | {gain} | "
+                     f"{mean_std([r['vote'] for r in runs])} | {zero} | {wall / 60:.1f} min |")
     return "\n".join(lines) + "\n"
 
 

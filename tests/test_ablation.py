@@ -63,3 +63,16 @@ def test_one_expert_grpo_and_the_gold_sft_control_match_mehls_compute(tmp_path):
         {"stage": "mef_check", "accuracy": {"chain": 0.1, "columns": 0.2}}]) + "\n")
     (meml / "metrics.jsonl").write_text("\n".join(json.dumps({"stage": "riel", "buffer_flushes": n}) for n in (0, 1, 7)))
     assert ablation.best_expert(str(sft)) == "columns" and ablation.buffer_flushes(str(meml)) == 7
+
+
+def test_the_table_pairs_each_rows_gain_with_its_seeds_sft_start():
+    """The gain column is the mean of per-seed differences (each RL row starts from its seed's MoE-SFT), not the
+    difference of means; a one-expert row has no vote."""
+    run = lambda best, vote=0.1: {"best": best, "vote": vote, "zero_start": 0.7, "zero_end": 0.5, "wall_s": 300}
+    results = {"MoE-SFT": [run(0.12), run(0.18), run(0.22)], "MEML-GRPO": [run(0.36), run(0.39), run(0.46)],
+               "GRPO, one expert": [run(0.10, None), run(0.10, None), run(0.20, None)]}
+    lines = ablation.markdown_table(results, ablation.Config(), 250).splitlines()
+    row = {line.split(" | ")[0][2:]: line.split(" | ") for line in lines if line.startswith("| ") and "---" not in line}
+    assert row["MoE-SFT"][1:4] == ["17.3 ± 5.0", "12.0 / 18.0 / 22.0", "-"]
+    assert row["MEML-GRPO"][2:4] == ["36.0 / 39.0 / 46.0", "+23.0 ± 1.7"]  # diffs 24, 21, 24
+    assert row["GRPO, one expert"][3:5] == ["-4.0 ± 3.5", "-"]  # diffs -2, -8, -2
