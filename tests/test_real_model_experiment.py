@@ -1,4 +1,4 @@
-"""experiments/real_model.py: its statistics against brute-force enumeration of the sample subsets, and its
+"""experiments/real_model.py: its statistics (experiments/group_stats.py) against brute-force enumeration of the sample subsets, and its
 --quick run (tiny random model, real GSM8K files) end to end: the report's keys and the orderings that must hold."""
 import itertools
 import json
@@ -11,6 +11,7 @@ import pytest
 from conftest import SHARED, requires_shared
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import group_stats as gs  # noqa: E402
 import real_model as rm  # noqa: E402
 
 
@@ -27,13 +28,13 @@ def test_statistics_match_enumeration():
         counts = [rng.randint(0, n) for _ in range(3)]
         groups = [subsets(n, c, k) for c in counts]
         for c, g in zip(counts, groups):
-            wrong, right = rm.all_same_prob(n, c, k)
+            wrong, right = gs.all_same_prob(n, c, k)
             assert wrong == pytest.approx(sum(not any(s) for s in g) / len(g))
             assert right == pytest.approx(sum(all(s) for s in g) / len(g))
         draws = list(itertools.product(*groups))  # one k-subset per expert
         pooled = [sum(d, []) for d in draws]
-        assert rm.mix_coverage(counts, n, k) == pytest.approx(sum(any(p) for p in pooled) / len(pooled))
-        assert rm.mix_zero_signal(counts, n, k) == pytest.approx(
+        assert gs.mix_coverage(counts, n, k) == pytest.approx(sum(any(p) for p in pooled) / len(pooled))
+        assert gs.mix_zero_signal(counts, n, k) == pytest.approx(
             sum(len(set(p)) == 1 for p in pooled) / len(pooled))
 
 
@@ -48,14 +49,14 @@ def test_coverage_and_cross_fitting():
     n, k, names = 6, 2, ["a", "b", "c"]
     # expert b is best on the even questions, c on the odd ones: each half is scored with the other's choice
     rows = [row(0, [0, 3, 0], n), row(1, [0, 0, 1], n), row(2, [0, 4, 0], n), row(3, [0, 0, 2], n)]
-    cov = rm.coverage_stats(rows, names, n, k)
+    cov = gs.coverage_stats(rows, names, n, k)
     assert cov["cross_fitted_choice"] == ["c", "b"]
     assert cov["cross_fitted_coverage"] == 0.0  # b scores nothing on the odd half, c nothing on the even one
     assert cov["single"] == {"a": 0.0, "b": 0.5, "c": 0.5} and cov["oracle_best"] == "b"
-    expected = sum(rm.mix_coverage(list(r["correct"].values()), n, k) for r in rows) / 4
+    expected = sum(gs.mix_coverage(list(r["correct"].values()), n, k) for r in rows) / 4
     assert cov["mix"] == pytest.approx(expected)
     assert sum(cov["realized"].values()) == 4
-    s = rm.expert_stats(rows, "b", n, k)
+    s = gs.expert_stats(rows, "b", n, k)
     assert s["pass@1"] == pytest.approx((3 + 4) / n / 4) and s["pass@6"] == 0.5
     assert s["format_rate"] == 1.0 and s["mean_len"] == 10
 
