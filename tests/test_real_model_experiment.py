@@ -1,5 +1,6 @@
 """experiments/real_model.py: its statistics (experiments/group_stats.py) against brute-force enumeration of the
-sample subsets, and its --quick run (tiny random model, real GSM8K files) end to end: the report's keys and the orderings that must hold."""
+sample subsets, and its --quick run (tiny random model, real GSM8K files) end to end: the report's keys and the
+orderings that must hold."""
 import itertools
 import json
 import random
