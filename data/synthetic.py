@@ -53,12 +53,13 @@ SFT_DIFFICULTY = (1, 2)  # see Calibration above
 RL_DIFFICULTY = (2, 3)
 DEFAULT_N = {"train": 4000, "test": 400}
 
-# Short on purpose: the tiny tokenizer spends a token per byte, and every prompt byte costs compute in
-# every SFT and RL row. The style the prompt names is what the expert's traces then teach.
+# One word on purpose: the tiny tokenizer spends a token per byte, and every prompt byte costs compute in every
+# SFT and RL row (a 19-byte "Add: running total." was half of a prompt's bytes). The prompt names a style; the
+# expert's traces are what teach it.
 EXPERTS = [
-    Expert("chain", "Add: running total.", description="running total, one addition per line"),
-    Expert("columns", "Add: column by column.", description="schoolbook column addition with carries"),
-    Expert("reverse", "Add: digits reversed.", description="answer digits least-significant first, then reversed"),
+    Expert("chain", "chain", description="running total, one addition per line"),
+    Expert("columns", "columns", description="schoolbook column addition with carries"),
+    Expert("reverse", "reverse", description="answer digits least-significant first, then reversed"),
 ]
 
 

@@ -87,6 +87,10 @@ def test_tiny_tokenizer_is_byte_level_with_chat_template():
     ids = tokenizer.render_chat(tok, "be brief", "1+1")
     assert tok.decode(ids) == "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\n1+1<|im_end|>\n" \
                               "<|im_start|>assistant\n"
+    # each role name is one token (260-262), as in a BPE vocabulary; the rest is spelled byte by byte
+    start, end, nl = (tok.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>", "Ċ"))
+    assert ids == [start, 260, nl, *b"be brief", end, nl, start, 261, nl, *b"1+1", end, nl, start, 262, nl]
+    assert tok.decode(tok.encode("the user's assistant", add_special_tokens=False)) == "the user's assistant"
     eot = tokenizer.end_of_turn_id(tok)
     assert eot in tokenizer.stop_token_ids(tok) and tok.decode([eot]) == "<|im_end|>"
     assert len(tok) == ours.tiny_config().vocab_size
