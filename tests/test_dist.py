@@ -1,7 +1,8 @@
 """Data-parallel training (dist.py) against one process: `torchrun --nproc_per_node 2` (gloo, CPU) must give the same
 losses, gradient norms, trained rows, transfers, buffer flushes, evals and (to fp32 tolerance) weights as one
-process with the same global batch and seed; a killed 2-process run must resume to the uninterrupted one's weights.
-The same holds with --fsdp (FSDP2 shards), whose checkpoints must also load in transformers."""
+process with the same global batch and seed, even when the 2-process run is killed mid-RIEL and resumed (so a resume
+that lost or misplaced any state shows). The same holds with --fsdp (FSDP2 shards), whose checkpoints must also load
+in transformers."""
 
 import json
 import os
@@ -68,17 +69,40 @@ def metrics(out_dir):
     return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+def kill_and_resume(out, *args) -> Path:
+    """Start a 2-process run of args, SIGKILL it once RIEL step 1 is checkpointed (gstep 7 of 9), resume it; returns
+    out after checking that the resumed run really had steps left and logged every step once."""
+    proc = train(TORCHRUN, out, *args, wait=False)
+    wait_for_checkpoint(proc, out, "ckpt-000007", timeout=240)
+    workers = children(proc.pid)
+    assert len(workers) == 2
+    for pid in [*workers, proc.pid]:  # the ranks first: they are the ones writing
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(0.5)  # let the kernel reap the orphaned workers
+    assert not any(os.path.exists(f"/proc/{pid}/cmdline") and open(f"/proc/{pid}/cmdline").read() for pid in workers)
+    stopped_at = (out / "latest").read_text().strip()
+    assert stopped_at < "ckpt-000009"
+
+    log = train(TORCHRUN, out, *args, "--resume")
+    assert f"resuming from {out / stopped_at}" in log  # the resumed run really had steps left to do
+    gsteps = [m["gstep"] for m in metrics(out) if m["stage"] in ("mef", "riel")]
+    assert gsteps == list(range(1, 10))
+    return out
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """init: 38 MEF steps from scratch on level-1 sums (one process), so that RIEL gets some rewards; then the same
-    run from it in one process and in two."""
+    run from it in one process and in two, the two-process one killed after RIEL step 1 and resumed (one run that
+    tests both: a resume that lost or misplaced any state would not follow the one-process run)."""
     tmp = tmp_path_factory.mktemp("dist")
     train([sys.executable], tmp / "init", "--train-size", "400", "--mef.batch-size", "32", "--mef.micro-batch-size",
           "32", "--mef.lr", "3e-3", "--mef.warmup-steps", "5", "--difficulty", "1", "1", "--stages", "mef",
           "--mef.stop-at", "None")  # no edge-of-competence checks: the init these tests were measured on
     init = ["--init", checkpoint.latest(str(tmp / "init"))]
     train([sys.executable], tmp / "one", *init, *RUN)
-    train(TORCHRUN, tmp / "two", *init, *RUN)
+    kill_and_resume(tmp / "two", *init, *RUN)
     return tmp, init
 
 
@@ -110,38 +134,9 @@ def assert_same_run(one_dir, two_dir):
     assert summary["optimizer_steps"] == len(one) - 2  # written once, by rank 0: 6 MEF + 3 RIEL steps
 
 
-def test_two_processes_train_and_evaluate_like_one(runs):
+def test_two_processes_killed_and_resumed_train_and_evaluate_like_one(runs):
     tmp, _ = runs
     assert_same_run(tmp / "one", tmp / "two")
-
-
-def kill_and_resume(out, *args) -> Path:
-    """Start a 2-process run of args, SIGKILL it once RIEL step 1 is checkpointed (gstep 7 of 9), resume it; returns
-    out after checking that the resumed run really had steps left and logged every step once."""
-    proc = train(TORCHRUN, out, *args, wait=False)
-    wait_for_checkpoint(proc, out, "ckpt-000007", timeout=240)
-    workers = children(proc.pid)
-    assert len(workers) == 2
-    for pid in [*workers, proc.pid]:  # the ranks first: they are the ones writing
-        os.kill(pid, signal.SIGKILL)
-    proc.wait()
-    time.sleep(0.5)  # let the kernel reap the orphaned workers
-    assert not any(os.path.exists(f"/proc/{pid}/cmdline") and open(f"/proc/{pid}/cmdline").read() for pid in workers)
-    stopped_at = (out / "latest").read_text().strip()
-    assert stopped_at < "ckpt-000009"
-
-    log = train(TORCHRUN, out, *args, "--resume")
-    assert f"resuming from {out / stopped_at}" in log  # the resumed run really had steps left to do
-    gsteps = [m["gstep"] for m in metrics(out) if m["stage"] in ("mef", "riel")]
-    assert gsteps == list(range(1, 10))
-    return out
-
-
-def test_killed_two_process_run_resumes_to_the_same_weights(runs):
-    tmp, init = runs
-    resumed, reference = weights(kill_and_resume(tmp / "killed", *init, *RUN)), weights(tmp / "two")
-    for k in reference:
-        assert torch.equal(resumed[k], reference[k]), k
 
 
 # ---- --fsdp: the same run on FSDP2 shards -----------------------------------------------------------------
@@ -150,11 +145,13 @@ def test_killed_two_process_run_resumes_to_the_same_weights(runs):
 @pytest.fixture(scope="module")
 def fsdp_run(runs):
     tmp, init = runs
-    train(TORCHRUN, tmp / "fsdp", *init, *RUN, "--fsdp")
+    # killed and resumed as well: its checkpoints hold the whole AdamW state, gathered from the shards; with the
+    # moments lost or misplaced on resume, the weights would not follow the one-process run
+    kill_and_resume(tmp / "fsdp", *init, *RUN, "--fsdp")
     return tmp, init
 
 
-def test_fsdp_trains_and_evaluates_like_one_process(fsdp_run):
+def test_killed_and_resumed_fsdp_run_trains_and_evaluates_like_one_process(fsdp_run):
     tmp, _ = fsdp_run
     assert_same_run(tmp / "one", tmp / "fsdp")
 
@@ -170,45 +167,40 @@ def test_fsdp_checkpoint_loads_in_transformers(fsdp_run):
         torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=1e-4, atol=1e-4)
 
 
-def test_killed_fsdp_run_resumes_to_the_same_weights(fsdp_run):
-    """The checkpoints of an FSDP run hold the whole AdamW state (gathered from the shards): with the moments lost
-    or misplaced on resume, the weights would differ."""
-    tmp, init = fsdp_run
-    out = kill_and_resume(tmp / "fsdp_killed", *init, *RUN, "--fsdp")
-    resumed, reference = weights(out), weights(tmp / "fsdp")
-    for k in reference:
-        assert torch.equal(resumed[k], reference[k]), k
-
-
 def test_fsdp_under_autocast_follows_one_process_under_autocast(runs):
     """--precision autocast (the CUDA default; CPU autocast here): under FSDP the weights are gathered in bf16, one
-    process casts its fp32 weights op by op. The same samples and counts, losses and gradient norms to bf16
-    rounding (measured: 0.5%), and the same update to 20% of its norm (measured: 9%: AdamW turns tiny gradient
-    differences of near-zero entries into whole-size steps).
+    process casts its fp32 weights op by op, so under FSDP the embedding output and the residual stream are bf16 too.
+    The same samples and counts, losses to 2% (measured: 0.1%), gradient norms to 10% (measured: up to 4%, at 2 of
+    the 6 MEF steps; 0.5% with the longer prompts of an earlier version), and the same update to 30% of its norm
+    (measured: 16%, 9% with the longer prompts: AdamW turns tiny gradient differences of near-zero entries into
+    whole-size steps).
     One RL step, not RUN's three: the two runs are not the same computation (FSDP's embedding and norm weights are
     bf16, autocast keeps them fp32), so a sampled token can differ wherever a uniform falls within bf16 rounding of a
     CDF step, and every later step then differs by design. On one CPU that happened in step 3 (one trained row
-    more under FSDP: 4 vs 3), on this one (2026-12-01) in step 2; step 1 carries trained rows and transfers and agrees."""
+    more under FSDP: 4 vs 3), on this one (2026-12-01) in step 2; step 1 carries trained rows and transfers and agrees.
+    No eval stage: sharded eval is compared in fp32 above, and CPU bf16 decoding is slow."""
     tmp, init = runs
     run = ["1" if RUN[i - 1] == "--riel.steps" else a for i, a in enumerate(RUN)]
     for launcher, name in ((TORCHRUN, "fsdp_ac"), ([sys.executable], "one_ac")):
-        train(launcher, tmp / name, *init, *run, "--precision", "autocast", *(["--fsdp"] if name == "fsdp_ac" else []))
+        train(launcher, tmp / name, *init, *run, "--precision", "autocast", "--stages", "mef", "riel",
+              *(["--fsdp"] if name == "fsdp_ac" else []))
     one, two = metrics(tmp / "one_ac"), metrics(tmp / "fsdp_ac")
     assert sum(m.get("trained_rows", 0) for m in one) > 0 and len(one) == len(two)
     for a, b in zip(one, two):
-        for key in ("trained_rows", "transfer_pairs", "flushed", "reward", "mel/candidates", "accuracy"):
+        for key in ("trained_rows", "transfer_pairs", "flushed", "reward", "mel/candidates"):
             assert a.get(key) == b.get(key), (a["stage"], a.get("step"), key)
-        for key in ("loss", "grad_norm"):
+        for key, rel in (("loss", 2e-2), ("grad_norm", 1e-1)):
             if key in a:
-                assert b[key] == pytest.approx(a[key], rel=2e-2, abs=1e-4), (a["stage"], a["step"], key)
+                assert b[key] == pytest.approx(a[key], rel=rel, abs=1e-4), (a["stage"], a["step"], key)
     from safetensors.torch import load_file
     start, w1, w2 = load_file(os.path.join(init[1], "model.safetensors")), weights(tmp / "one_ac"), weights(tmp / "fsdp_ac")
-    # Matrices: the update to 20% of its norm. RMSNorm weights: to 50%. FSDP multiplies by their bf16 copies while
-    # autocast keeps them fp32, so their gradients differ by more than bf16 matmul rounding, and after two steps the
-    # normalised AdamW update of entries with near-zero gradients is a large share of their small update.
+    # Matrices: the update to 30% of its norm (measured 16%). RMSNorm weights: to 50% (measured 22%). FSDP
+    # multiplies by their bf16 copies while autocast keeps them fp32, so their gradients differ by more than bf16
+    # matmul rounding, and after two steps the normalised AdamW update of entries with near-zero gradients is a
+    # large share of their small update.
     ratio = {k: ((w2[k] - w1[k]).norm() / (w1[k] - start[k]).norm()).item() for k in w1}
     worst = {d: max(r for k, r in ratio.items() if w1[k].dim() == d) for d in (1, 2)}
-    assert worst[2] <= 0.2 and worst[1] <= 0.5, (worst, sorted(ratio.items(), key=lambda kv: -kv[1])[:4])
+    assert worst[2] <= 0.3 and worst[1] <= 0.5, (worst, sorted(ratio.items(), key=lambda kv: -kv[1])[:4])
 
 
 def test_fsdp_needs_torchrun(tmp_path):
