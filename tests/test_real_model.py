@@ -105,22 +105,29 @@ def test_stop_ids_end_the_turn_at_im_end(real):
 
 
 def test_bf16_autocast_equals_transformers_bf16_and_keeps_fp32s_greedy_choices(real):
+    # one expert per task (3 of the 9 rows; bf16 matmuls are slow on a CPU without bf16 units), cut to their length
+    rows = [0, 3, 6]
+    cols = int(real.valid[rows].nonzero()[:, 1].max()) + 2
+    ids, valid, answer_pos, prompt_pos = (t[rows, :cols] for t in (real.ids, real.valid, real.answer_pos,
+                                                                    real.prompt_pos))
+    fp32 = real.fp32[rows, :cols]
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        mine = real.ours(real.ids).float()
-        theirs = real.hf(real.ids).logits.float()
+        mine = real.ours(ids).float()
+        theirs = real.hf(ids).logits.float()
     # our bf16 path is transformers' bf16 path: the same casts at the same places (bit for bit here; 1e-2 is far
     # below the ~0.1-1 that one cast in another place moves bf16 logits by)
-    assert (mine - theirs)[real.valid].abs().max().item() < 1e-2
-    same = mine.argmax(-1) == real.fp32.argmax(-1)
-    # along the model's own greedy answers, bf16 would pick fp32's token at 99.4% of the positions here (320/322)
-    assert same[real.answer_pos].float().mean() >= 0.99
+    assert (mine - theirs)[valid].abs().max().item() < 1e-2
+    same = mine.argmax(-1) == fp32.argmax(-1)
+    # along the model's own greedy answers, bf16 would pick fp32's token at 97.5% of the positions here (77/79;
+    # 320/322 over all 9 rows): two near-ties
+    assert same[answer_pos].float().mean() >= 0.95
     # along the prompts, many positions are near-ties (guessing the question's next word): 97.5% here, as many as
     # transformers' bf16. bf16 keeps 8 bits of mantissa and moves these logits by up to 1.1: where fp32's best
     # token leads the second by more than twice that, bf16 cannot change it
-    top2 = real.fp32.topk(2, dim=-1).values
-    clear = real.prompt_pos & (top2[..., 0] - top2[..., 1] > 2.5)
-    assert same[clear].all() and clear.sum() > 0.15 * real.prompt_pos.sum()  # 214 of 995 here
-    assert same[real.prompt_pos].float().mean() >= 0.95
+    top2 = fp32.topk(2, dim=-1).values
+    clear = prompt_pos & (top2[..., 0] - top2[..., 1] > 2.5)
+    assert same[clear].all() and clear.sum() > 0.15 * prompt_pos.sum()  # 69 of 320 here
+    assert same[prompt_pos].float().mean() >= 0.95
 
 
 def test_bf16_logprobs_of_sampled_completions_equal_transformers_and_stay_close_to_fp32(real):
@@ -153,21 +160,23 @@ def test_bf16_logprobs_of_sampled_completions_equal_transformers_and_stay_close_
 def test_train_run_on_gsm8k_writes_a_checkpoint_transformers_loads(real, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     out = tmp_path / "run"
-    # one GSM8K question (Natalia's clips). The 135M model solves ~0% of GSM8K zero-shot (0 of 60 samples of 48
-    # tokens on 5 short questions here), so a reward needs MEF first: 3 steps at lr 1e-4 on the question's 3 expert
-    # traces teach its answer (MEF loss 1.08 -> 0.24), and RIEL's 4 samples per expert are then right 3, 2 and 3
-    # times here, which makes a transfer (E+ rationale -> E- equations). Eval: 2 held-out questions x 3 experts.
+    # one GSM8K question (Natalia's clips), two experts (the short traces: a 135M forward costs ~140 prompt tokens
+    # per row, so every row counts on a CPU). The 135M model solves ~0% of GSM8K zero-shot (0 of 60 samples of 48
+    # tokens on 5 short questions here), so a reward needs MEF first: 3 steps at lr 1e-4 on the question's 2 expert
+    # traces teach its answer (MEF loss 1.16 -> 0.16), and RIEL's 4 samples per expert are then right 2 and 4
+    # times here, which makes a transfer (E+ program -> E- equations). Eval: 2 held-out questions x 2 experts.
+    experts = ["equations", "program"]
     train.main(train.cli([
         "--model", str(real.dir), "--data", "gsm8k", "--data-dir", str(SHARED), "--out-dir", str(out),
-        "--train-size", "1", "--mef.epochs", "3", "--mef.lr", "1e-4", "--mef.batch-size", "3",
-        "--mef.micro-batch-size", "3", "--riel.steps", "1", "--riel.questions-per-step", "1",
-        "--riel.group-size", "4", "--riel.max-new-tokens", "48", "--riel.micro-batch-size", "6",
+        "--experts", *experts, "--train-size", "1", "--mef.epochs", "3", "--mef.lr", "1e-4", "--mef.batch-size",
+        "2", "--mef.micro-batch-size", "2", "--riel.steps", "1", "--riel.questions-per-step", "1",
+        "--riel.group-size", "4", "--riel.max-new-tokens", "48", "--riel.micro-batch-size", "4",
         "--riel.buffer-size", "2", "--riel.buffer-k", "2", "--eval.size", "2", "--eval.max-new-tokens", "16"]))
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     mef = [m for m in lines if m["stage"] == "mef"]
     (rl,) = [m for m in lines if m["stage"] == "riel"]
     assert len(mef) == 3 and mef[-1]["loss"] < 0.5 * mef[0]["loss"]
-    means = [rl[f"reward/{e.name}"] for e in data.experts("gsm8k")]
+    means = [rl[f"reward/{name}"] for name in experts]
     assert max(means) > 0
     # one question per step: a transfer happens exactly when the experts' mean rewards differ (E+ != E-). So the
     # test holds whatever the samples are; with these it is a transfer
