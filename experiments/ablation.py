@@ -88,7 +88,7 @@ class Config:
     budget: float = 60.0  # minutes for the whole grid on this 2-core CPU (tiny preset); sets the RL steps
     steps: int | None = None  # RL steps per row; overrides --budget (None with a real model: one epoch)
     jobs: int = 2  # runs at a time; each gets cpu_count / jobs threads
-    quick: bool = False  # 2 rows, 1 seed, 8 RL steps, small SFT: a smoke test of the whole script
+    quick: bool = False  # 2 rows, 1 seed, 4 RL steps, small SFT and eval: a smoke test of the whole script
     extra: tuple[str, ...] = ()  # more train.py arguments for every run, e.g. --extra --eval.size 100
 
 
@@ -113,7 +113,7 @@ def train_args(cfg: Config, row: str, seed: int, steps: int | None, expert: str 
     n_experts = len(data.experts(cfg.data))
     base = ["--model", cfg.model, "--data", cfg.data, "--seed", str(seed), "--out-dir", run_dir(cfg, row, seed)]
     if cfg.quick:
-        base += ["--train-size", "300", "--mef.epochs", "1", "--eval.size", "60"]
+        base += ["--train-size", "150", "--mef.epochs", "1", "--eval.size", "30"]
     if row.startswith("Expert0"):
         base += ["--experts", data.experts(cfg.data)[0].name]
     if parent is None:
@@ -265,7 +265,7 @@ def plot(cfg: Config, rows, path) -> bool:
 
 def main(cfg: Config):
     if cfg.quick:
-        cfg = dataclasses.replace(cfg, rows=QUICK_ROWS, seeds=cfg.seeds[:1], steps=cfg.steps or 8)
+        cfg = dataclasses.replace(cfg, rows=QUICK_ROWS, seeds=cfg.seeds[:1], steps=cfg.steps or 4)
     unknown = [r for r in cfg.rows if r not in ROWS]
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; choose from {list(ROWS)}")

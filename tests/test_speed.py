@@ -82,7 +82,7 @@ def test_bench_quick_runs_end_to_end():
     out = subprocess.run([sys.executable, "bench.py", "--quick", "--threads", "1"], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    for section in ("Sampling", "RIEL step", "MFU", "Where a RIEL step's time goes"):
+    for section in ("Sampling", "RIEL step", "MFU", "Where a RIEL step's time goes", "Log-prob peak memory"):
         assert section in out.stdout
 
 
