@@ -103,13 +103,17 @@ def run_all(cfg: Config):
             f"--len={cfg.len}", f"--new-tokens={cfg.new_tokens}"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     setups = {"one process": [sys.executable], "DDP, 2 processes": torchrun, "FSDP, 2 processes": torchrun}
+    # all three at once: each process's peak is its own (memory, not time, is measured), so they need not wait
+    procs = {name: subprocess.Popen([*launcher, os.path.abspath(__file__), *args,
+                                     *(["--fsdp"] if name.startswith("FSDP") else [])],
+                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, launcher in setups.items()}
     rows = {}
-    for name, launcher in setups.items():
-        cmd = [*launcher, os.path.abspath(__file__), *args, *(["--fsdp"] if name.startswith("FSDP") else [])]
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
-        if out.returncode != 0:
-            raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
-        rows[name] = json.loads(next(x for x in out.stdout.splitlines() if x.startswith("{")))
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=1800)
+        if proc.returncode != 0:
+            raise SystemExit(f"{name} failed:\n{stderr[-3000:]}")
+        rows[name] = json.loads(next(x for x in stdout.splitlines() if x.startswith("{")))
     p = rows["one process"]["params_m"]
     print(f"### Peak memory per process: random Llama {p:.0f}M params (dim {cfg.dim}, {cfg.layers} layers, vocab "
           f"{cfg.vocab}), fp32 + AdamW, {cfg.rows} rows x {16 + cfg.len} tokens, CPU/gloo\n")

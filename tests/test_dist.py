@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -91,18 +92,36 @@ def kill_and_resume(out, *args) -> Path:
     return out
 
 
+def autocast_run(run_args):
+    """RUN's arguments for the autocast comparison: one RL step, no eval, no MEL (test_fsdp_under_autocast_...)."""
+    run = ["1" if run_args[i - 1] == "--riel.steps" else a for i, a in enumerate(run_args)]
+    mel_at = run.index("--mel")
+    run = run[:mel_at] + run[mel_at + 7:]  # --mel and its three options with their values
+    assert not any(a.startswith("--mel") for a in run)
+    return run + ["--precision", "autocast", "--stages", "mef", "riel"]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """init: 38 MEF steps from scratch on level-1 sums (one process), so that RIEL gets some rewards; then the same
-    run from it in one process and in two, the two-process one killed after RIEL step 1 and resumed (one run that
-    tests both: a resume that lost or misplaced any state would not follow the one-process run)."""
+    """init: 38 MEF steps from scratch on level-1 sums (one process), so that RIEL gets some rewards; then, from it,
+    all at once (each process has one thread, so its numbers do not depend on what else runs; together they keep
+    both cores busy while each one imports torch or waits on its peer): RUN in one process, in two (killed after
+    RIEL step 1 and resumed: one run that tests both, since a resume that lost or misplaced any state would not
+    follow the one-process run), with --fsdp (killed and resumed too: its checkpoints hold the whole AdamW state,
+    gathered from the shards), and the autocast pair of test_fsdp_under_autocast_follows_one_process_under_autocast."""
     tmp = tmp_path_factory.mktemp("dist")
     train([sys.executable], tmp / "init", "--train-size", "400", "--mef.batch-size", "32", "--mef.micro-batch-size",
           "32", "--mef.lr", "3e-3", "--mef.warmup-steps", "5", "--difficulty", "1", "1", "--stages", "mef",
           "--mef.stop-at", "None")  # no edge-of-competence checks: the init these tests were measured on
     init = ["--init", checkpoint.latest(str(tmp / "init"))]
-    train([sys.executable], tmp / "one", *init, *RUN)
-    kill_and_resume(tmp / "two", *init, *RUN)
+    jobs = [lambda: train([sys.executable], tmp / "one", *init, *RUN),
+            lambda: kill_and_resume(tmp / "two", *init, *RUN),
+            lambda: kill_and_resume(tmp / "fsdp", *init, *RUN, "--fsdp"),
+            lambda: train(TORCHRUN, tmp / "fsdp_ac", *init, *autocast_run(RUN), "--fsdp"),
+            lambda: train([sys.executable], tmp / "one_ac", *init, *autocast_run(RUN))]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        for job in [pool.submit(j) for j in jobs]:
+            job.result()  # re-raises a failed run's assertion
     return tmp, init
 
 
@@ -142,23 +161,14 @@ def test_two_processes_killed_and_resumed_train_and_evaluate_like_one(runs):
 # ---- --fsdp: the same run on FSDP2 shards -----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def fsdp_run(runs):
-    tmp, init = runs
-    # killed and resumed as well: its checkpoints hold the whole AdamW state, gathered from the shards; with the
-    # moments lost or misplaced on resume, the weights would not follow the one-process run
-    kill_and_resume(tmp / "fsdp", *init, *RUN, "--fsdp")
-    return tmp, init
-
-
-def test_killed_and_resumed_fsdp_run_trains_and_evaluates_like_one_process(fsdp_run):
-    tmp, _ = fsdp_run
+def test_killed_and_resumed_fsdp_run_trains_and_evaluates_like_one_process(runs):
+    tmp, _ = runs
     assert_same_run(tmp / "one", tmp / "fsdp")
 
 
-def test_fsdp_checkpoint_loads_in_transformers(fsdp_run):
+def test_fsdp_checkpoint_loads_in_transformers(runs):
     transformers = pytest.importorskip("transformers")
-    tmp, _ = fsdp_run
+    tmp, _ = runs
     path = checkpoint.latest(str(tmp / "fsdp"))
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
     ours = Transformer.from_pretrained(path, torch.device("cpu"), torch.float32)
@@ -179,14 +189,7 @@ def test_fsdp_under_autocast_follows_one_process_under_autocast(runs):
     CDF step, and every later step then differs by design. On one CPU that happened in step 3 (one trained row
     more under FSDP: 4 vs 3), on this one (2026-12-01) in step 2; step 1 carries trained rows and transfers and agrees.
     No eval stage and no MEL: both are compared in fp32 above, and CPU bf16 decoding is slow."""
-    tmp, init = runs
-    run = ["1" if RUN[i - 1] == "--riel.steps" else a for i, a in enumerate(RUN)]
-    mel_at = run.index("--mel")
-    run = run[:mel_at] + run[mel_at + 7:]  # --mel and its three options with their values
-    assert not any(a.startswith("--mel") for a in run)
-    for launcher, name in ((TORCHRUN, "fsdp_ac"), ([sys.executable], "one_ac")):
-        train(launcher, tmp / name, *init, *run, "--precision", "autocast", "--stages", "mef", "riel",
-              *(["--fsdp"] if name == "fsdp_ac" else []))
+    tmp, init = runs  # the two runs: the `runs` fixture (autocast_run)
     one, two = metrics(tmp / "one_ac"), metrics(tmp / "fsdp_ac")
     assert sum(m.get("trained_rows", 0) for m in one) > 0 and len(one) == len(two)
     for a, b in zip(one, two):
