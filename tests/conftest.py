@@ -34,21 +34,53 @@ def hf_tiny(kind="llama", tied=True, scaling=True, n_kv=2, vocab=128, seed=0):
     return model.eval()
 
 
-@pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory):
-    """The real SmolLM2-135M-Instruct: ../shared/data's GGUF de-quantised ONCE per session into a Hugging Face
-    directory (experiments/convert_gguf.py, ~15-20 s). Skips without the file or the gguf/accelerate packages."""
+GGUF_FILE = SHARED / "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
+CONVERT_SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "convert_gguf.py"
+_conversion = {}  # the background conversion: its process and output directory
+
+
+def pytest_collection_finish(session):
+    """Start de-quantising the GGUF (experiments/convert_gguf.py, ~35 s of single-threaded file parsing) in a
+    background process as soon as the tests are known, so that it overlaps the tests before test_real_model*."""
     import importlib.util
-    gguf_file = SHARED / "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not gguf_file.is_file():
-        pytest.skip(f"{gguf_file} is absent")
+    import subprocess
+    import sys
+    import tempfile
+    uses = any("smollm2_dir" in getattr(item, "fixturenames", ()) for item in session.items)
+    if not uses or not GGUF_FILE.is_file() or any(importlib.util.find_spec(p) is None for p in ("gguf", "accelerate")):
+        return
+    root = Path(tempfile.mkdtemp(prefix="smollm2-135m-"))
+    _conversion.update(root=root, out=root / "model", log=open(root / "convert.log", "w+"))  # a file, not a pipe:
+    # nobody reads the output until the fixture asks, and a full pipe would stall the converter
+    _conversion["proc"] = subprocess.Popen([sys.executable, str(CONVERT_SCRIPT), str(root / "model"), str(GGUF_FILE)],
+                                           stdout=_conversion["log"], stderr=subprocess.STDOUT)
+
+
+def pytest_unconfigure(config):
+    import shutil
+    if "proc" in _conversion:
+        _conversion["proc"].kill()
+        _conversion["proc"].wait()
+        _conversion["log"].close()
+        shutil.rmtree(_conversion["root"], ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The real SmolLM2-135M-Instruct: ../shared/data's GGUF de-quantised ONCE per session into a Hugging Face
+    directory (experiments/convert_gguf.py, started in the background when collection ends). Skips without the
+    file or the gguf/accelerate packages."""
+    if not GGUF_FILE.is_file():
+        pytest.skip(f"{GGUF_FILE} is absent")
     pytest.importorskip("gguf")
     pytest.importorskip("accelerate")
-    script = Path(__file__).resolve().parents[1] / "experiments" / "convert_gguf.py"
-    spec = importlib.util.spec_from_file_location("convert_gguf", script)
-    convert_gguf = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(convert_gguf)
-    return Path(convert_gguf.convert(str(gguf_file), str(tmp_path_factory.mktemp("smollm2-135m"))))
+    if "proc" not in _conversion:  # e.g. the fixture requested in a way collection did not see
+        pytest.fail("the GGUF conversion was not started at collection time")
+    proc, log = _conversion["proc"], _conversion["log"]
+    proc.wait(timeout=900)
+    log.seek(0)
+    assert proc.returncode == 0, log.read()[-3000:]
+    return _conversion["out"]
 
 
 @pytest.fixture
