@@ -112,7 +112,8 @@ class ModelConfig:
 
 
 def tiny_config() -> ModelConfig:
-    """The `tiny` preset: ~0.8M params, byte-level vocab (256 bytes + 8 specials), learns the synthetic task on a CPU."""
+    """The `tiny` preset: ~0.8M params, byte-level vocab (256 bytes, 4 specials, 3 chat roles, 1 reserved: 264),
+    learns the synthetic task on a CPU."""
     return ModelConfig(extra={"bos_token_id": 256, "eos_token_id": 258, "pad_token_id": 257})
 
 

@@ -54,7 +54,7 @@ RL_DIFFICULTY = (2, 3)
 DEFAULT_N = {"train": 4000, "test": 400}
 
 # One word on purpose: the tiny tokenizer spends a token per byte, and every prompt byte costs compute in every
-# SFT and RL row (a 19-byte "Add: running total." was half of a prompt's bytes). The prompt names a style; the
+# SFT and RL row ("Add: running total." was 19 of a 39-token prompt). The prompt names a style; the
 # expert's traces are what teach it.
 EXPERTS = [
     Expert("chain", "chain", description="running total, one addition per line"),
