@@ -30,8 +30,12 @@ RUN = ["--train-size", "64", "--mef.epochs", "1", "--mef.batch-size", "32", "--m
        "--mef.lr", "3e-4", "--riel.steps", "3", "--riel.questions-per-step", "4", "--riel.group-size", "8",
        "--riel.max-new-tokens", "24", "--riel.buffer-size", "4", "--riel.buffer-k", "2", "--riel.lr", "3e-4",
        "--difficulty", "1", "1", "--rl-difficulty", "1", "1", "--eval.size", "12", "--eval.batch-size", "8",
-       "--eval.max-new-tokens", "24", "--eval.pass-k", "2", "--eval.pass-samples", "3", "--checkpoint-every", "1",
-       "--mel", "--mel.max-analysis-tokens", "16", "--mel.replay-temperature", "1.0", "--mel.pairs-per-question", "2"]
+       "--eval.max-new-tokens", "24", "--eval.pass-k", "2", "--eval.pass-samples", "3", "--checkpoint-every", "1"]
+MEL = ["--mel", "--mel.max-analysis-tokens", "16", "--mel.replay-temperature", "1.0", "--mel.pairs-per-question", "2"]
+# the autocast comparison (test_fsdp_under_autocast_...): one RL step, no eval, no MEL
+AUTOCAST_RUN = [*RUN[:RUN.index("--riel.steps") + 1], "1", *RUN[RUN.index("--riel.steps") + 2:],
+                "--precision", "autocast", "--stages", "mef", "riel"]
+RUN = RUN + MEL
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
@@ -92,15 +96,6 @@ def kill_and_resume(out, *args) -> Path:
     return out
 
 
-def autocast_run(run_args):
-    """RUN's arguments for the autocast comparison: one RL step, no eval, no MEL (test_fsdp_under_autocast_...)."""
-    run = ["1" if run_args[i - 1] == "--riel.steps" else a for i, a in enumerate(run_args)]
-    mel_at = run.index("--mel")
-    run = run[:mel_at] + run[mel_at + 7:]  # --mel and its three options with their values
-    assert not any(a.startswith("--mel") for a in run)
-    return run + ["--precision", "autocast", "--stages", "mef", "riel"]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """init: 38 MEF steps from scratch on level-1 sums (one process), so that RIEL gets some rewards; then, from it,
@@ -117,8 +112,8 @@ def runs(tmp_path_factory):
     jobs = [lambda: train([sys.executable], tmp / "one", *init, *RUN),
             lambda: kill_and_resume(tmp / "two", *init, *RUN),
             lambda: kill_and_resume(tmp / "fsdp", *init, *RUN, "--fsdp"),
-            lambda: train(TORCHRUN, tmp / "fsdp_ac", *init, *autocast_run(RUN), "--fsdp"),
-            lambda: train([sys.executable], tmp / "one_ac", *init, *autocast_run(RUN))]
+            lambda: train(TORCHRUN, tmp / "fsdp_ac", *init, *AUTOCAST_RUN, "--fsdp"),
+            lambda: train([sys.executable], tmp / "one_ac", *init, *AUTOCAST_RUN)]
     with ThreadPoolExecutor(len(jobs)) as pool:
         for job in [pool.submit(j) for j in jobs]:
             job.result()  # re-raises a failed run's assertion
@@ -189,7 +184,7 @@ def test_fsdp_under_autocast_follows_one_process_under_autocast(runs):
     CDF step, and every later step then differs by design. On one CPU that happened in step 3 (one trained row
     more under FSDP: 4 vs 3), on this one (2026-12-01) in step 2; step 1 carries trained rows and transfers and agrees.
     No eval stage and no MEL: both are compared in fp32 above, and CPU bf16 decoding is slow."""
-    tmp, init = runs  # the two runs: the `runs` fixture (autocast_run)
+    tmp, init = runs  # the two runs: the `runs` fixture (AUTOCAST_RUN)
     one, two = metrics(tmp / "one_ac"), metrics(tmp / "fsdp_ac")
     assert sum(m.get("trained_rows", 0) for m in one) > 0 and len(one) == len(two)
     for a, b in zip(one, two):
