@@ -9,7 +9,17 @@ import torch
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 requires_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is absent")
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# pytest-xdist runs the suite in two workers, a file at a time (pytest.ini): each worker then gets one thread, so
+# that they do not fight over the two cores. Run in one process (`-n 0`), it gets two.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
+# The longest files first (1-3 min each where the rest take seconds): the workers take files in collection order,
+# so a long file collected last would run alone at the end while the other worker idles.
+LONGEST_FIRST = ("test_real_model.py", "test_dist.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
 def hf_tiny(kind="llama", tied=True, scaling=True, n_kv=2, vocab=128, seed=0):
@@ -36,51 +46,70 @@ def hf_tiny(kind="llama", tied=True, scaling=True, n_kv=2, vocab=128, seed=0):
 
 GGUF_FILE = SHARED / "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
 CONVERT_SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "convert_gguf.py"
-_conversion = {}  # the background conversion: its process and output directory
+CONVERSION_ENV = "SMOLLM2_CONVERSION_DIR"  # where the background conversion writes; inherited by xdist's workers
+_conversion = {}  # the background conversion this process started: its process and directory
 
 
-def pytest_collection_finish(session):
+def _may_use_smollm2(config) -> bool:
+    """Whether the run may reach test_real_model*: a directory argument or one of those files (cheap to be wrong:
+    an unused conversion is killed at the end)."""
+    paths = [Path(str(a).split("::")[0]) for a in config.args] or [Path("tests")]
+    return any(p.is_dir() or p.name.startswith("test_real_model") for p in paths)
+
+
+def pytest_configure(config):
     """Start de-quantising the GGUF (experiments/convert_gguf.py, ~35 s of single-threaded file parsing) in a
-    background process as soon as the tests are known, so that it overlaps the tests before test_real_model*."""
+    background process when the run starts, so that it overlaps the tests before test_real_model*. Only the main
+    process does: under pytest-xdist the workers find its directory in the environment and wait for its `rc` file."""
     import importlib.util
+    import shlex
     import subprocess
     import sys
     import tempfile
-    uses = any("smollm2_dir" in getattr(item, "fixturenames", ()) for item in session.items)
-    if not uses or not GGUF_FILE.is_file() or any(importlib.util.find_spec(p) is None for p in ("gguf", "accelerate")):
+    if hasattr(config, "workerinput") or CONVERSION_ENV in os.environ or not _may_use_smollm2(config):
+        return
+    if not GGUF_FILE.is_file() or any(importlib.util.find_spec(p) is None for p in ("gguf", "accelerate")):
         return
     root = Path(tempfile.mkdtemp(prefix="smollm2-135m-"))
-    _conversion.update(root=root, out=root / "model", log=open(root / "convert.log", "w+"))  # a file, not a pipe:
-    # nobody reads the output until the fixture asks, and a full pipe would stall the converter
-    _conversion["proc"] = subprocess.Popen([sys.executable, str(CONVERT_SCRIPT), str(root / "model"), str(GGUF_FILE)],
-                                           stdout=_conversion["log"], stderr=subprocess.STDOUT)
+    # the exit status goes to a file, so that a worker process (not this one's child) can tell that it finished
+    cmd = (f"{shlex.join([sys.executable, str(CONVERT_SCRIPT), str(root / 'model'), str(GGUF_FILE)])} "
+           f"> {shlex.quote(str(root / 'convert.log'))} 2>&1; echo $? > {shlex.quote(str(root / 'rc'))}")
+    _conversion.update(root=root, proc=subprocess.Popen(["sh", "-c", cmd], start_new_session=True))
+    os.environ[CONVERSION_ENV] = str(root)
 
 
 def pytest_unconfigure(config):
     import shutil
-    if "proc" in _conversion:
-        _conversion["proc"].kill()
+    import signal
+    if "proc" in _conversion:  # the whole process group: the shell and the converter it started
+        try:
+            os.killpg(_conversion["proc"].pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         _conversion["proc"].wait()
-        _conversion["log"].close()
         shutil.rmtree(_conversion["root"], ignore_errors=True)
+        os.environ.pop(CONVERSION_ENV, None)
 
 
 @pytest.fixture(scope="session")
 def smollm2_dir():
-    """The real SmolLM2-135M-Instruct: ../shared/data's GGUF de-quantised ONCE per session into a Hugging Face
-    directory (experiments/convert_gguf.py, started in the background when collection ends). Skips without the
+    """The real SmolLM2-135M-Instruct: ../shared/data's GGUF de-quantised ONCE per run into a Hugging Face
+    directory (experiments/convert_gguf.py, started in the background by pytest_configure). Skips without the
     file or the gguf/accelerate packages."""
+    import time
     if not GGUF_FILE.is_file():
         pytest.skip(f"{GGUF_FILE} is absent")
     pytest.importorskip("gguf")
     pytest.importorskip("accelerate")
-    if "proc" not in _conversion:  # e.g. the fixture requested in a way collection did not see
-        pytest.fail("the GGUF conversion was not started at collection time")
-    proc, log = _conversion["proc"], _conversion["log"]
-    proc.wait(timeout=900)
-    log.seek(0)
-    assert proc.returncode == 0, log.read()[-3000:]
-    return _conversion["out"]
+    if CONVERSION_ENV not in os.environ:  # e.g. a run whose arguments _may_use_smollm2 misjudged
+        pytest.fail("the GGUF conversion was not started when the run began")
+    root = Path(os.environ[CONVERSION_ENV])
+    deadline = time.time() + 900
+    while not (root / "rc").is_file() or not (root / "rc").read_text().strip():
+        assert time.time() < deadline, "the GGUF conversion did not finish in 15 minutes"
+        time.sleep(0.2)
+    assert (root / "rc").read_text().strip() == "0", (root / "convert.log").read_text()[-3000:]
+    return root / "model"
 
 
 @pytest.fixture

@@ -45,7 +45,7 @@ def train(launcher, out_dir, *args, wait=True):
                             stderr=subprocess.STDOUT, text=True)
     if not wait:
         return proc
-    out, _ = proc.communicate(timeout=300)
+    out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
     return out
 
