@@ -87,7 +87,8 @@ def write_summary(cfg, state, log, wall_since_save):
     with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(f"summary -> {os.path.join(cfg.out_dir, 'summary.json')} ({summary['wall_s']:.0f}s)")
-    write_curves(cfg.out_dir)
+    if cfg.curves:
+        write_curves(cfg.out_dir)
 
 
 def write_curves(out_dir: str):

@@ -90,6 +90,7 @@ class Config:
     rl_difficulty: tuple[int, int] | None = None  # synthetic only: levels for RIEL and eval (default: same)
     checkpoint_every: int = 50  # optimizer steps
     log_every: int | None = None  # a stdout line every N steps (None: ~20 per stage); metrics.jsonl has them all
+    curves: bool = True  # draw curves.png after MEF and at the end (needs matplotlib; 1-5 s of CPU each time)
     mef: MEFConfig = field(default_factory=MEFConfig)
     riel: RIELConfig = field(default_factory=RIELConfig)
     mel: MELConfig = field(default_factory=MELConfig)  # `--mel` turns it on
@@ -274,7 +275,7 @@ def main(cfg: Config):
             save(stage, state["step"])
         if "eval" in cfg.stages:
             run_eval(f"after_{stage}")  # a no-op when this checkpoint already holds it
-        if dist.is_main() and stage == "mef" and "riel" in cfg.stages:
+        if dist.is_main() and cfg.curves and stage == "mef" and "riel" in cfg.stages:
             runlog.write_curves(cfg.out_dir)  # the picture so far, to look at while RIEL runs
     if "eval" in cfg.stages and not any(f"after_{s}" in state["evals"] for s in ("mef", "riel")):
         run_eval("final")

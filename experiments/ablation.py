@@ -113,7 +113,8 @@ def train_args(cfg: Config, row: str, seed: int, steps: int | None, expert: str 
     n_experts = len(data.experts(cfg.data))
     base = ["--model", cfg.model, "--data", cfg.data, "--seed", str(seed), "--out-dir", run_dir(cfg, row, seed)]
     if cfg.quick:
-        base += ["--train-size", "150", "--mef.epochs", "1", "--eval.size", "30"]
+        base += ["--train-size", "150", "--mef.epochs", "1", "--eval.size", "30", "--no-curves"]  # a smoke test:
+        # ablation.png is drawn, the rows' own curves.png (a few s of CPU each) are not
     if row.startswith("Expert0"):
         base += ["--experts", data.experts(cfg.data)[0].name]
     if parent is None:

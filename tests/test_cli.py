@@ -64,7 +64,7 @@ def test_step_lines_every_n_steps_hold_the_means_since_the_previous_line():
 
 
 def test_log_every_prints_a_few_lines_keeps_every_step_and_draws_the_curves(tmp_path, capsys):
-    train.main(train.cli(["--out-dir", str(tmp_path), *SMALL, "--log-every", "3"]))  # 8 MEF, 4 RIEL steps
+    train.main(train.cli(["--out-dir", str(tmp_path), *SMALL, "--log-every", "3", "--curves"]))  # 8 MEF, 4 RIEL steps
     out = capsys.readouterr().out.splitlines()
     assert [line.split()[1] for line in out if line.startswith("mef ")] == ["1/8", "3/8", "6/8", "8/8"]
     assert [line.split()[1] for line in out if line.startswith("riel ")] == ["1/4", "3/4", "4/4"]

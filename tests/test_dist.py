@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # two ranks on a shared CPU must not oversubscribe it
 # From an init that gets a few rewards on level-1 sums (see `init`): 6 MEF steps, then 3 RIEL steps with
 # rewarded rows, transfers and a buffer flush, then sharded greedy eval and pass@k (several eval batches).
-RUN = ["--train-size", "64", "--mef.epochs", "1", "--mef.batch-size", "32", "--mef.micro-batch-size", "32",
+RUN = ["--no-curves", "--train-size", "64", "--mef.epochs", "1", "--mef.batch-size", "32", "--mef.micro-batch-size", "32",
        "--mef.lr", "3e-4", "--riel.steps", "3", "--riel.questions-per-step", "4", "--riel.group-size", "8",
        "--riel.max-new-tokens", "24", "--riel.buffer-size", "4", "--riel.buffer-k", "2", "--riel.lr", "3e-4",
        "--difficulty", "1", "1", "--rl-difficulty", "1", "1", "--eval.size", "12", "--eval.batch-size", "8",
@@ -105,7 +105,7 @@ def runs(tmp_path_factory):
     follow the one-process run), with --fsdp (killed and resumed too: its checkpoints hold the whole AdamW state,
     gathered from the shards), and the autocast pair of test_fsdp_under_autocast_follows_one_process_under_autocast."""
     tmp = tmp_path_factory.mktemp("dist")
-    train([sys.executable], tmp / "init", "--train-size", "400", "--mef.batch-size", "32", "--mef.micro-batch-size",
+    train([sys.executable], tmp / "init", "--no-curves", "--train-size", "400", "--mef.batch-size", "32", "--mef.micro-batch-size",
           "32", "--mef.lr", "3e-3", "--mef.warmup-steps", "5", "--difficulty", "1", "1", "--stages", "mef",
           "--mef.stop-at", "None")  # no edge-of-competence checks: the init these tests were measured on
     init = ["--init", checkpoint.latest(str(tmp / "init"))]

@@ -167,7 +167,7 @@ def test_train_run_on_gsm8k_writes_a_checkpoint_transformers_loads(real, tmp_pat
     # times here, which makes a transfer (E+ program -> E- equations). Eval: 2 held-out questions x 2 experts.
     experts = ["equations", "program"]
     train.main(train.cli([
-        "--model", str(real.dir), "--data", "gsm8k", "--data-dir", str(SHARED), "--out-dir", str(out),
+        "--no-curves", "--model", str(real.dir), "--data", "gsm8k", "--data-dir", str(SHARED), "--out-dir", str(out),
         "--experts", *experts, "--train-size", "1", "--mef.epochs", "3", "--mef.lr", "1e-4", "--mef.batch-size",
         "2", "--mef.micro-batch-size", "2", "--riel.steps", "1", "--riel.questions-per-step", "1",
         "--riel.group-size", "4", "--riel.max-new-tokens", "48", "--riel.micro-batch-size", "4",

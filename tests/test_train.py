@@ -14,8 +14,9 @@ import train
 from conftest import wait_for_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-# a run of a few seconds: 8 MEF steps, 4 RIEL steps, 8 eval questions
-SMALL = ["--train-size", "48", "--mef.epochs", "1", "--mef.batch-size", "18", "--mef.micro-batch-size", "18",
+# a run of a few seconds: 8 MEF steps, 4 RIEL steps, 8 eval questions; no curves.png (1-5 s of CPU each: the
+# tests that look at it ask for it)
+SMALL = ["--no-curves", "--train-size", "48", "--mef.epochs", "1", "--mef.batch-size", "18", "--mef.micro-batch-size", "18",
          "--mef.warmup-steps", "2", "--riel.steps", "4", "--riel.questions-per-step", "2", "--riel.group-size", "4",
          "--riel.max-new-tokens", "16", "--riel.buffer-size", "4", "--riel.buffer-k", "2", "--riel.lr", "1e-3", "--eval.size", "8",
          "--eval.max-new-tokens", "16", "--difficulty", "1", "2", "--rl-difficulty", "2", "3"]
@@ -46,6 +47,7 @@ def test_smoke_run_writes_metrics_checkpoint_and_summary(tmp_path):
     assert set(summary["evals"]) == {"after_mef", "after_riel"}
     assert summary["evals"]["after_riel"]["questions"] == 8
     assert set(summary["riel_trend"]) == {"zero_spread", "reward"}
+    assert not (out / "curves.png").exists()  # SMALL says --no-curves (test_cli draws them)
     # only the last checkpoint is kept, and it is a Hugging Face checkpoint with the same logits
     ckpts = sorted(p.name for p in out.glob("ckpt-*"))
     assert ckpts == ["ckpt-000012"] and summary["checkpoint"].endswith("ckpt-000012")
