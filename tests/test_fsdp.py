@@ -57,46 +57,61 @@ def sample(model, lo, hi):
                         generator=torch.Generator().manual_seed(1), rng_rows=(2 * lo, 2 * len(PROMPTS))).completions
 
 
-def _rank(rank, port, out, checkpointing, compute_dtype):
-    from torch.distributed.tensor import DTensor
+SETUPS = [(False, None), (True, None), (False, torch.bfloat16)]  # (gradient checkpointing, compute dtype)
+
+
+def _rank(rank, port, out):
+    """One of two gloo ranks: every set-up of SETUPS in turn (one process group: each spawned process spends
+    seconds importing torch)."""
     import torch.distributed as td
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     td.init_process_group("gloo", timeout=timedelta(seconds=60))  # a collective out of step fails, not hangs
     try:
-        model = model_3_layers(checkpointing)
-        dist.wrap(model, torch.device("cpu"), fsdp=True, compute_dtype=compute_dtype)
-        whole = []  # per call of block 1's forward: which blocks hold their whole weights
-        model.layers[1].register_forward_pre_hook(
-            lambda *_: whole.append([not isinstance(b.mlp.up_proj.weight, DTensor) for b in model.layers]))
-        backward_all(model, dist.shard)
-        trained, whole[:] = list(whole), []
-        grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
-        local = {n: (p.to_local().numel(), p.grad.to_local().numel(), p.numel(), p.dtype, p.grad.dtype)
-                 for n, p in model.named_parameters()}
-        model.eval()
-        lo, hi = dist.shard_range(len(PROMPTS))
-        with dist.unsharded(model):
-            rows = sample(model, lo, hi)
-        rows = dist.gather(rows)
+        results = [_one_setup(*setup) for setup in SETUPS]
         if rank == 0:
-            torch.save({"grads": grads, "trained": trained, "sampled": whole, "local": local, "rows": rows}, out)
+            torch.save(results, out)
         td.barrier()
     finally:
         dist.teardown()
 
 
-@pytest.mark.parametrize("checkpointing, compute_dtype", [(False, None), (True, None), (False, torch.bfloat16)])
-def test_per_layer_fsdp_with_uneven_micro_batches_equals_one_process(tmp_path, checkpointing, compute_dtype):
+def _one_setup(checkpointing, compute_dtype) -> dict:
+    from torch.distributed.tensor import DTensor
+    model = model_3_layers(checkpointing)
+    dist.wrap(model, torch.device("cpu"), fsdp=True, compute_dtype=compute_dtype)
+    whole = []  # per call of block 1's forward: which blocks hold their whole weights
+    model.layers[1].register_forward_pre_hook(
+        lambda *_: whole.append([not isinstance(b.mlp.up_proj.weight, DTensor) for b in model.layers]))
+    backward_all(model, dist.shard)
+    trained, whole[:] = list(whole), []
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+    local = {n: (p.to_local().numel(), p.grad.to_local().numel(), p.numel(), p.dtype, p.grad.dtype)
+             for n, p in model.named_parameters()}
+    model.eval()
+    lo, hi = dist.shard_range(len(PROMPTS))
+    with dist.unsharded(model):
+        rows = sample(model, lo, hi)
+    return {"grads": grads, "trained": trained, "sampled": whole, "local": local, "rows": dist.gather(rows)}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Rank 0's results for every set-up of SETUPS, from one spawn of two ranks."""
+    out = tmp_path_factory.mktemp("fsdp") / "rank0.pt"
+    mp.spawn(_rank, args=(free_port(), str(out)), nprocs=2)
+    return dict(zip(SETUPS, torch.load(out)))
+
+
+@pytest.mark.parametrize("checkpointing, compute_dtype", SETUPS)
+def test_per_layer_fsdp_with_uneven_micro_batches_equals_one_process(two_ranks, checkpointing, compute_dtype):
     """compute_dtype bf16 (what train.py asks for under CUDA autocast): the fp32 shards must hold the one-process
     fp32 gradient up to bf16 rounding (measured: at most 2.1% of a tensor's largest entry, as for one process
     computing in bf16), and sampling must give the tokens of one process on a bf16 copy of the weights."""
     model = model_3_layers(checkpointing)
     backward_all(model, lambda items: items)
     rows = sample(model_3_layers(checkpointing, compute_dtype or torch.float32).eval(), 0, len(PROMPTS))
-    port = free_port()
-    mp.spawn(_rank, args=(port, str(tmp_path / "rank0.pt"), checkpointing, compute_dtype), nprocs=2)
-    two = torch.load(tmp_path / "rank0.pt")
+    two = two_ranks[(checkpointing, compute_dtype)]
 
     for name, p in model.named_parameters():
         if compute_dtype is None:
