@@ -18,6 +18,7 @@ import torch
 
 import checkpoint
 import dist
+import train as train_py
 from conftest import free_port, wait_for_checkpoint
 from model import Transformer, tiny_config
 from rollout import generate
@@ -96,26 +97,38 @@ def kill_and_resume(out, *args) -> Path:
     return out
 
 
+def train_here(out_dir, *args):
+    """train.py's main in this process, on one thread as the subprocesses run: a process of its own would spend
+    ~7 s of CPU importing torch, torch._dynamo (AdamW asks for it) and transformers (the tokenizer)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_py.main(train_py.cli(["--out-dir", str(out_dir), *args]))
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """init: 38 MEF steps from scratch on level-1 sums (one process), so that RIEL gets some rewards; then, from it,
-    all at once (each process has one thread, so its numbers do not depend on what else runs; together they keep
-    both cores busy while each one imports torch or waits on its peer): RUN in one process, in two (killed after
+    """init: 38 MEF steps from scratch on level-1 sums, so that RIEL gets some rewards; then, from it, all at once
+    (each process has one thread, so its numbers do not depend on what else runs): RUN in two processes (killed after
     RIEL step 1 and resumed: one run that tests both, since a resume that lost or misplaced any state would not
     follow the one-process run), with --fsdp (killed and resumed too: its checkpoints hold the whole AdamW state,
-    gathered from the shards), and the autocast pair of test_fsdp_under_autocast_follows_one_process_under_autocast."""
+    gathered from the shards) and the FSDP half of the autocast pair of test_fsdp_under_autocast_..., while this
+    process runs RUN and the autocast pair's one-process half."""
     tmp = tmp_path_factory.mktemp("dist")
-    train([sys.executable], tmp / "init", "--no-curves", "--train-size", "400", "--mef.batch-size", "32", "--mef.micro-batch-size",
-          "32", "--mef.lr", "3e-3", "--mef.warmup-steps", "5", "--difficulty", "1", "1", "--stages", "mef",
-          "--mef.stop-at", "None")  # no edge-of-competence checks: the init these tests were measured on
+    train_here(tmp / "init", "--no-curves", "--train-size", "400", "--mef.batch-size", "32", "--mef.micro-batch-size",
+               "32", "--mef.lr", "3e-3", "--mef.warmup-steps", "5", "--difficulty", "1", "1", "--stages", "mef",
+               "--mef.stop-at", "None")  # no edge-of-competence checks: the init these tests were measured on
     init = ["--init", checkpoint.latest(str(tmp / "init"))]
-    jobs = [lambda: train([sys.executable], tmp / "one", *init, *RUN),
-            lambda: kill_and_resume(tmp / "two", *init, *RUN),
+    jobs = [lambda: kill_and_resume(tmp / "two", *init, *RUN),
             lambda: kill_and_resume(tmp / "fsdp", *init, *RUN, "--fsdp"),
-            lambda: train(TORCHRUN, tmp / "fsdp_ac", *init, *AUTOCAST_RUN, "--fsdp"),
-            lambda: train([sys.executable], tmp / "one_ac", *init, *AUTOCAST_RUN)]
+            lambda: train(TORCHRUN, tmp / "fsdp_ac", *init, *AUTOCAST_RUN, "--fsdp")]
     with ThreadPoolExecutor(len(jobs)) as pool:
-        for job in [pool.submit(j) for j in jobs]:
+        futures = [pool.submit(j) for j in jobs]
+        train_here(tmp / "one", *init, *RUN)
+        train_here(tmp / "one_ac", *init, *AUTOCAST_RUN)
+        for job in futures:
             job.result()  # re-raises a failed run's assertion
     return tmp, init
 
