@@ -60,7 +60,7 @@ def _may_use_smollm2(config) -> bool:
 
 
 def pytest_configure(config):
-    """Start de-quantising the GGUF (experiments/convert_gguf.py, ~35 s of single-threaded file parsing) in a
+    """Start de-quantising the GGUF (experiments/convert_gguf.py, ~25 s of one core) in a
     background process when the run starts, so that it overlaps the tests before test_real_model*. Only the main
     process does: under pytest-xdist the workers find its directory in the environment and wait for its `rc` file."""
     import importlib.util
