@@ -45,18 +45,23 @@ def real(smollm2_dir):
                     for i, e in enumerate(data.experts(task))]
     # greedy answers: 4 of the 9 end with <|im_end|> within 32 tokens (MathQA and StrategyQA answer briefly)
     greedy = generate(mine, prompts, max_new_tokens=32, temperature=0, stop_ids=tokenizer.stop_token_ids(tok))
-    rows = [p + c for p, c in zip(prompts, greedy.completions)]
-    ids = torch.full((len(rows), max(map(len, rows))), tok.pad_token_id)  # right-padded
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)
-    prompt_pos, answer_pos = torch.zeros_like(ids, dtype=torch.bool), torch.zeros_like(ids, dtype=torch.bool)
-    for i, (p, c) in enumerate(zip(prompts, greedy.completions)):
-        prompt_pos[i, :len(p) - 1] = True  # positions that predict the next prompt token
-        answer_pos[i, len(p) - 1:len(p) + len(c) - 1] = True  # positions that predict an answer token
+    ids, prompt_pos, answer_pos = right_padded(prompts, greedy.completions, tok.pad_token_id)
     with torch.no_grad():
         fp32 = mine(ids)
     return SimpleNamespace(dir=smollm2_dir, tok=tok, hf=hf, ours=mine, prompts=prompts, greedy=greedy, ids=ids,
-                           valid=prompt_pos | answer_pos, prompt_pos=prompt_pos, answer_pos=answer_pos, fp32=fp32)
+                           valid=prompt_pos | answer_pos, fp32=fp32)
+
+
+def right_padded(prompts, completions, pad):
+    """(B, L) ids of prompt + completion rows padded on the right, and the masks of the positions whose logits
+    predict a prompt token and an answer token."""
+    ids = torch.full((len(prompts), max(len(p) + len(c) for p, c in zip(prompts, completions))), pad)
+    prompt_pos, answer_pos = torch.zeros_like(ids, dtype=torch.bool), torch.zeros_like(ids, dtype=torch.bool)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        ids[i, :len(p) + len(c)] = torch.tensor(p + c)
+        prompt_pos[i, :len(p) - 1] = True
+        answer_pos[i, len(p) - 1:len(p) + len(c) - 1] = True
+    return ids, prompt_pos, answer_pos
 
 
 def test_fp32_logits_equal_transformers_on_every_expert_prompt(real):
@@ -104,57 +109,57 @@ def test_stop_ids_end_the_turn_at_im_end(real):
     assert all(0 not in p for p in real.prompts)
 
 
-def test_bf16_autocast_equals_transformers_bf16_and_keeps_fp32s_greedy_choices(real):
-    # one expert per task (3 of the 9 rows; bf16 matmuls are slow on a CPU without bf16 units), cut to their length
-    rows = [0, 3, 6]
-    cols = int(real.valid[rows].nonzero()[:, 1].max()) + 2
-    ids, valid, answer_pos, prompt_pos = (t[rows, :cols] for t in (real.ids, real.valid, real.answer_pos,
-                                                                    real.prompt_pos))
-    fp32 = real.fp32[rows, :cols]
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        mine = real.ours(ids).float()
-        theirs = real.hf(ids).logits.float()
-    # our bf16 path is transformers' bf16 path: the same casts at the same places (bit for bit here; 1e-2 is far
-    # below the ~0.1-1 that one cast in another place moves bf16 logits by)
-    assert (mine - theirs)[valid].abs().max().item() < 1e-2
-    same = mine.argmax(-1) == fp32.argmax(-1)
-    # along the model's own greedy answers, bf16 would pick fp32's token at 97.5% of the positions here (77/79;
-    # 320/322 over all 9 rows): two near-ties
-    assert same[answer_pos].float().mean() >= 0.95
-    # along the prompts, many positions are near-ties (guessing the question's next word): 97.5% here, as many as
-    # transformers' bf16. bf16 keeps 8 bits of mantissa and moves these logits by up to 1.1: where fp32's best
-    # token leads the second by more than twice that, bf16 cannot change it
-    top2 = fp32.topk(2, dim=-1).values
-    clear = prompt_pos & (top2[..., 0] - top2[..., 1] > 2.5)
-    assert same[clear].all() and clear.sum() > 0.15 * prompt_pos.sum()  # 69 of 320 here
-    assert same[prompt_pos].float().mean() >= 0.95
-
-
-def test_bf16_logprobs_of_sampled_completions_equal_transformers_and_stay_close_to_fp32(real):
-    prompts = real.prompts[::3]  # one expert per task
+@pytest.fixture(scope="module")
+def bf16(real):
+    """One expert per task (3 of the 9 prompts) with a sampled completion (seed 0): fp32 and bf16-autocast (the CUDA
+    default precision, CPU autocast here) log-probs from our token_logprobs, transformers' bf16 logits and our fp32
+    logits of the same right-padded rows. bf16 matmuls take ~9x fp32's time on a CPU without bf16 units (~17 s of
+    CPU per forward of these rows), so the two tests below share these two bf16 forwards."""
+    prompts = real.prompts[::3]
     out = generate(real.ours, prompts, max_new_tokens=32, temperature=1.0, seed=0,
                    stop_ids=tokenizer.stop_token_ids(real.tok))
+    completions = out.completions
+    ids, prompt_pos, answer_pos = right_padded(prompts, completions, pad=0)  # id 0: as token_logprobs pads
     with torch.no_grad():
-        fp32, mask = token_logprobs(real.ours, prompts, out.completions)
+        fp32_logp, mask = token_logprobs(real.ours, prompts, completions)
+        fp32 = real.ours(ids)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            bf16, _ = token_logprobs(real.ours, prompts, out.completions)
-            # transformers' bf16 log-probs of the same right-padded batch (token_logprobs pads with id 0)
-            ids = torch.zeros(len(prompts), max(len(p) + len(c) for p, c in zip(prompts, out.completions)),
-                              dtype=torch.long)
-            for i, (p, c) in enumerate(zip(prompts, out.completions)):
-                ids[i, :len(p) + len(c)] = torch.tensor(p + c)
-            logp = real.hf(ids).logits.float().log_softmax(-1)
-    theirs = torch.zeros_like(bf16)
-    for i, (p, c) in enumerate(zip(prompts, out.completions)):
+            bf16_logp, _ = token_logprobs(real.ours, prompts, completions)
+            theirs = real.hf(ids).logits.float()
+    return SimpleNamespace(prompts=prompts, completions=completions, mask=mask.bool(), fp32_logp=fp32_logp,
+                           bf16_logp=bf16_logp, hf_bf16=theirs, fp32=fp32, answer_pos=answer_pos, prompt_pos=prompt_pos)
+
+
+def test_bf16_logprobs_of_sampled_completions_equal_transformers_bf16_and_stay_close_to_fp32(bf16):
+    # transformers' bf16 log-probs of the sampled tokens: our bf16 path is transformers' (the same casts at the same
+    # places). Measured: max |diff| 3e-5 (the log-softmax's fp32 sums in another order); one cast in another place
+    # (e.g. the head in fp32) moves them by 1e-2..1
+    logp = bf16.hf_bf16.log_softmax(-1)
+    theirs = torch.zeros_like(bf16.bf16_logp)
+    for i, (p, c) in enumerate(zip(bf16.prompts, bf16.completions)):
         theirs[i, :len(c)] = logp[i, torch.arange(len(p) - 1, len(p) + len(c) - 1), torch.tensor(c)]
-    m = mask.bool()
-    assert (bf16 - theirs)[m].abs().max() < 1e-3
+    assert (bf16.bf16_logp - theirs)[bf16.mask].abs().max() < 1e-3
     # bf16 vs fp32, measured here on these 81 sampled tokens (seed 0; 96 tokens with seed 1): mean |error|
-    # 0.031 (0.025), max 0.11 (0.13) nats, i.e. a probability ratio within exp(0.13) = 1.14 per token. Tolerances
-    # with ~3x margin: mean 0.1, max 0.4. This bounds what bf16 costs; the exact check of the bf16 path is the one
-    # above against transformers
-    err = (bf16 - fp32).abs()[m]
+    # 0.027 (0.025), max 0.12 (0.13) nats, i.e. a probability ratio within exp(0.13) = 1.14 per token. Tolerances
+    # with ~3x margin: mean 0.1, max 0.4. This bounds what bf16 costs; the exact check is the one above
+    err = (bf16.bf16_logp - bf16.fp32_logp).abs()[bf16.mask]
     assert err.mean() < 0.1 and err.max() < 0.4, (err.mean(), err.max())
+
+
+def test_bf16_keeps_fp32s_choices(bf16):
+    # the bf16 logits are transformers' (the test above shows ours are the same), the fp32 ones ours (equal to
+    # transformers' bit for bit: test_fp32_logits_...)
+    same = bf16.hf_bf16.argmax(-1) == bf16.fp32.argmax(-1)
+    # along the sampled answers, bf16 would pick fp32's token at 95% of the positions here (77 of 81: a sampled
+    # answer leaves more near-ties than the model's own greedy one, where it was 77 of 79)
+    assert same[bf16.answer_pos].float().mean() >= 0.9
+    # along the prompts, many positions are near-ties (guessing the question's next word): 97.5% here. bf16 keeps 8
+    # bits of mantissa and moves these logits by up to 1.1: where fp32's best token leads the second by more than
+    # twice that, bf16 cannot change it
+    top2 = bf16.fp32.topk(2, dim=-1).values
+    clear = bf16.prompt_pos & (top2[..., 0] - top2[..., 1] > 2.5)
+    assert same[clear].all() and clear.sum() > 0.15 * bf16.prompt_pos.sum()  # 69 of 320 here
+    assert same[bf16.prompt_pos].float().mean() >= 0.95
 
 
 def test_train_run_on_gsm8k_writes_a_checkpoint_transformers_loads(real, tmp_path):
