@@ -12,11 +12,11 @@ requires_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data
 # pytest-xdist runs the suite in two workers, a file at a time (pytest.ini): each worker then gets one thread, so
 # that they do not fight over the two cores. Run in one process (`-n 0`), it gets two.
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
-# The longest files first (CPU seconds measured on 2 cores: 190, 190, 90, 45, 40, 30, 30, 30; the other 19 files
-# take 100 together): the workers take whole files in this order (pytest.ini: --dist loadfile
+# The longest files first (CPU seconds measured on 2 cores: 180, 180, 70, 50, 45, 35, 30, 30, 25, 15, 10; the other
+# 16 files take 50 together): the workers take whole files in this order (pytest.ini: --dist loadfile
 # --no-loadscope-reorder), so the short files fill in at the end instead of a long one running alone.
-LONGEST_FIRST = ("test_real_model.py", "test_dist.py", "test_fsdp.py", "test_speed.py", "test_plan.py",
-                 "test_ablation.py", "test_cli.py", "test_train.py")
+LONGEST_FIRST = ("test_real_model.py", "test_dist.py", "test_fsdp.py", "test_speed.py", "test_plan.py", "test_cli.py",
+                 "test_ablation.py", "test_verify_math500.py", "test_train.py", "test_gpu_check.py", "test_mel.py")
 
 
 def pytest_collection_modifyitems(config, items):
