@@ -92,18 +92,17 @@ class Args:
                 setattr(self, k, v)
 
 
-def bench_config(vocab):
+def bench_config(vocab) -> ours.ModelConfig:
     """A random Llama small enough for a CPU: dim 256, 4 layers, GQA 8/2 heads (about 4M params + embedding)."""
-    from transformers import LlamaConfig
-    return LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
-                       num_key_value_heads=2, vocab_size=vocab, tie_word_embeddings=True, rope_theta=500000.0,
-                       max_position_embeddings=4096)
+    return ours.ModelConfig(vocab_size=vocab, dim=256, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=32, ffn_dim=688,
+                            rope_theta=500000.0, tie_embeddings=True, max_seq_len=4096)
 
 
 def make_models(vocab, path):
-    from transformers import LlamaForCausalLM
+    """The same random weights in transformers' LlamaForCausalLM and in ours (loaded from its checkpoint)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
-    hf = LlamaForCausalLM(bench_config(vocab)).eval()
+    hf = LlamaForCausalLM(LlamaConfig(**bench_config(vocab).to_hf())).eval()
     hf.save_pretrained(path)
     return hf, ours.Transformer.from_pretrained(path).eval()
 
@@ -249,8 +248,8 @@ def bench_mfu(a: Args, hf, m, label):
 def probe(a: Args):
     """One memory measurement (runs in its own process). Prints peak extra bytes over the set-up state."""
     kind, mode = a.probe.split(":")
-    with tempfile.TemporaryDirectory() as d:
-        _, m = make_models(a.mem_vocab, d)
+    # ours alone, no transformers: importing it and building its twin would take most of the probe's seconds
+    m = ours.Transformer.from_config(bench_config(a.mem_vocab), torch.device("cpu"), torch.float32).eval()
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, a.mem_vocab, (64,), generator=g).tolist() for _ in range(a.mem_rows)]
     comps = [torch.randint(0, a.mem_vocab, (a.mem_completion - 16 * i,), generator=g).tolist()
@@ -292,15 +291,18 @@ def _status_kb(field):
 
 
 def bench_memory(a: Args):
-    results = {}
     modes = ("train",) if a.quick else ("score", "train")  # each probe is a fresh process: --quick runs two
-    for mode in modes:
-        for kind in ("naive", "ours"):
-            cmd = [sys.executable, __file__, "--probe", f"{kind}:{mode}", "--mem-vocab", str(a.mem_vocab),
-                   "--threads", str(a.threads),
-                   "--mem-rows", str(a.mem_rows), "--mem-completion", str(a.mem_completion)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-            results[kind, mode] = json.loads(out)["peak_extra_bytes"]
+    # all at once: each process's peak is its own (memory, not time, is measured)
+    probes = {(kind, mode): subprocess.Popen(
+        [sys.executable, __file__, "--probe", f"{kind}:{mode}", "--mem-vocab", str(a.mem_vocab), "--threads",
+         str(a.threads), "--mem-rows", str(a.mem_rows), "--mem-completion", str(a.mem_completion)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for mode in modes for kind in ("naive", "ours")}
+    results = {}
+    for key, proc in probes.items():
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            raise SystemExit(f"memory probe {key} failed:\n{err[-2000:]}")
+        results[key] = json.loads(out.strip().splitlines()[-1])["peak_extra_bytes"]
     n_tok = sum(a.mem_completion - 16 * i for i in range(a.mem_rows))
     print(f"\n### Log-prob peak memory: {a.mem_rows} rows, 64 prompt + up to {a.mem_completion} completion tokens "
           f"({n_tok} scored), vocab {a.mem_vocab}, chunk 256 tokens\n")
