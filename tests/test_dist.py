@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # two ranks on a shared CPU must not oversubscribe it
 # From an init that gets a few rewards on level-1 sums (see `init`): 6 MEF steps, then 3 RIEL steps with
 # rewarded rows, transfers and a buffer flush, then sharded greedy eval and pass@k (several eval batches).
-RUN = ["--no-curves", "--train-size", "64", "--mef.epochs", "1", "--mef.batch-size", "32", "--mef.micro-batch-size", "32",
+RUN = ["--no-curves",
+       "--train-size", "64", "--mef.epochs", "1", "--mef.batch-size", "32", "--mef.micro-batch-size", "32",
        "--mef.lr", "3e-4", "--riel.steps", "3", "--riel.questions-per-step", "4", "--riel.group-size", "8",
        "--riel.max-new-tokens", "24", "--riel.buffer-size", "4", "--riel.buffer-k", "2", "--riel.lr", "3e-4",
        "--difficulty", "1", "1", "--rl-difficulty", "1", "1", "--eval.size", "12", "--eval.batch-size", "8",

@@ -16,7 +16,8 @@ from conftest import wait_for_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 # a run of a few seconds: 8 MEF steps, 4 RIEL steps, 8 eval questions; no curves.png (1-5 s of CPU each: the
 # tests that look at it ask for it)
-SMALL = ["--no-curves", "--train-size", "48", "--mef.epochs", "1", "--mef.batch-size", "18", "--mef.micro-batch-size", "18",
+SMALL = ["--no-curves",
+         "--train-size", "48", "--mef.epochs", "1", "--mef.batch-size", "18", "--mef.micro-batch-size", "18",
          "--mef.warmup-steps", "2", "--riel.steps", "4", "--riel.questions-per-step", "2", "--riel.group-size", "4",
          "--riel.max-new-tokens", "16", "--riel.buffer-size", "4", "--riel.buffer-k", "2", "--riel.lr", "1e-3", "--eval.size", "8",
          "--eval.max-new-tokens", "16", "--difficulty", "1", "2", "--rl-difficulty", "2", "3"]
