@@ -35,6 +35,7 @@ logs, and checkpoints. Choices:
 import dataclasses
 import math
 import os
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -343,6 +344,7 @@ def run_riel(cfg, model, tok, records, experts, state, start, resumed, save, log
         dist.load_optimizer(model, opt, resumed)
         generator.set_state(state["generator"])
         buffer = HardExampleBuffer.from_dict(state["buffer"])
+    ref_model = reference_model(cfg, model) if rc.kl_beta > 0 else None
     reward_fn = lambda record, text: verify.reward(cfg.data, text, record.answer)
     lines = runlog.StepLines(cfg.log_every, start, steps)
     print(f"RIEL: {steps} steps of {rc.questions_per_step} questions x {len(experts)} experts x {rc.group_size} "
@@ -350,7 +352,7 @@ def run_riel(cfg, model, tok, records, experts, state, start, resumed, save, log
     for step in tqdm(range(start, steps), initial=start, total=steps, desc="riel", dynamic_ncols=True,
                      disable=not dist.is_main()):
         batch = [records[i] for i in question_batch(len(records), rc.questions_per_step, step, cfg.seed)]
-        m = riel_step(model, tok, batch, experts, rc, opt, buffer, generator, reward_fn, mel_cfg=cfg.mel)
+        m = riel_step(model, tok, batch, experts, rc, opt, buffer, generator, reward_fn, ref_model, cfg.mel)
         state["gstep"] += 1
         state["step"] = step + 1
         log.write({"stage": "riel", "step": step + 1, "gstep": state["gstep"], **m})
@@ -363,6 +365,21 @@ def run_riel(cfg, model, tok, records, experts, state, start, resumed, save, log
                           f"{a['mel_s']:.1f}s" if cfg.mel.enabled else ""))
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
             save("riel", step + 1, opt, generator, buffer)
+
+
+def reference_model(cfg, model):
+    """--riel.kl-beta's frozen pi_ref: the policy as RIEL starts (after MEF, or --init), written once to
+    out_dir/reference (atomically) so that a resumed run compares with the same weights, not its resumed ones."""
+    path = os.path.join(cfg.out_dir, "reference")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        weights, _ = dist.full_state(model)  # under FSDP every rank gathers, rank 0 gets them
+        if dist.is_main():
+            shutil.rmtree(path + ".tmp", ignore_errors=True)
+            model.save_pretrained(path + ".tmp", state=weights)
+            os.rename(path + ".tmp", path)
+        dist.barrier()
+    ref = Transformer.from_pretrained(path, model.embed_tokens.weight.device, model.embed_tokens.weight.dtype)
+    return ref.eval().requires_grad_(False)
 
 
 def cli(argv=None) -> Config:

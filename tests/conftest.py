@@ -11,7 +11,9 @@ requires_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data
 
 # pytest-xdist runs the suite in two workers, a file at a time (pytest.ini): each worker then gets one thread, so
 # that they do not fight over the two cores. Run in one process (`-n 0`), it gets two.
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
+# TEST_THREADS overrides both (tests/mutate.py runs two one-thread pytest processes at once).
+torch.set_num_threads(int(os.environ.get("TEST_THREADS", 0)) or
+                      (1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1)))
 # The longest files first (CPU seconds measured on 2 cores: 180, 180, 70, 50, 45, 35, 30, 30, 25, 15, 10; the other
 # 16 files take 50 together): the workers take whole files in this order (pytest.ini: --dist loadfile
 # --no-loadscope-reorder), so the short files fill in at the end instead of a long one running alone.

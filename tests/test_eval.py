@@ -4,6 +4,7 @@ import itertools
 import math
 
 import data
+import pytest
 from eval import EvalConfig, evaluate, format_table, majority_vote, pass_at_k
 from model import Transformer
 from tokenizer import load_tokenizer
@@ -37,3 +38,52 @@ def test_evaluate_reports_every_expert_the_vote_and_pass_at_k():
     assert res["questions"] == 4 and set(res["accuracy"]) == {e.name for e in experts}
     assert 0.0 <= res["pass@2"] <= 1.0 and res["best_expert"] in res["accuracy"]
     assert "majority vote" in format_table(res)
+
+
+# ---- evaluate's aggregation on a scripted completer with known answers -------------------------------------
+
+# 5 questions x 3 experts; greedy text of (question, expert). Answers 10, 20, 30, 40, 50.
+SCRIPT = [["#### 11", "#### 10", "#### 10"],  # vote 10: right
+          ["#### 21", "#### 20", "#### 22"],  # three-way tie: the first expert's 21 wins: wrong
+          ["#### 30", "#### 31", "no idea"],  # tie 30 / 31: the first expert's 30 wins: right
+          ["#### 41", "#### 40", "#### 41"],  # the majority's 41 beats the right 40: wrong
+          ["no idea", "#### 50", "#### 59"]]  # tie 50 / 59: the first answer given (columns, 50) wins: right
+# by hand: chain 1/5, columns 4/5, reverse 1/5; best columns; vote 3/5
+CORRECT_SAMPLES = [[0, 1, 2], [2, 3, 4], [4, 0, 2], [1, 1, 1], [2, 2, 0]]  # c of n = 4 samples per prompt
+
+
+def scripted_generate(tok, records, experts):
+    """A generate() stand-in that reads each prompt's question and expert and answers from SCRIPT (greedy) or with
+    CORRECT_SAMPLES right answers among its samples (sampled)."""
+    def fake(model, prompts, *, num_samples, temperature, stop_ids, **_):
+        comps = []
+        for p in prompts:
+            text = tok.decode(p)
+            q = next(i for i, r in enumerate(records) if r.question in text)
+            e = next(i for i, ex in enumerate(experts) if f"system\n{ex.system_prompt}<" in text)
+            if temperature == 0:
+                outs = [SCRIPT[q][e]] * num_samples
+            else:
+                c = CORRECT_SAMPLES[q][e]
+                outs = [f"#### {records[q].answer}"] * c + ["#### 0"] * (num_samples - c)
+            comps += [tok.encode(o, add_special_tokens=False) + [stop_ids[0]] for o in outs]
+        return type("Out", (), {"completions": comps, "finish": ["stop"] * len(comps)})
+    return fake
+
+
+def test_evaluate_aggregates_a_scripted_completer_as_computed_by_hand(monkeypatch):
+    import eval as ev
+    from test_mef import Rec, StandIn
+    tok = load_tokenizer("tiny")
+    records = [Rec(q, f"{10 * (q + 1)}+0=?", str(10 * (q + 1))) for q in range(5)]
+    experts = data.experts("synthetic")  # chain, columns, reverse
+    monkeypatch.setattr(ev, "generate", scripted_generate(tok, records, experts))
+    cfg = EvalConfig(batch_size=4, pass_k=2, pass_samples=4)  # 15 prompts in batches of 4: a short last batch
+    res = evaluate(StandIn(), tok, "synthetic", records, experts, cfg)
+    assert res["accuracy"] == {"chain": 0.2, "columns": 0.8, "reverse": 0.2}
+    assert res["best_expert"] == "columns" and res["best_accuracy"] == 0.8
+    assert res["majority_vote"] == pytest.approx(0.6)
+    # pass@2 of n = 4: every c in 0..4 occurs, n - c == k among them (c = 2: 1 - 1/6, not 1)
+    hand = [brute_force_pass_at_k(4, c, 2) for row in CORRECT_SAMPLES for c in row]
+    assert res["pass@2"] == pytest.approx(sum(hand) / len(hand))
+    assert res["questions"] == 5

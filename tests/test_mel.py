@@ -134,6 +134,24 @@ def test_analysis_prompt_holds_the_rollouts_and_replay_uses_the_wrong_experts_pr
         assert "good lesson" in prompt and RECORDS[0].question in prompt
 
 
+def test_each_replay_is_checked_against_its_own_questions_answer(tok, monkeypatch):
+    table = [[[1, 0, 0, 0], [1, 1, 0, 0]], [[0, 1, 0, 0], [0, 0, 1, 0]]]  # both questions mixed
+    answer_of = lambda text: next(r.answer for r in RECORDS if r.question in text)  # noqa: E731
+
+    def fake(model, prompts, *, stop_ids, **_):  # analyses say "lesson"; a replay answers its own question rightly
+        texts = [tok.decode(p) for p in prompts]
+        analysis = mel.ANALYSIS_INSTRUCTION.splitlines()[0] in texts[0]
+        outs = ["lesson" if analysis else f"yes {answer_of(t)}" for t in texts]
+        comps = [tok.encode(o, add_special_tokens=False) + [stop_ids[0]] for o in outs]
+        return SimpleNamespace(completions=comps, finish=["stop"] * len(comps))
+    monkeypatch.setattr(mel, "generate", fake)
+    exact = lambda rec, text: float(text.strip() == f"yes {rec.answer}")  # noqa: E731  (answers differ: 7, 81)
+    cfg = mel.MELConfig(enabled=True, pairs_per_question=2)
+    examples, m = mel.collect(None, tok, RECORDS, EXPERTS, rollout_rows(tok, table), rewards_of(table), cfg, 16, 1.0,
+                              torch.Generator().manual_seed(0), exact)
+    assert m["mel/candidates"] == 4 and m["mel/kept"] == 4 and len(examples) == 4
+
+
 def test_no_candidates_means_no_sampling_and_no_examples(tok, monkeypatch):
     calls = []
     monkeypatch.setattr(mel, "generate", scripted_policy(tok, [], calls))

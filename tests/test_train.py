@@ -1,6 +1,7 @@
 """train.py end to end on the tiny preset: outputs, a checkpoint transformers loads, exact resume, bad input."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -40,6 +41,10 @@ def test_smoke_run_writes_metrics_checkpoint_and_summary(tmp_path):
     riel = [m for m in lines if m["stage"] == "riel"]
     assert len(mef) == 8 and len(riel) == 4
     assert [m["gstep"] for m in mef + riel] == list(range(1, 13))
+    # SMALL: lr 3e-3 (tiny's), 2 warmup steps, then cosine over the other 6 of 8 steps to 10%
+    hand = [3e-3 * (s + 1) / 2 if s < 2 else 3e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi * (s - 2) / 6)))
+            for s in range(8)]
+    assert [m["lr"] for m in mef] == pytest.approx(hand)
     for key in ("reward", "zero_spread", "all_wrong", "all_right", "transfers", "loss_grpo", "loss_kl", "loss_sft",
                 "buffer_size", "buffer_flushes", "response_len", "tokens_per_s", "sample_s", "train_s", "grad_norm",
                 "lr", "reward/chain", "zero_spread/columns", "e_plus/reverse", "e_minus/chain"):
@@ -119,6 +124,58 @@ def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp_path
               if json.loads(x)["stage"] in ("mef", "riel")]
     assert gsteps == list(range(1, 13))  # no step lost, none logged twice
     assert not list(out.glob("*.tmp"))
+
+
+class Killed(Exception):
+    """Stands for SIGKILL in the process: whatever the run held in memory past its last checkpoint is lost."""
+
+
+def riel_lines(out):
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"stage": "riel"' in x]
+
+
+def test_killed_mid_riel_with_a_non_empty_buffer_and_a_reference_resumes_bit_exact(tmp_path, monkeypatch):
+    """Killed after RIEL step 1 (gstep 9): the buffer holds an entry that step 2 flushes, the RIEL generator has
+    drawn a step's samples, and --riel.kl-beta's reference is the policy as RIEL started. A resume that forgets
+    any of them (or re-copies the reference from the resumed weights) ends elsewhere."""
+    args = ("--checkpoint-every", "1", "--stages", "mef", "riel", "--riel.kl-beta", "0.05")
+    run(tmp_path / "full", *args)
+    reference = weights(train.checkpoint.latest(str(tmp_path / "full")))
+
+    real_save = train.checkpoint.save
+
+    def save_then_die(out_dir, model, tok, state, *a, **kw):
+        path = real_save(out_dir, model, tok, state, *a, **kw)
+        if state["gstep"] == 9:
+            raise Killed(path)
+        return path
+    monkeypatch.setattr(train.checkpoint, "save", save_then_die)
+    out = tmp_path / "killed"
+    with pytest.raises(Killed):
+        run(out, *args)
+    monkeypatch.setattr(train.checkpoint, "save", real_save)
+    state = train.checkpoint.load_state(train.checkpoint.latest(str(out)))
+    assert (state["stage"], state["step"]) == ("riel", 1) and len(state["buffer"]["entries"]) >= 1
+    assert (out / "reference" / "model.safetensors").exists()
+
+    run(out, "--resume", *args)
+    resumed = weights(train.checkpoint.latest(str(out)))
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+    full, again = riel_lines(tmp_path / "full"), riel_lines(out)
+    keys = ("reward", "loss", "loss_sft", "kl_ref", "flushed", "buffer_size", "grad_norm")
+    assert [[m[k] for k in keys] for m in again] == [[m[k] for k in keys] for m in full]
+    assert full[1]["flushed"] > 0 and max(m["kl_ref"] for m in full) > 0  # the buffer and the reference mattered
+
+
+def test_lr_schedule_warms_up_peaks_and_decays_to_its_floor():
+    cfg = train.MEFConfig(lr=2.0, warmup_steps=4, schedule="cosine")
+    lr = train.lr_schedule(cfg, total=14)
+    assert [lr(s) for s in range(4)] == [0.5, 1.0, 1.5, 2.0]  # linear: (step + 1) / warmup of the peak
+    assert lr(4) == 2.0  # cosine starts at the peak
+    assert lr(9) == pytest.approx(2.0 * (0.1 + 0.9 * 0.5))  # half way: the mean of peak and floor
+    assert lr(14) == pytest.approx(0.2) and lr(100) == pytest.approx(0.2)  # the floor: 10% of the peak
+    constant = train.lr_schedule(train.MEFConfig(lr=2.0, warmup_steps=2), total=14)
+    assert [constant(s) for s in (0, 1, 2, 13)] == [1.0, 2.0, 2.0, 2.0]
 
 
 def test_existing_run_is_never_overwritten_without_resume(tmp_path):

@@ -65,6 +65,8 @@ TABLE = [
     # strategyqa: yes/no after the marker
     ("strategyqa", "Fact.\nAnswer: yes", "yes", 1.0, False),
     ("strategyqa", "Answer: Yes.", "true", 1.0, False),  # gold as a bool string
+    ("strategyqa", "Answer: no", "False", 1.0, False),
+    ("strategyqa", "Answer: yes", "false", 0.0, False),
     ("strategyqa", "Answer: no", "yes", 0.0, False),
     ("strategyqa", "Answer: yes\nAnswer: no", "no", 1.0, False),  # corrected: the last counts
     ("strategyqa", "Answer: no\nAnswer: yes", "no", 0.0, False),  # a hedge only gets its last answer
