@@ -43,9 +43,9 @@ class HardExampleBuffer:
     def is_full(self) -> bool:
         return len(self.entries) >= self.capacity
 
-    def take_all(self) -> list:
-        """Empty the buffer for its SFT step and count the flush."""
-        out, self.entries = self.entries, []
+    def take_all(self, n: int | None = None) -> list:
+        """Empty the buffer for its SFT step (n: only the n oldest entries; the rest wait) and count the flush."""
+        out, self.entries = self.entries[:n], self.entries[len(self.entries) if n is None else n:]
         self.flushes += 1
         return out
 

@@ -58,6 +58,7 @@ from buffer import HardExampleBuffer, admit_hard_examples, uniform
 from mef import clip_and_step, length_sorted_micro_batches, sharded_sft_backward
 from tokenizer import render_chat, stop_token_ids
 from rollout import Rollout, generate, token_logprobs
+from premise import step_metrics
 from verify import CORRECT
 
 
@@ -85,6 +86,16 @@ class RIELConfig:
     buffer_k: int = 6  # admit when more than K of G are wrong, with probability K/G
     buffer_size: int = 64  # B: SFT step and clear when it holds this many
     lambda2: float = 1.0
+    buffer_flush: Literal["all", "exact"] = "all"  # all: a full buffer empties (it may hold up to B + Q*N - 1);
+    #                                                exact: the first B entries go, the rest wait for the next flush
+    transfer_ties: Literal["lowest", "random"] = "lowest"  # E+/E- among tied experts: the lowest index, or at random
+    # own: each term its own token mean (GRPO / all sampled tokens, transfer / O+ tokens, SFT / target tokens), as
+    # METHOD.md writes them | step: every term / the step's sampled tokens, so lambda1 and lambda2 weigh a token of
+    # their term as much as a GRPO token
+    term_scale: Literal["own", "step"] = "own"
+    mask_truncated: bool = False  # rows cut at max_new_tokens get no policy-gradient loss (DAPO's overlong mask)
+    warmup_steps: int = 0  # RL lr warmup: linear over the first steps (train.py)
+    grad_shares: bool = False  # log each term's gradient norm and share (one process; a copy of the gradients)
     micro_batch_size: int = 8  # rows per forward/backward
     sample_batch_size: int | None = None  # rows per sampling call (whole groups): bounds the KV cache; None: all
     lr: float = 1e-6  # for the caller's optimizer
@@ -96,6 +107,10 @@ class RIELConfig:
             raise ValueError(f"advantage must be one of {ADVANTAGE_MODES}, got {self.advantage!r}")
         if self.aggregation is not None and self.aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS} or None, got {self.aggregation!r}")
+        for name, allowed in (("buffer_flush", ("all", "exact")), ("transfer_ties", ("lowest", "random")),
+                              ("term_scale", ("own", "step"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.transfer_mode not in ("sampled", "full_vocab"):
             raise ValueError(f"transfer_mode must be 'sampled' or 'full_vocab', got {self.transfer_mode!r}")
         if self.group_size < 1 or self.ppo_epochs < 1 or self.micro_batch_size < 1:
@@ -110,15 +125,23 @@ class RIELConfig:
 
 # ---- (d) who teaches whom ---------------------------------------------------------------------
 
-def choose_transfer(rewards):
+def choose_transfer(rewards, generator=None, random_ties=False):
     """rewards (N, G) of one question -> (E+, E-) expert indices, or None when there is nothing to move.
-    Ties go to the lowest index on both sides."""
+    Ties go to the lowest index on both sides, or (random_ties) to one of the tied experts at random."""
     means = rewards.mean(-1).tolist()
     plus = min(range(len(means)), key=lambda i: (-means[i], i))
     minus = min(range(len(means)), key=lambda i: (means[i], i))
     if means[plus] == means[minus] or not bool((rewards[plus] >= CORRECT).any()):
         return None
+    if random_ties:  # otherwise expert 0 would be E- of every question that all but one expert fails alike
+        plus = pick([i for i, m in enumerate(means) if m == means[plus]], generator)
+        minus = pick([i for i, m in enumerate(means) if m == means[minus]], generator)
     return plus, minus
+
+
+def pick(items: list, generator=None):
+    """One of items, uniformly, from the step's generator."""
+    return items[min(int(uniform(generator) * len(items)), len(items) - 1)]
 
 
 def choose_teacher_samples(rewards_plus, generator=None, all_correct=False) -> list:
@@ -126,7 +149,7 @@ def choose_teacher_samples(rewards_plus, generator=None, all_correct=False) -> l
     correct = (rewards_plus >= CORRECT).nonzero().flatten().tolist()
     if all_correct or not correct:
         return correct
-    return [correct[min(int(uniform(generator) * len(correct)), len(correct) - 1)]]
+    return [pick(correct, generator)]
 
 
 # ---- (a) sampling and scoring ----------------------------------------------------------------------
@@ -216,12 +239,12 @@ def policy_gradient_backward(model, prompts, completions, adv, rows, cfg, counts
     return loss_sum, kl_sum / n_fwd, clipped / n_fwd
 
 
-def transfer_pairs(rewards, prompts, completions, generator=None, all_correct=False):
+def transfer_pairs(rewards, prompts, completions, generator=None, all_correct=False, random_ties=False):
     """rewards (Q, N, G) -> ([(P+ prompt, P- prompt, O+ ids)], [(E+, E-) per question with a transfer])."""
     Q, N, G = rewards.shape
     pairs, chosen = [], []
     for q in range(Q):
-        choice = choose_transfer(rewards[q])
+        choice = choose_transfer(rewards[q], generator, random_ties)
         if choice is None:
             continue
         plus, minus = choice
@@ -273,22 +296,33 @@ def update_policy(model, optimizer, cfg, prompts, completions, adv, rows, counts
     model.train()
     old_cache, out = {}, {"clip_frac": 0.0, "skipped": False}
     my_rows, my_pairs = dist.shard(rows), dist.shard(pairs)  # this rank's share (all in one process)
+    # term_scale "step": the transfer and SFT sums over the step's sampled tokens, as the GRPO term's
+    n_o = sum(len(o) for *_, o in pairs)
+    n_kl = counts["n_tokens"] if cfg.term_scale == "step" else n_o
+    n_sft = sum(len(e.target_ids) for e in flushed)
+    sft_scale = n_sft / counts["n_tokens"] if cfg.term_scale == "step" else 1.0
     for epoch in range(cfg.ppo_epochs):
         optimizer.zero_grad(set_to_none=True)
+        norms = TermNorms(model, cfg.grad_shares and epoch == 0 and dist.world() == 1)
         l_pg, kl_ref, clip = policy_gradient_backward(model, prompts, completions, adv, my_rows, cfg, counts,
                                                       old_cache, ref_model)
+        norms.mark("grpo")
         l_pg, kl_ref, clip = over_ranks(l_pg, kl_ref, clip, sum(len(completions[r]) for r in my_rows))
         loss = l_pg
         if epoch == 0:
-            l_kl = transfer_backward(model, my_pairs, cfg, n_tokens=sum(len(o) for *_, o in pairs)) if pairs else 0.0
+            l_kl = transfer_backward(model, my_pairs, cfg, n_tokens=n_kl) if pairs else 0.0
             l_kl = dist.sum_floats([l_kl])[0]
-            l_sft = sharded_sft_backward(model, [e.prompt_ids for e in flushed], [e.target_ids for e in flushed],
-                                         cfg.micro_batch_size, cfg.lambda2) if flushed else 0.0
+            norms.mark("transfer")
+            l_sft = sft_scale * sharded_sft_backward(model, [e.prompt_ids for e in flushed],
+                                                     [e.target_ids for e in flushed], cfg.micro_batch_size,
+                                                     cfg.lambda2 * sft_scale) if flushed else 0.0
+            norms.mark("sft")
             t_mel = time.perf_counter()
             l_mel = mel.nll_backward(model, mel_examples, cfg.micro_batch_size, mel_weight) if mel_examples else 0.0
+            norms.mark("mel")
             loss = l_pg + cfg.lambda1 * l_kl + cfg.lambda2 * l_sft + mel_weight * l_mel
             out.update(loss=loss, loss_grpo=l_pg, loss_kl=l_kl, loss_sft=l_sft, loss_mel=l_mel, kl_ref=kl_ref,
-                       lr=optimizer.param_groups[0]["lr"], mel_nll_s=time.perf_counter() - t_mel)
+                       lr=optimizer.param_groups[0]["lr"], mel_nll_s=time.perf_counter() - t_mel, **norms.metrics())
         else:  # ratio != 1 only from the second epoch on
             out["clip_frac"] += clip / (cfg.ppo_epochs - 1)
         grad_norm, skipped = clip_and_step(model, optimizer, cfg.grad_clip, loss)
@@ -297,28 +331,31 @@ def update_policy(model, optimizer, cfg, prompts, completions, adv, rows, counts
     return out
 
 
+class TermNorms:
+    """Each loss term's gradient norm (the weighted term, as it enters the sum), from the gradient it adds to
+    .grad: one copy of the gradients kept between terms. Off (no copy, no metrics) unless enabled."""
+
+    def __init__(self, model, enabled):
+        self.model, self.enabled, self.norms, self.last = model, enabled, {}, None
+
+    def mark(self, term):
+        if not self.enabled:
+            return
+        now = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in self.model.parameters()]
+        delta = now if self.last is None else [a - b for a, b in zip(now, self.last)]
+        self.norms[term] = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d) for d in delta])).item()
+        self.last = now
+
+    def metrics(self) -> dict:
+        total = sum(self.norms.values()) or 1.0
+        return {**{f"grad_norm/{t}": n for t, n in self.norms.items()},
+                **{f"grad_share/{t}": n / total for t, n in self.norms.items()}}
+
+
 def over_ranks(l_pg, kl_ref, clip, n_tokens):
     """This rank's policy-gradient loss (already over the global count) and per-token means over its n_tokens
     -> the whole step's values, on every rank (unchanged in one process)."""
     return dist.sum_floats([l_pg])[0], dist.mean_over_ranks(kl_ref, n_tokens), dist.mean_over_ranks(clip, n_tokens)
-
-
-def step_metrics(rewards, experts, chosen) -> dict:
-    """Reward and reward-spread metrics of one step; rewards (Q, N, G), chosen = [(E+, E-)]."""
-    zero = rewards.amax(-1) == rewards.amin(-1)  # (Q, N) groups with no reward spread: no signal
-    wrong, right = rewards.amax(-1) < CORRECT, rewards.amin(-1) >= CORRECT
-    flat = rewards.flatten(1)  # (Q, N*G): all experts of a question together
-    m = {"reward": rewards.mean().item(), "zero_spread": zero.float().mean().item(),
-         "all_wrong": wrong.float().mean().item(), "all_right": right.float().mean().item(),
-         "zero_signal_questions": (flat.amax(-1) == flat.amin(-1)).float().mean().item(),
-         "transfers": len(chosen)}
-    for i, ex in enumerate(experts):
-        m[f"reward/{ex.name}"] = rewards[:, i].mean().item()
-        m[f"zero_spread/{ex.name}"] = zero[:, i].float().mean().item()
-        m[f"all_wrong/{ex.name}"] = wrong[:, i].float().mean().item()
-        m[f"e_plus/{ex.name}"] = sum(p == i for p, _ in chosen)
-        m[f"e_minus/{ex.name}"] = sum(n == i for _, n in chosen)
-    return m
 
 
 def riel_step(model, tok, records, experts, cfg: RIELConfig, optimizer, buffer: HardExampleBuffer,
@@ -341,16 +378,19 @@ def riel_step(model, tok, records, experts, cfg: RIELConfig, optimizer, buffer: 
 
     adv = group_advantages(rewards, cfg.advantage).flatten()  # (b), (Q*N*G,) in row order
     lengths = [len(c) for c in completions]
-    counts = {"n_tokens": max(1, sum(lengths)), "n_seqs": len(completions), "max_len": cfg.max_new_tokens}
+    # mask_truncated: a cut row is neither trained nor counted; its reward still counts in its group's mean
+    counted = [0 if cfg.mask_truncated and f == "length" else n for n, f in zip(lengths, out.finish)]
+    counts = {"n_tokens": max(1, sum(counted)), "n_seqs": len(completions), "max_len": cfg.max_new_tokens}
     signal = (adv != 0).tolist() if cfg.kl_beta == 0 else [True] * len(completions)
-    rows = [r for r in range(len(completions)) if lengths[r] > 0 and signal[r]]
+    rows = [r for r in range(len(completions)) if counted[r] > 0 and signal[r]]
     pairs, chosen = ([], [])
     if cfg.transfer and N > 1:  # (d)
-        pairs, chosen = transfer_pairs(rewards, prompts, completions, generator, cfg.transfer_all_correct)
+        pairs, chosen = transfer_pairs(rewards, prompts, completions, generator, cfg.transfer_all_correct,
+                                       cfg.transfer_ties == "random")
     admitted, flushed = 0, []
     if cfg.buffer:  # (e)
         admitted = admit_hard_examples(buffer, tok, records, experts, prompts, rewards, cfg.buffer_k, generator)
-        flushed = buffer.take_all() if buffer.is_full() else []
+        flushed = buffer.take_all(cfg.buffer_size if cfg.buffer_flush == "exact" else None) if buffer.is_full() else []
     mel_examples, mel_m = [], {}
     use_mel = mel_cfg is not None and mel_cfg.enabled
     if use_mel:  # MEL, an extra loss from the same rollouts (mel.py)
@@ -365,7 +405,9 @@ def riel_step(model, tok, records, experts, cfg: RIELConfig, optimizer, buffer: 
     train_s = time.perf_counter() - t0 - sample_s - mel_m.get("mel/collect_s", 0.0)
     trained_tokens = sum(lengths[r] for r in rows) + sum(len(o) for *_, o in pairs)
     m.update(step_metrics(rewards, experts, chosen), **mel_m)
-    m.update(trained_rows=len(rows), transfer_pairs=len(pairs), buffer_admitted=admitted,
+    m.update(sampled_rows=len(completions), trained_rows=len(rows), trained_tokens=trained_tokens,
+             transfer_pairs=len(pairs),
+             buffer_admitted=admitted,
              buffer_size=len(buffer.entries), buffer_flushes=buffer.flushes, flushed=len(flushed),
              response_len=sum(lengths) / max(1, len(lengths)),
              truncated=sum(f == "length" for f in out.finish) / max(1, len(out.finish)),

@@ -89,6 +89,8 @@ class Config:
     train_size: int | None = None  # use at most this many training questions
     difficulty: tuple[int, int] = (1, 6)  # synthetic only: question levels for MEF
     rl_difficulty: tuple[int, int] | None = None  # synthetic only: levels for RIEL and eval (default: same)
+    testbed: Literal["nested", "complementary", "placebo"] = "nested"  # synthetic only: data/synthetic.py
+    eval_splits: tuple[str, ...] = ()  # evaluate on these splits too (synthetic: val), logged as after_<stage>@<split>
     checkpoint_every: int = 50  # optimizer steps
     log_every: int | None = None  # a stdout line every N steps (None: ~20 per stage); metrics.jsonl has them all
     curves: bool = True  # draw curves.png after MEF and at the end (needs matplotlib; 1-5 s of CPU each time)
@@ -116,7 +118,7 @@ def defaults(model: str) -> Config:
         mef=MEFConfig(epochs=2, lr=3e-3, batch_size=64, micro_batch_size=64, max_len=256, warmup_steps=20,
                       schedule="cosine", stop_at=0.2, check_every=25, check_size=100),
         riel=RIELConfig(steps=250, questions_per_step=16, group_size=8, max_new_tokens=48, lr=3e-4, lambda1=0.1,
-                        micro_batch_size=64, buffer_size=32),
+                        micro_batch_size=64, buffer_size=32, grad_shares=True),
         mel=MELConfig(max_analysis_tokens=48),
         eval=EvalConfig(size=300, max_new_tokens=48, batch_size=150))
 
@@ -128,7 +130,7 @@ def load_records(cfg: Config, split: str, stage: str) -> list:
     options = {}
     if cfg.data == "synthetic":
         levels = cfg.difficulty if stage == "mef" else (cfg.rl_difficulty or cfg.difficulty)
-        options = {"difficulty": tuple(levels), "seed": cfg.seed}
+        options = {"difficulty": tuple(levels), "seed": cfg.seed, "testbed": cfg.testbed}
         if split == "train" and cfg.train_size:
             options["n"] = cfg.train_size
     records = data.load(cfg.data, split, cfg.data_dir, **options)
@@ -136,7 +138,8 @@ def load_records(cfg: Config, split: str, stage: str) -> list:
 
 
 def load_experts(cfg: Config) -> list:
-    experts = data.experts(cfg.data, list(cfg.experts) if cfg.experts is not None else None)
+    experts = data.experts(cfg.data, list(cfg.experts) if cfg.experts is not None else None,
+                           **({"testbed": cfg.testbed} if cfg.data == "synthetic" else {}))
     if not experts:
         raise UserError("--experts is empty: name at least one expert of the task")
     for item in cfg.sources:
@@ -251,14 +254,15 @@ def main(cfg: Config):
     save.t0 = t_start
 
     def run_eval(name):
-        if name in state["evals"]:
-            return
-        records = load_records(cfg, eval_split, "eval")
-        with autocast:
-            res = evaluate(model, tok, cfg.data, records, experts, cfg.eval, seed=cfg.seed)
-        print(f"\n[eval {name}]\n" + format_table(res))
-        state["evals"][name] = res
-        log.write({"stage": "eval", "name": name, "gstep": state["gstep"], **res})
+        for split in (eval_split, *[s for s in cfg.eval_splits if s != eval_split]):
+            key = name if split == eval_split else f"{name}@{split}"  # e.g. after_riel@val
+            if key in state["evals"]:
+                continue
+            with autocast:
+                res = evaluate(model, tok, cfg.data, load_records(cfg, split, "eval"), experts, cfg.eval, seed=cfg.seed)
+            print(f"\n[eval {key}]\n" + format_table(res))
+            state["evals"][key] = res
+            log.write({"stage": "eval", "name": key, "gstep": state["gstep"], **res})
 
     for stage in [s for s in ("mef", "riel") if s in cfg.stages]:
         if stage not in state["done"]:
@@ -352,6 +356,8 @@ def run_riel(cfg, model, tok, records, experts, state, start, resumed, save, log
     for step in tqdm(range(start, steps), initial=start, total=steps, desc="riel", dynamic_ncols=True,
                      disable=not dist.is_main()):
         batch = [records[i] for i in question_batch(len(records), rc.questions_per_step, step, cfg.seed)]
+        for group in opt.param_groups:  # RL warmup: linear over the first rc.warmup_steps steps, then constant
+            group["lr"] = rc.lr * min(1.0, (step + 1) / max(1, rc.warmup_steps))
         m = riel_step(model, tok, batch, experts, rc, opt, buffer, generator, reward_fn, ref_model, cfg.mel)
         state["gstep"] += 1
         state["step"] = step + 1

@@ -10,6 +10,7 @@
 | task       | module             | splits (train / eval)              | experts                        |
 |------------|--------------------|------------------------------------|--------------------------------|
 | synthetic  | data/synthetic.py  | train / test (generated, default)  | chain, columns, reverse        |
+|            | (and `val`; testbeds nested / complementary / placebo: see the module)                |
 | gsm8k      | data/gsm8k.py      | train / test                       | rationale, equations, program  |
 | mathqa     | data/mathqa.py     | dev / test (dev has rationales)    | rationale, program, formula    |
 | strategyqa | data/strategyqa.py | train / dev (test labels hidden)   | facts, decompose, term         |
@@ -53,7 +54,7 @@ def _module(task: str):
 
 def load(task: str, split: str | None = None, data_dir: str | None = None, **options) -> list[Record]:
     """Records of one split (default: the task's training split). options go to the task's loader
-    (synthetic: n, seed, difficulty)."""
+    (synthetic: n, seed, difficulty, testbed)."""
     module = _module(task)
     split = split or SPLITS[task].train
     if split is None:
@@ -61,9 +62,11 @@ def load(task: str, split: str | None = None, data_dir: str | None = None, **opt
     return module.load(split, data_dir, **options)
 
 
-def experts(task: str, names: list[str] | None = None) -> list[Expert]:
-    """The task's experts, or the named subset in the given order (e.g. one expert: ExpertX-SFT)."""
-    pool = {e.name: e for e in _module(task).EXPERTS}
+def experts(task: str, names: list[str] | None = None, **options) -> list[Expert]:
+    """The task's experts, or the named subset in the given order (e.g. one expert: ExpertX-SFT).
+    options go to the task's `experts` (synthetic: testbed)."""
+    module = _module(task)
+    pool = {e.name: e for e in (module.experts(**options) if hasattr(module, "experts") else module.EXPERTS)}
     if names is None:
         return list(pool.values())
     unknown = [n for n in names if n not in pool]

@@ -37,8 +37,21 @@ So `SFT_DIFFICULTY` = (1, 2) and `RL_DIFFICULTY` = (2, 3): RL sees groups that s
 and groups nobody can, and an expert that fails where another succeeds (chain vs columns at d2), which
 is what MEML-GRPO's inter-expert learning is for. The default mix of `load` is (1, 3).
 
+**Testbeds** (`testbed=`, train.py `--testbed`): three versions of the task from this one generator, to tell
+when MEML-GRPO's mechanism (experts that solve DIFFERENT questions) has anything to work with:
+- `nested` (the default, everything above): three formats of one algorithm on one difficulty axis; the experts
+  rank (columns > reverse > chain) more than they complement each other.
+- `complementary`: two question shapes that suit different algorithms, half and half. `many`: 4 + d one-digit
+  terms (`3+5+7+2+9+4=?`), where chain's running total is a chain of small additions and columns/reverse must add
+  every digit of the one column in a single step; `long`: two terms of 1 + d digits each, leading digit non-zero
+  (`472+385=?`), where columns adds one digit column per line and chain must write a whole multi-digit sum at
+  once. Every expert is trained on the same questions: the difference comes from the algorithms, not the data.
+- `placebo`: the nested questions, three expert names (`alpha`, `beta`, `gamma`) and ONE trace format (columns)
+  for all of them. What MEML gains here over plain GRPO is not the mechanism the paper claims.
+
 **Splits** are disjoint by construction: a question belongs to `test` if the CRC32 of its text is
-0 mod 5, else to `train`, so no seed, size or difficulty can leak a test question into training.
+0 mod 10, to `val` (choices such as the lr or the deployed prompt are made there, never on test) if it is 5 mod 10,
+else to `train`, so no seed, size or difficulty can leak a held-out question into training.
 Questions may repeat within a split (they are i.i.d. draws; at d=1 there are only 81 questions).
 Generation is deterministic for (split, n, seed, difficulty).
 """
@@ -48,10 +61,11 @@ import zlib
 
 from .common import Expert, Record, UserError
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")
+TESTBEDS = ("nested", "complementary", "placebo")
 SFT_DIFFICULTY = (1, 2)  # see Calibration above
 RL_DIFFICULTY = (2, 3)
-DEFAULT_N = {"train": 4000, "test": 400}
+DEFAULT_N = {"train": 4000, "val": 400, "test": 400}
 
 # One word on purpose: the tiny tokenizer spends a token per byte, and every prompt byte costs compute in every
 # SFT and RL row ("Add: running total." was 19 of a 39-token prompt). The prompt names a style; the
@@ -61,6 +75,18 @@ EXPERTS = [
     Expert("columns", "columns", description="schoolbook column addition with carries"),
     Expert("reverse", "reverse", description="answer digits least-significant first, then reversed"),
 ]
+PLACEBO_EXPERTS = [Expert(name, name, description="the columns trace, under another name")
+                   for name in ("alpha", "beta", "gamma")]
+
+
+def experts(testbed: str = "nested") -> list:
+    check_testbed(testbed)
+    return PLACEBO_EXPERTS if testbed == "placebo" else EXPERTS
+
+
+def check_testbed(testbed: str):
+    if testbed not in TESTBEDS:
+        raise UserError(f"unknown synthetic testbed {testbed!r}; known: {', '.join(TESTBEDS)}")
 
 
 def shape(difficulty: int) -> tuple[int, int]:
@@ -71,33 +97,46 @@ def shape(difficulty: int) -> tuple[int, int]:
 
 
 def split_of(question: str) -> str:
-    return "test" if zlib.crc32(question.encode()) % 5 == 0 else "train"
+    h = zlib.crc32(question.encode()) % 10
+    return "test" if h == 0 else "val" if h == 5 else "train"
 
 
 def load(split: str, data_dir: str | None = None, n: int | None = None, seed: int = 0,
-         difficulty: int | tuple[int, int] = (1, 3)) -> list[Record]:
+         difficulty: int | tuple[int, int] = (1, 3), testbed: str = "nested") -> list[Record]:
     """n questions of `split`; data_dir is ignored (nothing is read from disk)."""
     if split not in SPLITS:
         raise ValueError(f"synthetic has splits {SPLITS}, not {split!r}")
+    check_testbed(testbed)
     n = DEFAULT_N[split] if n is None else n
     lo, hi = (difficulty, difficulty) if isinstance(difficulty, int) else difficulty
     shape(lo), shape(hi)  # validates the range
-    rng = random.Random(f"synthetic/{split}/{seed}")  # str seeds are hashed with sha512: stable across runs
+    # str seeds are hashed with sha512: stable across runs; nested draws the stream it always drew, and so does
+    # placebo: the nested questions themselves
+    rng = random.Random(f"synthetic/{split}/{seed}" + ("/complementary" if testbed == "complementary" else ""))
     records = []
     while len(records) < n:
         level = rng.randint(lo, hi)
-        terms = make_terms(rng, level)
+        kind = rng.choice(("many", "long")) if testbed == "complementary" else "nested"
+        terms = make_terms(rng, level, kind)
         question = "+".join(map(str, terms)) + "=?"
         if split_of(question) != split:
             continue
         answer = str(sum(terms))
-        traces = {"chain": chain_trace(terms), "columns": columns_trace(terms), "reverse": reverse_trace(terms)}
+        if testbed == "placebo":
+            traces = {e.name: columns_trace(terms) for e in PLACEBO_EXPERTS}
+        else:
+            traces = {"chain": chain_trace(terms), "columns": columns_trace(terms), "reverse": reverse_trace(terms)}
         records.append(Record(f"synthetic-{split}-{seed}-{len(records)}", question, answer, traces,
-                              {"difficulty": level, "terms": terms}))
+                              {"difficulty": level, "terms": terms, "shape": kind}))
     return records
 
 
-def make_terms(rng: random.Random, difficulty: int) -> list[int]:
+def make_terms(rng: random.Random, difficulty: int, kind: str = "nested") -> list[int]:
+    """nested: shape(difficulty); complementary: `many` = 4 + d one-digit terms, `long` = two (1 + d)-digit terms."""
+    if kind == "many":
+        return [rng.randint(1, 9) for _ in range(4 + difficulty)]
+    if kind == "long":
+        return [rng.randint(10**difficulty, 10**(difficulty + 1) - 1) for _ in range(2)]
     count, digits = shape(difficulty)
     return [rng.randint(1, 10**digits - 1) for _ in range(count)]
 

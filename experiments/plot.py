@@ -5,7 +5,7 @@ experiments/plot.py: the training curves of one or more runs, drawn from their m
     python -m experiments.plot out/a out/b --out compare.png  # several runs overlaid (default: ./curves.png)
 
 train.py writes `curves.png` into its run directory with this file at the end of a run (and after MEF when
-RIEL follows); run this by hand to see a run in progress or to compare runs. Six panels:
+RIEL follows); run this by hand to see a run in progress or to compare runs. Eight panels:
 
   RIEL reward per expert           mean reward of each expert's rollouts, and of all of them
   RIEL zero-spread groups          share of (question, expert) groups whose rewards are all equal: no signal
@@ -14,6 +14,9 @@ RIEL follows); run this by hand to see a run in progress or to compare runs. Six
   RIEL loss terms                  L_GRPO, L_KL (transfer), L_SFT (only at the steps the buffer flushed: dots),
                                    MEL's L_NLL when on
   RIEL response length             mean sampled tokens per response
+  premise meter                    rescued/<expert>: share of a step's questions where that expert's group is
+                                   all wrong and another expert has a right answer; rescue_rate (premise.py)
+  gradient share per loss term     each term's share of the summed gradient norms (--riel.grad-shares)
 
 Choices:
 - Per-step RL numbers are noisy (16 questions a step by default): every per-step curve is a trailing moving
@@ -87,7 +90,7 @@ def curves(records: list, window: int | None = None) -> dict:
         k = window or max(1, len(rows) // 20)
         return [m["step"] for m in rows], smooth([m[key] for m in rows], k)
 
-    out = {name: {} for name in ("reward", "zero_spread", "accuracy", "mef_loss", "riel_loss", "response_len")}
+    out = {name: {} for name in PANELS}
     if rl:
         for e in experts:
             out["reward"][e] = line(rl, f"reward/{e}")
@@ -101,6 +104,12 @@ def curves(records: list, window: int | None = None) -> dict:
         if any("mel/loss_nll" in m for m in rl):
             out["riel_loss"]["L_NLL (MEL)"] = line(rl, "mel/loss_nll")
         out["response_len"]["tokens"] = line(rl, "response_len")
+        for e in experts if any("rescue_rate" in m for m in rl) else []:
+            out["premise"][f"rescued/{e}"] = line(rl, f"rescued/{e}")
+        if any("rescue_rate" in m for m in rl):
+            out["premise"]["rescue rate"] = line(rl, "rescue_rate")
+        for key in [k for k in rl[0] if k.startswith("grad_share/")]:
+            out["grad_share"][key.split("/", 1)[1]] = line(rl, key)
     if mef:
         out["mef_loss"]["loss"] = line(mef, "loss")
     for e in experts if evals else []:
@@ -117,16 +126,18 @@ PANELS = {  # panel -> (title, x label)
     "mef_loss": ("MEF loss", "MEF step"),
     "riel_loss": ("RIEL loss terms", "RIEL step"),
     "response_len": ("RIEL response length (tokens)", "RIEL step"),
+    "premise": ("premise meter: all wrong here, right elsewhere", "RIEL step"),
+    "grad_share": ("share of the gradient norm per loss term", "RIEL step"),
 }
 POINTS = {"accuracy", "L_SFT"}  # drawn with markers: evals and buffer flushes are sparse
 RIGHT = {"L_GRPO"}  # ~100x smaller than the other loss terms: its own scale, on the right axis
 
 
 def figure(plt, runs: list, labels: list, window: int | None = None):
-    """The 2 x 3 panels of `runs` (each a curves() dict) on one matplotlib figure."""
+    """The 2 x 4 panels of `runs` (each a curves() dict) on one matplotlib figure."""
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     one = len(runs) == 1
-    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
+    fig, axes = plt.subplots(2, 4, figsize=(21, 8.5))
     for ax, (panel, (title, xlabel)) in zip(axes.flat, PANELS.items()):
         right = None
         for r, (run, label) in enumerate(zip(runs, labels)):
@@ -137,7 +148,7 @@ def figure(plt, runs: list, labels: list, window: int | None = None):
                     right = right or ax.twinx()
                     right.plot(xs, ys, **{**style, "label": style["label"] + " (right axis)"})
                     continue
-                if one and name == "all experts":
+                if one and name in ("all experts", "rescue rate"):
                     style.update(color="black", linewidth=2)
                 if panel in POINTS or name in POINTS:
                     style.update(marker="o", markersize=4)

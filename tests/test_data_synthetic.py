@@ -68,6 +68,41 @@ def test_train_and_test_never_share_a_question():
         assert all(synthetic.split_of(q) == "test" for q in test)
 
 
+def test_val_is_held_out_too_and_the_training_stream_is_the_one_it_always_was():
+    import zlib
+    for d in (1, 2):
+        splits = {s: {r.question for r in data.load("synthetic", s, n=300, seed=0, difficulty=d)}
+                  for s in ("train", "val", "test")}
+        assert all(splits.values()) and not (splits["train"] & splits["val"] or splits["val"] & splits["test"])
+        assert all(zlib.crc32(q.encode()) % 5 != 0 for q in splits["train"])  # train: the rule before val existed
+
+
+def test_complementary_testbed_mixes_many_small_terms_and_two_long_ones():
+    recs = data.load("synthetic", "train", n=400, seed=1, difficulty=(1, 2), testbed="complementary")
+    shapes = [r.meta["shape"] for r in recs]
+    assert 0.4 < shapes.count("many") / len(recs) < 0.6 and set(shapes) == {"many", "long"}
+    for r in recs:
+        terms, d = r.meta["terms"], r.meta["difficulty"]
+        if r.meta["shape"] == "many":
+            assert len(terms) == 4 + d and all(1 <= t <= 9 for t in terms)
+        else:
+            assert len(terms) == 2 and all(len(str(t)) == 1 + d for t in terms)
+        assert r.answer == str(sum(terms)) and set(r.traces) == {"chain", "columns", "reverse"}
+        assert all(verify.reward("synthetic", t, r.answer) == 1.0 for t in r.traces.values())
+    assert [e.name for e in data.experts("synthetic", testbed="complementary")] == ["chain", "columns", "reverse"]
+
+
+def test_placebo_testbed_is_the_nested_questions_with_one_trace_format_under_three_names():
+    nested = data.load("synthetic", "train", n=50, seed=2, difficulty=(1, 2))
+    placebo = data.load("synthetic", "train", n=50, seed=2, difficulty=(1, 2), testbed="placebo")
+    assert [r.question for r in placebo] == [r.question for r in nested]
+    for p, n in zip(placebo, nested):
+        assert set(p.traces) == {"alpha", "beta", "gamma"} and set(p.traces.values()) == {n.traces["columns"]}
+    assert [e.name for e in data.experts("synthetic", testbed="placebo")] == ["alpha", "beta", "gamma"]
+    with pytest.raises(data.UserError, match="complementary"):
+        data.load("synthetic", "train", n=1, testbed="complimentary")
+
+
 def test_short_enough_for_a_byte_level_model():
     for r in data.load("synthetic", "train", n=1000, difficulty=8):
         assert len(r.question.encode()) < 40

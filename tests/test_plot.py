@@ -13,7 +13,7 @@ import torch
 import data
 import runlog
 from experiments import plot
-from riel import step_metrics
+from premise import step_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERTS = data.experts("synthetic")  # chain, columns, reverse
@@ -21,7 +21,7 @@ EXPERTS = data.experts("synthetic")  # chain, columns, reverse
 
 def fake_run(path: Path, seed=0, mef_steps=6, rl_steps=12, flush_every=4):
     """A run directory whose metrics.jsonl has train.py's records: RIEL's per-expert keys come from
-    riel.step_metrics itself, so a renamed key breaks this test, not just the picture."""
+    premise.step_metrics itself, so a renamed key breaks this test, not just the picture."""
     g = torch.Generator().manual_seed(seed)
     rows = [{"stage": "mef", "step": i, "gstep": i, "loss": 5.0 / i} for i in range(1, mef_steps + 1)]
     rows.append({"stage": "eval", "name": "after_mef", "gstep": mef_steps, "majority_vote": 0.25,
@@ -31,7 +31,7 @@ def fake_run(path: Path, seed=0, mef_steps=6, rl_steps=12, flush_every=4):
         flushed = 3 if i % flush_every == 0 else 0
         rows.append({"stage": "riel", "step": i, "gstep": mef_steps + i, **step_metrics(rewards, EXPERTS, []),
                      "loss_grpo": 0.01 * i, "loss_kl": 0.5, "loss_sft": 2.0 if flushed else 0.0, "flushed": flushed,
-                     "response_len": 10.0 + i})
+                     "response_len": 10.0 + i, "grad_share/grpo": 0.5, "grad_share/sft": 0.5 if flushed else 0.0})
     rows.append({"stage": "eval", "name": "after_riel", "gstep": mef_steps + rl_steps, "majority_vote": 0.4,
                  "accuracy": {"chain": 0.3, "columns": 0.25, "reverse": 0.1}})
     path.mkdir(parents=True)
@@ -58,6 +58,9 @@ def test_curves_are_the_logged_metrics(tmp_path):
     assert c["accuracy"]["chain"] == ([6, 18], [0.1, 0.3])
     assert c["accuracy"]["majority vote"] == ([6, 18], [0.25, 0.4])
     assert c["mef_loss"]["loss"][0] == list(range(1, 7))
+    assert c["premise"]["rescued/reverse"][1] == pytest.approx(plot.smooth([r["rescued/reverse"] for r in rl], 3))
+    assert c["premise"]["rescue rate"][1] == pytest.approx(plot.smooth([r["rescue_rate"] for r in rl], 3))
+    assert c["grad_share"]["sft"][1] == pytest.approx(plot.smooth([r["grad_share/sft"] for r in rl], 3))
     # no RIEL stage (an SFT-only run): those panels are empty, the others drawn
     sft_only = plot.curves([r for r in rows if r["stage"] != "riel"])
     assert not sft_only["reward"] and list(sft_only["accuracy"]) == ["chain", "columns", "reverse", "majority vote"]

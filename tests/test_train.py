@@ -167,6 +167,20 @@ def test_killed_mid_riel_with_a_non_empty_buffer_and_a_reference_resumes_bit_exa
     assert full[1]["flushed"] > 0 and max(m["kl_ref"] for m in full) > 0  # the buffer and the reference mattered
 
 
+def test_placebo_testbed_with_a_validation_eval_rl_warmup_and_every_fairness_switch(tmp_path):
+    out = tmp_path / "run"
+    run(out, "--testbed", "placebo", "--eval-splits", "val", "--riel.warmup-steps", "2", "--riel.transfer-ties",
+        "random", "--riel.buffer-flush", "exact", "--riel.term-scale", "step", "--riel.mask-truncated",
+        "--riel.grad-shares")
+    rl = riel_lines(out)
+    assert [m["lr"] for m in rl] == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3])  # SMALL's RL lr 1e-3, 2 warmup steps
+    assert {"reward/alpha", "rescued/gamma", "rescue_rate", "grad_share/sft", "trained_tokens"} <= set(rl[0])
+    assert all(m["flushed"] in (0, 4) for m in rl) and any(m["flushed"] for m in rl)  # exactly B = 4 per flush
+    evals = json.loads((out / "summary.json").read_text())["evals"]
+    assert set(evals) == {"after_mef", "after_mef@val", "after_riel", "after_riel@val"}
+    assert set(evals["after_riel@val"]["accuracy"]) == {"alpha", "beta", "gamma"}
+
+
 def test_lr_schedule_warms_up_peaks_and_decays_to_its_floor():
     cfg = train.MEFConfig(lr=2.0, warmup_steps=4, schedule="cosine")
     lr = train.lr_schedule(cfg, total=14)

@@ -1,0 +1,58 @@
+"""experiments/fair_ablation.py --quick: the whole fair grid machinery end to end through train.py on one testbed
+(SFT start, premise probe, lr sweep chosen on validation, the dosed gold-SFT control, the JSON, table and picture),
+and the rules that make it fair, on its argument lists and on hand-made run directories."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+import fair_ablation as fa  # noqa: E402
+
+
+def test_quick_grid_writes_every_field_per_testbed_row_and_seed(tmp_path):
+    pytest.importorskip("matplotlib")
+    cfg = fa.Config(out_dir=str(tmp_path / "runs"), out=str(tmp_path / "premise.json"), quick=True)
+    fa.main(cfg)
+    grid = json.loads((tmp_path / "premise.json").read_text())["grid"]
+    res = grid["complementary"]["results"]
+    assert set(res) == {"MoE-SFT", "GRPO, one expert", "MEML-GRPO", "gold-SFT control"}
+    assert "rescued_best" in res["MoE-SFT"]["0"]["pre_rl"]
+    meml, one = res["MEML-GRPO"]["0"], res["GRPO, one expert"]["0"]
+    for key in ("lr", "deployed", "test", "val", "vote", "rescue_rate", "rescued_deployed", "trained_rows",
+                "trained_tokens", "flushed_examples"):
+        assert key in meml, key
+    assert meml["lr"] in (1e-4, 3e-4) and set(meml["rescued_deployed"]) == {"start", "end"}
+    # equal sampled rollouts per step: one expert samples 3 x the questions
+    assert one["sampled_rows_per_step"] == meml["sampled_rows_per_step"] == 16 * 3 * 8
+    assert set(grid["complementary"]["lr_sweep_val"]["MEML-GRPO"]) == {"0.0001", "0.0003"}
+    assert "### complementary" in (tmp_path / "premise.md").read_text()
+    assert (tmp_path / "premise.png").stat().st_size > 10_000
+    # the control (every lr of its sweep) replays as many gold traces as the chosen MEML-GRPO run's buffer flushed,
+    # 3 experts a record
+    for lr in (1e-4, 3e-4):
+        summary = json.loads((Path(fa.run_dir(cfg, "complementary", fa.CONTROL, 0, lr)) / "summary.json").read_text())
+        assert summary["config"]["train_size"] == max(1, -(-meml["flushed_examples"] // 3))
+        assert summary["config"]["mef"]["lr"] == lr and summary["config"]["stages"] == ["mef", "eval"]
+
+
+def test_the_lr_and_the_prompt_are_chosen_on_validation_never_on_test(tmp_path):
+    cfg = fa.Config(out_dir=str(tmp_path))
+    for lr, val, test in ((1e-4, 0.30, 0.90), (3e-4, 0.50, 0.10), (1e-3, 0.40, 0.40)):
+        out = Path(fa.run_dir(cfg, "nested", "MEML-GRPO", 0, lr))
+        out.mkdir(parents=True)
+        evals = {"after_riel": {"accuracy": {"chain": test, "columns": 0.0}, "majority_vote": 0.0},
+                 "after_riel@val": {"accuracy": {"chain": 0.0, "columns": val}, "majority_vote": 0.0}}
+        (out / "summary.json").write_text(json.dumps({"evals": evals}))
+    assert fa.chosen_lr(cfg, "nested", "MEML-GRPO", 0) == 3e-4  # best on validation, though worst on test
+    evals = json.loads((Path(fa.run_dir(cfg, "nested", "MEML-GRPO", 0, 3e-4)) / "summary.json").read_text())["evals"]
+    assert fa.val_choice(evals) == "columns"  # the deployed prompt: columns, whose TEST accuracy is reported (0.0)
+
+
+def test_paired_differences_and_their_95_percent_interval():
+    a = {s: {"test": t} for s, t in enumerate((0.50, 0.60, 0.70))}
+    b = {s: {"test": t} for s, t in enumerate((0.40, 0.45, 0.65))}
+    mean, half, n = fa.paired(a, b)  # diffs 10, 15, 5 points: mean 10, sd 5, t(2) = 4.303
+    assert (n, mean) == (3, pytest.approx(10.0)) and half == pytest.approx(4.303 * 5 / 3 ** 0.5)
