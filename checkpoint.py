@@ -83,6 +83,24 @@ def load_state(path: str) -> dict:
     return torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
 
 
+def reference_model(out_dir: str, model):
+    """--riel.kl-beta's frozen pi_ref: the policy as RIEL starts (after MEF, or --init), written once to
+    out_dir/reference (atomically: a .tmp directory, then a rename) so that a resumed run compares with the same
+    weights, not with its resumed ones. Under torchrun every rank calls it; rank 0 writes."""
+    import dist  # here, not at the top: model.py imports this file, and dist imports model.py
+    from model import Transformer
+    path = os.path.join(out_dir, "reference")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        weights, _ = dist.full_state(model)  # under FSDP every rank gathers, rank 0 gets them
+        if dist.is_main():
+            shutil.rmtree(path + ".tmp", ignore_errors=True)
+            model.save_pretrained(path + ".tmp", state=weights)
+            os.rename(path + ".tmp", path)
+        dist.barrier()
+    ref = Transformer.from_pretrained(path, model.embed_tokens.weight.device, model.embed_tokens.weight.dtype)
+    return ref.eval().requires_grad_(False)
+
+
 # ---- reading Hugging Face weights (model.Transformer.from_pretrained) ----------------------------------
 
 def safetensors_files(path: str) -> list:

@@ -290,6 +290,16 @@ def parameters(model):
     return model.parameters()
 
 
+def check_world(questions_per_step: int, eval_batch_size: int):
+    """Under torchrun every rank needs a share of each RL step's questions and of each eval batch."""
+    from errors import UserError
+    w = world()
+    if w > 1 and questions_per_step < w:
+        raise UserError(f"--riel.questions-per-step {questions_per_step} < {w} processes: each needs a question")
+    if w > 1 and eval_batch_size < w:
+        raise UserError(f"--eval.batch-size {eval_batch_size} < {w} processes: each needs a prompt per batch")
+
+
 def full_state(model, optimizer=None) -> tuple:
     """(weights, optimizer state) to checkpoint: model.state_dict() / optimizer.state_dict(), except that under
     FSDP every rank must call it (it gathers) and only rank 0 gets the whole tensors, on the CPU."""

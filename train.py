@@ -35,7 +35,6 @@ logs, and checkpoints. Choices:
 import dataclasses
 import math
 import os
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -100,8 +99,9 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-def defaults(model: str) -> Config:
-    """The defaults of a run, by model: from-scratch settings for `tiny`, the paper's otherwise."""
+def defaults(model: str, testbed: str = "nested") -> Config:
+    """The defaults of a run, by model: from-scratch settings for `tiny`, the paper's otherwise. The complementary
+    testbed's chain traces run to ~63 tokens: 64 new tokens instead of 48."""
     if model != "tiny":
         return Config(model=model, data="gsm8k", gradient_checkpointing=True, mef=MEFConfig(micro_batch_size=4),
                       eval=EvalConfig(max_new_tokens=512),
@@ -113,14 +113,15 @@ def defaults(model: str) -> Config:
     # (question, expert) groups still get no reward spread. lambda1 = 0.1: at these sizes the transfer term
     # (normalised by its own few tokens) outweighs the GRPO term ~16x per token, and at 1.0 it dominated the
     # gradient and cost the best expert 8 points in our runs (README).
+    tokens = 64 if testbed == "complementary" else 48
     return Config(
-        difficulty=(1, 2), rl_difficulty=(2, 2), train_size=10000, checkpoint_every=100,
+        testbed=testbed if testbed in data.synthetic.TESTBEDS else "nested", difficulty=(1, 2), rl_difficulty=(2, 2), train_size=10000, checkpoint_every=100,
         mef=MEFConfig(epochs=2, lr=3e-3, batch_size=64, micro_batch_size=64, max_len=256, warmup_steps=20,
                       schedule="cosine", stop_at=0.2, check_every=25, check_size=100),
-        riel=RIELConfig(steps=250, questions_per_step=16, group_size=8, max_new_tokens=48, lr=3e-4, lambda1=0.1,
+        riel=RIELConfig(steps=250, questions_per_step=16, group_size=8, max_new_tokens=tokens, lr=3e-4, lambda1=0.1,
                         micro_batch_size=64, buffer_size=32, grad_shares=True),
         mel=MELConfig(max_analysis_tokens=48),
-        eval=EvalConfig(size=300, max_new_tokens=48, batch_size=150))
+        eval=EvalConfig(size=300, max_new_tokens=tokens, batch_size=150))
 
 
 # ---- setup --------------------------------------------------------------------------------------------
@@ -188,15 +189,6 @@ def question_batch(n: int, size: int, step: int, seed: int) -> list:
     return out
 
 
-def check_world(cfg: Config):
-    """Under torchrun every rank needs a share of each RL step's questions and of each eval batch."""
-    w = dist.world()
-    if w > 1 and cfg.riel.questions_per_step < w:
-        raise UserError(f"--riel.questions-per-step {cfg.riel.questions_per_step} < {w} processes: each needs a question")
-    if w > 1 and cfg.eval.batch_size < w:
-        raise UserError(f"--eval.batch-size {cfg.eval.batch_size} < {w} processes: each needs a prompt per batch")
-
-
 # ---- the run ------------------------------------------------------------------------------------------
 
 
@@ -211,7 +203,7 @@ def main(cfg: Config):
     device = dist.init(cfg.device)  # under torchrun: joins the process group; this rank's device
     if not dist.is_main():
         sys.stdout = open(os.devnull, "w")  # one log, rank 0's; errors and warnings still reach stderr
-    check_world(cfg)
+    dist.check_world(cfg.riel.questions_per_step, cfg.eval.batch_size)
     os.makedirs(cfg.out_dir, exist_ok=True)
     ckpt = dist.from_main(lambda: checkpoint.latest(cfg.out_dir))  # rank 0 sweeps half-written ones
     if ckpt and not cfg.resume:
@@ -348,7 +340,7 @@ def run_riel(cfg, model, tok, records, experts, state, start, resumed, save, log
         dist.load_optimizer(model, opt, resumed)
         generator.set_state(state["generator"])
         buffer = HardExampleBuffer.from_dict(state["buffer"])
-    ref_model = reference_model(cfg, model) if rc.kl_beta > 0 else None
+    ref_model = checkpoint.reference_model(cfg.out_dir, model) if rc.kl_beta > 0 else None
     reward_fn = lambda record, text: verify.reward(cfg.data, text, record.answer)
     lines = runlog.StepLines(cfg.log_every, start, steps)
     print(f"RIEL: {steps} steps of {rc.questions_per_step} questions x {len(experts)} experts x {rc.group_size} "
@@ -373,29 +365,17 @@ def run_riel(cfg, model, tok, records, experts, state, start, resumed, save, log
             save("riel", step + 1, opt, generator, buffer)
 
 
-def reference_model(cfg, model):
-    """--riel.kl-beta's frozen pi_ref: the policy as RIEL starts (after MEF, or --init), written once to
-    out_dir/reference (atomically) so that a resumed run compares with the same weights, not its resumed ones."""
-    path = os.path.join(cfg.out_dir, "reference")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        weights, _ = dist.full_state(model)  # under FSDP every rank gathers, rank 0 gets them
-        if dist.is_main():
-            shutil.rmtree(path + ".tmp", ignore_errors=True)
-            model.save_pretrained(path + ".tmp", state=weights)
-            os.rename(path + ".tmp", path)
-        dist.barrier()
-    ref = Transformer.from_pretrained(path, model.embed_tokens.weight.device, model.embed_tokens.weight.dtype)
-    return ref.eval().requires_grad_(False)
-
-
 def cli(argv=None) -> Config:
     """Parse the command line with the defaults of the chosen --model (so --help shows the right ones)."""
     argv = sys.argv[1:] if argv is None else argv
     argv = ["--mel.enabled" if a == "--mel" else a for a in argv]  # `--mel` alone switches MEL on
-    model = next((a.split("=", 1)[1] for a in argv if a.startswith("--model=")), None)
-    if model is None and "--model" in argv and argv.index("--model") + 1 < len(argv):
-        model = argv[argv.index("--model") + 1]
-    return tyro.cli(Config, default=defaults(model or "tiny"), args=argv)
+
+    def flag(name):
+        value = next((a.split("=", 1)[1] for a in argv if a.startswith(f"--{name}=")), None)
+        if value is None and f"--{name}" in argv and argv.index(f"--{name}") + 1 < len(argv):
+            value = argv[argv.index(f"--{name}") + 1]
+        return value
+    return tyro.cli(Config, default=defaults(flag("model") or "tiny", flag("testbed") or "nested"), args=argv)
 
 
 if __name__ == "__main__":

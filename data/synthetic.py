@@ -41,11 +41,14 @@ is what MEML-GRPO's inter-expert learning is for. The default mix of `load` is (
 when MEML-GRPO's mechanism (experts that solve DIFFERENT questions) has anything to work with:
 - `nested` (the default, everything above): three formats of one algorithm on one difficulty axis; the experts
   rank (columns > reverse > chain) more than they complement each other.
-- `complementary`: two question shapes that suit different algorithms, half and half. `many`: 4 + d one-digit
+- `complementary`: two question shapes that suit different algorithms, half and half. `many`: 4 + 2d one-digit
   terms (`3+5+7+2+9+4=?`), where chain's running total is a chain of small additions and columns/reverse must add
-  every digit of the one column in a single step; `long`: two terms of 1 + d digits each, leading digit non-zero
-  (`472+385=?`), where columns adds one digit column per line and chain must write a whole multi-digit sum at
+  every digit of the one column in a single step; `long`: two terms of d digits each, leading digit non-zero
+  (`47+38=?`), where columns adds one digit column per line and chain must write a whole multi-digit sum at
   once. Every expert is trained on the same questions: the difference comes from the algorithms, not the data.
+  Sized by measurement (docs/when_meml_helps.md): three-digit pairs were out of reach of every expert, and with
+  5-6 terms columns still summed one column in one line well enough to lead on both shapes. chain's trace for 8
+  terms is ~63 tokens: train.py gives this testbed 64 new tokens (48 elsewhere).
 - `placebo`: the nested questions, three expert names (`alpha`, `beta`, `gamma`) and ONE trace format (columns)
   for all of them. What MEML gains here over plain GRPO is not the mechanism the paper claims.
 
@@ -132,11 +135,11 @@ def load(split: str, data_dir: str | None = None, n: int | None = None, seed: in
 
 
 def make_terms(rng: random.Random, difficulty: int, kind: str = "nested") -> list[int]:
-    """nested: shape(difficulty); complementary: `many` = 4 + d one-digit terms, `long` = two (1 + d)-digit terms."""
+    """nested: shape(difficulty); complementary: `many` = 4 + 2d one-digit terms, `long` = two d-digit terms."""
     if kind == "many":
-        return [rng.randint(1, 9) for _ in range(4 + difficulty)]
+        return [rng.randint(1, 9) for _ in range(4 + 2 * difficulty)]
     if kind == "long":
-        return [rng.randint(10**difficulty, 10**(difficulty + 1) - 1) for _ in range(2)]
+        return [rng.randint(10**(difficulty - 1), 10**difficulty - 1) for _ in range(2)]
     count, digits = shape(difficulty)
     return [rng.randint(1, 10**digits - 1) for _ in range(count)]
 

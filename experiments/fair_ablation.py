@@ -117,7 +117,7 @@ def run_sft(cfg, testbed, seed):
         launch(common(cfg, testbed, seed, out) + ["--stages", "mef", "eval"], out, 1, f"{testbed} {SFT} {seed}")
     probe = os.path.join(out, "premise.json")
     if not os.path.exists(probe):  # the meter before any RL, on RL-level training questions, in its own process
-        d = defaults("tiny")
+        d = defaults("tiny", testbed)
         args = [sys.executable, os.path.join(ROOT, "experiments", "premise.py"), final_ckpt(out), "--testbed", testbed,
                 "--difficulty", str(d.rl_difficulty[0]), "--seed", str(seed), "--out", probe,
                 "--questions", "16" if cfg.quick else "100", "--max-new-tokens", str(d.riel.max_new_tokens)]

@@ -1,7 +1,7 @@
 """
 The mutation check: do the tests fail when the code is wrong?
 
-    python -m tests.mutate               # every mutation, two at a time (~11 min on 2 cores); exit 1 if any is missed
+    python -m tests.mutate               # every mutation, two at a time (~4 min on 2 cores); exit 1 if any is missed
     python -m tests.mutate --only k3     # the mutations whose name contains "k3"
     python -m tests.mutate --list        # the list, with the tests meant to catch each
 
@@ -12,7 +12,8 @@ they pass. Before any mutation, the same tests run on an unmutated copy and must
 the bug was caught, not that the tests were broken already. Every mutation's text must occur exactly once in its
 file (tests/test_mutate.py checks this in the fast suite), so the list cannot silently go stale as the code moves.
 
-Run it before calling a change to the core (riel, losses, buffer, mef, mel, eval, rollout, verify, train) done;
+Run it before calling a change to the core (riel, losses, buffer, mef, mel, eval, rollout, verify, train, premise,
+the synthetic testbeds, the fair ablation's choices) done;
 a new rule in the core wants a mutation here and a test that catches it.
 """
 import argparse
@@ -48,6 +49,8 @@ SCORED = REF + "test_every_row_is_scored_against_its_own_record"
 EVAL_SCRIPT = EVAL + "test_evaluate_aggregates_a_scripted_completer_as_computed_by_hand"
 MID_RIEL = TRAIN + "test_killed_mid_riel_with_a_non_empty_buffer_and_a_reference_resumes_bit_exact"
 SCHEDULE = TRAIN + "test_lr_schedule_warms_up_peaks_and_decays_to_its_floor"
+PREMISE = T + "test_premise.py::"
+STEP_SCALE = PREMISE + "test_step_scale_divides_the_transfer_and_sft_sums_by_the_steps_sampled_tokens"
 
 MUTATIONS = [
     # ---- riel.py: who teaches whom, which rows, which record, which terms
@@ -64,10 +67,10 @@ MUTATIONS = [
     Mutation("k3 reference log-probs from the policy", "riel.py", "ref, _ = token_logprobs(ref_model, p, c",
              "ref, _ = token_logprobs(model, p, c", (K3,)),
     Mutation("k3 term without beta", "riel.py", "per_token + cfg.kl_beta * kl", "per_token + kl", (K3,)),
-    Mutation("zero-advantage rows trained", "riel.py", "if lengths[r] > 0 and signal[r]]", "if lengths[r] > 0]",
+    Mutation("zero-advantage rows trained", "riel.py", "if counted[r] > 0 and signal[r]]", "if counted[r] > 0]",
              (HAND_STEP,)),
-    Mutation("token count of trained rows only", "riel.py", '"n_tokens": max(1, sum(lengths))',
-             '"n_tokens": max(1, sum(lengths[r] for r in range(len(lengths)) if adv[r] != 0))', (HAND_STEP,)),
+    Mutation("token count of trained rows only", "riel.py", '"n_tokens": max(1, sum(counted))',
+             '"n_tokens": max(1, sum(counted[r] for r in range(len(counted)) if adv[r] != 0))', (HAND_STEP,)),
     Mutation("Dr.GRPO normaliser from the longest row", "riel.py", '"max_len": cfg.max_new_tokens}',
              '"max_len": max(lengths)}', (HAND_STEP,)),
     Mutation("transfer term without lambda1", "riel.py", "\n        (cfg.lambda1 * loss).backward()",
@@ -82,9 +85,44 @@ MUTATIONS = [
              "sft_scale) if flushed else 0.0", (BUFFER_STEP,)),
     Mutation("MEL term without its weight", "riel.py", "cfg.micro_batch_size, mel_weight) if mel_examples",
              "cfg.micro_batch_size, 1.0) if mel_examples", (MEL + "test_mel_adds_weight_times_the_nll_gradient_to_the_rl_update",)),
-    Mutation("E+ counted from E-", "riel.py", 'm[f"e_plus/{ex.name}"] = sum(p == i for p, _ in chosen)',
+    Mutation("E+ counted from E-", "premise.py", 'm[f"e_plus/{ex.name}"] = sum(p == i for p, _ in chosen)',
              'm[f"e_plus/{ex.name}"] = sum(n == i for _, n in chosen)',
              (RIEL + "test_metrics_report_rewards_spread_transfers_and_timing",)),
+    Mutation("term_scale step leaves the transfer on its own count", "riel.py",
+             'n_kl = counts["n_tokens"] if cfg.term_scale == "step" else n_o', "n_kl = n_o", (STEP_SCALE,)),
+    Mutation("term_scale step leaves the SFT term on its own count", "riel.py",
+             'sft_scale = n_sft / counts["n_tokens"] if cfg.term_scale == "step" else 1.0', "sft_scale = 1.0",
+             (STEP_SCALE,)),
+    Mutation("truncated rows trained though masked", "riel.py",
+             'counted = [0 if cfg.mask_truncated and f == "length" else n for', "counted = [n for",
+             (PREMISE + "test_masked_truncated_rows_get_no_loss_and_leave_the_token_count",)),
+    Mutation("random tie-break draws E- among the best", "riel.py",
+             "minus = pick([i for i, m in enumerate(means) if m == means[minus]], generator)",
+             "minus = pick([i for i, m in enumerate(means) if m == means[plus]], generator)",
+             (PREMISE + "test_random_ties_pick_each_tied_expert_equally_often",)),
+    Mutation("a term's gradient norm is the running total", "riel.py",
+             "delta = now if self.last is None else [a - b for a, b in zip(now, self.last)]", "delta = now",
+             (PREMISE + "test_grad_shares_are_each_terms_own_gradient_norm",)),
+    # ---- premise.py: the meter
+    Mutation("rescued without another expert's right answer", "premise.py",
+             'm[f"rescued/{ex.name}"] = (wrong[:, i] & any_right)', 'm[f"rescued/{ex.name}"] = (wrong[:, i])',
+             (PREMISE + "test_rescue_counts_questions_one_expert_fails_and_another_solves",)),
+    Mutation("rescue rate counts every all-wrong question", "premise.py", '"rescue_rate": (wrong.any(-1) & any_right)',
+             '"rescue_rate": (wrong.any(-1))', (PREMISE + "test_rescue_counts_questions_one_expert_fails_and_another_solves",)),
+    # ---- data/synthetic.py: the testbeds and the split
+    Mutation("placebo experts get three trace formats", "data/synthetic.py",
+             "traces = {e.name: columns_trace(terms) for e in PLACEBO_EXPERTS}",
+             "traces = {e.name: f(terms) for e, f in zip(PLACEBO_EXPERTS, (chain_trace, columns_trace, reverse_trace))}",
+             (T + "test_data_synthetic.py::test_placebo_testbed_is_the_nested_questions_with_one_trace_format_under_three_names",)),
+    Mutation("complementary many-term shape one term short", "data/synthetic.py",
+             "return [rng.randint(1, 9) for _ in range(4 + 2 * difficulty)]",
+             "return [rng.randint(1, 9) for _ in range(3 + 2 * difficulty)]",
+             (T + "test_data_synthetic.py::test_complementary_testbed_mixes_many_small_terms_and_two_long_ones",)),
+    # ---- experiments/fair_ablation.py: choices on validation
+    Mutation("lr sweep chosen on test", "experiments/fair_ablation.py",
+             'key = "after_mef@val" if row == CONTROL else "after_riel@val"',
+             'key = "after_mef" if row == CONTROL else "after_riel"',
+             (T + "test_fair_ablation.py::test_the_lr_and_the_prompt_are_chosen_on_validation_never_on_test",)),
     # ---- losses.py
     Mutation("meml without max(A, 0)", "losses.py", "return centred.clamp(min=0)", "return centred",
              (LOSSES + "test_advantages_match_reference_vectors",)),
@@ -119,6 +157,9 @@ MUTATIONS = [
              (RIEL + "test_buffer_flush_clears_and_counts",)),
     Mutation("buffer full one entry late", "buffer.py", "return len(self.entries) >= self.capacity",
              "return len(self.entries) > self.capacity", (RIEL + "test_buffer_flush_clears_and_counts",)),
+    Mutation("exact flush drops the entries that should wait", "buffer.py",
+             "self.entries[len(self.entries) if n is None else n:]", "[]",
+             (PREMISE + "test_exact_flush_takes_the_b_oldest_entries_and_the_rest_wait",)),
     Mutation("buffer entries lost in a checkpoint", "buffer.py", 'cls(d["capacity"], [HardExample(**e) for e in d["entries"]],',
              'cls(d["capacity"], [],', (RIEL + "test_buffer_round_trips_through_a_plain_json_dict",)),
     # ---- mef.py
@@ -192,6 +233,9 @@ MUTATIONS = [
              "return cfg.lr * (0.5 * (1 + math.cos(", (SCHEDULE,)),
     Mutation("warmup starts at 0", "train.py", "return cfg.lr * (step + 1) / cfg.warmup_steps",
              "return cfg.lr * step / cfg.warmup_steps", (SCHEDULE,)),
+    Mutation("RL warmup starts at 0", "train.py", "rc.lr * min(1.0, (step + 1) / max(1, rc.warmup_steps))",
+             "rc.lr * min(1.0, step / max(1, rc.warmup_steps))",
+             (TRAIN + "test_placebo_testbed_with_a_validation_eval_rl_warmup_and_every_fairness_switch",)),
     Mutation("resume forgets the RIEL generator", "train.py", 'generator.set_state(state["generator"])', "pass",
              (MID_RIEL,)),
     Mutation("resume forgets the buffer", "train.py", 'buffer = HardExampleBuffer.from_dict(state["buffer"])',
@@ -200,7 +244,7 @@ MUTATIONS = [
              'save("riel", step, opt, generator, buffer)',
              (MID_RIEL,)),
     Mutation("resume copies the reference from the resumed policy", "train.py",
-             "ref_model = reference_model(cfg, model) if rc.kl_beta > 0",
+             "ref_model = checkpoint.reference_model(cfg.out_dir, model) if rc.kl_beta > 0",
              "ref_model = __import__('copy').deepcopy(model).requires_grad_(False) if rc.kl_beta > 0",
              (MID_RIEL,)),
 ]

@@ -84,9 +84,9 @@ def test_complementary_testbed_mixes_many_small_terms_and_two_long_ones():
     for r in recs:
         terms, d = r.meta["terms"], r.meta["difficulty"]
         if r.meta["shape"] == "many":
-            assert len(terms) == 4 + d and all(1 <= t <= 9 for t in terms)
+            assert len(terms) == 4 + 2 * d and all(1 <= t <= 9 for t in terms)
         else:
-            assert len(terms) == 2 and all(len(str(t)) == 1 + d for t in terms)
+            assert len(terms) == 2 and all(len(str(t)) == d for t in terms)
         assert r.answer == str(sum(terms)) and set(r.traces) == {"chain", "columns", "reverse"}
         assert all(verify.reward("synthetic", t, r.answer) == 1.0 for t in r.traces.values())
     assert [e.name for e in data.experts("synthetic", testbed="complementary")] == ["chain", "columns", "reverse"]
