@@ -3,8 +3,8 @@ experiments/premise.py: the premise meter on a checkpoint, before any RL: does M
 on this model and task?
 
     python experiments/premise.py out/run/ckpt-000300 --testbed complementary      # a tiny MEF checkpoint
-    python experiments/premise.py out/smol/ckpt-000024 --data gsm8k --data-dir ../shared/data/gsm8k \\
-        --questions 30 --max-new-tokens 128                                         # SmolLM2 after MEF
+    python experiments/premise.py out/smol/ckpt-000024 --data gsm8k --data-dir ../shared/data \\
+        --skip 64 --questions 30 --max-new-tokens 128       # SmolLM2 after MEF on the first 64 train questions
 
 It samples G answers per (question, expert) at T = 1 with RIEL's own sampler and checker (riel.sample_and_score:
 the same tokens an RL step would draw), on RL-level questions of the training split (what RL would see), and
@@ -41,6 +41,7 @@ class Args:
     difficulty: int = 2  # synthetic only: the RL level (train.py's tiny default --rl-difficulty 2 2)
     split: str | None = None  # default: the task's training split (what RL sees)
     questions: int = 100
+    skip: int = 0  # real tasks: start after this many questions of the split (e.g. the ones MEF trained on)
     group_size: int = 8
     max_new_tokens: int = 48
     batch_questions: int = 16  # questions per sampling call (x experts x G rows)
@@ -92,7 +93,7 @@ def main(a: Args):
     if a.data == "synthetic":
         records = data.load("synthetic", split, n=a.questions, seed=a.seed, difficulty=a.difficulty, **kw)
     else:
-        records = data.load(a.data, split, a.data_dir)[:a.questions]
+        records = data.load(a.data, split, a.data_dir)[a.skip:a.skip + a.questions]
     model, tok = Transformer.from_pretrained(a.model), load_tokenizer(a.model)
     cfg = RIELConfig(group_size=a.group_size, max_new_tokens=a.max_new_tokens)
     res = measure(model, tok, a.data, records, experts, cfg, a.batch_questions, a.seed)

@@ -141,3 +141,15 @@ def test_masked_truncated_rows_get_no_loss_and_leave_the_token_count(tok, monkey
     assert m["trained_rows"] == 3 and m["truncated"] == 0.5
     for d, p in zip(delta, twin.parameters()):
         torch.testing.assert_close(d, -p.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_the_probe_reads_the_meter_for_the_best_expert_overall_and_per_shape(tok, monkeypatch):
+    from experiments import premise as probe_script  # the command; the module above is the top-level premise.py
+    r = torch.tensor([[[0, 0], [1, 1], [0, 0]],  # b best overall (mean .5); a and c rescued on q0
+                      [[1, 0], [1, 0], [0, 0]],  # c rescued
+                      [[0, 0], [0, 0], [0, 0]],
+                      [[0, 0], [1, 0], [1, 1]]], dtype=torch.float32)  # a rescued
+    s = probe_script.summary(r, THREE)
+    assert s["best_expert"] == "b" and s["rescued_best"] == s["rescued/b"] == 0.0
+    assert s["all_wrong"] == {"a": 0.75, "b": 0.25, "c": 0.75} and s["rescue_rate"] == 0.75
+    assert "| overall (4) | b (best) |" in probe_script.table({"overall": s})
