@@ -211,6 +211,10 @@ def run_numbers(out, row) -> dict:
         for key, name in (("rescue_rate", "rescue_rate"), (f"rescued/{prompt}", "rescued_deployed"),
                           ("reward", "reward"), ("trained_rows", "trained_rows"), ("trained_tokens", "trained_tokens")):
             res[name] = {"start": window_mean(rl, key, True), "end": window_mean(rl, key, False)}
+        flush_steps = [m for m in rl if m["flushed"] and "grad_norm/grpo" in m]
+        if flush_steps:  # what a flush step weighs, term by term (the lambdas' real meaning: --riel.grad-shares)
+            res["grad_norm_at_flushes"] = {t: statistics.mean(m[f"grad_norm/{t}"] for m in flush_steps)
+                                           for t in ("grpo", "transfer", "sft")}
         res["flushed_examples"] = sum(m["flushed"] for m in rl)
         res["sampled_rows_per_step"] = statistics.mean(m["sampled_rows"] for m in rl)
     return res
@@ -265,7 +269,7 @@ def markdown(grid: dict, cfg) -> str:
             per_seed = " / ".join(f"{100 * runs[s]['test']:.1f}" for s in sorted(runs))
             first = runs[min(runs)]
             mean = lambda key, part: statistics.mean(r[key][part] for r in runs.values())  # noqa: E731
-            resc = "-" if "rescued_deployed" not in first else \
+            resc = "-" if "rescued_deployed" not in first or row == "GRPO, one expert" else \
                 f"{mean('rescued_deployed', 'start'):.2f} → {mean('rescued_deployed', 'end'):.2f}"
             trained = "-" if "trained_rows" not in first else \
                 f"{mean('trained_rows', 'end'):.0f} / {mean('trained_tokens', 'end'):.0f}"
@@ -296,7 +300,8 @@ def picture(cfg, grid, path) -> bool:
             axes[r][c].set_title(f"{tb}: {title}")
             axes[r][c].set_xlabel("RL step")
             axes[r][c].grid(alpha=0.3)
-        axes[0][c].legend(fontsize=7)
+        if axes[0][c].lines:
+            axes[0][c].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
