@@ -10,8 +10,9 @@ task (data/synthetic.py: complementary, nested, placebo), with the confounds of 
 What makes it fair (docs/when_meml_helps.md says why each matters):
 - one start per (testbed, seed): MoE-SFT (MEF on every expert's traces, stopped at the edge of competence), shared
   by every row of that seed, so rows differ only in their RL stage; differences are paired per seed;
-- every row at its own lr: a sweep (--lrs) on the first seed, chosen on the VALIDATION split; the other seeds run
-  at the chosen lr (the first seed's number is its sweep run's);
+- every row at its own lr: a sweep (--lrs) on the first seed, chosen on the VALIDATION split (a sweep whose best is
+  its smallest lr grows downwards by factors of 3, twice at most); the other seeds run at the chosen lr (the first
+  seed's number is its sweep run's);
 - the deployed prompt is chosen on validation (the expert with the best validation accuracy after RL; for "GRPO,
   one expert" the expert MoE-SFT does best on validation) and only that prompt's TEST accuracy is reported;
 - equal sampled rollouts per step ("GRPO, one expert" samples N x the questions: N x G rows each, as the N-expert
@@ -57,6 +58,7 @@ ROWS = {  # RL rows: train.py arguments of the RL stage, from MoE-SFT
 }
 FAIR = ["--riel.warmup-steps", "10", "--riel.transfer-ties", "random", "--riel.buffer-flush", "exact",
         "--riel.term-scale", "own"]
+EDGE_STEPS = 2  # a sweep whose best lr is its smallest grows downwards (x 1/3) at most this many times
 T95 = [12.71, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262]  # t_{0.975, df} for df = 1..9
 
 
@@ -164,11 +166,26 @@ def val_score(out, row):
     return max(ev[key]["accuracy"].values())
 
 
+def sweep(cfg, testbed, row, seed0) -> list:
+    """The row's lrs: --lrs, extended downwards by factors of 3 (up to EDGE_STEPS times) while the best on
+    validation is the smallest tried, so that no row's choice sits at the edge of its sweep."""
+    lrs = sorted(cfg.lrs)
+    for _ in range(EDGE_STEPS):
+        runs = {lr: run_dir(cfg, testbed, row, seed0, lr) for lr in lrs}
+        if not all(done(o) for o in runs.values()):
+            break
+        if max(lrs, key=lambda lr: (val_score(runs[lr], row), -lr)) != lrs[0]:
+            break
+        lrs = [float(f"{lrs[0] / 3:.2g}")] + lrs
+    return lrs
+
+
 def chosen_lr(cfg, testbed, row, seed0):
-    runs = {lr: run_dir(cfg, testbed, row, seed0, lr) for lr in cfg.lrs}
+    lrs = sweep(cfg, testbed, row, seed0)
+    runs = {lr: run_dir(cfg, testbed, row, seed0, lr) for lr in lrs}
     if not all(done(o) for o in runs.values()):
         return None
-    return max(cfg.lrs, key=lambda lr: (val_score(runs[lr], row), -lr))  # ties: the smaller lr
+    return max(lrs, key=lambda lr: (val_score(runs[lr], row), -lr))  # ties: the smaller lr
 
 
 def seeds_of(cfg, testbed):
@@ -179,12 +196,15 @@ def run_testbed(cfg, testbed, pool):
     seeds, rl_rows = seeds_of(cfg, testbed), [r for r in ROWS if r in cfg.rows]
     list(pool.map(lambda s: run_sft(cfg, testbed, s), seeds))
     s0 = seeds[0]
-    list(pool.map(lambda job: run_rl(cfg, testbed, *job), [(r, s0, lr) for r in rl_rows for lr in cfg.lrs]))
+    for _ in range(EDGE_STEPS + 1):  # the sweeps, then their downward extensions
+        list(pool.map(lambda job: run_rl(cfg, testbed, *job),
+                      [(r, s0, lr) for r in rl_rows for lr in sweep(cfg, testbed, r, s0)]))
     lr_of = {r: chosen_lr(cfg, testbed, r, s0) for r in rl_rows}
     later = [(r, s, lr_of[r]) for s in seeds[1:] for r in rl_rows]
     if CONTROL in cfg.rows and MEML in rl_rows:
         meml0 = run_dir(cfg, testbed, MEML, s0, lr_of[MEML])
-        list(pool.map(lambda lr: run_control(cfg, testbed, s0, lr, meml0), cfg.lrs))
+        for _ in range(EDGE_STEPS + 1):
+            list(pool.map(lambda lr: run_control(cfg, testbed, s0, lr, meml0), sweep(cfg, testbed, CONTROL, s0)))
     list(pool.map(lambda job: run_rl(cfg, testbed, *job), later))
     if CONTROL in cfg.rows and MEML in rl_rows:
         lr_c = chosen_lr(cfg, testbed, CONTROL, s0)
@@ -235,7 +255,7 @@ def collect(cfg) -> dict:
                     if row == SFT and os.path.exists(os.path.join(d, "premise.json")):
                         p = load(d, "premise.json")["overall"]
                         res[row][s]["pre_rl"] = {k: p[k] for k in ("rescue_rate", "rescued_best", "best_expert")}
-        sweeps = {r: {f"{lr:g}": val_score(run_dir(cfg, tb, r, seeds[0], lr), r) for lr in cfg.lrs
+        sweeps = {r: {f"{lr:g}": val_score(run_dir(cfg, tb, r, seeds[0], lr), r) for lr in sweep(cfg, tb, r, seeds[0])
                       if done(run_dir(cfg, tb, r, seeds[0], lr))} for r in lr_of}
         out[tb] = {"results": res, "lr_sweep_val": sweeps}
     return out

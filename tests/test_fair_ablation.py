@@ -56,3 +56,21 @@ def test_paired_differences_and_their_95_percent_interval():
     b = {s: {"test": t} for s, t in enumerate((0.40, 0.45, 0.65))}
     mean, half, n = fa.paired(a, b)  # diffs 10, 15, 5 points: mean 10, sd 5, t(2) = 4.303
     assert (n, mean) == (3, pytest.approx(10.0)) and half == pytest.approx(4.303 * 5 / 3 ** 0.5)
+
+
+def test_a_sweep_whose_best_is_its_smallest_lr_grows_downwards(tmp_path):
+    cfg = fa.Config(out_dir=str(tmp_path))
+
+    def finish(lr, val):
+        out = Path(fa.run_dir(cfg, "nested", "MEML-GRPO", 0, lr))
+        out.mkdir(parents=True)
+        evals = {"after_riel": {"accuracy": {"chain": 0.5}, "majority_vote": 0.0},
+                 "after_riel@val": {"accuracy": {"chain": val}, "majority_vote": 0.0}}
+        (out / "summary.json").write_text(json.dumps({"evals": evals}))
+    for lr, val in ((1e-4, 0.6), (3e-4, 0.5), (1e-3, 0.1)):
+        finish(lr, val)
+    assert fa.sweep(cfg, "nested", "MEML-GRPO", 0) == [3.3e-5, 1e-4, 3e-4, 1e-3]
+    assert fa.chosen_lr(cfg, "nested", "MEML-GRPO", 0) is None  # 3.3e-5 still to run
+    finish(3.3e-5, 0.4)  # worse than 1e-4: the sweep stops growing, 1e-4 is chosen
+    assert fa.sweep(cfg, "nested", "MEML-GRPO", 0) == [3.3e-5, 1e-4, 3e-4, 1e-3]
+    assert fa.chosen_lr(cfg, "nested", "MEML-GRPO", 0) == 1e-4
