@@ -58,7 +58,6 @@ ROWS = {  # RL rows: train.py arguments of the RL stage, from MoE-SFT
 }
 FAIR = ["--riel.warmup-steps", "10", "--riel.transfer-ties", "random", "--riel.buffer-flush", "exact",
         "--riel.term-scale", "own"]
-EDGE_STEPS = 2  # a sweep whose best lr is its smallest grows downwards (x 1/3) at most this many times
 T95 = [12.71, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262]  # t_{0.975, df} for df = 1..9
 
 
@@ -69,6 +68,7 @@ class Config:
     placebo_seeds: int = 1  # the grid shrinks here first: the placebo testbed's seeds
     rows: tuple[str, ...] = tuple(ROWS) + (CONTROL,)
     lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
+    edge_steps: int = 2  # a sweep whose best lr is its smallest grows downwards (x 1/3) at most this many times
     steps: int = 150  # RL steps of every RL row
     jobs: int = 2  # runs at a time, one thread each on this 2-core machine
     out_dir: str = "out/fair"
@@ -167,10 +167,10 @@ def val_score(out, row):
 
 
 def sweep(cfg, testbed, row, seed0) -> list:
-    """The row's lrs: --lrs, extended downwards by factors of 3 (up to EDGE_STEPS times) while the best on
+    """The row's lrs: --lrs, extended downwards by factors of 3 (up to --edge-steps times) while the best on
     validation is the smallest tried, so that no row's choice sits at the edge of its sweep."""
     lrs = sorted(cfg.lrs)
-    for _ in range(EDGE_STEPS):
+    for _ in range(cfg.edge_steps):
         runs = {lr: run_dir(cfg, testbed, row, seed0, lr) for lr in lrs}
         if not all(done(o) for o in runs.values()):
             break
@@ -196,14 +196,14 @@ def run_testbed(cfg, testbed, pool):
     seeds, rl_rows = seeds_of(cfg, testbed), [r for r in ROWS if r in cfg.rows]
     list(pool.map(lambda s: run_sft(cfg, testbed, s), seeds))
     s0 = seeds[0]
-    for _ in range(EDGE_STEPS + 1):  # the sweeps, then their downward extensions
+    for _ in range(cfg.edge_steps + 1):  # the sweeps, then their downward extensions
         list(pool.map(lambda job: run_rl(cfg, testbed, *job),
                       [(r, s0, lr) for r in rl_rows for lr in sweep(cfg, testbed, r, s0)]))
     lr_of = {r: chosen_lr(cfg, testbed, r, s0) for r in rl_rows}
     later = [(r, s, lr_of[r]) for s in seeds[1:] for r in rl_rows]
     if CONTROL in cfg.rows and MEML in rl_rows:
         meml0 = run_dir(cfg, testbed, MEML, s0, lr_of[MEML])
-        for _ in range(EDGE_STEPS + 1):
+        for _ in range(cfg.edge_steps + 1):
             list(pool.map(lambda lr: run_control(cfg, testbed, s0, lr, meml0), sweep(cfg, testbed, CONTROL, s0)))
     list(pool.map(lambda job: run_rl(cfg, testbed, *job), later))
     if CONTROL in cfg.rows and MEML in rl_rows:
@@ -331,7 +331,7 @@ def picture(cfg, grid, path) -> bool:
 def main(cfg: Config):
     if cfg.quick:
         cfg = dataclasses.replace(cfg, testbeds=cfg.testbeds[:1], seeds=cfg.seeds[:1], rows=("GRPO, one expert", MEML,
-                                  CONTROL), lrs=cfg.lrs[:2], steps=3)
+                                  CONTROL), lrs=cfg.lrs[:2], steps=3, edge_steps=0)
     t0 = time.time()
     if not cfg.report:
         with ThreadPoolExecutor(cfg.jobs) as pool:
