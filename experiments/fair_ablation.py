@@ -27,6 +27,7 @@ Writes --out (default experiments/premise.json: every testbed x row x seed), the
 picture (reward and rescued/<deployed> curves, mean over seeds).
 """
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -71,7 +72,7 @@ class Config:
     edge_steps: int = 2  # a sweep whose best lr is its smallest grows downwards (x 1/3) at most this many times
     steps: int = 150  # RL steps of every RL row
     jobs: int = 2  # runs at a time, one thread each on this 2-core machine
-    out_dir: str = "out/fair"
+    out_dir: str = "experiments/fair_runs"  # git keeps each run's summary.json and curves.json (its .gitignore)
     out: str = "experiments/premise.json"
     report: bool = False  # no runs: the table from what is finished
     quick: bool = False
@@ -91,9 +92,23 @@ def load(out, name="summary.json"):
         return json.load(f)
 
 
+CURVE_KEYS = ("reward", "rescue_rate", "trained_rows", "trained_tokens", "sampled_rows", "flushed")
+CURVE_PREFIXES = ("rescued/", "grad_norm/", "reward/")
+
+
 def riel_lines(out):
+    """The RL steps' numbers the report reads: from curves.json (what git keeps of a finished run), else from
+    metrics.jsonl, whose RL lines are then written to curves.json (the keys above only: ~20 kB, not ~250)."""
+    path = os.path.join(out, "curves.json")
+    if os.path.exists(path):
+        return load(out, "curves.json")
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [m for m in map(json.loads, f) if m.get("stage") == "riel"]
+        lines = [{k: v for k, v in m.items() if k in CURVE_KEYS or k.startswith(CURVE_PREFIXES)}
+                 for m in map(json.loads, f) if m.get("stage") == "riel"]
+    if done(out):
+        with open(path, "w") as f:
+            json.dump(lines, f)
+    return lines
 
 
 def common(cfg, testbed, seed, out):
@@ -114,9 +129,19 @@ def val_choice(evals, key="after_riel@val"):
 
 
 def run_sft(cfg, testbed, seed):
+    """The seed's MoE-SFT start. git keeps its summary, not its checkpoint: in a fresh clone it is trained again
+    (one thread: the same weights, bit for bit, on the same kind of machine) and its weights' hash is checked
+    against the one the committed RL rows started from."""
     out = run_dir(cfg, testbed, SFT, seed)
-    if not done(out):
+    if not (done(out) and os.path.exists(os.path.join(out, "latest"))):
         launch(common(cfg, testbed, seed, out) + ["--stages", "mef", "eval"], out, 1, f"{testbed} {SFT} {seed}")
+    digest = hashlib.sha256(open(os.path.join(final_ckpt(out), "model.safetensors"), "rb").read()).hexdigest()
+    stamp = os.path.join(out, "weights.sha256")
+    if os.path.exists(stamp) and open(stamp).read().strip() != digest:
+        raise RuntimeError(f"{out}: the retrained MoE-SFT differs from the one this seed's committed rows started "
+                           "from (another machine?): delete this testbed's runs of the seed to redo them")
+    with open(stamp, "w") as f:
+        f.write(digest + "\n")
     probe = os.path.join(out, "premise.json")
     if not os.path.exists(probe):  # the meter before any RL, on RL-level training questions, in its own process
         d = defaults("tiny", testbed)
