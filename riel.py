@@ -14,7 +14,8 @@ of Q questions:
       probability K/G; once it holds B entries:        L_SFT = - sum logp(O_gt|Q,P_i) / N_tokens, then clear
   (f) L = L_GRPO + lambda1 * L_KL + lambda2 * L_SFT, one optimizer step (grad clip 1.0, lr 1e-6).
       Optional: + weight * L_NLL of MEL's self-written analyses of the same rollouts (mel.py, --mel).
-The math of (b)-(d) lives in losses.py; this file chooses what to score and runs the step.
+The math of (b)-(d) lives in losses.py, who teaches whom in (d) in transfer.py; this file chooses what to
+score and runs the step.
 
 What we keep of GRPO, and the choices the paper leaves open (all config options):
 - On-policy, one update per batch: ratio == 1, so no clipping and no reference model (as nanochat's
@@ -54,12 +55,12 @@ import dist
 from losses import (ADVANTAGE_MODES, AGGREGATIONS, aggregate, clip_fraction, full_vocab_kl,
                     group_advantages, k3_kl, policy_gradient_loss, transfer_loss)
 import mel
-from buffer import HardExampleBuffer, admit_hard_examples, uniform
+from buffer import HardExampleBuffer, admit_hard_examples
 from mef import clip_and_step, length_sorted_micro_batches, sharded_sft_backward
 from tokenizer import render_chat, stop_token_ids
 from rollout import Rollout, generate, token_logprobs
 from premise import step_metrics
-from verify import CORRECT
+from transfer import transfer_pairs
 
 
 
@@ -121,35 +122,6 @@ class RIELConfig:
 
     def loss_aggregation(self) -> str:
         return self.aggregation or ("dr_grpo" if self.advantage == "dr_grpo" else "token")
-
-
-# ---- (d) who teaches whom ---------------------------------------------------------------------
-
-def choose_transfer(rewards, generator=None, random_ties=False):
-    """rewards (N, G) of one question -> (E+, E-) expert indices, or None when there is nothing to move.
-    Ties go to the lowest index on both sides, or (random_ties) to one of the tied experts at random."""
-    means = rewards.mean(-1).tolist()
-    plus = min(range(len(means)), key=lambda i: (-means[i], i))
-    minus = min(range(len(means)), key=lambda i: (means[i], i))
-    if means[plus] == means[minus] or not bool((rewards[plus] >= CORRECT).any()):
-        return None
-    if random_ties:  # otherwise expert 0 would be E- of every question that all but one expert fails alike
-        plus = pick([i for i, m in enumerate(means) if m == means[plus]], generator)
-        minus = pick([i for i, m in enumerate(means) if m == means[minus]], generator)
-    return plus, minus
-
-
-def pick(items: list, generator=None):
-    """One of items, uniformly, from the step's generator."""
-    return items[min(int(uniform(generator) * len(items)), len(items) - 1)]
-
-
-def choose_teacher_samples(rewards_plus, generator=None, all_correct=False) -> list:
-    """rewards_plus (G,) of E+ -> indices of the O+ to transfer: one correct response at random, or all."""
-    correct = (rewards_plus >= CORRECT).nonzero().flatten().tolist()
-    if all_correct or not correct:
-        return correct
-    return [pick(correct, generator)]
 
 
 # ---- (a) sampling and scoring ----------------------------------------------------------------------
@@ -237,21 +209,6 @@ def policy_gradient_backward(model, prompts, completions, adv, rows, cfg, counts
         clipped += clip_fraction(logp, old, a, mask, cfg.clip_eps, cfg.clip_eps_high) * mask.sum().item()
     n_fwd = sum(len(completions[r]) for r in rows) or 1
     return loss_sum, kl_sum / n_fwd, clipped / n_fwd
-
-
-def transfer_pairs(rewards, prompts, completions, generator=None, all_correct=False, random_ties=False):
-    """rewards (Q, N, G) -> ([(P+ prompt, P- prompt, O+ ids)], [(E+, E-) per question with a transfer])."""
-    Q, N, G = rewards.shape
-    pairs, chosen = [], []
-    for q in range(Q):
-        choice = choose_transfer(rewards[q], generator, random_ties)
-        if choice is None:
-            continue
-        plus, minus = choice
-        chosen.append(choice)
-        for g in choose_teacher_samples(rewards[q, plus], generator, all_correct):
-            pairs.append((prompts[q * N + plus], prompts[q * N + minus], completions[(q * N + plus) * G + g]))
-    return pairs, chosen
 
 
 def completion_logits(model, prompt, completion):

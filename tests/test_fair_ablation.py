@@ -28,7 +28,10 @@ def test_quick_grid_writes_every_field_per_testbed_row_and_seed(tmp_path):
     # equal sampled rollouts per step: one expert samples 3 x the questions
     assert one["sampled_rows_per_step"] == meml["sampled_rows_per_step"] == 16 * 3 * 8
     assert set(grid["complementary"]["lr_sweep_val"]["MEML-GRPO"]) == {"0.0001", "0.0003"}
-    assert "### complementary" in (tmp_path / "premise.md").read_text()
+    table = (tmp_path / "premise.md").read_text()
+    assert "### complementary" in table
+    fa.main(fa.Config(out_dir=cfg.out_dir, out=cfg.out, quick=True, report=True))  # --report: no run, same table
+    assert (tmp_path / "premise.md").read_text() == table
     assert (tmp_path / "premise.png").stat().st_size > 10_000
     # the control (every lr of its sweep) replays as many gold traces as the chosen MEML-GRPO run's buffer flushed,
     # 3 experts a record

@@ -9,6 +9,7 @@ import torch
 import buffer as buffer_module
 import premise
 import riel
+import transfer
 from buffer import HardExample, HardExampleBuffer
 from test_mef import Expert, StandIn
 from test_riel_reference import (ALL_WRONG, MIXED, RECORDS, answering_sampler, completions_of, rendered_prompts,
@@ -59,7 +60,7 @@ def test_step_scale_divides_the_transfer_and_sft_sums_by_the_steps_sampled_token
     n_all = sum(len(c) for c in completions_of(tok, MIXED, 4))
     twin = copy.deepcopy(base)
     # the transfer pairs of this step (one O+ per question, drawn by the step's generator) come from its log
-    pairs, _ = riel.transfer_pairs(torch.tensor(MIXED, dtype=torch.float32), rendered_prompts(tok),
+    pairs, _ = transfer.transfer_pairs(torch.tensor(MIXED, dtype=torch.float32), rendered_prompts(tok),
                                    completions_of(tok, MIXED, 4), torch.Generator().manual_seed(0))
     kl = sum((naive_logp(twin, p, o).detach() - naive_logp(twin, s, o)).sum() for p, s, o in pairs) / n_all
     sft = -naive_logp(twin, [259, 65, 66], [67, 68, 258]).sum() / n_all
@@ -107,9 +108,9 @@ def test_exact_flush_takes_the_b_oldest_entries_and_the_rest_wait(tok, monkeypat
 
 def test_random_ties_pick_each_tied_expert_equally_often():
     r = torch.tensor([[1., 1], [1, 1], [0, 0], [0, 0], [0, 0]])  # E+ tied: 0, 1; E- tied: 2, 3, 4
-    assert riel.choose_transfer(r) == (0, 2)  # the default: the lowest index
+    assert transfer.choose_transfer(r) == (0, 2)  # the default: the lowest index
     g = torch.Generator().manual_seed(0)
-    draws = [riel.choose_transfer(r, g, random_ties=True) for _ in range(3000)]
+    draws = [transfer.choose_transfer(r, g, random_ties=True) for _ in range(3000)]
     for i in (0, 1):
         assert abs(sum(p == i for p, _ in draws) / 3000 - 1 / 2) < 0.04
     for i in (2, 3, 4):

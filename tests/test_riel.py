@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from buffer import HardExample, HardExampleBuffer, admit_hard_example, reference_trace
 import riel
+import transfer
 from tokenizer import load_tokenizer
 from test_mef import Expert, Rec, StandIn
 
@@ -19,28 +20,28 @@ from test_mef import Expert, Rec, StandIn
 
 def test_choose_transfer_picks_best_and_worst_with_lowest_index_on_ties():
     r = torch.tensor([[1., 0, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 0, 0]])  # means .5 .25 .5 .25
-    assert riel.choose_transfer(r) == (0, 1)
-    assert riel.choose_transfer(torch.tensor([[0., 0], [1, 1], [1, 0]])) == (1, 0)
+    assert transfer.choose_transfer(r) == (0, 1)
+    assert transfer.choose_transfer(torch.tensor([[0., 0], [1, 1], [1, 0]])) == (1, 0)
 
 
 def test_choose_transfer_skips_ties_and_teachers_without_a_correct_answer():
-    assert riel.choose_transfer(torch.tensor([[1., 0], [0, 1]])) is None  # equal means
-    assert riel.choose_transfer(torch.zeros(3, 4)) is None  # all wrong
-    assert riel.choose_transfer(torch.ones(3, 4)) is None  # all right
-    assert riel.choose_transfer(torch.tensor([[0.5, 0.5], [0., 0.]])) is None  # better, but never correct
-    assert riel.choose_transfer(torch.tensor([[1., 0.]])) is None  # one expert
+    assert transfer.choose_transfer(torch.tensor([[1., 0], [0, 1]])) is None  # equal means
+    assert transfer.choose_transfer(torch.zeros(3, 4)) is None  # all wrong
+    assert transfer.choose_transfer(torch.ones(3, 4)) is None  # all right
+    assert transfer.choose_transfer(torch.tensor([[0.5, 0.5], [0., 0.]])) is None  # better, but never correct
+    assert transfer.choose_transfer(torch.tensor([[1., 0.]])) is None  # one expert
 
 
 def test_teacher_sample_is_a_uniformly_drawn_correct_response():
     r = torch.tensor([0., 1, 0, 1, 1, 0])
     g = torch.Generator().manual_seed(0)
-    draws = [riel.choose_teacher_samples(r, g)[0] for _ in range(3000)]
+    draws = [transfer.choose_teacher_samples(r, g)[0] for _ in range(3000)]
     assert set(draws) == {1, 3, 4}
     for k in (1, 3, 4):
         assert abs(draws.count(k) / 3000 - 1 / 3) < 0.03
-    assert riel.choose_teacher_samples(r, g, all_correct=True) == [1, 3, 4]
+    assert transfer.choose_teacher_samples(r, g, all_correct=True) == [1, 3, 4]
     again = torch.Generator().manual_seed(0)
-    assert [riel.choose_teacher_samples(r, again)[0] for _ in range(3000)] == draws  # seeded
+    assert [transfer.choose_teacher_samples(r, again)[0] for _ in range(3000)] == draws  # seeded
 
 
 # ---- (e) buffer rules ------------------------------------------------------------------------------
@@ -231,11 +232,11 @@ def test_transfer_pairs_teach_the_weak_expert_a_correct_answer_of_the_strong_one
     rewards = torch.tensor(TABLE, dtype=torch.float32)  # (Q=2, N=2, G=4)
     prompts = ["q0/terse", "q0/steps", "q1/terse", "q1/steps"]
     comps = [f"{p}/{g}" for p in prompts for g in range(4)]
-    pairs, chosen = riel.transfer_pairs(rewards, prompts, comps, torch.Generator().manual_seed(0))
+    pairs, chosen = transfer.transfer_pairs(rewards, prompts, comps, torch.Generator().manual_seed(0))
     assert chosen == [(1, 0)] and len(pairs) == 1
     teacher, student, o = pairs[0]
     assert (teacher, student) == ("q0/steps", "q0/terse") and o in ("q0/steps/0", "q0/steps/1")
-    pairs, _ = riel.transfer_pairs(rewards, prompts, comps, all_correct=True)
+    pairs, _ = transfer.transfer_pairs(rewards, prompts, comps, all_correct=True)
     assert [o for *_, o in pairs] == ["q0/steps/0", "q0/steps/1"]
 
 
