@@ -67,11 +67,11 @@ def measure(model, tok, task, records, experts, cfg: RIELConfig, batch_questions
 def summary(rewards, experts) -> dict:
     wrong = rewards.amax(-1) < verify.CORRECT  # (Q, N)
     best = max(range(len(experts)), key=lambda i: (rewards[:, i].mean().item(), -i))
+    meter = premise.rescue(rewards, experts)
     return {"questions": rewards.shape[0], "best_expert": experts[best].name,
             "reward": {e.name: rewards[:, i].mean().item() for i, e in enumerate(experts)},
             "all_wrong": {e.name: wrong[:, i].float().mean().item() for i, e in enumerate(experts)},
-            **premise.rescue(rewards, experts),
-            "rescued_best": premise.rescue(rewards, experts)[f"rescued/{experts[best].name}"]}
+            **meter, "rescued_best": meter[f"rescued/{experts[best].name}"]}
 
 
 def table(res: dict) -> str:
