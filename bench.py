@@ -156,7 +156,9 @@ def bench_sampling(a: Args, hf, m, prompts, stop, what, pad=0):
     fns = {"transformers `generate`": hf_run,
            "ours, prefill every row": ours("ours, prefill every row", rows, 1),
            "ours, shared-prefix prefill": ours("ours, shared-prefix prefill", prompts, a.group),
-           "ours, + drop finished rows": ours("ours, + drop finished rows", prompts, a.group, drop_finished=True)}
+           "ours, + drop finished rows": ours("ours, + drop finished rows", prompts, a.group, drop_finished=True),
+           # what RIEL samples with: the same tokens, plus each row's mean token entropy (docs/metrics.md)
+           "ours, + drop + entropy": ours("ours, + drop + entropy", prompts, a.group, drop_finished=True, entropy=True)}
     if a.compile:
         fns["ours, + drop + compile"] = ours("ours, + drop + compile", prompts, a.group, drop_finished=True,
                                              compile=True)

@@ -13,17 +13,17 @@ Why a run killed at ANY moment loses nothing:
 A kill before step 3 leaves `latest` naming the previous complete checkpoint, and the half-written
 `.tmp` directory is swept away on the next start.
 
-Reading goes the other way: `safetensors_files` lists a checkpoint's weight files (one file, or the shards of
-`model.safetensors.index.json`) and `read_safetensors` reads one straight to the target device and dtype,
-under our parameter names (model.Transformer.from_pretrained).
+Reading weights back is model.Transformer.from_pretrained's (model.py), which this file imports: never the reverse.
 """
 
 import glob
-import json
 import os
 import shutil
 
 import torch
+
+import dist
+from model import Transformer
 
 STATE_FILE = "trainer_state.pt"
 
@@ -87,8 +87,6 @@ def reference_model(out_dir: str, model):
     """--riel.kl-beta's frozen pi_ref: the policy as RIEL starts (after MEF, or --init), written once to
     out_dir/reference (atomically: a .tmp directory, then a rename) so that a resumed run compares with the same
     weights, not with its resumed ones. Under torchrun every rank calls it; rank 0 writes."""
-    import dist  # here, not at the top: model.py imports this file, and dist imports model.py
-    from model import Transformer
     path = os.path.join(out_dir, "reference")
     if not os.path.exists(os.path.join(path, "config.json")):
         weights, _ = dist.full_state(model)  # under FSDP every rank gathers, rank 0 gets them
@@ -99,29 +97,3 @@ def reference_model(out_dir: str, model):
         dist.barrier()
     ref = Transformer.from_pretrained(path, model.embed_tokens.weight.device, model.embed_tokens.weight.dtype)
     return ref.eval().requires_grad_(False)
-
-
-# ---- reading Hugging Face weights (model.Transformer.from_pretrained) ----------------------------------
-
-def safetensors_files(path: str) -> list:
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(path, s) for s in shards]
-    single = os.path.join(path, "model.safetensors")
-    if not os.path.exists(single):
-        raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
-    return [single]
-
-
-def read_safetensors(file, device, dtype) -> dict:
-    """One shard -> {our parameter name: tensor}, read straight to the target device and dtype."""
-    from safetensors import safe_open
-    out = {}
-    with safe_open(file, framework="pt", device=str(device)) as f:
-        for key in f.keys():
-            name = key[len("model."):] if key.startswith("model.") else key
-            t = f.get_tensor(key)
-            out[name] = t.to(dtype) if t.is_floating_point() else t
-    return out

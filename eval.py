@@ -1,7 +1,8 @@
 """
 eval.py: held-out accuracy of a model under each expert prompt, their majority vote, and pass@k.
 
-    python eval.py --model out/run/ckpt --data synthetic
+    python eval.py --model out/run/ckpt-000750                    # what that run evaluated: its own tables
+    python eval.py --model out/run/ckpt-000750 --eval.size 1000 --difficulty 3 3    # ... changed
     python eval.py --model qwen2.5-1.5b --data gsm8k --eval.size 200 --eval.pass-k 4
 
 What it measures (METHOD.md section 5):
@@ -12,24 +13,33 @@ What it measures (METHOD.md section 5):
   prompt against this vote on a baseline model.
 - **pass@k** (optional): n samples per (question, expert) at a temperature, unbiased estimator
   pass@k = 1 - C(n - c, k) / C(n, k) (Chen et al. 2021), averaged over questions and experts.
-Writes the results to a JSON file when asked and prints a table.
+Prints what it evaluates (task, testbed, levels, split, questions, experts) and a table per split; writes the
+results as JSON when asked. A train.py checkpoint holds its run's Config (trainer_state.pt): the run's task,
+testbed, eval levels, splits, experts, --eval.* settings, seed and precision are the defaults (options with
+train.py's names change them), so its own tables come back exactly. Other models: Args' defaults, and a note.
 Under torchrun (dist.py) each rank decodes its share of every batch and the texts are gathered, so every
 rank gets the table one process would compute (pass@k too: the uniforms of the whole batch are drawn).
 """
 
 import json
 import math
+import os
+import sys
 from collections import Counter
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass, field, fields
+from typing import Annotated, Literal
 
 import torch
 import tyro
 from tqdm import tqdm
 
+import checkpoint
 import data
 import dist
 import verify
-from model import Transformer
+from errors import UserError
+from model import Transformer, default_device
 from rollout import generate
 from tokenizer import load_tokenizer, render_chat, stop_token_ids
 
@@ -44,8 +54,10 @@ class EvalConfig:
     temperature: float = 1.0  # for pass@k sampling only; accuracy is always greedy
 
 
-def complete(model, tok, prompts, cfg: EvalConfig, num_samples=1, temperature=0.0, seed=0, desc="eval"):
-    """Decode the completions of many prompts in batches; returns texts, num_samples per prompt, prompt-major.
+def complete(model, tok, prompts, cfg: EvalConfig, num_samples=1, temperature=0.0, seed=0, desc="eval",
+             return_lengths=False):
+    """Decode the completions of many prompts in batches; returns texts, num_samples per prompt, prompt-major
+    (return_lengths: and each completion's length in tokens).
     Under torchrun every rank decodes a share of each batch (it then needs batch_size >= world size, so that
     only the last batch can leave a rank without prompts) and every rank returns all the texts."""
     texts, stops = [], stop_token_ids(tok)
@@ -59,9 +71,10 @@ def complete(model, tok, prompts, cfg: EvalConfig, num_samples=1, temperature=0.
                 out = generate(model, batch[lo:hi], num_samples=num_samples, max_new_tokens=cfg.max_new_tokens,
                                temperature=temperature, stop_ids=stops, generator=gen, vocab_limit=len(tok),
                                rng_rows=(lo * num_samples, len(batch) * num_samples))
-                mine = [tok.decode(c, skip_special_tokens=True) for c in out.completions]
+                mine = [(tok.decode(c, skip_special_tokens=True), len(c)) for c in out.completions]
             texts += dist.gather(mine)
-    return texts
+    words = [t for t, _ in texts]
+    return (words, [n for _, n in texts]) if return_lengths else words
 
 
 def majority_vote(parsed: list, rewards: list) -> float:
@@ -79,13 +92,14 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def evaluate(model, tok, task, records, experts, cfg: EvalConfig, seed=0) -> dict:
-    """Greedy accuracy per expert, best expert, majority vote, optional pass@k, on `records`."""
+def evaluate(model, tok, task, records, experts, cfg: EvalConfig, seed=0, keep_texts=False) -> dict:
+    """Greedy accuracy per expert, best expert, majority vote, optional pass@k, on `records`. keep_texts: also
+    "samples", every answer with its question, expert and verdict."""
     model.eval()
     records = records[:cfg.size] if cfg.size else records
     N = len(experts)
     prompts = [render_chat(tok, e.system_prompt, r.question) for r in records for e in experts]
-    texts = complete(model, tok, prompts, cfg)
+    texts, lengths = complete(model, tok, prompts, cfg, return_lengths=True)
     checks = [verify.check(task, t, records[i // N].answer) for i, t in enumerate(texts)]
     acc = {e.name: sum(checks[q * N + i][0] for q in range(len(records))) / len(records)
            for i, e in enumerate(experts)}
@@ -94,7 +108,11 @@ def evaluate(model, tok, task, records, experts, cfg: EvalConfig, seed=0) -> dic
     best = max(acc, key=acc.get)
     out = {"task": task, "questions": len(records), "accuracy": acc, "best_expert": best,
            "best_accuracy": acc[best], "majority_vote": vote,
-           "response_len": sum(len(t) for t in texts) / max(1, len(texts))}
+           "completions/mean_length": sum(lengths) / max(1, len(lengths))}  # tokens, as in RIEL's lines
+    if keep_texts:  # what the model wrote, for samples.jsonl (not kept in the run's state)
+        out["samples"] = [{"question": rec.question, "answer": rec.answer, "expert": experts[p % N].name,
+                           "completion": t, "correct": checks[p][0]}
+                          for p, (t, rec) in enumerate(zip(texts, (r for r in records for _ in experts)))]
     if cfg.pass_k:
         n, k = cfg.pass_samples, cfg.pass_k
         samples = complete(model, tok, prompts, cfg, num_samples=n, temperature=cfg.temperature, seed=seed,
@@ -120,26 +138,93 @@ def format_table(results: dict) -> str:
 
 @dataclass
 class Args:
-    model: str  # a checkpoint directory (e.g. out/run/ckpt), a preset or a hub id
-    data: str = "synthetic"
-    data_dir: str | None = None
+    """Options with train.py's names. For a train.py checkpoint the defaults are its run's settings (shown here
+    when --model names one), so that the run's own tables come back."""
+    model: str  # a checkpoint directory (e.g. out/run/ckpt-000750), a preset or a hub id
+    data: str = "synthetic"  # the task
+    data_dir: str | None = None  # where the task files are (default: data/<task>/ in this project)
     experts: tuple[str, ...] | None = None  # default: all of the task's experts
+    # synthetic only: the levels evaluated (a run's eval levels: its --rl-difficulty, else --difficulty; None: 1-3)
+    difficulty: Annotated[tuple[int, int] | None, tyro.conf.arg(aliases=("--rl-difficulty",))] = None
+    testbed: Literal["nested", "complementary", "placebo"] = "nested"  # synthetic only
     split: str | None = None  # default: the task's held-out split
-    out: str | None = None  # write the results as JSON here
-    seed: int = 0
+    eval_splits: tuple[str, ...] = ()  # evaluate on these splits too, a table each (synthetic: val)
+    train_size: int | None = None  # caps the splits other than the held-out one, as in train.py
+    seed: int = 0  # the synthetic questions' seed, and pass@k's
+    device: str | None = None  # default: cuda if available, else cpu
+    precision: Literal["auto", "autocast", "fp32", "bf16"] | None = None  # train.py's; None: bf16 on CUDA, else fp32
+    out: str | None = None  # write the results as JSON here (several splits: {split: results})
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-def main(a: Args):
-    experts = data.experts(a.data, list(a.experts) if a.experts else None)
-    records = data.load(a.data, a.split or data.SPLITS[a.data].eval, a.data_dir)
-    model, tok = Transformer.from_pretrained(a.model), load_tokenizer(a.model)
-    results = evaluate(model, tok, a.data, records, experts, a.eval, a.seed)
-    print(format_table(results))
+def run_defaults(model: str, task: str | None) -> Args | None:
+    """Args that evaluate what the eval stage of the train.py run that wrote checkpoint directory `model`
+    evaluated (train.py saves its Config in every checkpoint's trainer state); None for any other model."""
+    path = os.path.join(model, checkpoint.STATE_FILE)
+    # mmap: a mid-run checkpoint's optimizer state can take gigabytes; only the small config is read
+    cfg = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("config") \
+        if os.path.isfile(path) else None
+    if not cfg:
+        return None
+    same = task in (None, cfg["data"])  # --data names another task: the run's experts, levels, splits are not its
+    keep = ("data", "data_dir", "experts", "testbed", "eval_splits", "train_size") if same else ()
+    ev = {f.name: cfg["eval"][f.name] for f in fields(EvalConfig) if f.name in cfg.get("eval", {})}
+    return Args(model=model, **{k: cfg[k] for k in (*keep, "seed", "precision") if k in cfg}, eval=EvalConfig(**ev),
+                difficulty=(cfg.get("rl_difficulty") or cfg.get("difficulty")) if same else None)
+
+
+def cli(argv=None) -> Args:
+    """Parse the command line with --model's run settings as the defaults (so --help shows them)."""
+    argv = sys.argv[1:] if argv is None else argv
+
+    def flag(name):
+        value = next((a.split("=", 1)[1] for a in argv if a.startswith(f"--{name}=")), None)
+        return argv[argv.index(f"--{name}") + 1] if value is None and f"--{name}" in argv[:-1] else value
+    model = flag("model")
+    default = run_defaults(model, flag("data")) if model else None
+    if model and not default:
+        print(f"note: {model} holds no train.py run settings: evaluating with eval.py's defaults")
+    return tyro.cli(Args, args=argv, **({"default": default} if default else {}))
+
+
+def load_records(a: Args, split: str) -> list:
+    """The records train.py's eval stage reads (its load_records): synthetic ones from (levels, seed, testbed);
+    splits other than the held-out one capped at --train-size."""
+    options = {"seed": a.seed, "testbed": a.testbed} if a.data == "synthetic" else {}
+    if a.data == "synthetic" and a.difficulty:
+        options["difficulty"] = tuple(a.difficulty)
+    records = data.load(a.data, split, a.data_dir, **options)
+    return records[:a.train_size] if split != data.SPLITS[a.data].eval and a.train_size else records
+
+
+def main(a: Args) -> dict:
+    """Evaluate on --split and --eval-splits; print what is evaluated and a table per split; {split: results}."""
+    experts = data.experts(a.data, list(a.experts) if a.experts else None,
+                           **({"testbed": a.testbed} if a.data == "synthetic" else {}))
+    device = default_device(a.device)
+    dtype = torch.bfloat16 if a.precision == "bf16" else torch.float32 if a.precision else None
+    use_autocast = a.precision == "autocast" or (a.precision == "auto" and device.type == "cuda")
+    model, tok = Transformer.from_pretrained(a.model, device, dtype), load_tokenizer(a.model)
+    main_split = a.split or data.SPLITS[a.data].eval
+    tables = {}
+    for split in (main_split, *[s for s in a.eval_splits if s != main_split]):
+        records = load_records(a, split)
+        levels = f"levels {a.difficulty[0]}-{a.difficulty[1]}" if a.difficulty else "the task's default levels"
+        print(f"eval: {a.data}" + (f", testbed {a.testbed}, {levels}" if a.data == "synthetic" else "")
+              + f", split {split}, {len(records[:a.eval.size] if a.eval.size else records)} questions, "
+              f"experts {', '.join(e.name for e in experts)}")
+        with torch.autocast(device.type, dtype=torch.bfloat16) if use_autocast else nullcontext():
+            tables[split] = evaluate(model, tok, a.data, records, experts, a.eval, a.seed)
+        print(format_table(tables[split]))
     if a.out:
         with open(a.out, "w") as f:
-            json.dump(results, f, indent=2)
+            json.dump(tables if len(tables) > 1 else tables[main_split], f, indent=2)
+    return tables
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    try:
+        main(cli())
+    except UserError as e:  # bad input, not a bug (errors.py)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -190,3 +190,15 @@ def mef_steps(model, examples, cfg: MEFConfig, optimizer, seed=0, start_step=0, 
 
 def num_steps(n_examples, cfg: MEFConfig) -> int:
     return cfg.epochs * math.ceil(n_examples / cfg.batch_size)
+
+
+def lr_schedule(cfg: MEFConfig, total: int):
+    """step -> lr: linear warmup, then constant or cosine decay to 10% of the peak."""
+    def lr_at(step):
+        if step < cfg.warmup_steps:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return cfg.lr
+        progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    return lr_at

@@ -35,7 +35,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from checkpoint import read_safetensors, safetensors_files  # reading Hugging Face weight files
 from presets import PRESET_CONFIGS, PRESETS, resolve_checkpoint  # noqa: F401  (names and hub: presets.py)
 
 
@@ -365,6 +364,32 @@ class Transformer(nn.Module):
         cfg["torch_dtype"] = str(dtype or self.embed_tokens.weight.dtype).removeprefix("torch.")
         with open(os.path.join(out_dir, "config.json"), "w") as f:
             json.dump(cfg, f, indent=2)
+
+
+# ---- reading Hugging Face weight files (from_pretrained) ----------------------------------------------------
+
+def safetensors_files(path: str) -> list:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(path, s) for s in shards]
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.exists(single):
+        raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
+    return [single]
+
+
+def read_safetensors(file, device, dtype) -> dict:
+    """One shard -> {our parameter name: tensor}, read straight to the target device and dtype."""
+    from safetensors import safe_open
+    out = {}
+    with safe_open(file, framework="pt", device=str(device)) as f:
+        for key in f.keys():
+            name = key[len("model."):] if key.startswith("model.") else key
+            t = f.get_tensor(key)
+            out[name] = t.to(dtype) if t.is_floating_point() else t
+    return out
 
 
 def default_device(device=None):

@@ -2,7 +2,7 @@
 plan.py: how much GPU memory a run needs, found by running the real training code on fake tensors.
 
     python train.py --model llama3.2-3b --plan [--plan-gpu-gb 80] [--plan-world-size 8 --fsdp]
-    python plan.py --all --gpu-gb 24 40 80          # the README's tables: every preset at its defaults
+    python experiments/plan_table.py --all --gpu-gb 24 40 80    # docs/training.md's table: every preset
 
 Nothing here is a formula for memory. The plan builds the model at its real shapes on PyTorch's fake tensors
 (`FakeTensorMode`: shapes, dtypes and storages, no data, no GPU) and runs the code a run runs: an MEF optimizer
@@ -32,9 +32,7 @@ Choices and limits, stated:
   replaced by FSDP's gathered weights (training: the root and two blocks; sampling: all of them, dist.unsharded).
   DDP (world_size > 1 without fsdp) keeps everything whole and adds its gradient buckets (one more copy of grads).
 """
-import argparse
 import dataclasses
-import time
 from contextlib import contextmanager, nullcontext
 from types import SimpleNamespace
 
@@ -339,35 +337,3 @@ def report(cfg, result, gpu_gib, world_size=1, find_fixes=True) -> str:
     lines.append(f"peak {peak:.1f} GiB of {gpu_gib:g} GiB: does not fit: " + ("; or ".join(fit) if fit else
                  "no single option here fits; combine them, or shard over GPUs (--fsdp with torchrun)"))
     return "\n".join(lines)
-
-
-def table(models, gpus, world_size=1) -> str:
-    """The README's table: each model at its train.py defaults, stage peaks (GiB, constants included) and whether
-    it fits each GPU."""
-    import train
-    rows = ["| model | params | MEF step | RIEL sampling | RIEL update | peak GiB | largest parts at the peak (GiB) | "
-            + " | ".join(f"{g:g} GiB" for g in gpus) + " | plan s |", "|" + "---|" * (8 + len(gpus))]
-    for name in models:
-        t0 = time.time()
-        r = plan_memory(train.defaults(name), world_size)
-        s = r["stages"]
-        top = sorted(max(s.values(), key=lambda v: v["peak_gib"])["parts"].items(), key=lambda kv: -kv[1])[:3]
-        rows.append(f"| {name} | {r['params'] / 1e9:.2f}B | " + " | ".join(f"{s[k]['peak_gib']:.1f}" for k in
-                    ("mef_step", "riel_sample", "riel_update")) + f" | **{r['peak_gib']:.1f}** | "
-                    + ", ".join(f"{k} {v:.1f}" for k, v in top) + " | "
-                    + " | ".join("fits" if r["peak_gib"] <= g else "no" for g in gpus) + f" | {time.time() - t0:.0f} |")
-        print(rows[-1], flush=True)
-    return "\n".join(rows)
-
-
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="GPU memory plans of train.py's defaults (python train.py --model X "
-                                "--plan plans one run with any options)")
-    p.add_argument("--all", action="store_true", help="every preset (else --models)")
-    p.add_argument("--models", nargs="*", default=["llama3.2-3b"])
-    p.add_argument("--gpu-gb", type=float, nargs="*", default=[24, 40, 80])
-    a = p.parse_args()
-    from presets import PRESETS
-    t0 = time.time()
-    print(table([m for m in PRESETS if m != "tiny"] if a.all else a.models, a.gpu_gb))
-    print(f"({time.time() - t0:.0f} s)")

@@ -35,7 +35,8 @@ def step_metrics(rewards, experts, chosen) -> dict:
     zero = rewards.amax(-1) == rewards.amin(-1)  # (Q, N) groups with no reward spread: no signal
     wrong, right = rewards.amax(-1) < CORRECT, rewards.amin(-1) >= CORRECT
     flat = rewards.flatten(1)  # (Q, N*G): all experts of a question together
-    m = {"reward": rewards.mean().item(), "zero_spread": zero.float().mean().item(),
+    m = {"reward": rewards.mean().item(), "reward_std": rewards.std(-1, correction=int(rewards.shape[-1] > 1)).mean().item(),
+         "zero_spread": zero.float().mean().item(),
          "all_wrong": wrong.float().mean().item(), "all_right": right.float().mean().item(),
          "zero_signal_questions": (flat.amax(-1) == flat.amin(-1)).float().mean().item(),
          "transfers": len(chosen), **rescue(rewards, experts)}

@@ -38,6 +38,9 @@ What we keep of GRPO, and the choices the paper leaves open (all config options)
 - Memory: sample_batch_size samples the step's rows in several calls of whole groups (the KV cache is the
   largest tensor of sampling: 15.6 GiB for 192 rows x ~760 tokens at 3B), with the same tokens as one call;
   no gradients and no cached bf16 weight copies are alive while sampling (README "Precision and memory").
+- Autocast's cache is dropped between a no_grad pass and a grad-enabled one (after sampling; after the transfer's
+  teacher side): before torch 2.11 a weight's bf16 copy cast under no_grad was reused by later grad-enabled
+  forwards without grad history, so that weight got no gradient, silently (pytorch/pytorch#112583).
 - Under torchrun (dist.py) each rank samples and scores its share of the questions (whole questions, so a
   group never spans ranks; the generator draws the whole batch's uniforms, so every token equals one
   process's), then all ranks gather the step. Everything that decides (advantages, token counts, the O+
@@ -141,7 +144,7 @@ def sample_groups(model, tok, records, experts, cfg, generator, rng_rows=None):
         if generator is None:
             raise ValueError("sample_batch_size needs a generator: every sampling call replays its draw")
         state = generator.get_state()
-    completions, finish = [], []
+    completions, finish, entropy = [], [], []
     model.eval()
     with torch.no_grad(), dist.unsharded(model):  # FSDP: decoding runs on the whole weights, gathered once
         for s in range(0, len(prompts), per_call):
@@ -150,10 +153,11 @@ def sample_groups(model, tok, records, experts, cfg, generator, rng_rows=None):
             out = generate(model, prompts[s:s + per_call], num_samples=G, max_new_tokens=cfg.max_new_tokens,
                            temperature=cfg.temperature, top_p=cfg.top_p, stop_ids=stop_token_ids(tok),
                            generator=generator, vocab_limit=len(tok), rng_rows=(offset + s * G, total),
-                           drop_finished=True, compile=cfg.compile)
+                           drop_finished=True, compile=cfg.compile, entropy=cfg.temperature > 0)
             completions += out.completions
             finish += out.finish
-    return prompts, Rollout(completions, finish)
+            entropy += getattr(out, "entropy", None) or []  # (a stand-in sampler may not measure it)
+    return prompts, Rollout(completions, finish, entropy or None)
 
 
 def score_groups(tok, records, completions, reward_fn, n_experts, group_size):
@@ -175,9 +179,9 @@ def sample_and_score(model, tok, records, experts, cfg, generator, reward_fn):
     rewards = score_groups(tok, records[lo:hi], out.completions, reward_fn, N, G)
     if dist.world() == 1:
         return prompts, out, rewards
-    parts = dist.all_gather_object((prompts, out.completions, out.finish, rewards.tolist()))
-    prompts, completions, finish, r = ([x for part in parts for x in part[i]] for i in range(4))
-    return prompts, Rollout(completions, finish), torch.tensor(r, dtype=torch.float32)
+    parts = dist.all_gather_object((prompts, out.completions, out.finish, out.entropy or [], rewards.tolist()))
+    prompts, completions, finish, entropy, r = ([x for part in parts for x in part[i]] for i in range(5))
+    return prompts, Rollout(completions, finish, entropy or None), torch.tensor(r, dtype=torch.float32)
 
 
 # ---- the three loss terms, each backpropagated micro-batch by micro-batch ---------------------------
@@ -226,6 +230,7 @@ def transfer_backward(model, pairs, cfg, n_tokens=None) -> float:
         for teacher_prompt, student_prompt, o in dist.lockstep(model, pairs, no_grad_first=True):
             with torch.no_grad():
                 teacher = completion_logits(model, teacher_prompt, o)
+            torch.clear_autocast_cache()  # the teacher's no_grad casts give no gradient: pytorch/pytorch#112583
             student = completion_logits(model, student_prompt, o)
             loss = full_vocab_kl(teacher[None], student[None], torch.ones(1, len(o), device=student.device), n_tokens)
             (cfg.lambda1 * loss).backward()
@@ -236,6 +241,7 @@ def transfer_backward(model, pairs, cfg, n_tokens=None) -> float:
         outs = [pairs[i][2] for i in mb]
         with torch.no_grad():  # the teacher side is a target: sg[logp(O+ | Q, P+)]
             teacher, _ = token_logprobs(model, [pairs[i][0] for i in mb], outs)
+        torch.clear_autocast_cache()  # the teacher's no_grad casts: no gradient (pytorch/pytorch#112583)
         student, mask = token_logprobs(model, [pairs[i][1] for i in mb], outs)
         loss = transfer_loss(student, teacher, mask, n_tokens)
         (cfg.lambda1 * loss).backward()
@@ -278,7 +284,8 @@ def update_policy(model, optimizer, cfg, prompts, completions, adv, rows, counts
             l_mel = mel.nll_backward(model, mel_examples, cfg.micro_batch_size, mel_weight) if mel_examples else 0.0
             norms.mark("mel")
             loss = l_pg + cfg.lambda1 * l_kl + cfg.lambda2 * l_sft + mel_weight * l_mel
-            out.update(loss=loss, loss_grpo=l_pg, loss_kl=l_kl, loss_sft=l_sft, loss_mel=l_mel, kl_ref=kl_ref,
+            out.update(loss=loss, loss_grpo=l_pg, loss_transfer=l_kl, loss_sft=l_sft, loss_mel=l_mel,
+                       **({"kl": kl_ref} if cfg.kl_beta > 0 else {}),  # k3 to the reference, TRL's `kl`
                        lr=optimizer.param_groups[0]["lr"], mel_nll_s=time.perf_counter() - t_mel, **norms.metrics())
         else:  # ratio != 1 only from the second epoch on
             out["clip_frac"] += clip / (cfg.ppo_epochs - 1)
@@ -315,12 +322,21 @@ def over_ranks(l_pg, kl_ref, clip, n_tokens):
     return dist.sum_floats([l_pg])[0], dist.mean_over_ranks(kl_ref, n_tokens), dist.mean_over_ranks(clip, n_tokens)
 
 
+def length_metrics(lengths, finish) -> dict:
+    """Completion lengths in tokens, under TRL's names; clipped = cut at max_new_tokens."""
+    n = max(1, len(lengths))
+    return {"completions/mean_length": sum(lengths) / n, "completions/min_length": min(lengths, default=0),
+            "completions/max_length": max(lengths, default=0),
+            "completions/clipped_ratio": sum(f == "length" for f in finish) / n}
+
+
 def riel_step(model, tok, records, experts, cfg: RIELConfig, optimizer, buffer: HardExampleBuffer,
-              generator, reward_fn, ref_model=None, mel_cfg: mel.MELConfig | None = None) -> dict:
+              generator, reward_fn, ref_model=None, mel_cfg: mel.MELConfig | None = None, samples: int = 0) -> dict:
     """One RIEL step on a batch of records. reward_fn(record, completion_text) -> float in {0, 1}.
     The generator drives sampling, the O+ draw, buffer admission and MEL's pairs and analyses (drawn last,
     so turning MEL on leaves the draws before it unchanged). mel_cfg: the optional MEL loss (mel.py).
-    Returns a flat dict of metrics."""
+    Returns a flat dict of metrics; with samples=k also "samples": the groups of the first k questions (texts,
+    rewards, advantages), for samples.jsonl."""
     if cfg.kl_beta > 0 and ref_model is None:
         raise ValueError("kl_beta > 0 needs a frozen ref_model")
     N = len(experts)
@@ -354,6 +370,7 @@ def riel_step(model, tok, records, experts, cfg: RIELConfig, optimizer, buffer: 
         mel_examples, mel_m = mel.collect(model, tok, records, experts, completions, rewards, mel_cfg,
                                           cfg.max_new_tokens, cfg.top_p, generator, reward_fn)
 
+    torch.clear_autocast_cache()  # casts cached while sampling (no_grad) give no gradient: pytorch/pytorch#112583
     m = update_policy(model, optimizer, cfg, prompts, completions, adv, rows, counts, pairs, flushed, ref_model,
                       mel_examples, mel_cfg.weight if use_mel else 0.0)
     l_mel, nll_s = m.pop("loss_mel"), m.pop("mel_nll_s")
@@ -366,8 +383,20 @@ def riel_step(model, tok, records, experts, cfg: RIELConfig, optimizer, buffer: 
              transfer_pairs=len(pairs),
              buffer_admitted=admitted,
              buffer_size=len(buffer.entries), buffer_flushes=buffer.flushes, flushed=len(flushed),
-             response_len=sum(lengths) / max(1, len(lengths)),
-             truncated=sum(f == "length" for f in out.finish) / max(1, len(out.finish)),
+             **length_metrics(lengths, out.finish),
+             **({"entropy": sum(e * n for e, n in zip(out.entropy, lengths)) / max(1, sum(lengths))}
+                if out.entropy else {}),  # token mean, nats
              sample_s=sample_s, train_s=train_s, tokens_per_s=sum(lengths) / max(sample_s, 1e-9),
              train_tokens_per_s=trained_tokens / max(train_s, 1e-9))
+    if samples:
+        m["samples"] = group_samples(tok, records[:samples], experts, completions, rewards, adv, cfg.group_size)
     return m
+
+
+def group_samples(tok, records, experts, completions, rewards, adv, G) -> list:
+    """What the model wrote: one dict per (question, expert) group of the given first questions."""
+    N = len(experts)
+    return [{"question": rec.question, "answer": rec.answer, "expert": ex.name,
+             "completions": [tok.decode(completions[(q * N + i) * G + g], skip_special_tokens=True) for g in range(G)],
+             "rewards": rewards[q, i].tolist(), "advantages": adv[(q * N + i) * G:(q * N + i + 1) * G].tolist()}
+            for q, rec in enumerate(records) for i, ex in enumerate(experts)]

@@ -15,7 +15,9 @@ generate(model, prompts, num_samples=G, ...)
       seeded torch.Generator so a fixed seed gives identical samples. All uniforms are drawn up front, one per
       (step, row): row r's sample never depends on how many other rows are still running, or on how the batch
       is split into calls, so skipping finished rows or sharding the rows cannot change a single token.
-    Returns each row's completion ids (up to and including the first stop token) and why it stopped.
+    Returns each row's completion ids (up to and including the first stop token) and why it stopped, and with
+    entropy=True the mean entropy of the distribution each token was drawn from (softmax(logits / T), before
+    top-p): the entropy-collapse signal of RL, from logits the sampler has anyway (no extra forward).
 
 token_logprobs(model, prompts, completions)
     log pi(c_t | prompt, c_<t) for every completion token, for a batch of rows in one forward.
@@ -40,6 +42,7 @@ import torch.nn.functional as F
 class Rollout:
     completions: list  # list[list[int]], per row, up to and including the stop token
     finish: list  # list[str], "stop" or "length"
+    entropy: list | None = None  # per row: mean entropy (nats) of the sampling distribution over its tokens
 
 
 SEQUENTIAL_CUMSUM = ("cpu",)  # devices whose cumsum adds left to right
@@ -81,7 +84,8 @@ def _without_autograd(fn):
     """Run fn under inference_mode (no autograd bookkeeping at all: cheaper per op than no_grad), except under
     autocast. Autocast caches its bf16 copy of each fp32 weight only outside inference_mode, so there every decode
     step would cast every weight afresh (CPU: a 2048^2 linear on one row 3.3x slower; CUDA, 3B: 12.8 GB of fp32
-    weights re-read per token). Under no_grad the copies are made once and training's forwards reuse them."""
+    weights re-read per token). Under no_grad the copies are made once; a caller that trains next drops them first
+    (riel.riel_step: before torch 2.11 a copy cast under no_grad gave its weight no gradient)."""
     @functools.wraps(fn)
     def wrapper(model, *args, **kwargs):
         autocast = torch.is_autocast_enabled(model.embed_tokens.weight.device.type)
@@ -93,7 +97,7 @@ def _without_autograd(fn):
 @_without_autograd
 def generate(model, prompts, *, num_samples=1, max_new_tokens=256, temperature=1.0, top_p=1.0, stop_ids=(),
              generator=None, seed=None, vocab_limit=None, pad_id=0, sync_every=8, rng_rows=None, drop_finished=False,
-             static_cache=False, compile=False) -> Rollout:
+             static_cache=False, compile=False, entropy=False) -> Rollout:
     """prompts: P lists of token ids -> Rollout with P * num_samples rows (prompt-major).
     rng_rows=(offset, total): these rows are rows offset.. of a batch of `total` rows sampled by several processes;
     the uniforms of all `total` rows are drawn and this call's columns used, so its tokens equal the whole batch's
@@ -147,6 +151,7 @@ def generate(model, prompts, *, num_samples=1, max_new_tokens=256, temperature=1
                                                         device=device)[:, offset:offset + B]
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    ent_sum = torch.zeros(B, device=device) if entropy and temperature > 0 else None  # (B,) nats summed over tokens
     alive = None  # with drop_finished: (b,) original ids of the rows still decoding, else all rows in order
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     for t in range(max_new_tokens):
@@ -155,6 +160,12 @@ def generate(model, prompts, *, num_samples=1, max_new_tokens=256, temperature=1
         # a row's uniform is picked by its ORIGINAL id, so dropping other rows cannot change its tokens
         u = None if uniforms is None else uniforms[t] if alive is None else uniforms[t, alive]
         tok = sample_next(logits, temperature, top_p, u=u)
+        if ent_sum is not None:  # counted for rows still running: the tokens this step adds to a completion
+            ent = token_entropy(logits, temperature) * ~done  # (b,)
+            if alive is None:
+                ent_sum += ent
+            else:
+                ent_sum.index_add_(0, alive, ent)
         tok = torch.where(done, pad_id, tok)  # finished rows are frozen
         if alive is None:
             out[:, t] = tok
@@ -180,7 +191,17 @@ def generate(model, prompts, *, num_samples=1, max_new_tokens=256, temperature=1
             big.pos += 1
             big.slot += 1
         next_pos = next_pos + 1
-    return _collect(out[:, :t + 1].tolist(), set(stop.tolist()))
+    rollout = _collect(out[:, :t + 1].tolist(), set(stop.tolist()))
+    if ent_sum is not None:
+        rollout.entropy = [e / max(1, len(c)) for e, c in zip(ent_sum.tolist(), rollout.completions)]
+    return rollout
+
+
+def token_entropy(logits, temperature=1.0):
+    """logits (b, V) -> entropy (b,) in nats of softmax(logits / T): -sum p log p = logsumexp(z) - sum p z."""
+    z = logits.float() / temperature
+    p = F.softmax(z, dim=-1)
+    return torch.logsumexp(z, dim=-1) - (p * z).sum(dim=-1)
 
 
 def decode_step(model, tok, positions, cache, mask):

@@ -6,6 +6,10 @@ summary.json and curves.png. train.py calls these; nothing here touches the mode
   redone), so the file always describes one uninterrupted run.
 - stdout gets a line every `log_every` steps holding the means since the previous line: one RL step alone is noisy.
 - A picture is never worth a failed run: curves.png failures are warnings.
+- --report-to tensorboard|wandb (Tracker) sends every numeric value of every metrics.jsonl line to a tracker too,
+  under the same names, prefixed by the line's stage (riel/reward, eval/after_riel/accuracy/columns), at step
+  gstep. Their packages are optional: imported only when chosen, a clear error when missing.
+- samples.jsonl (write_samples) keeps what the model wrote: a few groups of a step, and an eval's answers.
 """
 import dataclasses
 import json
@@ -13,8 +17,10 @@ import math
 import os
 import statistics
 import sys
+import zlib
 
 import checkpoint
+from errors import UserError
 
 
 class NullLog:
@@ -23,31 +29,106 @@ class NullLog:
     def write(self, record: dict):
         pass
 
+    def samples(self, record: dict):
+        pass
+
+    def close(self):
+        pass
+
 
 class MetricsLog:
     """metrics.jsonl: one JSON object per line. On resume, lines past the checkpoint are dropped (they will be
-    redone), so the file always describes exactly one uninterrupted run."""
+    redone), so the file always describes exactly one uninterrupted run. tracker: gets every line as well."""
 
-    def __init__(self, path: str, keep_upto: int | None):
-        self.path = path
-        if keep_upto is not None and os.path.exists(path):
-            with open(path) as f:
-                kept = [line for line in f if json.loads(line).get("gstep", 0) <= keep_upto]
-            with open(path + ".tmp", "w") as f:
-                f.writelines(kept)
-            os.replace(path + ".tmp", path)
-        elif keep_upto is None and os.path.exists(path):
-            os.remove(path)
+    def __init__(self, path: str, keep_upto: int | None, tracker=None):
+        self.path, self.tracker = path, tracker
+        self.samples_path = os.path.join(os.path.dirname(path), "samples.jsonl")
+        for p in (path, self.samples_path):
+            if keep_upto is not None and os.path.exists(p):
+                with open(p) as f:
+                    kept = [line for line in f if json.loads(line).get("gstep", 0) <= keep_upto]
+                with open(p + ".tmp", "w") as f:
+                    f.writelines(kept)
+                os.replace(p + ".tmp", p)
+            elif keep_upto is None and os.path.exists(p):
+                os.remove(p)
 
     def write(self, record: dict):
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tracker is not None:
+            self.tracker.log(record)
+
+    def samples(self, record: dict):
+        """samples.jsonl: what the model wrote (a step's groups, an eval's answers), one JSON object per line."""
+        with open(self.samples_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def close(self):
+        if self.tracker is not None:
+            self.tracker.close()
 
     def read(self) -> list:
         if not os.path.exists(self.path):
             return []
         with open(self.path) as f:
             return [json.loads(line) for line in f]
+
+
+def scalars(record: dict) -> dict:
+    """A metrics line -> {tag: float}: numbers only, nested dicts flattened with '/', under the line's stage (and
+    an eval's name), e.g. riel/reward, eval/after_riel/accuracy/columns."""
+    prefix = "/".join(str(record[k]) for k in ("stage", "name") if k in record)
+    out = {}
+
+    def walk(key, v):
+        if isinstance(v, dict):
+            for k, x in v.items():
+                walk(f"{key}/{k}", x)
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out[key] = float(v)
+    for k, v in record.items():
+        if k not in ("stage", "name", "gstep"):
+            walk(f"{prefix}/{k}" if prefix else k, v)
+    return out
+
+
+class Tracker:
+    """--report-to: every metrics line, as scalars(record), at step gstep. tensorboard: event files in
+    <out_dir>/tensorboard (on resume, events past the checkpoint are purged, as metrics.jsonl's lines are); wandb:
+    a run in <out_dir>/wandb (WANDB_MODE=offline works without a network), resumed under the same id."""
+
+    def __init__(self, kind: str, out_dir: str, config: dict, resume_step: int | None):
+        self.kind = kind
+        try:
+            if kind == "tensorboard":
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=resume_step)
+            elif kind == "wandb":
+                import wandb
+                # one id per run directory, so --resume continues the same wandb run
+                run_id = f"{os.path.basename(os.path.abspath(out_dir))}-{zlib.crc32(os.path.abspath(out_dir).encode()):08x}"
+                self.writer = wandb.init(project=os.environ.get("WANDB_PROJECT", "meml-grpo"), dir=out_dir,
+                                         config=config, id=run_id, resume="allow")
+            else:
+                raise UserError(f"--report-to must be none, tensorboard or wandb, got {kind!r}")
+        except ImportError as e:
+            package = "tensorboard" if kind == "tensorboard" else "wandb"
+            raise UserError(f"--report-to {kind} needs the {package} package ({e}): pip install {package}") from None
+
+    def log(self, record: dict):
+        values, step = scalars(record), int(record.get("gstep", 0))
+        if self.kind == "tensorboard":
+            for tag, v in values.items():
+                self.writer.add_scalar(tag, v, step)
+        elif values:
+            self.writer.log(values, step=step)
+
+    def close(self):
+        if self.kind == "tensorboard":
+            self.writer.close()
+        else:
+            self.writer.finish()
 
 
 class StepLines:
@@ -73,6 +154,18 @@ class StepLines:
         return {**m, **means}
 
 
+def riel_line(step: int, steps: int, a: dict) -> str:
+    """The stdout line of a RIEL step (a: StepLines' means): rewards, the three loss terms, the buffer, lengths,
+    entropy, gradient norm and time; MEL's numbers when it is on."""
+    return (f"riel {step:>4}/{steps} reward {a['reward']:.3f} zero-spread {a['zero_spread']:.2f} "
+            f"L_grpo {a['loss_grpo']:+.4f} L_transfer {a['loss_transfer']:+.4f} L_sft {a['loss_sft']:.3f} "
+            f"buffer {a['buffer_size']} transfers {a['transfers']:.1f} len {a['completions/mean_length']:.0f} "
+            + (f"entropy {a['entropy']:.2f} " if "entropy" in a else "")
+            + f"gnorm {a['grad_norm']:.2f} sample {a['sample_s']:.1f}s train {a['train_s']:.1f}s"
+            + (f" | mel kept {a['mel/kept']:.1f}/{a['mel/candidates']:.1f} L_nll {a['mel/loss_nll']:.3f} "
+               f"{a['mel_s']:.1f}s" if "mel/kept" in a else ""))
+
+
 def write_summary(cfg, state, log, wall_since_save):
     rl = [m for m in log.read() if m.get("stage") == "riel"]
     tenth = max(1, len(rl) // 10)
@@ -92,10 +185,10 @@ def write_summary(cfg, state, log, wall_since_save):
 
 
 def write_curves(out_dir: str):
-    """curves.png in the run directory (experiments/plot.py). A picture is never worth a failed run: any
+    """curves.png in the run directory (curves.py). A picture is never worth a failed run: any
     error becomes a warning; without matplotlib, plot_runs says in one line how to get it."""
     try:
-        from experiments.plot import plot_runs
+        from curves import plot_runs
         path = plot_runs([out_dir], os.path.join(out_dir, "curves.png"))
     except Exception as e:  # noqa: BLE001 (deliberately broad, see above)
         print(f"warning: curves.png not written ({type(e).__name__}: {e})", file=sys.stderr)

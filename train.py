@@ -18,7 +18,7 @@ logs, and checkpoints. Choices:
   weight); on CPU fp32. `bf16` stores the weights in bf16 to save memory.
 - Every optimizer step is a JSON line in metrics.jsonl; stdout gets a line every --log-every steps (default:
   ~20 lines per stage, plus its first and last step) holding the means over the steps since the previous
-  line, under tqdm's bar; curves.png in the run directory draws them (runlog.py; experiments/plot.py draws,
+  line, under tqdm's bar; curves.png in the run directory draws them (runlog.py; curves.py draws,
   with matplotlib).
 - The tiny default stops MEF by measurement, not by a step count (`--mef.stop-at`, `competent` below): RL starts
   where the best expert solves about a fifth of the RL questions greedily, the edge of competence.
@@ -33,7 +33,6 @@ logs, and checkpoints. Choices:
 """
 
 import dataclasses
-import math
 import os
 import sys
 import time
@@ -52,7 +51,7 @@ import runlog
 import verify
 from errors import UserError
 from eval import EvalConfig, evaluate, format_table
-from mef import MEFConfig, build_sft_examples, make_optimizer, mef_steps, num_steps
+from mef import MEFConfig, build_sft_examples, lr_schedule, make_optimizer, mef_steps, num_steps
 from mel import MELConfig
 from model import Transformer, tiny_config
 from buffer import HardExampleBuffer
@@ -93,6 +92,11 @@ class Config:
     checkpoint_every: int = 50  # optimizer steps
     log_every: int | None = None  # a stdout line every N steps (None: ~20 per stage); metrics.jsonl has them all
     curves: bool = True  # draw curves.png after MEF and at the end (needs matplotlib; 1-5 s of CPU each time)
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"  # a tracker too (optional package; runlog.Tracker)
+    log_samples_every: int = 10  # RIEL: every N steps one question's groups (texts, rewards, advantages) go to
+    #                              samples.jsonl, as do the answers of every eval; 0: off
+    eval_every: int = 0  # RIEL: every N steps, greedy accuracy (each expert, best, vote) on held-out questions; 0: off
+    eval_every_size: int = 100  # ... on the first this many questions of the eval split (a fixed subset)
     mef: MEFConfig = field(default_factory=MEFConfig)
     riel: RIELConfig = field(default_factory=RIELConfig)
     mel: MELConfig = field(default_factory=MELConfig)  # `--mel` turns it on
@@ -118,7 +122,7 @@ def defaults(model: str, testbed: str = "nested") -> Config:
         testbed=testbed if testbed in data.synthetic.TESTBEDS else "nested", difficulty=(1, 2), rl_difficulty=(2, 2), train_size=10000, checkpoint_every=100,
         mef=MEFConfig(epochs=2, lr=3e-3, batch_size=64, micro_batch_size=64, max_len=256, warmup_steps=20,
                       schedule="cosine", stop_at=0.2, check_every=25, check_size=100),
-        riel=RIELConfig(steps=250, questions_per_step=16, group_size=8, max_new_tokens=tokens, lr=3e-4, lambda1=0.1,
+        eval_every=50, riel=RIELConfig(steps=250, questions_per_step=16, group_size=8, max_new_tokens=tokens, lr=3e-4, lambda1=0.1,
                         micro_batch_size=64, buffer_size=32, grad_shares=True),
         mel=MELConfig(max_analysis_tokens=48),
         eval=EvalConfig(size=300, max_new_tokens=tokens, batch_size=150))
@@ -164,31 +168,6 @@ def with_traces(cfg, records, experts, model, tok, log):
     return records
 
 
-def lr_schedule(cfg: MEFConfig, total: int):
-    """step -> lr: linear warmup, then constant or cosine decay to 10% of the peak."""
-    def lr_at(step):
-        if step < cfg.warmup_steps:
-            return cfg.lr * (step + 1) / cfg.warmup_steps
-        if cfg.schedule == "constant":
-            return cfg.lr
-        progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-    return lr_at
-
-
-def question_batch(n: int, size: int, step: int, seed: int) -> list:
-    """Indices of the questions of RL step `step`: consecutive slices of per-epoch permutations drawn from
-    (seed, epoch) alone, so that a resumed run sees the same batches."""
-    out, pos = [], step * size
-    while len(out) < size:
-        epoch, i = divmod(pos, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-        take = min(size - len(out), n - i)
-        out += perm[i:i + take].tolist()
-        pos += take
-    return out
-
-
 # ---- the run ------------------------------------------------------------------------------------------
 
 
@@ -229,7 +208,9 @@ def main(cfg: Config):
     tok = load_tokenizer(source)
     experts = load_experts(cfg)
     eval_split = data.SPLITS[cfg.data].eval
-    log = runlog.MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), state["gstep"] if ckpt else None) \
+    tracker = runlog.Tracker(cfg.report_to, cfg.out_dir, dataclasses.asdict(cfg), state["gstep"] if ckpt else None) \
+        if cfg.report_to != "none" and dist.is_main() else None
+    log = runlog.MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), state["gstep"] if ckpt else None, tracker) \
         if dist.is_main() else runlog.NullLog()
     print(f"model {source}: {model.num_params() / 1e6:.2f}M params on {device} ({cfg.precision}) x {dist.world()} "
           f"processes; task {cfg.data}; experts {[e.name for e in experts]}; stages {list(cfg.stages)}")
@@ -251,7 +232,10 @@ def main(cfg: Config):
             if key in state["evals"]:
                 continue
             with autocast:
-                res = evaluate(model, tok, cfg.data, load_records(cfg, split, "eval"), experts, cfg.eval, seed=cfg.seed)
+                res = evaluate(model, tok, cfg.data, load_records(cfg, split, "eval"), experts, cfg.eval, seed=cfg.seed,
+                               keep_texts=cfg.log_samples_every > 0)
+            if "samples" in res:
+                log.samples({"stage": "eval", "name": key, "gstep": state["gstep"], "answers": res.pop("samples")})
             print(f"\n[eval {key}]\n" + format_table(res))
             state["evals"][key] = res
             log.write({"stage": "eval", "name": key, "gstep": state["gstep"], **res})
@@ -278,6 +262,7 @@ def main(cfg: Config):
         run_eval("final")
     if dist.is_main():
         runlog.write_summary(cfg, state, log, time.time() - save.t0)
+        log.close()
 
 
 def run_mef(cfg, model, tok, records, experts, state, start, resumed, save, log):
@@ -318,16 +303,29 @@ def competent(cfg, model, tok, experts, records, state, log) -> bool:
     """MEF's early stop (TINY_RL.md 4A): RL teaches best from the edge of competence, and how many SFT steps reach
     it swings with seed and machine (a phase change: 3% to 70% within a few hundred steps). So measure instead of
     guessing: greedy accuracy per expert on RL-level training questions (never the held-out ones)."""
-    res = evaluate(model, tok, cfg.data, records, experts,
-                   EvalConfig(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size), seed=cfg.seed)
-    model.train()
-    log.write({"stage": "mef_check", "step": state["step"], "gstep": state["gstep"], "accuracy": res["accuracy"],
-               "best_accuracy": res["best_accuracy"]})
-    done = res["best_accuracy"] >= cfg.mef.stop_at
-    tqdm.write(f"mef check {state['step']:>5}: greedy on {len(records)} RL questions "
-               + " ".join(f"{k} {100 * v:.0f}%" for k, v in res["accuracy"].items())
-               + (f" -> best >= {100 * cfg.mef.stop_at:.0f}%: stop MEF here" if done else ""))
+    res = quick_eval(cfg, model, tok, experts, records, state, log, "mef_check")
+    if done := res["best_accuracy"] >= cfg.mef.stop_at:
+        tqdm.write(f"mef check: best >= {100 * cfg.mef.stop_at:.0f}%: stop MEF here")
     return done
+
+
+def quick_eval(cfg, model, tok, experts, records, state, log, stage: str) -> dict:
+    """Greedy accuracy of each expert, the best one and the vote on a fixed subset, logged as a `stage` line
+    (metrics.jsonl, the tracker, curves.png): mef_check (MEF's early stop, on RL-level training questions) or
+    eval_riel (--eval-every, on held-out ones; the answers go to samples.jsonl). Its own seeded sampler: it
+    changes nothing of the run."""
+    res = evaluate(model, tok, cfg.data, records, experts,
+                   EvalConfig(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size), seed=cfg.seed,
+                   keep_texts=stage == "eval_riel" and cfg.log_samples_every > 0)
+    torch.clear_autocast_cache()  # its no_grad casts would give the next step no gradient: pytorch/pytorch#112583
+    model.train()
+    if "samples" in res:
+        log.samples({"stage": stage, "step": state["step"], "gstep": state["gstep"], "answers": res.pop("samples")})
+    log.write({"stage": stage, "step": state["step"], "gstep": state["gstep"], **res})
+    tqdm.write(f"{stage} {state['step']:>5}: greedy on {len(records)} questions "
+               + " ".join(f"{k} {100 * v:.1f}%" for k, v in res["accuracy"].items())
+               + f", vote {100 * res['majority_vote']:.1f}%")
+    return res
 
 
 def run_riel(cfg, model, tok, records, experts, state, start, resumed, save, log):
@@ -343,24 +341,30 @@ def run_riel(cfg, model, tok, records, experts, state, start, resumed, save, log
     ref_model = checkpoint.reference_model(cfg.out_dir, model) if rc.kl_beta > 0 else None
     reward_fn = lambda record, text: verify.reward(cfg.data, text, record.answer)
     lines = runlog.StepLines(cfg.log_every, start, steps)
+    held_out = load_records(cfg, data.SPLITS[cfg.data].eval, "eval")[:cfg.eval_every_size] if cfg.eval_every else []
+    zero_streak = 0
     print(f"RIEL: {steps} steps of {rc.questions_per_step} questions x {len(experts)} experts x {rc.group_size} "
           f"samples; a line every {lines.every} steps (means since the previous line)")
     for step in tqdm(range(start, steps), initial=start, total=steps, desc="riel", dynamic_ncols=True,
                      disable=not dist.is_main()):
-        batch = [records[i] for i in question_batch(len(records), rc.questions_per_step, step, cfg.seed)]
+        batch = [records[i] for i in data.question_batch(len(records), rc.questions_per_step, step, cfg.seed)]
         for group in opt.param_groups:  # RL warmup: linear over the first rc.warmup_steps steps, then constant
             group["lr"] = rc.lr * min(1.0, (step + 1) / max(1, rc.warmup_steps))
-        m = riel_step(model, tok, batch, experts, rc, opt, buffer, generator, reward_fn, ref_model, cfg.mel)
+        keep = cfg.log_samples_every > 0 and (step + 1) % cfg.log_samples_every == 0
+        m = riel_step(model, tok, batch, experts, rc, opt, buffer, generator, reward_fn, ref_model, cfg.mel, int(keep))
         state["gstep"] += 1
         state["step"] = step + 1
+        if keep:
+            log.samples({"stage": "riel", "step": step + 1, "gstep": state["gstep"], "groups": m.pop("samples")})
         log.write({"stage": "riel", "step": step + 1, "gstep": state["gstep"], **m})
+        zero_streak = zero_streak + 1 if m["reward"] == 0 else 0
+        if zero_streak in (10, 50, 250) and cfg.log_samples_every > 0:  # the commonest GRPO complaint: look first
+            tqdm.write(f"riel {step + 1}: reward 0 for {zero_streak} steps: what the model writes is in "
+                       f"{os.path.join(cfg.out_dir, 'samples.jsonl')}")
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            quick_eval(cfg, model, tok, experts, held_out, state, log, "eval_riel")
         if a := lines(step + 1, m):
-            tqdm.write(f"riel {step + 1:>4}/{steps} reward {a['reward']:.3f} zero-spread {a['zero_spread']:.2f} "
-                       f"L_grpo {a['loss_grpo']:+.4f} L_kl {a['loss_kl']:+.4f} L_sft {a['loss_sft']:.3f} "
-                       f"buffer {a['buffer_size']} transfers {a['transfers']:.1f} len {a['response_len']:.0f} "
-                       f"gnorm {a['grad_norm']:.2f} sample {a['sample_s']:.1f}s train {a['train_s']:.1f}s"
-                       + (f" | mel kept {a['mel/kept']:.1f}/{a['mel/candidates']:.1f} L_nll {a['mel/loss_nll']:.3f} "
-                          f"{a['mel_s']:.1f}s" if cfg.mel.enabled else ""))
+            tqdm.write(runlog.riel_line(step + 1, steps, a))
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
             save("riel", step + 1, opt, generator, buffer)
 

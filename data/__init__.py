@@ -24,6 +24,8 @@ Teacher-file and self-sampled traces: data/traces.py.
 
 from typing import NamedTuple
 
+import torch
+
 from . import gsm8k, math500, mathqa, strategyqa, synthetic
 from .common import DataError, Expert, MissingDataError, Record, UserError, reference_trace
 from .traces import KeepStats, collect_traces, file_traces, read_teacher_traces, replace_traces, self_traces
@@ -88,3 +90,16 @@ def download(task: str, data_dir: str | None = None) -> list[str]:
 __all__ = ["TASKS", "SPLITS", "Splits", "Record", "Expert", "DataError", "MissingDataError", "KeepStats", "load",
            "experts", "download", "reference_trace", "read_teacher_traces", "file_traces", "self_traces",
            "replace_traces", "collect_traces"]
+
+
+def question_batch(n: int, size: int, step: int, seed: int) -> list:
+    """Indices of the questions of RL step `step`: consecutive slices of per-epoch permutations drawn from
+    (seed, epoch) alone, so that a resumed run sees the same batches."""
+    out, pos = [], step * size
+    while len(out) < size:
+        epoch, i = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        take = min(size - len(out), n - i)
+        out += perm[i:i + take].tolist()
+        pos += take
+    return out

@@ -343,7 +343,7 @@ def check_riel_step(table, device, quick, results):
     results["step"] = max(p for _, p in parts.values())
     note = f"rows trained {stats['trained_rows']}, transfer pairs {stats['transfer_pairs']}"
     if cuda:
-        note += (f", mean length {stats['response_len']:.0f}, "
+        note += (f", mean length {stats['completions/mean_length']:.0f}, "
                  f"max reserved {torch.cuda.max_memory_reserved(device) / GIB:.1f} GiB")
     table.row(part="RIEL step: whole", model=name, setting=setting, result=f"{total:.1f} s, {mem(results['step'])}",
               compare=f"sample_s {stats['sample_s']:.1f}, train_s {stats['train_s']:.1f}", note=note)

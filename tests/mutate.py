@@ -51,6 +51,7 @@ MID_RIEL = TRAIN + "test_killed_mid_riel_with_a_non_empty_buffer_and_a_reference
 SCHEDULE = TRAIN + "test_lr_schedule_warms_up_peaks_and_decays_to_its_floor"
 PREMISE = T + "test_premise.py::"
 STEP_SCALE = PREMISE + "test_step_scale_divides_the_transfer_and_sft_sums_by_the_steps_sampled_tokens"
+AUTOCAST_ORDER = T + "test_autocast_grads.py::test_the_cache_is_cleared_between_no_grad_and_grad_enabled_forwards"
 
 MUTATIONS = [
     # ---- riel.py: who teaches whom, which rows, which record, which terms
@@ -142,6 +143,17 @@ MUTATIONS = [
     Mutation("transfer teacher scored under P-", "riel.py", "teacher, _ = token_logprobs(model, [pairs[i][0] for i in mb]",
              "teacher, _ = token_logprobs(model, [pairs[i][1] for i in mb]",
              (RIEL + "test_transfer_term_value_and_gradient_flow_only_through_the_weak_expert",)),
+    # autocast's cache between no_grad and grad-enabled forwards (pytorch/pytorch#112583): the order is what torch
+    # 2.13 can check; on torch < 2.11 the gradient test fails too
+    Mutation("sampling's casts kept for training", "riel.py",
+             "torch.clear_autocast_cache()  # casts cached while sampling (no_grad)", "pass  # casts cached while sampling",
+             (AUTOCAST_ORDER,)),
+    Mutation("transfer teacher's casts kept for the student", "riel.py",
+             "torch.clear_autocast_cache()  # the teacher's no_grad casts: no gradient", "pass  # the teacher's casts",
+             (AUTOCAST_ORDER,)),
+    Mutation("full-vocab teacher's casts kept for the student", "riel.py",
+             "torch.clear_autocast_cache()  # the teacher's no_grad casts give no gradient", "pass  # the teacher's",
+             (AUTOCAST_ORDER,)),
     Mutation("full-vocab KL reversed", "losses.py", "kl = (t.exp() * (t - s)).sum(-1)", "kl = (s.exp() * (s - t)).sum(-1)",
              (LOSSES + "test_full_vocab_kl_equals_torch_kl_div",)),
     # ---- buffer.py
@@ -229,9 +241,9 @@ MUTATIONS = [
     Mutation("strategyqa gold 'false' read as yes", "verify.py", '"no": "no", "false": "no"}', '"no": "no", "false": "yes"}',
              (VERIFY + "test_tricky_completions_score_as_expected",)),
     # ---- train.py: the schedule and what a resume restores
-    Mutation("cosine decays to 0, not 10%", "train.py", "return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(",
+    Mutation("cosine decays to 0, not 10%", "mef.py", "return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(",
              "return cfg.lr * (0.5 * (1 + math.cos(", (SCHEDULE,)),
-    Mutation("warmup starts at 0", "train.py", "return cfg.lr * (step + 1) / cfg.warmup_steps",
+    Mutation("warmup starts at 0", "mef.py", "return cfg.lr * (step + 1) / cfg.warmup_steps",
              "return cfg.lr * step / cfg.warmup_steps", (SCHEDULE,)),
     Mutation("RL warmup starts at 0", "train.py", "rc.lr * min(1.0, (step + 1) / max(1, rc.warmup_steps))",
              "rc.lr * min(1.0, step / max(1, rc.warmup_steps))",

@@ -151,7 +151,7 @@ def assert_same_run(one_dir, two_dir):
         for key in ("trained_rows", "transfer_pairs", "flushed", "buffer_size", "buffer_admitted", "reward",
                     "mel/candidates", "mel/written", "mel/kept", "mel/analysis_len"):
             assert a.get(key) == b.get(key), (a["stage"], a["step"], key)
-        for key in ("loss", "grad_norm", "loss_grpo", "loss_kl", "loss_sft", "mel/loss_nll"):  # global values, any wrong factor shows
+        for key in ("loss", "grad_norm", "loss_grpo", "loss_transfer", "loss_sft", "mel/loss_nll"):  # global values, any wrong factor shows
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["stage"], a["step"], key)
     w1, w2 = weights(one_dir), weights(two_dir)

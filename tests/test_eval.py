@@ -87,3 +87,10 @@ def test_evaluate_aggregates_a_scripted_completer_as_computed_by_hand(monkeypatc
     hand = [brute_force_pass_at_k(4, c, 2) for row in CORRECT_SAMPLES for c in row]
     assert res["pass@2"] == pytest.approx(sum(hand) / len(hand))
     assert res["questions"] == 5
+    # keep_texts: every answer with its own question, expert and verdict; lengths in tokens (+ the stop token)
+    kept = evaluate(StandIn(), tok, "synthetic", records, experts, EvalConfig(batch_size=4), keep_texts=True)
+    assert [(s["question"], s["expert"], s["completion"], s["correct"]) for s in kept["samples"]] == [
+        (r.question, e.name, SCRIPT[q][i], float(SCRIPT[q][i] == f"#### {r.answer}"))
+        for q, r in enumerate(records) for i, e in enumerate(experts)]
+    lengths = [len(tok.encode(SCRIPT[q][i], add_special_tokens=False)) + 1 for q in range(5) for i in range(3)]
+    assert res["completions/mean_length"] == pytest.approx(sum(lengths) / len(lengths))

@@ -71,7 +71,10 @@ def test_chunked_sampling_gives_the_one_batch_steps_and_weights(tok, monkeypatch
     assert sum(m["trained_rows"] for m in whole) > 0 and sum(m["transfer_pairs"] for m in whole) > 0
     assert sum(m["buffer_admitted"] for m in whole) > 0
     for a, b in zip(whole, chunked):
-        assert {k: v for k, v in a.items() if k not in TIMING} == {k: v for k, v in b.items() if k not in TIMING}
+        assert {k: v for k, v in a.items() if k not in TIMING | {"entropy"}} == \
+            {k: v for k, v in b.items() if k not in TIMING | {"entropy"}}
+        # the same tokens; the entropy's float sums differ by batch shape (a smaller matmul), not by more
+        assert a["entropy"] == pytest.approx(b["entropy"], rel=1e-6)
     assert all(torch.equal(a, b) for a, b in zip(m_whole.parameters(), m_chunked.parameters()))
     assert torch.equal(g_whole.get_state(), g_chunked.get_state())
 

@@ -1,5 +1,6 @@
-"""experiments/plot.py: what it reads from metrics.jsonl, overlaying runs, the command line, and life without
-matplotlib. The runs here are written by hand (fast); tests/test_cli.py plots a real train.py run."""
+"""curves.py, through experiments/plot.py (its command line): what it reads from metrics.jsonl, overlaying runs, the
+command line, and life without matplotlib. The runs here are written by hand (fast); tests/test_cli.py plots a real
+train.py run."""
 import json
 import os
 import statistics
@@ -30,8 +31,13 @@ def fake_run(path: Path, seed=0, mef_steps=6, rl_steps=12, flush_every=4):
         rewards = (torch.rand(4, len(EXPERTS), 8, generator=g) < 0.3).float()
         flushed = 3 if i % flush_every == 0 else 0
         rows.append({"stage": "riel", "step": i, "gstep": mef_steps + i, **step_metrics(rewards, EXPERTS, []),
-                     "loss_grpo": 0.01 * i, "loss_kl": 0.5, "loss_sft": 2.0 if flushed else 0.0, "flushed": flushed,
-                     "response_len": 10.0 + i, "grad_share/grpo": 0.5, "grad_share/sft": 0.5 if flushed else 0.0})
+                     "loss_grpo": 0.01 * i, "loss_transfer": 0.5, "loss_sft": 2.0 if flushed else 0.0, "flushed": flushed,
+                     "completions/mean_length": 10.0 + i, "entropy": 3.0 - 0.1 * i, "grad_share/grpo": 0.5,
+                     "grad_share/sft": 0.5 if flushed else 0.0})
+        if i % 6 == 0:  # --eval-every 6
+            rows.append({"stage": "eval_riel", "step": i, "gstep": mef_steps + i, "questions": 20,
+                         "best_accuracy": 0.1 * i, "majority_vote": 0.05 * i,
+                         "accuracy": {"chain": 0.1 * i, "columns": 0.0, "reverse": 0.0}})
     rows.append({"stage": "eval", "name": "after_riel", "gstep": mef_steps + rl_steps, "majority_vote": 0.4,
                  "accuracy": {"chain": 0.3, "columns": 0.25, "reverse": 0.1}})
     path.mkdir(parents=True)
@@ -61,8 +67,13 @@ def test_curves_are_the_logged_metrics(tmp_path):
     assert c["premise"]["rescued/reverse"][1] == pytest.approx(plot.smooth([r["rescued/reverse"] for r in rl], 3))
     assert c["premise"]["rescue rate"][1] == pytest.approx(plot.smooth([r["rescue_rate"] for r in rl], 3))
     assert c["grad_share"]["sft"][1] == pytest.approx(plot.smooth([r["grad_share/sft"] for r in rl], 3))
+    assert c["completions"]["entropy"][1] == pytest.approx(plot.smooth([r["entropy"] for r in rl], 3))
+    assert c["completions"]["tokens"][1] == pytest.approx(plot.smooth([r["completions/mean_length"] for r in rl], 3))
+    assert c["riel_loss"]["L_transfer"][1] == pytest.approx([0.5] * 12)
+    assert c["accuracy"]["best expert, 20 q (every 6 steps)"] == ([12, 18], pytest.approx([0.6, 1.2]))
+    assert c["accuracy"]["vote, 20 q"] == ([12, 18], pytest.approx([0.3, 0.6]))
     # no RIEL stage (an SFT-only run): those panels are empty, the others drawn
-    sft_only = plot.curves([r for r in rows if r["stage"] != "riel"])
+    sft_only = plot.curves([r for r in rows if r["stage"] not in ("riel", "eval_riel")])
     assert not sft_only["reward"] and list(sft_only["accuracy"]) == ["chain", "columns", "reverse", "majority vote"]
 
 

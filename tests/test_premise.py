@@ -2,6 +2,7 @@
 their lambdas say (riel.py: term_scale, grad_shares, buffer_flush, transfer_ties, mask_truncated), each against a
 reference computed here."""
 import copy
+import math
 
 import pytest
 import torch
@@ -65,7 +66,7 @@ def test_step_scale_divides_the_transfer_and_sft_sums_by_the_steps_sampled_token
     kl = sum((naive_logp(twin, p, o).detach() - naive_logp(twin, s, o)).sum() for p, s, o in pairs) / n_all
     sft = -naive_logp(twin, [259, 65, 66], [67, 68, 258]).sum() / n_all
     (0.4 * kl + 0.7 * sft).backward()
-    assert m["loss_kl"] == pytest.approx(kl.item(), rel=1e-5) and m["loss_sft"] == pytest.approx(sft.item(), rel=1e-5)
+    assert m["loss_transfer"] == pytest.approx(kl.item(), rel=1e-5) and m["loss_sft"] == pytest.approx(sft.item(), rel=1e-5)
     for d, d0, p in zip(delta, d_pg, twin.parameters()):
         torch.testing.assert_close(d - d0, -p.grad, atol=1e-6, rtol=1e-4)
 
@@ -139,7 +140,7 @@ def test_masked_truncated_rows_get_no_loss_and_leave_the_token_count(tok, monkey
         a = max(group[r % 4] - sum(group) / 4, 0.0)
         loss = loss - a * naive_logp(twin, prompts[r // 4], comps[r]).sum() / n_kept
     loss.backward()
-    assert m["trained_rows"] == 3 and m["truncated"] == 0.5
+    assert m["trained_rows"] == 3 and m["completions/clipped_ratio"] == 0.5
     for d, p in zip(delta, twin.parameters()):
         torch.testing.assert_close(d, -p.grad, atol=1e-6, rtol=1e-4)
 
@@ -154,3 +155,13 @@ def test_the_probe_reads_the_meter_for_the_best_expert_overall_and_per_shape(tok
     assert s["best_expert"] == "b" and s["rescued_best"] == s["rescued/b"] == 0.0
     assert s["all_wrong"] == {"a": 0.75, "b": 0.25, "c": 0.75} and s["rescue_rate"] == 0.75
     assert "| overall (4) | b (best) |" in probe_script.table({"overall": s})
+
+
+def test_reward_std_is_trls_mean_over_groups_of_the_unbiased_group_std():
+    r = torch.tensor([[[0, 0, 1, 1], [1, 1, 1, 1]], [[0, 0, 0, 1], [1, 0, 0, 0]]], dtype=torch.float32)
+    # by hand, unbiased (torch.std, as TRL): sum of squared deviations over G - 1
+    groups = [[0, 0, 1, 1], [1, 1, 1, 1], [0, 0, 0, 1], [1, 0, 0, 0]]
+    by_hand = [math.sqrt(sum((x - sum(g) / 4) ** 2 for x in g) / 3) for g in groups]
+    m = premise.step_metrics(r, THREE[:2], [])
+    assert m["reward_std"] == pytest.approx(sum(by_hand) / 4) and by_hand[0] == pytest.approx(math.sqrt(1 / 3))
+    assert premise.step_metrics(r[..., :1], THREE[:2], [])["reward_std"] == 0.0  # G = 1: no spread, not NaN

@@ -201,3 +201,29 @@ def test_a_zero_probability_token_is_never_drawn_even_from_a_rounding_wide_cdf_s
     for target in (0.25 + 5e-7, 1.0 + 1.5e-6):  # inside the steps of ids 1 and 3
         u = torch.tensor([1.0 - target / total])  # sample_next maps u to (1 - u) * total
         assert sample_next(probs.log(), u=u).item() in (0, 2)
+
+
+def test_token_entropy_matches_the_reference_vectors():
+    from rollout import token_entropy
+    logits = torch.tensor([[2.0, 1.0, 0.1, -1.0]])  # REFERENCES.md 3.4
+    assert token_entropy(logits, 1.0).item() == pytest.approx(0.960673, abs=1e-6)
+    assert token_entropy(logits, 0.7).item() == pytest.approx(0.717774, abs=1e-6)
+
+
+@pytest.mark.parametrize("drop_finished", [False, True])
+def test_sampler_entropy_is_the_mean_entropy_of_a_full_forward_along_each_completion(hf_pair, drop_finished):
+    """Each row's entropy, recomputed from a plain forward of prompt + completion (not the sampler's cache): the
+    mean over the row's tokens of -sum p log p, p = softmax(logits / T)."""
+    _, m = hf_pair(kind="llama")
+    T = 0.7
+    out = generate(m, PROMPTS, num_samples=3, max_new_tokens=10, temperature=T, seed=3, stop_ids=(2, 5),
+                   drop_finished=drop_finished, sync_every=2, entropy=True)
+    plain = generate(m, PROMPTS, num_samples=3, max_new_tokens=10, temperature=T, seed=3, stop_ids=(2, 5))
+    assert out.completions == plain.completions and plain.entropy is None  # off by default, same tokens on
+    assert any(f == "stop" for f in out.finish) and any(f == "length" for f in out.finish)
+    for r, c in enumerate(out.completions):
+        p = PROMPTS[r // 3]
+        with torch.no_grad():
+            logp = F.log_softmax(m(torch.tensor([p + c])).float()[0, len(p) - 1:-1] / T, dim=-1)  # (C, V)
+        expected = -(logp.exp() * logp).sum(-1).mean().item()
+        assert out.entropy[r] == pytest.approx(expected, abs=1e-4)

@@ -45,8 +45,8 @@ def test_smoke_run_writes_metrics_checkpoint_and_summary(tmp_path):
     hand = [3e-3 * (s + 1) / 2 if s < 2 else 3e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi * (s - 2) / 6)))
             for s in range(8)]
     assert [m["lr"] for m in mef] == pytest.approx(hand)
-    for key in ("reward", "zero_spread", "all_wrong", "all_right", "transfers", "loss_grpo", "loss_kl", "loss_sft",
-                "buffer_size", "buffer_flushes", "response_len", "tokens_per_s", "sample_s", "train_s", "grad_norm",
+    for key in ("reward", "zero_spread", "all_wrong", "all_right", "transfers", "loss_grpo", "loss_transfer", "loss_sft",
+                "buffer_size", "buffer_flushes", "completions/mean_length", "tokens_per_s", "sample_s", "train_s", "grad_norm",
                 "lr", "reward/chain", "zero_spread/columns", "e_plus/reverse", "e_minus/chain"):
         assert key in riel[0], key
     summary = json.loads((out / "summary.json").read_text())
@@ -162,9 +162,9 @@ def test_killed_mid_riel_with_a_non_empty_buffer_and_a_reference_resumes_bit_exa
     resumed = weights(train.checkpoint.latest(str(out)))
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
     full, again = riel_lines(tmp_path / "full"), riel_lines(out)
-    keys = ("reward", "loss", "loss_sft", "kl_ref", "flushed", "buffer_size", "grad_norm")
+    keys = ("reward", "loss", "loss_sft", "kl", "flushed", "buffer_size", "grad_norm")
     assert [[m[k] for k in keys] for m in again] == [[m[k] for k in keys] for m in full]
-    assert full[1]["flushed"] > 0 and max(m["kl_ref"] for m in full) > 0  # the buffer and the reference mattered
+    assert full[1]["flushed"] > 0 and max(m["kl"] for m in full) > 0  # the buffer and the reference mattered
 
 
 def test_placebo_testbed_with_a_validation_eval_rl_warmup_and_every_fairness_switch(tmp_path):
@@ -217,9 +217,9 @@ def test_missing_data_file_names_the_file(tmp_path):
 
 
 def test_question_batches_cover_an_epoch_and_depend_only_on_seed_and_step():
-    seen = sum((train.question_batch(10, 3, s, seed=1) for s in range(3)), [])
+    seen = sum((train.data.question_batch(10, 3, s, seed=1) for s in range(3)), [])
     assert len(set(seen[:9])) == 9
-    assert train.question_batch(10, 3, 5, seed=1) == train.question_batch(10, 3, 5, seed=1)
-    assert train.question_batch(10, 3, 5, seed=1) != train.question_batch(10, 3, 5, seed=2)
+    assert train.data.question_batch(10, 3, 5, seed=1) == train.data.question_batch(10, 3, 5, seed=1)
+    assert train.data.question_batch(10, 3, 5, seed=1) != train.data.question_batch(10, 3, 5, seed=2)
     # an epoch boundary inside a batch: the end of epoch 0, then the start of epoch 1
-    assert len(train.question_batch(10, 4, 2, seed=0)) == 4
+    assert len(train.data.question_batch(10, 4, 2, seed=0)) == 4
