@@ -297,7 +297,9 @@ def paired(a: dict, b: dict):
 
 
 def fmt(p):
-    return "-" if p is None else f"{p[0]:+.1f} ± {p[1]:.1f} (n={p[2]})"
+    if p is None:
+        return "-"
+    return f"{p[0]:+.1f} (n=1, no CI)" if p[2] == 1 else f"{p[0]:+.1f} ± {p[1]:.1f} (n={p[2]})"
 
 
 def markdown(grid: dict, cfg) -> str:
