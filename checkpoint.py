@@ -83,10 +83,12 @@ def load_state(path: str) -> dict:
     return torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
 
 
-def reference_model(out_dir: str, model):
+def reference_model(out_dir: str, model, dtype=None):
     """--riel.kl-beta's frozen pi_ref: the policy as RIEL starts (after MEF, or --init), written once to
     out_dir/reference (atomically: a .tmp directory, then a rename) so that a resumed run compares with the same
-    weights, not with its resumed ones. Under torchrun every rank calls it; rank 0 writes."""
+    weights, not with its resumed ones. Under torchrun every rank calls it; rank 0 writes. dtype: what it is held
+    in (default: the policy's); under autocast bf16, which is what autocast would cast fp32 weights to anyway, at
+    half the memory (plan.py counts it)."""
     path = os.path.join(out_dir, "reference")
     if not os.path.exists(os.path.join(path, "config.json")):
         weights, _ = dist.full_state(model)  # under FSDP every rank gathers, rank 0 gets them
@@ -95,5 +97,5 @@ def reference_model(out_dir: str, model):
             model.save_pretrained(path + ".tmp", state=weights)
             os.rename(path + ".tmp", path)
         dist.barrier()
-    ref = Transformer.from_pretrained(path, model.embed_tokens.weight.device, model.embed_tokens.weight.dtype)
+    ref = Transformer.from_pretrained(path, model.embed_tokens.weight.device, dtype or model.embed_tokens.weight.dtype)
     return ref.eval().requires_grad_(False)

@@ -143,7 +143,7 @@ def _tag_step(trace, opt):
     return opt
 
 
-def run_steps(cfg, model, mark, world_size=1):
+def run_steps(cfg, model, mark, world_size=1, tagged=lambda tag: nullcontext()):
     """The steps a plan measures, in train.py's order: an MEF optimizer step, then RIEL's update and its sampling
     call(s), each with its AdamW state made first (_make_state). mark(stage) closes a stage. Worst-case inputs (see
     the docstring); on real tensors too (tests/test_plan.py), where no row can stop: the stop id is past the
@@ -167,6 +167,15 @@ def run_steps(cfg, model, mark, world_size=1):
         pass
     mark("mef_step")
     del opt  # run_mef returns: its optimizer goes
+    ref = None
+    if rc.kl_beta > 0:  # checkpoint.reference_model: a frozen copy for all of RIEL, bf16 under autocast
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16 if _autocast(cfg) else next(model.parameters()).dtype)
+        try:
+            with tagged("reference model"):
+                ref = type(model)(model.cfg).requires_grad_(False)
+        finally:
+            torch.set_default_dtype(default)
     opt = _optimizer(model.parameters(), rc.lr, 0.0, cuda)
     yield opt
     prompts = [[2] * PROMPT_TOKENS for _ in range(Q * N)]
@@ -175,7 +184,8 @@ def run_steps(cfg, model, mark, world_size=1):
     adv = torch.ones(len(completions))  # every row trained (with max(A, 0) about half are, in a real step)
     counts = {"n_tokens": sum(map(len, completions)), "n_seqs": len(completions), "max_len": rc.max_new_tokens}
     pairs = [(prompts[0], prompts[1], completions[0])] * rc.micro_batch_size if rc.transfer and N > 1 else []
-    update = lambda rows, pairs: riel.update_policy(model, opt, rc, prompts, completions, adv, rows, counts, pairs, [])
+    update = lambda rows, pairs: riel.update_policy(model, opt, rc, prompts, completions, adv, rows, counts, pairs, [],
+                                                    ref_model=ref)
     mark(None)
     _make_state(model, opt, rc.grad_clip)
     update(rows, pairs)
@@ -225,7 +235,7 @@ def trace_run(cfg, world_size=1) -> dict:
         model.gradient_checkpointing = cfg.gradient_checkpointing
         trace.watch(model)
         with _instrumented(trace, model), autocast:
-            for opt in run_steps(cfg, model, mark, world_size):
+            for opt in run_steps(cfg, model, mark, world_size, trace.tagged):
                 trace.optimizers = [_tag_step(trace, opt)]
     return stages
 

@@ -338,7 +338,9 @@ def run_riel(cfg, model, tok, records, experts, state, start, resumed, save, log
         dist.load_optimizer(model, opt, resumed)
         generator.set_state(state["generator"])
         buffer = HardExampleBuffer.from_dict(state["buffer"])
-    ref_model = checkpoint.reference_model(cfg.out_dir, model) if rc.kl_beta > 0 else None
+    device = model.embed_tokens.weight.device
+    ref_model = checkpoint.reference_model(cfg.out_dir, model, torch.bfloat16 if torch.is_autocast_enabled(
+        device.type) else None) if rc.kl_beta > 0 else None
     reward_fn = lambda record, text: verify.reward(cfg.data, text, record.answer)
     lines = runlog.StepLines(cfg.log_every, start, steps)
     held_out = load_records(cfg, data.SPLITS[cfg.data].eval, "eval")[:cfg.eval_every_size] if cfg.eval_every else []

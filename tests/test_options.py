@@ -172,6 +172,8 @@ def test_plan_prints_the_runs_memory_plan(capsys):
     train.main(train.cli(["--model", "smollm2-135m", "--plan", "--plan-gpu-gb", "2", "--plan-world-size", "2"]))
     out = capsys.readouterr().out
     assert "2 GPU(s)" in out and "riel_sample" in out and re.search(r"peak [0-9.]+ GiB of 2 GiB: does not fit", out)
+    train.main(train.cli(["--model", "smollm2-135m", "--plan", "--riel.kl-beta", "0.05"]))
+    assert "reference model 0.25" in capsys.readouterr().out  # 135M frozen weights in bf16 (autocast: the GPU run)
 
 
 # options run by a test of their own elsewhere (file::test): what they need is more than a few RIEL steps

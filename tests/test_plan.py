@@ -69,7 +69,10 @@ def small_config(tmp_path, model_cfg: ModelConfig, **kw) -> train.Config:
     cfg.riel.questions_per_step, cfg.riel.group_size, cfg.riel.max_new_tokens = 2, 2, 24  # 12 rows, > 2 x 8 steps
     cfg.riel.micro_batch_size, cfg.riel.sample_batch_size = 2, 4  # 3 sampling calls
     for k, v in kw.items():
-        setattr(cfg, k, v)
+        if k == "kl_beta":
+            cfg.riel.kl_beta = v
+        else:
+            setattr(cfg, k, v)
     return cfg
 
 
@@ -81,6 +84,9 @@ CASES = {
     # a small vocabulary, fp32, no checkpointing: activations and the KV cache weigh more
     "vocab264-fp32": (dict(vocab_size=264, dim=128, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=32, ffn_dim=384),
                       dict(precision="fp32", gradient_checkpointing=False)),
+    # --riel.kl-beta: a frozen reference (bf16 under autocast) alive through RIEL, and its forwards
+    "vocab128k-autocast-kl": (dict(vocab_size=128256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                                   ffn_dim=128), dict(precision="autocast", gradient_checkpointing=True, kl_beta=0.05)),
 }
 
 
