@@ -75,7 +75,8 @@ class Args:
     data_dir: str | None = None  # with --model: the task's data directory (None: the data package's default)
 
     sections: tuple[str, ...] = ("sampling", "step", "mfu", "memory")  # which tables to run; + "profile": op
-    # tables of both forward+backward passes of the MFU batch (torch.profiler)
+    # tables of both forward+backward passes of the MFU batch (torch.profiler); + "decode": sampling's share in
+    # aten::mm and its weight-streaming rate against a bare matmul's (the CPU's ceiling)
 
     def real_sizes(self):
         """--model: sizes for a 135M model on a 2-core CPU (a real prompt is ~130 tokens and every token runs all
@@ -345,6 +346,9 @@ def main(a: Args):
     if "profile" in a.sections:
         import bench_step as bs
         bs.profile_fwd_bwd(hf, m, a.mfu_rows, a.prompt_len, a.new_tokens, a.repeats)
+    if "decode" in a.sections:
+        import bench_step as bs
+        bs.decode_ceiling(m, random_prompts(a, vocab, a.rows[-1]), a.group, a.new_tokens, a.repeats)
     if "memory" in a.sections and (sys.platform.startswith("linux") or torch.cuda.is_available()):
         bench_memory(a)
 
@@ -377,6 +381,11 @@ def main_real(a: Args):
     if "profile" in a.sections:
         import bench_step as bs
         bs.profile_fwd_bwd(hf, m, a.mfu_rows, a.prompt_len, a.new_tokens, a.repeats)
+    if "decode" in a.sections:
+        import bench_step as bs
+        P = max(1, a.rows[-1] // a.group)
+        bs.decode_ceiling(m, [render_chat(tok, experts[i % len(experts)].system_prompt, records[i].question)
+                              for i in range(P)], a.group, a.new_tokens, a.repeats)
 
 
 if __name__ == "__main__":

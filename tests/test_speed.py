@@ -79,10 +79,11 @@ def test_compiled_decode_gives_the_plain_paths_tokens(hf_pair):
 
 def test_bench_quick_runs_end_to_end():
     # one thread: a smoke test must not stall when other processes load the cores (OpenMP barriers spin)
-    out = subprocess.run([sys.executable, "bench.py", "--quick", "--threads", "1"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run([sys.executable, "bench.py", "--quick", "--threads", "1", "--sections", "sampling", "step", "mfu",
+                          "memory", "decode"], cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-2000:]
-    for section in ("Sampling", "RIEL step", "MFU", "Where a RIEL step's time goes", "Log-prob peak memory"):
+    for section in ("Sampling", "RIEL step", "MFU", "Where a RIEL step's time goes", "Log-prob peak memory",
+                    "Decoding on this CPU", "ours, + drop + entropy"):
         assert section in out.stdout
 
 
