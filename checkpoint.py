@@ -4,6 +4,8 @@ checkpoint.py: atomic checkpoints that transformers can load, and resuming from 
 A checkpoint is a directory `out_dir/ckpt-<global step>` holding
     config.json, model.safetensors, tokenizer files   Hugging Face format: AutoModelForCausalLM loads it
     trainer_state.pt                                  stage, step, optimizer, RNG and buffer state
+    adapters.safetensors                              --lora-rank only: the adapters (lora.py; the weights
+                                                      above are then base + adapters merged)
 
 Why a run killed at ANY moment loses nothing:
 1. everything is written into `ckpt-<step>.tmp` first, files fsynced;
@@ -36,15 +38,21 @@ def _fsync(path):
         os.close(fd)
 
 
-def save(out_dir: str, model, tok, state: dict, weights: dict | None = None, keep: int = 1) -> str:
+def save(out_dir: str, model, tok, state: dict, weights: dict | None = None, keep: int = 1,
+         files: dict | None = None) -> str:
     """Write a checkpoint for state['gstep'] atomically and make it the latest. Returns its directory.
-    weights: the model's state dict when model.state_dict() does not hold it whole (FSDP, dist.full_state)."""
+    weights: the model's state dict when model.state_dict() does not hold it whole (FSDP, dist.full_state) or is
+    not what Hugging Face loads (LoRA: the merged weights). files: {name: tensors} written beside it as safetensors
+    (LoRA's adapters)."""
+    from safetensors.torch import save_file
     name = f"ckpt-{state['gstep']:06d}"
     final, tmp = os.path.join(out_dir, name), os.path.join(out_dir, name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, state=weights)  # in the parameters' own dtype: a resumed run continues bit for bit
     tok.save_pretrained(tmp)
     torch.save(state, os.path.join(tmp, STATE_FILE))
+    for file, tensors in (files or {}).items():
+        save_file(tensors, os.path.join(tmp, file))
     for f in os.listdir(tmp):
         _fsync(os.path.join(tmp, f))
     if os.path.exists(final):  # the same step saved twice (e.g. end of stage right after a periodic save)

@@ -284,10 +284,11 @@ def lockstep(model, batches: list, no_grad_first: bool = False):
 
 
 def parameters(model):
-    """The parameters an optimizer must hold: under FSDP the shards (so reshard first), else model.parameters()."""
+    """The parameters an optimizer must hold: the trainable ones (LoRA: the adapters only); under FSDP their shards
+    (so reshard first)."""
     if _sharded(model):
         _reshard(model)
-    return model.parameters()
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def check_world(questions_per_step: int, eval_batch_size: int):

@@ -305,7 +305,8 @@ class TermNorms:
     def mark(self, term):
         if not self.enabled:
             return
-        now = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in self.model.parameters()]
+        now = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in self.model.parameters()
+               if p.requires_grad]  # LoRA: the adapters only
         delta = now if self.last is None else [a - b for a, b in zip(now, self.last)]
         self.norms[term] = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d) for d in delta])).item()
         self.last = now

@@ -27,6 +27,8 @@ logs, and checkpoints. Choices:
 - Checkpoints are atomic (checkpoint.py) and hold everything needed for `--resume` to continue bit for bit:
   weights, optimizer, sampling RNG, buffer, stage and step. The data order is a function of (seed, step),
   never of history.
+- `--lora-rank R`: LoRA adapters on a frozen base (lora.py); checkpoints hold the merged weights (Hugging Face)
+  plus the adapters, and the run's unmerged base is written once to OUT/lora_base for `--resume`.
 - Under torchrun every rank runs this same loop on the same data order; mef.py, riel.py and eval.py split the
   work of each step (dist.py). Rank 0 alone writes checkpoints, metrics, the summary and the log; every rank
   resumes from the checkpoint rank 0 names.
@@ -47,6 +49,7 @@ from tqdm import tqdm
 import checkpoint
 import data
 import dist
+import lora
 import runlog
 import verify
 from errors import UserError
@@ -81,6 +84,8 @@ class Config:
     precision: Literal["auto", "autocast", "fp32", "bf16"] = "auto"
     gradient_checkpointing: bool = False  # recompute activations in backward: memory for ~30% more compute
     fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state over the ranks (FSDP2, dist.py)
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank on every attention/MLP linear, base frozen (lora.py)
+    lora_alpha: float = 32.0  # LoRA scale alpha / rank: a fixed alpha keeps the best lr rank-independent (lora.py)
     plan: bool = False  # print this run's GPU memory plan and exit (plan.py: the real code on fake tensors, offline)
     plan_gpu_gb: float = 80.0  # --plan: the GPU's memory in GiB
     plan_world_size: int = 1  # --plan: GPUs (processes) of the run; with --fsdp they share the model
@@ -198,10 +203,13 @@ def main(cfg: Config):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_autocast else nullcontext()
 
     source = ckpt or cfg.init or cfg.model
-    if source == "tiny":
+    base = lora.weights_source(cfg.lora_rank, cfg.fsdp, cfg.out_dir, ckpt, source)  # LoRA resumes from its base
+    if base == "tiny":
         model = Transformer.from_config(tiny_config(), device, param_dtype, seed=cfg.seed)
     else:
-        model = Transformer.from_pretrained(source, device, param_dtype)
+        model = Transformer.from_pretrained(base, device, param_dtype)
+    if cfg.lora_rank:
+        lora.attach(model, cfg.lora_rank, cfg.lora_alpha, cfg.out_dir, ckpt, seed=cfg.seed)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     # DDP/FSDP: gradients summed over ranks; under autocast FSDP gathers bf16 weights
     dist.wrap(model, device, fsdp=cfg.fsdp, compute_dtype=torch.bfloat16 if use_autocast else None)
@@ -217,11 +225,12 @@ def main(cfg: Config):
 
     def save(stage, step, optimizer=None, generator=None, buffer=None):
         weights, opt_state = dist.full_state(model, optimizer)  # under FSDP every rank gathers, rank 0 gets them
+        weights, files = lora.checkpoint_parts(model, weights) if cfg.lora_rank else (weights, None)
         state.update(stage=stage, step=step, wall_s=state["wall_s"] + time.time() - save.t0, optimizer=opt_state,
                      generator=generator.get_state() if generator is not None else None,
                      buffer=buffer.to_dict() if buffer else None, config=dataclasses.asdict(cfg))
         save.t0 = time.time()
-        path = checkpoint.save(cfg.out_dir, model, tok, state, weights) if dist.is_main() else None
+        path = checkpoint.save(cfg.out_dir, model, tok, state, weights, files=files) if dist.is_main() else None
         dist.barrier()  # no rank runs ahead of (or resumes past) a checkpoint that is not complete
         return path
     save.t0 = t_start
@@ -339,8 +348,8 @@ def run_riel(cfg, model, tok, records, experts, state, start, resumed, save, log
         generator.set_state(state["generator"])
         buffer = HardExampleBuffer.from_dict(state["buffer"])
     device = model.embed_tokens.weight.device
-    ref_model = checkpoint.reference_model(cfg.out_dir, model, torch.bfloat16 if torch.is_autocast_enabled(
-        device.type) else None) if rc.kl_beta > 0 else None
+    ref_model = None if rc.kl_beta == 0 else lora.BaseModel(model) if cfg.lora_rank else checkpoint.reference_model(
+        cfg.out_dir, model, torch.bfloat16 if torch.is_autocast_enabled(device.type) else None)  # LoRA: adapters off
     reward_fn = lambda record, text: verify.reward(cfg.data, text, record.answer)
     lines = runlog.StepLines(cfg.log_every, start, steps)
     held_out = load_records(cfg, data.SPLITS[cfg.data].eval, "eval")[:cfg.eval_every_size] if cfg.eval_every else []

@@ -46,6 +46,11 @@ CASES = {
     "mel": (["--mel", "--mel.weight", "0.5", "--mel.pairs-per-question", "1", "--mel.max-analysis-tokens", "8",
              "--mel.analysis-temperature", "0.8", "--mel.replay-temperature", "0.9", "--mel.max-replay-tokens", "8"],
             lambda r, a, o: all("mel/kept" in m for m in r)),
+    "lora": (["--lora-rank", "2", "--lora-alpha", "4"],
+             lambda r, a, o: (o / "lora_base").is_dir() and any(o.glob("ckpt-*/adapters.safetensors"))),
+    # the reference is the policy with its adapters off: the base exactly at RIEL's first step, and no copy of it
+    "lora_kl_beta": (["--riel.kl-beta", "0.05", "--lora-rank", "2"],
+                     lambda r, a, o: r[0]["kl"] == 0 and max(m["kl"] for m in r) > 0 and not (o / "reference").exists()),
     "autocast": (["--precision", "autocast"], None),
     "bf16": (["--precision", "bf16"], None),
     "fp32_checkpointing": (["--precision", "fp32", "--gradient-checkpointing"], None),
