@@ -50,6 +50,7 @@ EVAL_SCRIPT = EVAL + "test_evaluate_aggregates_a_scripted_completer_as_computed_
 MID_RIEL = TRAIN + "test_killed_mid_riel_with_a_non_empty_buffer_and_a_reference_resumes_bit_exact"
 SCHEDULE = TRAIN + "test_lr_schedule_warms_up_peaks_and_decays_to_its_floor"
 PREMISE = T + "test_premise.py::"
+LORA = T + "test_lora.py::"
 STEP_SCALE = PREMISE + "test_step_scale_divides_the_transfer_and_sft_sums_by_the_steps_sampled_tokens"
 AUTOCAST_ORDER = T + "test_autocast_grads.py::test_the_cache_is_cleared_between_no_grad_and_grad_enabled_forwards"
 
@@ -256,9 +257,16 @@ MUTATIONS = [
              'save("riel", step, opt, generator, buffer)',
              (MID_RIEL,)),
     Mutation("resume copies the reference from the resumed policy", "train.py",
-             "ref_model = checkpoint.reference_model(cfg.out_dir, model) if rc.kl_beta > 0",
-             "ref_model = __import__('copy').deepcopy(model).requires_grad_(False) if rc.kl_beta > 0",
+             "lora.BaseModel(model) if cfg.lora_rank else checkpoint.reference_model(",
+             "lora.BaseModel(model) if cfg.lora_rank else (lambda *a: __import__('copy').deepcopy(model))(",
              (MID_RIEL,)),
+    # ---- lora.py: the adapters, the reference, the checkpoint
+    Mutation("LoRA B starts non-zero", "lora.py", "self.lora_B = nn.Parameter(torch.zeros(",
+             "self.lora_B = nn.Parameter(0.01 + torch.zeros(", (LORA + "test_at_init_a_lora_model_is_its_base_bit_for_bit",)),
+    Mutation("adapters_off leaves the adapters on", "lora.py", "        m.enabled = False", "        m.enabled = True",
+             (LORA + "test_the_reference_log_probs_are_the_base_models",)),
+    Mutation("merge forgets alpha / r", "lora.py", "delta = scale * (state[prefix", "delta = 1.0 * (state[prefix",
+             (LORA + "test_checkpoint_is_the_merged_model_that_transformers_loads",)),
 ]
 
 

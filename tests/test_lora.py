@@ -1,0 +1,171 @@
+"""lora.py: the base at init, adapters the only trainable weights, merged Hugging Face checkpoints, bit-exact resume,
+and --riel.kl-beta's reference as the policy with its adapters off (no second model)."""
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+
+import dist
+import lora
+import train
+from mef import make_optimizer
+from model import Transformer, tiny_config
+from rollout import token_logprobs
+from test_train import SMALL
+
+NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def tiny(dtype=torch.float32, **changes):
+    return Transformer.from_config(dataclasses.replace(tiny_config(), **changes), "cpu", dtype, seed=0)
+
+
+def perturb(model, seed=1):
+    """Adapters as after some training (B != 0), drawn from their own generator."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora.lora_layers(model):
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("dtype,bias", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)])
+def test_at_init_a_lora_model_is_its_base_bit_for_bit(dtype, bias):
+    base, model = tiny(dtype, qkv_bias=bias), lora.add_lora(tiny(dtype, qkv_bias=bias), rank=2, alpha=4)
+    wrapped = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, lora.LoRALinear)}
+    assert wrapped == set(NAMES) and len(lora.lora_layers(model)) == 7 * tiny_config().n_layers
+    assert not isinstance(model.lm_head, lora.LoRALinear) and model.lm_head.weight is model.embed_tokens.weight
+    # the base keeps its state-dict keys (Hugging Face names); the adapters add theirs, in fp32
+    assert set(base.state_dict()) == {k for k in model.state_dict() if not lora.is_adapter(k)}
+    assert all(p.dtype == torch.float32 for p in lora.lora_parameters(model))
+    ids = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(model(ids), base(ids))
+
+
+def test_adapters_compute_the_merged_weights_and_switch_off_to_the_base():
+    base, model = tiny(), perturb(lora.add_lora(tiny(), rank=2, alpha=4))
+    plain = tiny()
+    plain.load_state_dict(lora.merged_state_dict(model))
+    ids = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        on = model(ids)
+        assert (on - plain(ids)).abs().max() < 1e-5 and (on - base(ids)).abs().max() > 1e-2
+        with lora.adapters_off(model):
+            assert torch.equal(model(ids), base(ids))
+        assert torch.equal(model(ids), on)  # switched back on
+        assert torch.equal(lora.BaseModel(model)(ids), base(ids))
+
+
+@pytest.mark.parametrize("dtype,autocast", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
+def test_only_adapters_get_gradients_and_optimizer_state(dtype, autocast):
+    """fp32, bf16 base weights (--precision bf16), fp32 weights under bf16 autocast: fp32 adapters in every case."""
+    model = lora.add_lora(tiny(dtype), rank=2, alpha=4)
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if not lora.is_adapter(k)}
+    opt = make_optimizer(dist.parameters(model), lr=1e-2)
+    assert [p for g in opt.param_groups for p in g["params"]] == lora.lora_parameters(model)
+    ids = torch.randint(0, 256, (2, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        model(ids).float().logsumexp(-1).mean().backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == {n for n, _ in model.named_parameters() if lora.is_adapter(n)}
+    assert all(p.grad.dtype == torch.float32 for p in lora.lora_parameters(model))
+    assert all(m.lora_B.grad.abs().max() > 0 for m in lora.lora_layers(model))  # (A's is 0 while B is: B A x)
+    opt.step()
+    assert set(opt.state) == set(lora.lora_parameters(model))  # AdamW moments for the adapters only
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in frozen.items())
+    assert all(m.lora_B.abs().max() > 0 for m in lora.lora_layers(model))
+
+
+def test_the_reference_log_probs_are_the_base_models():
+    base, model = tiny(), perturb(lora.add_lora(tiny(), rank=1, alpha=32))
+    prompts, completions = [[1, 2, 3], [4, 5]], [[6, 7, 8, 9], [10, 11]]
+    with torch.no_grad():
+        ref, _ = token_logprobs(lora.BaseModel(model), prompts, completions)
+        want, _ = token_logprobs(base, prompts, completions)
+        policy, _ = token_logprobs(model, prompts, completions)
+    assert torch.equal(ref, want) and not torch.equal(policy, want)
+
+
+def run(out_dir, *extra):
+    train.main(train.cli(["--out-dir", str(out_dir), *SMALL, *extra]))
+
+
+def latest(out):
+    return out / (out / "latest").read_text().strip()
+
+
+def load(path):
+    from safetensors.torch import load_file
+    return load_file(str(path))
+
+
+def test_checkpoint_is_the_merged_model_that_transformers_loads(tmp_path):
+    run(tmp_path / "run", "--lora-rank", "2", "--lora-alpha", "4", "--stages", "mef", "riel")
+    out = tmp_path / "run"
+    ckpt = latest(out)
+    adapters = load(ckpt / lora.ADAPTER_FILE)
+    assert adapters and all(lora.is_adapter(k) for k in adapters) and all(
+        v.abs().max() > 0 for k, v in adapters.items() if k.endswith("lora_B"))  # trained
+    assert not any(lora.is_adapter(k) for k in load(ckpt / "model.safetensors"))
+    # the base written once is the untouched start (tiny: seed 0's random weights)
+    start = tiny().state_dict()
+    written = load(out / lora.BASE_DIR / "model.safetensors")
+    assert all(torch.equal(v, start[k[len("model."):]]) for k, v in written.items())
+    mine = Transformer.from_pretrained(str(out / lora.BASE_DIR))
+    lora.add_lora(mine, rank=2, alpha=4)
+    lora.load_adapters(mine, str(ckpt / lora.ADAPTER_FILE))
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(str(ckpt)).eval()
+    ids = torch.randint(0, 256, (2, 20))
+    with torch.no_grad():
+        ours, theirs = mine(ids), hf(ids).logits
+        assert torch.allclose(ours, theirs, atol=1e-4, rtol=0)
+        assert (theirs - tiny()(ids)).abs().max() > 1e-2  # the adapters moved the model
+
+
+class Killed(Exception):
+    pass
+
+
+def test_killed_lora_run_with_a_reference_resumes_bit_exact_from_its_base(tmp_path, monkeypatch):
+    """Killed after RIEL step 1 (gstep 9): the resumed run rebuilds base (OUT/lora_base, not the merged weights) +
+    adapters + their AdamW state, and ends where the uninterrupted run does, bit for bit. The kl-beta reference is
+    the policy with its adapters off: checkpoint.reference_model (a second model) is never called."""
+    monkeypatch.setattr(train.checkpoint, "reference_model", lambda *a, **k: pytest.fail("a second model was built"))
+    args = ("--checkpoint-every", "1", "--stages", "mef", "riel", "--lora-rank", "2", "--riel.kl-beta", "0.05")
+    run(tmp_path / "full", *args)
+    real_save = train.checkpoint.save
+
+    def save_then_die(out_dir, model, tok, state, *a, **kw):
+        path = real_save(out_dir, model, tok, state, *a, **kw)
+        if state["gstep"] == 9:
+            raise Killed(path)
+        return path
+    monkeypatch.setattr(train.checkpoint, "save", save_then_die)
+    out = tmp_path / "killed"
+    with pytest.raises(Killed):
+        run(out, *args)
+    monkeypatch.setattr(train.checkpoint, "save", real_save)
+    moments = train.checkpoint.load_state(str(latest(out)))["optimizer"]["state"]
+    assert len(moments) == 2 * 7 * tiny_config().n_layers  # AdamW state of the adapters only
+    run(out, "--resume", *args)
+    full, again = latest(tmp_path / "full"), latest(out)
+    assert full.name == again.name == "ckpt-000012"
+    for file in (lora.ADAPTER_FILE, "model.safetensors"):
+        a, b = load(full / file), load(again / file)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), file
+    lines = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (tmp_path / "full", out)]
+    keys = ("loss", "grad_norm", "reward", "kl", "loss_sft", "flushed")
+    assert [[m.get(k) for k in keys] for m in lines[0]] == [[m.get(k) for k in keys] for m in lines[1]]
+    assert max(m["kl"] for m in lines[0] if m["stage"] == "riel") > 0 and not (out / "reference").exists()
+    with pytest.raises(train.UserError, match="--lora-rank"):  # its checkpoints hold merged weights
+        run(out, "--resume", "--stages", "mef", "riel")
+
+
+def test_lora_options_parse():
+    cfg = train.cli(["--lora-rank", "1"])
+    assert (cfg.lora_rank, cfg.lora_alpha) == (1, 32.0)
+    assert train.cli([]).lora_rank == 0
