@@ -17,7 +17,7 @@ torch.set_num_threads(int(os.environ.get("TEST_THREADS", 0)) or
 # The longest files first (CPU seconds measured on 2 cores: 180, 180, 70, 50, 45, 35, 30, 30, 25, 15, 10; the other
 # 16 files take 50 together): the workers take whole files in this order (pytest.ini: --dist loadfile
 # --no-loadscope-reorder), so the short files fill in at the end instead of a long one running alone.
-LONGEST_FIRST = ("test_real_model.py", "test_options.py", "test_dist.py", "test_fsdp.py", "test_speed.py", "test_plan.py", "test_cli.py",
+LONGEST_FIRST = ("test_real_model.py", "test_dist.py", "test_fsdp.py", "test_options.py", "test_speed.py", "test_plan.py", "test_cli.py",
                  "test_ablation.py", "test_verify_math500.py", "test_train.py", "test_gpu_check.py", "test_mel.py")
 
 

@@ -34,9 +34,9 @@ def parity(task, text, answer):  # stands in for verify.reward: about a third of
 # name -> (extra arguments, extra checks on (riel lines, all lines, out dir)); every case also gets the common checks
 CASES = {
     "base": ([], lambda r, a, o: r[0]["transfer_pairs"] > 0 and sum(m["flushed"] for m in r) > 0),
-    "grpo": (["--riel.advantage", "grpo", "--riel.clip-eps", "0.1"], None),
-    "dr_grpo": (["--riel.advantage", "dr_grpo"], None),
-    "seq_aggregation": (["--riel.aggregation", "seq"], None),
+    # (options that do not interact share a run: each run costs ~5 s of the suite's budget)
+    "grpo_seq": (["--riel.advantage", "grpo", "--riel.clip-eps", "0.1", "--riel.aggregation", "seq"], None),
+    "dr_grpo_placebo": (["--riel.advantage", "dr_grpo", "--testbed", "placebo", "--riel.questions-per-step", "1"], None),
     "full_vocab_transfer": (["--riel.transfer-mode", "full_vocab", "--riel.transfer-all-correct"],
                             lambda r, a, o: max(m["loss_transfer"] for m in r) > 0),  # a full KL is positive
     "ppo_epochs": (["--riel.ppo-epochs", "2", "--riel.clip-eps", "0.01", "--riel.clip-eps-high", "0.02"],
@@ -46,33 +46,29 @@ CASES = {
     "mel": (["--mel", "--mel.weight", "0.5", "--mel.pairs-per-question", "1", "--mel.max-analysis-tokens", "8",
              "--mel.analysis-temperature", "0.8", "--mel.replay-temperature", "0.9", "--mel.max-replay-tokens", "8"],
             lambda r, a, o: all("mel/kept" in m for m in r)),
-    "lora": (["--lora-rank", "2", "--lora-alpha", "4"],
-             lambda r, a, o: (o / "lora_base").is_dir() and any(o.glob("ckpt-*/adapters.safetensors"))),
-    # the reference is the policy with its adapters off: the base exactly at RIEL's first step, and no copy of it
-    "lora_kl_beta": (["--riel.kl-beta", "0.05", "--lora-rank", "2"],
-                     lambda r, a, o: r[0]["kl"] == 0 and max(m["kl"] for m in r) > 0 and not (o / "reference").exists()),
+    # LoRA; its reference is the policy with its adapters off: the base exactly at RIEL's first step, and no copy
+    "lora_kl_beta": (["--lora-rank", "2", "--lora-alpha", "4", "--riel.kl-beta", "0.05"],
+                     lambda r, a, o: (o / "lora_base").is_dir() and any(o.glob("ckpt-*/adapters.safetensors"))
+                     and r[0]["kl"] == 0 and max(m["kl"] for m in r) > 0 and not (o / "reference").exists()),
     "autocast": (["--precision", "autocast"], None),
-    "bf16": (["--precision", "bf16"], None),
-    "fp32_checkpointing": (["--precision", "fp32", "--gradient-checkpointing"], None),
+    "bf16_checkpointing": (["--precision", "bf16", "--gradient-checkpointing"], None),
     "one_expert": (["--experts", "columns"], lambda r, a, o: "reward/columns" in r[0] and "reward/chain" not in r[0]
                    and r[0]["transfer_pairs"] == 0),
-    "two_experts": (["--experts", "chain", "reverse"], lambda r, a, o: "reward/columns" not in r[0]),
-    "no_buffer_no_transfer": (["--riel.no-buffer", "--riel.no-transfer"],
-                              lambda r, a, o: all(m["buffer_size"] == 0 and m["transfer_pairs"] == 0 for m in r)),
-    "fair_switches": (["--riel.term-scale", "step", "--riel.buffer-flush", "exact", "--riel.transfer-ties", "random",
-                       "--riel.mask-truncated", "--riel.warmup-steps", "2", "--riel.no-grad-shares"],
-                      lambda r, a, o: r[0]["lr"] == pytest.approx(5e-4) and "grad_share/grpo" not in r[0]),
-    "sampling": (["--riel.temperature", "0.7", "--riel.top-p", "0.9", "--riel.sample-batch-size", "4",
-                  "--riel.micro-batch-size", "3"], None),
-    "compile": (["--riel.compile", "--riel.steps", "1", "--log-samples-every", "1"], None),  # ~30-60 s: compiling
-    "eval_every": (["--eval-every", "1", "--eval-every-size", "3", "--log-samples-every", "1"],
-                   lambda r, a, o: len([m for m in a if m["stage"] == "eval_riel"]) == 3),
-    "pass_k_val_split": (["--eval.pass-k", "2", "--eval.pass-samples", "3", "--eval.temperature", "0.9",
-                          "--eval-splits", "val"],
-                         lambda r, a, o: {"after_riel", "after_riel@val"} <= {m.get("name") for m in a}
-                         and "pass@2" in [m for m in a if m.get("name") == "after_riel"][0]),
-    "testbeds": (["--testbed", "complementary"], None),
-    "placebo": (["--testbed", "placebo", "--riel.questions-per-step", "1"], None),
+    "two_experts_no_buffer_no_transfer": (["--experts", "chain", "reverse", "--riel.no-buffer", "--riel.no-transfer"],
+                                          lambda r, a, o: "reward/columns" not in r[0] and
+                                          all(m["buffer_size"] == 0 and m["transfer_pairs"] == 0 for m in r)),
+    "fair_switches_sampling": (["--riel.term-scale", "step", "--riel.buffer-flush", "exact", "--riel.transfer-ties",
+                                "random", "--riel.mask-truncated", "--riel.warmup-steps", "2", "--riel.no-grad-shares",
+                                "--riel.temperature", "0.7", "--riel.top-p", "0.9", "--riel.sample-batch-size", "4",
+                                "--riel.micro-batch-size", "3"],
+                               lambda r, a, o: r[0]["lr"] == pytest.approx(5e-4) and "grad_share/grpo" not in r[0]),
+    "eval_every_curves": (["--eval-every", "1", "--eval-every-size", "3", "--log-samples-every", "1", "--curves"],
+                          lambda r, a, o: len([m for m in a if m["stage"] == "eval_riel"]) == 3
+                          and (o / "curves.png").exists()),
+    "pass_k_val_complementary": (["--eval.pass-k", "2", "--eval.pass-samples", "3", "--eval.temperature", "0.9",
+                                  "--eval-splits", "val", "--testbed", "complementary"],
+                                 lambda r, a, o: {"after_riel", "after_riel@val"} <= {m.get("name") for m in a}
+                                 and "pass@2" in [m for m in a if m.get("name") == "after_riel"][0]),
     "mef_options": (["--stages", "mef", "riel", "eval", "--difficulty", "1", "1", "--mef.epochs", "1", "--mef.lr",
                      "2e-3", "--mef.batch-size", "16", "--mef.micro-batch-size", "8", "--mef.max-len", "128",
                      "--mef.grad-clip", "0.5", "--mef.weight-decay", "0.01", "--mef.warmup-steps", "1",
@@ -81,7 +77,6 @@ CASES = {
                     lambda r, a, o: any(m["stage"] == "mef_check" for m in a) and any(m["stage"] == "mef" for m in a)),
     "self_and_file_traces": (["--sources", "columns=self", "reverse=file", "--trace-file", "{tmp}/teacher.jsonl"],
                              lambda r, a, o: len([m for m in a if m["stage"] == "traces"]) == 2),
-    "curves": (["--curves"], lambda r, a, o: (o / "curves.png").exists()),
     "tensorboard": (["--report-to", "tensorboard"], None),
     "wandb": (["--report-to", "wandb"], None),
 }
@@ -100,7 +95,7 @@ def run_case(tmp_path, monkeypatch, name, extra=()):
 
 @pytest.mark.parametrize("name", [n for n in CASES if n not in ("tensorboard", "wandb")])
 def test_option_runs_end_to_end_with_sane_metrics(tmp_path, monkeypatch, name):
-    if name == "curves":
+    if name == "eval_every_curves":
         pytest.importorskip("matplotlib")
     out, lines, check = run_case(tmp_path, monkeypatch, name)
     riel = [m for m in lines if m["stage"] == "riel"]
@@ -111,7 +106,7 @@ def test_option_runs_end_to_end_with_sane_metrics(tmp_path, monkeypatch, name):
             assert math.isfinite(m[k]), (k, m[k])
         assert 0 <= m["reward"] <= 1 and 0 <= m["completions/clipped_ratio"] <= 1
         assert m["completions/min_length"] <= m["completions/mean_length"] <= m["completions/max_length"] <= 10
-        assert 0 < m["entropy"] < math.log(512) or name == "sampling"  # (top-p: the entropy before the cut)
+        assert 0 < m["entropy"] < math.log(512)  # (with top-p: the entropy before the cut)
     assert sum(m["trained_rows"] for m in riel) > 0 and max(m["grad_norm"] for m in riel) > 0
     summary = json.loads((out / "summary.json").read_text())
     assert "after_riel" in summary["evals"]
@@ -173,16 +168,33 @@ def test_a_real_task_from_a_data_dir(tmp_path, monkeypatch):
     assert json.loads((out / "summary.json").read_text())["data"] == "gsm8k"
 
 
-def test_plan_prints_the_runs_memory_plan(capsys):
-    train.main(train.cli(["--model", "smollm2-135m", "--plan", "--plan-gpu-gb", "2", "--plan-world-size", "2"]))
+def test_compile_reaches_the_sampler(tmp_path, monkeypatch):
+    """--riel.compile through train.py reaches generate's compiled decode step; compiling itself (30-60 s on this
+    CPU) is tested once, against the plain path's tokens, in tests/test_speed.py."""
+    import rollout
+    calls = []
+    monkeypatch.setattr(rollout, "_compiled_decode_step", lambda: calls.append(1) or rollout.decode_step)
+    out, lines, _ = run_case(tmp_path, monkeypatch, "base", ["--riel.compile", "--riel.steps", "1"])
+    assert calls and [m for m in lines if m["stage"] == "riel"]
+
+
+def test_plan_prints_the_runs_memory_plan(capsys, monkeypatch):
+    """--plan with its options and --riel.kl-beta, on the tiny preset (a plan traces the real code on fake tensors:
+    ~4 min at a real model's row counts on one CPU thread); the reference's weights are one of the plan's parts."""
+    import plan
+    results, report = [], plan.report
+    monkeypatch.setattr(plan, "report", lambda cfg, result, *a: results.append(result) or report(cfg, result, *a))
+    train.main(train.cli(["--plan", "--plan-gpu-gb", "24", "--plan-world-size", "2", "--riel.kl-beta", "0.05"]))
     out = capsys.readouterr().out
-    assert "2 GPU(s)" in out and "riel_sample" in out and re.search(r"peak [0-9.]+ GiB of 2 GiB: does not fit", out)
-    train.main(train.cli(["--model", "smollm2-135m", "--plan", "--riel.kl-beta", "0.05"]))
-    assert "reference model 0.25" in capsys.readouterr().out  # 135M frozen weights in bf16 (autocast: the GPU run)
+    assert "2 GPU(s)" in out and "riel_sample" in out and re.search(r"peak [0-9.]+ GiB of 24 GiB: fits", out)
+    parts = results[0]["stages"]["riel_update"]["parts"]
+    assert parts["reference model"] == pytest.approx(train.Transformer.from_config(train.tiny_config()).num_params()
+                                                     * 2 / 2**30, rel=0.05)  # bf16: the plan is for the GPU run
 
 
 # options run by a test of their own elsewhere (file::test): what they need is more than a few RIEL steps
 ELSEWHERE = {
+    "riel.compile": "test_options.py::test_compile_reaches_the_sampler",
     "model": "test_real_model.py::test_train_run_on_gsm8k_writes_a_checkpoint_transformers_loads",
     "init": "test_train.py::test_mef_then_riel_from_its_checkpoint_equals_one_run",
     "resume": "test_train.py::test_killed_mid_riel_with_a_non_empty_buffer_and_a_reference_resumes_bit_exact",
