@@ -235,3 +235,14 @@ def test_every_option_is_exercised():
         file, test = ELSEWHERE[opt].split("::")
         assert f"def {test}(" in (ROOT / "tests" / file).read_text(), ELSEWHERE[opt]
     assert not missing, f"options no test runs through train.py: {missing}"
+
+
+def test_a_long_zero_reward_streak_points_to_samples_jsonl(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train.verify, "reward", lambda task, text, answer: 0.0)
+    out = tmp_path / "zero"
+    train.main(train.cli(["--out-dir", str(out), *BASE, "--riel.steps", "10", "--log-samples-every", "5"]))
+    said = capsys.readouterr().out
+    assert f"riel 10: reward 0 for 10 steps: what the model writes is in {out / 'samples.jsonl'}" in said
+    groups = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines() if '"groups"' in x]
+    assert [g["step"] for g in groups] == [5, 10] and all(r == [0.0] * 4 for g in groups for r in
+                                                         (x["rewards"] for x in g["groups"]))
