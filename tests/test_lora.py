@@ -13,7 +13,7 @@ import train
 from mef import make_optimizer
 from model import Transformer, tiny_config
 from rollout import token_logprobs
-from test_train import SMALL
+from test_train import SMALL, killed_after_checkpoint
 
 NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -126,10 +126,6 @@ def test_checkpoint_is_the_merged_model_that_transformers_loads(tmp_path):
         assert (theirs - tiny()(ids)).abs().max() > 1e-2  # the adapters moved the model
 
 
-class Killed(Exception):
-    pass
-
-
 def test_killed_lora_run_with_a_reference_resumes_bit_exact_from_its_base(tmp_path, monkeypatch):
     """Killed after RIEL step 1 (gstep 9): the resumed run rebuilds base (OUT/lora_base, not the merged weights) +
     adapters + their AdamW state, and ends where the uninterrupted run does, bit for bit. The kl-beta reference is
@@ -137,18 +133,8 @@ def test_killed_lora_run_with_a_reference_resumes_bit_exact_from_its_base(tmp_pa
     monkeypatch.setattr(train.checkpoint, "reference_model", lambda *a, **k: pytest.fail("a second model was built"))
     args = ("--checkpoint-every", "1", "--stages", "mef", "riel", "--lora-rank", "2", "--riel.kl-beta", "0.05")
     run(tmp_path / "full", *args)
-    real_save = train.checkpoint.save
-
-    def save_then_die(out_dir, model, tok, state, *a, **kw):
-        path = real_save(out_dir, model, tok, state, *a, **kw)
-        if state["gstep"] == 9:
-            raise Killed(path)
-        return path
-    monkeypatch.setattr(train.checkpoint, "save", save_then_die)
     out = tmp_path / "killed"
-    with pytest.raises(Killed):
-        run(out, *args)
-    monkeypatch.setattr(train.checkpoint, "save", real_save)
+    killed_after_checkpoint(monkeypatch, lambda: run(out, *args), gstep=9)
     moments = train.checkpoint.load_state(str(latest(out)))["optimizer"]["state"]
     assert len(moments) == 2 * 7 * tiny_config().n_layers  # AdamW state of the adapters only
     run(out, "--resume", *args)

@@ -130,6 +130,21 @@ class Killed(Exception):
     """Stands for SIGKILL in the process: whatever the run held in memory past its last checkpoint is lost."""
 
 
+def killed_after_checkpoint(monkeypatch, start_run, gstep):
+    """start_run() dies (Killed) right after the checkpoint at optimizer step `gstep` is complete."""
+    real_save = train.checkpoint.save
+
+    def save_then_die(out_dir, model, tok, state, *a, **kw):
+        path = real_save(out_dir, model, tok, state, *a, **kw)
+        if state["gstep"] == gstep:
+            raise Killed(path)
+        return path
+    monkeypatch.setattr(train.checkpoint, "save", save_then_die)
+    with pytest.raises(Killed):
+        start_run()
+    monkeypatch.setattr(train.checkpoint, "save", real_save)
+
+
 def riel_lines(out):
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"stage": "riel"' in x]
 
@@ -142,18 +157,8 @@ def test_killed_mid_riel_with_a_non_empty_buffer_and_a_reference_resumes_bit_exa
     run(tmp_path / "full", *args)
     reference = weights(train.checkpoint.latest(str(tmp_path / "full")))
 
-    real_save = train.checkpoint.save
-
-    def save_then_die(out_dir, model, tok, state, *a, **kw):
-        path = real_save(out_dir, model, tok, state, *a, **kw)
-        if state["gstep"] == 9:
-            raise Killed(path)
-        return path
-    monkeypatch.setattr(train.checkpoint, "save", save_then_die)
     out = tmp_path / "killed"
-    with pytest.raises(Killed):
-        run(out, *args)
-    monkeypatch.setattr(train.checkpoint, "save", real_save)
+    killed_after_checkpoint(monkeypatch, lambda: run(out, *args), gstep=9)
     state = train.checkpoint.load_state(train.checkpoint.latest(str(out)))
     assert (state["stage"], state["step"]) == ("riel", 1) and len(state["buffer"]["entries"]) >= 1
     assert (out / "reference" / "model.safetensors").exists()
