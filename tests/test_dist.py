@@ -38,6 +38,7 @@ MEL = ["--mel", "--mel.max-analysis-tokens", "16", "--mel.replay-temperature", "
 AUTOCAST_RUN = [*RUN[:RUN.index("--riel.steps") + 1], "1", *RUN[RUN.index("--riel.steps") + 2:],
                 "--precision", "autocast", "--stages", "mef", "riel"]
 RUN = RUN + MEL
+LORA = ["--lora-rank", "4"]  # at full's lr (LoRA's best is ~10x: Adam would amplify fp32 summation-order noise 10x)
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
@@ -116,7 +117,7 @@ def runs(tmp_path_factory):
     RIEL step 1 and resumed: one run that tests both, since a resume that lost or misplaced any state would not
     follow the one-process run), with --fsdp (killed and resumed too: its checkpoints hold the whole AdamW state,
     gathered from the shards) and the FSDP half of the autocast pair of test_fsdp_under_autocast_..., while this
-    process runs RUN and the autocast pair's one-process half."""
+    process runs RUN and the autocast pair's one-process half; and RUN with LoRA adapters in two processes and one."""
     tmp = tmp_path_factory.mktemp("dist")
     train_here(tmp / "init", "--no-curves", "--train-size", "400", "--mef.batch-size", "32", "--mef.micro-batch-size",
                "32", "--mef.lr", "3e-3", "--mef.warmup-steps", "5", "--difficulty", "1", "1", "--stages", "mef",
@@ -124,11 +125,13 @@ def runs(tmp_path_factory):
     init = ["--init", checkpoint.latest(str(tmp / "init"))]
     jobs = [lambda: kill_and_resume(tmp / "two", *init, *RUN),
             lambda: kill_and_resume(tmp / "fsdp", *init, *RUN, "--fsdp"),
-            lambda: train(TORCHRUN, tmp / "fsdp_ac", *init, *AUTOCAST_RUN, "--fsdp")]
+            lambda: train(TORCHRUN, tmp / "fsdp_ac", *init, *AUTOCAST_RUN, "--fsdp"),
+            lambda: train(TORCHRUN, tmp / "lora_two", *init, *RUN, *LORA)]
     with ThreadPoolExecutor(len(jobs)) as pool:
         futures = [pool.submit(j) for j in jobs]
         train_here(tmp / "one", *init, *RUN)
         train_here(tmp / "one_ac", *init, *AUTOCAST_RUN)
+        train_here(tmp / "lora_one", *init, *RUN, *LORA)
         for job in futures:
             job.result()  # re-raises a failed run's assertion
     return tmp, init
@@ -168,6 +171,23 @@ def test_two_processes_killed_and_resumed_train_and_evaluate_like_one(runs):
 
 
 # ---- --fsdp: the same run on FSDP2 shards -----------------------------------------------------------------
+
+
+def test_two_processes_train_lora_adapters_like_one(runs):
+    """DDP reduces the adapters' gradients (the only trainable ones) as it does full ones: same metrics, same merged
+    weights, same adapters; and the base really stayed frozen (the merged weights are not the full run's)."""
+    from safetensors.torch import load_file
+    tmp, _ = runs
+    assert_same_run(tmp / "lora_one", tmp / "lora_two")
+    a1, a2 = (load_file(os.path.join(checkpoint.latest(str(tmp / d)), "adapters.safetensors"))
+              for d in ("lora_one", "lora_two"))
+    assert a1.keys() == a2.keys() and any(k.endswith("lora_B") for k in a1)
+    for k in a1:
+        torch.testing.assert_close(a2[k], a1[k], rtol=0, atol=1e-5, msg=k)
+    assert any(v.abs().max() > 0 for k, v in a1.items() if k.endswith("lora_B"))  # the adapters were trained
+    full, merged = weights(tmp / "one"), weights(tmp / "lora_one")
+    assert not torch.equal(full["model.layers.0.self_attn.q_proj.weight"],
+                           merged["model.layers.0.self_attn.q_proj.weight"])
 
 
 def test_killed_and_resumed_fsdp_run_trains_and_evaluates_like_one_process(runs):
