@@ -15,9 +15,12 @@ Choices (reference: "LoRA Without Regret", Schulman et al., Thinking Machines 20
   whatever r is, B A sums r such terms, so alpha / r makes the early update, and the best lr, independent of the
   rank. That best lr is about 10x full fine-tuning's (the paper), so raise --riel.lr / --mef.lr with LoRA; rank 1
   is enough for RL (an RL step carries a few bits of reward, far less than SFT's tokens).
-- The base weights stay in the run's parameter dtype (bf16 with --precision bf16: a frozen weight needs no fp32
-  master copy, and under autocast a frozen fp32 weight is cast again at every forward, since autocast caches only
-  weights that require grad); the adapters are fp32 always, since their small updates are what bf16 would round away.
+- The wrapped linears' frozen base weights are bf16 whenever the run computes in bf16 (--precision bf16, and
+  autocast, the CUDA default: `base_dtype`): a frozen weight needs no fp32 master copy, and under autocast a frozen
+  fp32 weight would be cast again at every forward, since autocast caches only weights that require grad. That
+  halves the base (Llama-3.2-3B: 12.0 -> 6.7 GiB with the fp32 embedding) and is what puts 3B on a 24 GiB card.
+  Embedding, norms and lm_head keep the run's dtype (the fp32 residual stream under autocast). The adapters are
+  fp32 always, since their small updates are what bf16 would round away.
 - A wrapped linear keeps its base weight (and bias) under the SAME state-dict key (`...q_proj.weight`), so
   loading, Hugging Face key names and `lm_head`'s tie are untouched; the adapters add `...q_proj.lora_A/lora_B`.
 - Checkpoints: `merged` gives what a Hugging Face checkpoint needs (W + (alpha/r) B A, adapters removed), the
@@ -49,10 +52,11 @@ BASE_DIR = "lora_base"
 class LoRALinear(nn.Module):
     """A frozen nn.Linear plus the trainable low-rank update (alpha / r) B A; `enabled` False: the base alone."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, generator: torch.Generator):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, generator: torch.Generator, base_dtype=None):
         super().__init__()
-        self.weight = base.weight.requires_grad_(False)
-        self.bias = base.bias.requires_grad_(False) if base.bias is not None else None
+        cast = (lambda p: p) if base_dtype is None else (lambda p: nn.Parameter(p.detach().to(base_dtype)))
+        self.weight = cast(base.weight).requires_grad_(False)
+        self.bias = cast(base.bias).requires_grad_(False) if base.bias is not None else None
         out_dim, in_dim = self.weight.shape
         bound = 1 / math.sqrt(in_dim)
         a = torch.empty(rank, in_dim, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
@@ -70,15 +74,16 @@ class LoRALinear(nn.Module):
         return y + (F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scale).to(y.dtype)
 
 
-def add_lora(model: nn.Module, rank: int, alpha: float, seed: int = 0) -> nn.Module:
-    """Freeze every parameter, then wrap each target linear in a LoRALinear (in place). Returns the model."""
+def add_lora(model: nn.Module, rank: int, alpha: float, seed: int = 0, base_dtype=None) -> nn.Module:
+    """Freeze every parameter, then wrap each target linear in a LoRALinear (in place), its base weight cast to
+    base_dtype if given (bf16 when the run computes in bf16, see the top). Returns the model."""
     model.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
     for module in list(model.modules()):
         for name in TARGETS:
             child = getattr(module, name, None)
             if isinstance(child, nn.Linear):
-                setattr(module, name, LoRALinear(child, rank, alpha, generator))
+                setattr(module, name, LoRALinear(child, rank, alpha, generator, base_dtype))
     return model
 
 
@@ -125,19 +130,26 @@ def is_adapter(key: str) -> bool:
     return key.endswith((".lora_A", ".lora_B"))
 
 
-def merged(state: dict, scale: float) -> dict:
-    """A LoRA model's state dict -> the plain model's: W + scale * B A in fp32, cast back to W's dtype."""
+def merged(state: dict, scale: float, dtype=None) -> dict:
+    """A LoRA model's state dict -> the plain model's: W + scale * B A in fp32, cast to dtype (default W's own; a
+    bf16 base under autocast merges into the run's fp32, so one checkpoint has one dtype)."""
     out = {k: v for k, v in state.items() if not is_adapter(k)}
     for key in [k for k in state if k.endswith(".lora_A")]:
         prefix = key[:-len("lora_A")]
         w = state[prefix + "weight"]
         delta = scale * (state[prefix + "lora_B"].float() @ state[key].float())
-        out[prefix + "weight"] = (w.float() + delta.to(w.device)).to(w.dtype)
+        out[prefix + "weight"] = (w.float() + delta.to(w.device)).to(dtype or w.dtype)
+        if prefix + "bias" in state and dtype is not None:
+            out[prefix + "bias"] = state[prefix + "bias"].to(dtype)
     return out
 
 
+def _run_dtype(model: nn.Module):
+    return model.embed_tokens.weight.dtype  # never wrapped: the run's parameter dtype
+
+
 def merged_state_dict(model: nn.Module) -> dict:
-    return merged(model.state_dict(), lora_layers(model)[0].scale)
+    return merged(model.state_dict(), lora_layers(model)[0].scale, _run_dtype(model))
 
 
 def adapter_state_dict(model: nn.Module) -> dict:
@@ -147,7 +159,7 @@ def adapter_state_dict(model: nn.Module) -> dict:
 def checkpoint_parts(model: nn.Module, state: dict) -> tuple:
     """(Hugging Face weights, {file name: tensors} to write beside them) for checkpoint.save."""
     adapters = {k: v.detach().cpu().contiguous() for k, v in state.items() if is_adapter(k)}
-    return merged(state, lora_layers(model)[0].scale), {ADAPTER_FILE: adapters}
+    return merged(state, lora_layers(model)[0].scale, _run_dtype(model)), {ADAPTER_FILE: adapters}
 
 
 def load_adapters(model: nn.Module, path: str):
@@ -176,7 +188,8 @@ def weights_source(rank: int, fsdp: bool, out_dir: str, ckpt: str | None, source
     return base_path(out_dir) if rank else source
 
 
-def attach(model: nn.Module, rank: int, alpha: float, out_dir: str, ckpt: str | None, seed: int = 0):
+def attach(model: nn.Module, rank: int, alpha: float, out_dir: str, ckpt: str | None, seed: int = 0,
+           base_dtype=None):
     """train.py's LoRA: a fresh run writes its base once (OUT/lora_base), then wraps the model; a resumed one (whose
     model was built from OUT/lora_base) takes the checkpoint's adapters."""
     if ckpt is None and not os.path.exists(os.path.join(base_path(out_dir), "config.json")):
@@ -186,7 +199,7 @@ def attach(model: nn.Module, rank: int, alpha: float, out_dir: str, ckpt: str | 
             model.save_pretrained(tmp)  # in the parameters' own dtype: the base comes back bit for bit
             os.rename(tmp, base_path(out_dir))
         dist.barrier()
-    add_lora(model, rank, alpha, seed)
+    add_lora(model, rank, alpha, seed, base_dtype)
     if ckpt is not None:
         load_adapters(model, os.path.join(ckpt, ADAPTER_FILE))
     n = sum(p.numel() for p in lora_parameters(model))

@@ -45,6 +45,21 @@ def test_at_init_a_lora_model_is_its_base_bit_for_bit(dtype, bias):
         assert torch.equal(model(ids), base(ids))
 
 
+def test_under_autocast_the_frozen_base_is_bf16_and_still_the_base_bit_for_bit():
+    """train.py under autocast: the wrapped linears' base weights in bf16 (half the memory; autocast would cast them
+    to bf16 at every forward anyway, so the logits are the fp32 model's under autocast, bit for bit), embedding and
+    norms in fp32, and a merged checkpoint in one dtype, the run's fp32."""
+    base, model = tiny(qkv_bias=True), lora.add_lora(tiny(qkv_bias=True), rank=2, alpha=4, base_dtype=torch.bfloat16)
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert {dtypes[n] for n in dtypes if n.rsplit(".", 2)[-2] in NAMES and not lora.is_adapter(n)} == {torch.bfloat16}
+    assert dtypes["embed_tokens.weight"] == dtypes["norm.weight"] == dtypes["layers.0.mlp.down_proj.lora_A"] \
+        == torch.float32
+    ids = torch.randint(0, 256, (2, 12))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(model(ids), base(ids))
+    assert {v.dtype for v in lora.merged_state_dict(perturb(model)).values()} == {torch.float32}
+
+
 def test_adapters_compute_the_merged_weights_and_switch_off_to_the_base():
     base, model = tiny(), perturb(lora.add_lora(tiny(), rank=2, alpha=4))
     plain = tiny()
@@ -129,9 +144,11 @@ def test_checkpoint_is_the_merged_model_that_transformers_loads(tmp_path):
 def test_killed_lora_run_with_a_reference_resumes_bit_exact_from_its_base(tmp_path, monkeypatch):
     """Killed after RIEL step 1 (gstep 9): the resumed run rebuilds base (OUT/lora_base, not the merged weights) +
     adapters + their AdamW state, and ends where the uninterrupted run does, bit for bit. The kl-beta reference is
-    the policy with its adapters off: checkpoint.reference_model (a second model) is never called."""
+    the policy with its adapters off: checkpoint.reference_model (a second model) is never called. Under autocast (the
+    CUDA default), so the bf16 base is rebuilt from OUT/lora_base's fp32 start as the fresh run built it."""
     monkeypatch.setattr(train.checkpoint, "reference_model", lambda *a, **k: pytest.fail("a second model was built"))
-    args = ("--checkpoint-every", "1", "--stages", "mef", "riel", "--lora-rank", "2", "--riel.kl-beta", "0.05")
+    args = ("--checkpoint-every", "1", "--stages", "mef", "riel", "--lora-rank", "2", "--riel.kl-beta", "0.05",
+            "--precision", "autocast")
     run(tmp_path / "full", *args)
     out = tmp_path / "killed"
     killed_after_checkpoint(monkeypatch, lambda: run(out, *args), gstep=9)
@@ -143,6 +160,7 @@ def test_killed_lora_run_with_a_reference_resumes_bit_exact_from_its_base(tmp_pa
     for file in (lora.ADAPTER_FILE, "model.safetensors"):
         a, b = load(full / file), load(again / file)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), file
+    assert {v.dtype for v in load(again / "model.safetensors").values()} == {torch.float32}  # merged into the run's
     lines = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (tmp_path / "full", out)]
     keys = ("loss", "grad_norm", "reward", "kl", "loss_sft", "flushed")
     assert [[m.get(k) for k in keys] for m in lines[0]] == [[m.get(k) for k in keys] for m in lines[1]]
