@@ -8,13 +8,20 @@ over a stage is the stage's peak. At a new peak the live storages are kept with 
 (weights, grads, AdamW state, autocast's bf16 weight copies, KV cache, log-prob chunks, optimizer step,
 activations: PARTS), so a peak comes with its breakdown.
 
+With `detail` on (plan.py --plan-detail), each storage also keeps what made it: the aten op, the module whose
+forward was running (hooks set by `watch`; a gradient-checkpointed block's recompute runs its forward again, inside
+backward), whether it was made in backward, its shape and dtype; `stage()` then leaves the largest groups of such
+storages alive at the peak in `last_detail`.
+
 Fake tensors hold no values, so host reads (`.item()`, `bool(t)`, `.tolist()`) need an answer: small integer/bool
 tensors built from Python data (lengths, positions, masks, indices) are shadowed by real copies (_shadow), so
 reads of them are exact; any other read gets the worst case for memory (_host_read): decoding runs to
 max_new_tokens, one row of each sampling call stops at the first check and is dropped, a float is 1.0 (finite
 loss and gradient norm: the optimizer steps), a sampled token id is 0, not a stop id.
 """
+import re
 import weakref
+from collections import defaultdict
 from contextlib import contextmanager
 
 import torch
@@ -35,9 +42,11 @@ class MemoryTrace(TorchDispatchMode):
     """Counts the storages of every tensor that aten ops return, from the op to the storage's death; keeps each
     stage's peak and what made it up. Enter it inside a FakeTensorMode (it also answers host reads, see above)."""
 
-    def __init__(self):
+    def __init__(self, detail: bool = False):
         super().__init__()
         self.live = {}  # id(storage) -> [bytes, tag, weakref]
+        self.detail, self.origin, self.op, self.module = detail, {}, "", ""  # detail: id(storage) -> its origin
+        self.last_detail = []
         self.total = self.peak = 0
         self.pending = False  # a new peak was reached and not yet broken down
         self.snap = {}
@@ -55,6 +64,10 @@ class MemoryTrace(TorchDispatchMode):
             return
         n = -(-st.nbytes() // ALLOC_ROUND) * ALLOC_ROUND
         self.live[key] = [n, tag or self.tag, weakref.ref(st, lambda _, k=key: self._free(k))]
+        if self.detail:
+            where = re.sub(r"\.\d+(?=\.|$)", ".*", self.module)  # layers.3.mlp -> layers.*.mlp: one group per kind
+            self.origin[key] = (self.op, where + (" (backward)" if self.in_backward else ""),
+                                tuple(t.shape), str(t.dtype).replace("torch.", ""))
         self.total += n
         if self.total > self.peak:
             self.peak, self.pending = self.total, True
@@ -63,8 +76,13 @@ class MemoryTrace(TorchDispatchMode):
         # the moment before the first free after a new peak IS the peak: keep what was live (storages only: this
         # runs inside a deallocation, where touching tensors is unsafe)
         if self.pending:
-            self.snap, self.pending = {k: (v[0], v[1]) for k, v in self.live.items()}, False
+            self._snapshot()
         self.total -= self.live.pop(key)[0]
+        self.origin.pop(key, None)
+
+    def _snapshot(self):
+        self.snap = {k: (v[0], v[1], self.origin.get(k)) for k, v in self.live.items()}
+        self.pending = False
 
     def watch(self, model):
         """Tag the weights, and each .grad as it is assigned (a post-accumulate-grad hook, a safe moment)."""
@@ -72,7 +90,16 @@ class MemoryTrace(TorchDispatchMode):
         self.param_keys = {id(p.untyped_storage()) for p in self.params}
         for p in self.params:
             self.live[id(p.untyped_storage())][1] = "weights"
-            p.register_post_accumulate_grad_hook(self._grad_hook)
+            if p.requires_grad:  # (LoRA's frozen base gets no .grad)
+                p.register_post_accumulate_grad_hook(self._grad_hook)
+        if self.detail:
+            for name, p in model.named_parameters():
+                self.origin[id(p.untyped_storage())] = ("parameter", re.sub(r"\.\d+(?=\.|$)", ".*", name),
+                                                        tuple(p.shape), str(p.dtype).replace("torch.", ""))
+            for name, m in model.named_modules():
+                m.register_forward_pre_hook(lambda m, a, name=name: setattr(self, "module", name))
+                parent = name.rsplit(".", 1)[0] if "." in name else ""
+                m.register_forward_hook(lambda m, a, o, parent=parent: setattr(self, "module", parent))
 
     def _grad_hook(self, p):
         entry = self.live.get(id(p.grad.untyped_storage()))
@@ -83,13 +110,18 @@ class MemoryTrace(TorchDispatchMode):
         """(peak bytes, {part: bytes}) since the last call; starts the next stage at the current total. AdamW's
         moments are recognised here (they are made inside the first step, tagged as its temporaries until now)."""
         if self.pending:
-            self.snap, self.pending = {k: (v[0], v[1]) for k, v in self.live.items()}, False
+            self._snapshot()
         state = {id(v.untyped_storage()) for opt in self.optimizers for s in opt.state.values() for v in s.values()
                  if isinstance(v, torch.Tensor)}
         parts = dict.fromkeys(PARTS, 0)
-        for key, (n, tag) in self.snap.items():
+        groups = defaultdict(lambda: [0, 0])  # (part, op, module, shape, dtype) -> [storages, bytes]
+        for key, (n, tag, origin) in self.snap.items():
             part = "AdamW state" if key in state else tag
             parts[part] = parts.get(part, 0) + n
+            if self.detail:
+                g = groups[(part, *(origin or ("?", "", (), "")))]
+                g[0], g[1] = g[0] + 1, g[1] + n
+        self.last_detail = sorted(((b, c, *k) for k, (c, b) in groups.items()), reverse=True)
         result = (self.peak, parts)
         self.peak, self.pending = self.total, True
         return result
@@ -118,6 +150,8 @@ class MemoryTrace(TorchDispatchMode):
         if func in (torch.ops.aten.any.default, torch.ops.aten.any.dim) and isinstance(out, FakeTensor):
             self.any_results[out] = True
         flat_out = [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor)]
+        if self.detail:
+            self.op = func.__name__  # e.g. mm.default
         tag = None
         if func is torch.ops.aten._to_copy.default and id(args[0].untyped_storage()) in self.param_keys:
             tag = "bf16 weight copies"  # autocast casting a weight (cached until clear_autocast_cache)

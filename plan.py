@@ -47,6 +47,7 @@ WORKSPACE_GIB = 0.25  # cuBLAS/cuBLASLt workspaces (32 MiB per handle and stream
 FRAGMENTATION = 0.05  # the caching allocator's reserved-but-free share at the peak (typical 2-8% in training)
 PROMPT_TOKENS = 200  # a GSM8K question under an expert's system prompt and the chat template: ~120-220 tokens
 DECODE_TRACED = 8  # decode steps traced at each end of a sampling call (see _instrumented)
+DETAIL_ROWS = 12  # --plan-detail: the largest groups of storages listed per stage
 
 
 # ---- the run, on fake tensors ----------------------------------------------------------------------------------
@@ -155,7 +156,8 @@ def run_steps(cfg, model, mark, world_size=1, tagged=lambda tag: nullcontext()):
     experts = data.experts(cfg.data, list(cfg.experts) if cfg.experts is not None else None)
     rc, m, N, G = cfg.riel, cfg.mef, len(experts), cfg.riel.group_size
     Q = -(-rc.questions_per_step // world_size)  # dist.shard_range: the first rank's (largest) share
-    opt = _optimizer(model.parameters(), m.lr, m.weight_decay, cuda)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # dist.parameters: LoRA's adapters only
+    opt = _optimizer(trainable, m.lr, m.weight_decay, cuda)
     yield opt
     prompt = min(PROMPT_TOKENS, m.max_len // 2)
     examples = [mef.SFTExample(i, "plan", [2] * prompt, [3] * (m.max_len - prompt))
@@ -168,7 +170,10 @@ def run_steps(cfg, model, mark, world_size=1, tagged=lambda tag: nullcontext()):
     mark("mef_step")
     del opt  # run_mef returns: its optimizer goes
     ref = None
-    if rc.kl_beta > 0:  # checkpoint.reference_model: a frozen copy for all of RIEL, bf16 under autocast
+    if rc.kl_beta > 0 and getattr(cfg, "lora_rank", 0):
+        import lora
+        ref = lora.BaseModel(model)  # the base with its adapters off: no second model
+    elif rc.kl_beta > 0:  # checkpoint.reference_model: a frozen copy for all of RIEL, bf16 under autocast
         default = torch.get_default_dtype()
         torch.set_default_dtype(torch.bfloat16 if _autocast(cfg) else next(model.parameters()).dtype)
         try:
@@ -176,7 +181,7 @@ def run_steps(cfg, model, mark, world_size=1, tagged=lambda tag: nullcontext()):
                 ref = type(model)(model.cfg).requires_grad_(False)
         finally:
             torch.set_default_dtype(default)
-    opt = _optimizer(model.parameters(), rc.lr, 0.0, cuda)
+    opt = _optimizer(trainable, rc.lr, 0.0, cuda)
     yield opt
     prompts = [[2] * PROMPT_TOKENS for _ in range(Q * N)]
     completions = [[3] * rc.max_new_tokens for _ in range(Q * N * G)]
@@ -201,7 +206,8 @@ def _make_state(model, opt, grad_clip):
     weight), so the traced step is a later one, as almost every step of a run is."""
     import mef
     for p in model.parameters():
-        p.grad = torch.zeros_like(p)
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
     mef.clip_and_step(model, opt, grad_clip, 0.0)
 
 
@@ -210,14 +216,15 @@ def _autocast(cfg) -> bool:
     return cfg.precision == "autocast" or (cfg.precision == "auto" and (cfg.device or "cuda").startswith("cuda"))
 
 
-def trace_run(cfg, world_size=1) -> dict:
+def trace_run(cfg, world_size=1, details=None) -> dict:
     """run_steps on fake tensors: {stage: (peak bytes, parts)} on one rank (its share of the rows), before FSDP/DDP
-    accounting and GPU constants."""
+    accounting and GPU constants. details (a dict): filled with {stage: the largest groups of storages alive at its
+    peak, [(bytes, count, part, op, module, shape, dtype)]} (memtrace's detail mode; a slower trace)."""
     from model import Transformer, model_config
     use_autocast = _autocast(cfg)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if use_autocast else nullcontext()
-    trace, stages = MemoryTrace(), {}
+    trace, stages = MemoryTrace(detail=details is not None), {}
     fake = FakeTensorMode()
     fake.cache_enabled = False  # hashing every op's arguments costs more than it saves here
 
@@ -225,6 +232,8 @@ def trace_run(cfg, world_size=1) -> dict:
         peak = trace.stage()
         if stage is not None and (stage not in stages or peak[0] > stages[stage][0]):
             stages[stage] = peak
+            if details is not None:
+                details[stage] = trace.last_detail
     with fake, trace:
         default = torch.get_default_dtype()
         torch.set_default_dtype(dtype)  # built in the weights' dtype (.to() on fake parameters would swap them)
@@ -232,6 +241,10 @@ def trace_run(cfg, world_size=1) -> dict:
             model = Transformer(model_config(cfg.model))
         finally:
             torch.set_default_dtype(default)
+        if getattr(cfg, "lora_rank", 0):  # as train.py wraps it: bf16 frozen base linears when computing in bf16
+            import lora
+            lora.add_lora(model, cfg.lora_rank, cfg.lora_alpha,
+                          base_dtype=torch.bfloat16 if use_autocast or dtype == torch.bfloat16 else None)
         model.gradient_checkpointing = cfg.gradient_checkpointing
         trace.watch(model)
         with _instrumented(trace, model), autocast:
@@ -265,11 +278,13 @@ def _per_rank(stages, cfg, world_size, sizes):
     return out
 
 
-def plan_memory(cfg, world_size=1) -> dict:
+def plan_memory(cfg, world_size=1, detail=False) -> dict:
     """cfg: a train.Config. Per-GPU memory of its run with `world_size` processes (one: no FSDP/DDP):
     {"stages": {"mef_step" | "riel_sample" | "riel_update": {"peak_gib", "allocated_gib", "parts": {name: GiB}}},
      "peak_gib", "allocated_gib"}. allocated_gib: the traced bytes, what torch.cuda.max_memory_allocated would show;
-    peak_gib adds the GPU constants (what the GPU must have)."""
+    peak_gib adds the GPU constants (what the GPU must have). detail: each stage also gets "largest", the largest
+    groups of storages alive at its peak (one rank's trace, before FSDP/DDP accounting): [(GiB, count, part, op,
+    module, shape, dtype)]."""
     from model import Transformer, model_config
     with torch.device("meta"):
         m = Transformer(model_config(cfg.model))
@@ -277,13 +292,16 @@ def plan_memory(cfg, world_size=1) -> dict:
     use_autocast = _autocast(cfg)
     sizes = {"all": count(m), "block": count(m.layers[0]), "root": count(m) - len(m.layers) * count(m.layers[0]),
              "compute_bytes": 2 if use_autocast or cfg.precision == "bf16" else 4}
-    stages = _per_rank(trace_run(cfg, world_size), cfg, world_size, sizes)
+    details = {} if detail else None
+    stages = _per_rank(trace_run(cfg, world_size, details), cfg, world_size, sizes)
     result = {"stages": {}, "params": sizes["all"], "world_size": world_size}
     for name, (n, parts) in stages.items():
         gib = {k: v / GIB for k, v in parts.items() if v}
         gib["allocator reserve"] = FRAGMENTATION * n / GIB
         gib["CUDA context + workspaces"] = CUDA_CONTEXT_GIB + WORKSPACE_GIB
         result["stages"][name] = {"peak_gib": sum(gib.values()), "allocated_gib": n / GIB, "parts": gib}
+        if detail:
+            result["stages"][name]["largest"] = [(b / GIB, *rest) for b, *rest in details[name]]
     result["peak_gib"] = max(s["peak_gib"] for s in result["stages"].values())
     result["allocated_gib"] = max(s["allocated_gib"] for s in result["stages"].values())
     return result
@@ -331,13 +349,16 @@ def suggest(cfg, result, gpu_gib, world_size=1):
 
 def report(cfg, result, gpu_gib, world_size=1, find_fixes=True) -> str:
     lines = [f"plan: {cfg.model}, {result['params'] / 1e9:.2f}B params, precision {cfg.precision}, gradient "
-             f"checkpointing {cfg.gradient_checkpointing}, {world_size} GPU(s){' FSDP' if cfg.fsdp else ''}; MEF "
+             f"checkpointing {cfg.gradient_checkpointing}, {world_size} GPU(s){' FSDP' if cfg.fsdp else ''}"
+             f"{f', LoRA rank {cfg.lora_rank}' if getattr(cfg, 'lora_rank', 0) else ''}; MEF "
              f"micro-batch {cfg.mef.micro_batch_size} x {cfg.mef.max_len} tokens; RIEL {cfg.riel.questions_per_step} "
              f"questions x G {cfg.riel.group_size}, {PROMPT_TOKENS} + {cfg.riel.max_new_tokens} tokens, sampling "
              f"{cfg.riel.sample_batch_size or 'all'} rows per call, micro-batch {cfg.riel.micro_batch_size}"]
     for name, s in result["stages"].items():
         parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(s["parts"].items(), key=lambda kv: -kv[1]) if v >= 0.005)
         lines.append(f"  {name:<12} peak {s['peak_gib']:6.2f} GiB ({s['allocated_gib']:.2f} allocated): {parts}")
+        lines += [f"      {gib:6.2f} GiB  {count:>4} x {dtype:<8} {str(list(shape)):<20} {part:<18} {op:<28} {module}"
+                  for gib, count, part, op, module, shape, dtype in s.get("largest", [])[:DETAIL_ROWS]]
     peak = result["peak_gib"]
     if peak <= gpu_gib:
         lines.append(f"peak {peak:.1f} GiB of {gpu_gib:g} GiB: fits ({gpu_gib - peak:.1f} GiB to spare)")

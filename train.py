@@ -89,6 +89,7 @@ class Config:
     plan: bool = False  # print this run's GPU memory plan and exit (plan.py: the real code on fake tensors, offline)
     plan_gpu_gb: float = 80.0  # --plan: the GPU's memory in GiB
     plan_world_size: int = 1  # --plan: GPUs (processes) of the run; with --fsdp they share the model
+    plan_detail: bool = False  # --plan: also list the largest storages alive at each peak (op, module, shape)
     train_size: int | None = None  # use at most this many training questions
     difficulty: tuple[int, int] = (1, 6)  # synthetic only: question levels for MEF
     rl_difficulty: tuple[int, int] | None = None  # synthetic only: levels for RIEL and eval (default: same)
@@ -180,7 +181,8 @@ def main(cfg: Config):
     t_start = time.time()
     if cfg.plan:  # no GPU, no weights, no data needed
         import plan
-        print(plan.report(cfg, plan.plan_memory(cfg, cfg.plan_world_size), cfg.plan_gpu_gb, cfg.plan_world_size))
+        print(plan.report(cfg, plan.plan_memory(cfg, cfg.plan_world_size, cfg.plan_detail), cfg.plan_gpu_gb,
+                          cfg.plan_world_size))
         return
     if cfg.fsdp and not dist.launched():
         raise SystemExit("--fsdp shards the model over torchrun's processes: launch with torchrun (README)")

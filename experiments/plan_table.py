@@ -3,6 +3,7 @@ experiments/plan_table.py: the memory table of docs/training.md: every preset at
 
     python experiments/plan_table.py --all --gpu-gb 24 40 80     # every preset (~6 min on 2 cores)
     python experiments/plan_table.py --models llama3.2-1b qwen2.5-3b
+    python experiments/plan_table.py --models llama3.2-3b qwen2.5-1.5b llama3.2-1b --lora-rank 16 --gpu-gb 24
 
 Each row is plan.plan_memory of train.defaults(model) on one GPU: the stage peaks (GiB, GPU constants included),
 the three largest parts at the highest peak, whether it fits each GPU size, and the wall seconds the plan took.
@@ -11,6 +12,7 @@ core never imports experiments/, so no import circle. `python train.py --model X
 options.
 """
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -21,16 +23,16 @@ import plan  # noqa: E402
 import train  # noqa: E402  (the per-model defaults planned)
 
 
-def table(models, gpus, world_size=1) -> str:
+def table(models, gpus, world_size=1, lora_rank=0) -> str:
     """The markdown table; each row is printed as it is done (a 3B plan takes a minute or so)."""
     rows = ["| model | params | MEF step | RIEL sampling | RIEL update | peak GiB | largest parts at the peak (GiB) | "
             + " | ".join(f"{g:g} GiB" for g in gpus) + " | plan s |", "|" + "---|" * (8 + len(gpus))]
     for name in models:
         t0 = time.time()
-        r = plan.plan_memory(train.defaults(name), world_size)
+        r = plan.plan_memory(dataclasses.replace(train.defaults(name), lora_rank=lora_rank), world_size)
         s = r["stages"]
         top = sorted(max(s.values(), key=lambda v: v["peak_gib"])["parts"].items(), key=lambda kv: -kv[1])[:3]
-        rows.append(f"| {name} | {r['params'] / 1e9:.2f}B | " + " | ".join(f"{s[k]['peak_gib']:.1f}" for k in
+        rows.append(f"| {name}{f' + LoRA {lora_rank}' if lora_rank else ''} | {r['params'] / 1e9:.2f}B | " + " | ".join(f"{s[k]['peak_gib']:.1f}" for k in
                     ("mef_step", "riel_sample", "riel_update")) + f" | **{r['peak_gib']:.1f}** | "
                     + ", ".join(f"{k} {v:.1f}" for k, v in top) + " | "
                     + " | ".join("fits" if r["peak_gib"] <= g else "no" for g in gpus) + f" | {time.time() - t0:.0f} |")
@@ -44,10 +46,12 @@ def main(argv=None):
     p.add_argument("--all", action="store_true", help="every preset (else --models)")
     p.add_argument("--models", nargs="*", default=["llama3.2-3b"])
     p.add_argument("--gpu-gb", type=float, nargs="*", default=[24, 40, 80])
+    p.add_argument("--lora-rank", type=int, default=0, help="plan with LoRA adapters of this rank (train.py's "
+                   "--lora-rank; the paper's other defaults unchanged)")
     a = p.parse_args(argv)
     from presets import PRESETS
     t0 = time.time()
-    print(table([m for m in PRESETS if m != "tiny"] if a.all else a.models, a.gpu_gb))
+    print(table([m for m in PRESETS if m != "tiny"] if a.all else a.models, a.gpu_gb, lora_rank=a.lora_rank))
     print(f"({time.time() - t0:.0f} s)")
 
 

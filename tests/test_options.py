@@ -202,6 +202,31 @@ def test_plan_prints_the_runs_memory_plan(capsys, monkeypatch):
                                                      * 2 / 2**30, rel=0.05)  # bf16: the plan is for the GPU run
 
 
+def test_plan_detail_names_what_fills_each_peak_and_knows_lora(capsys, monkeypatch):
+    """--plan-detail: the storages alive at each peak, grouped (op, module, shape), add up to the traced peak; with
+    --lora-rank the AdamW state is the adapters' only, the wrapped linears are bf16 (the GPU run computes in bf16)
+    and --riel.kl-beta's reference is the base with adapters off: no reference model among the parts."""
+    import plan
+    results, report = [], plan.report
+    monkeypatch.setattr(plan, "report", lambda cfg, result, *a: results.append(result) or report(cfg, result, *a))
+    train.main(train.cli(["--plan", "--plan-detail", "--lora-rank", "2", "--riel.kl-beta", "0.05",
+                          "--riel.questions-per-step", "2"]))
+    out = capsys.readouterr().out
+    assert "LoRA rank 2" in out and re.search(r"GiB +\d+ x bfloat16 +\[", out)  # a detail line
+    model = train.Transformer.from_config(train.tiny_config())
+    lora_params = sum(p.numel() for p in train.lora.add_lora(model, rank=2, alpha=32).parameters() if p.requires_grad)
+    for name, stage in results[0]["stages"].items():
+        largest = stage["largest"]
+        assert sum(g[0] for g in largest) == pytest.approx(stage["allocated_gib"], rel=1e-6), name
+        assert "reference model" not in stage["parts"]
+        # two fp32 moments per adapter weight (512 B blocks: a little more)
+        assert stage["parts"]["AdamW state"] == pytest.approx(2 * 4 * lora_params / 2**30, rel=0.2), name
+        weights = {(g[4], g[6]) for g in largest if g[2] == "weights"}
+        assert ("layers.*.mlp.up_proj.weight", "bfloat16") in weights and ("embed_tokens.weight", "float32") in weights
+    assert any(g[4].startswith("layers.*.") for g in results[0]["stages"]["mef_step"]["largest"]
+               if g[2] == "activations")  # made inside a block's forward, named by module
+
+
 # options run by a test of their own elsewhere (file::test): what they need is more than a few RIEL steps
 ELSEWHERE = {
     "riel.compile": "test_options.py::test_compile_reaches_the_sampler",
@@ -212,6 +237,7 @@ ELSEWHERE = {
     "plan": "test_options.py::test_plan_prints_the_runs_memory_plan",
     "plan_gpu_gb": "test_options.py::test_plan_prints_the_runs_memory_plan",
     "plan_world_size": "test_options.py::test_plan_prints_the_runs_memory_plan",
+    "plan_detail": "test_options.py::test_plan_detail_names_what_fills_each_peak_and_knows_lora",
 }
 COVERED_BY_BASE = {"data", "out_dir", "device", "stages", "train_size", "rl_difficulty", "seed", "checkpoint_every",
                    "log_every", "log_samples_every", "curves", "data_dir"}

@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+import lora
 import plan
 import train
 from model import ModelConfig, Transformer, model_config
@@ -36,6 +37,9 @@ def measured_peaks(cfg) -> dict:
         "cpu", enabled=False)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         model = Transformer(model_config(cfg.model))
+        if cfg.lora_rank:  # as train.py and plan.trace_run wrap it
+            lora.add_lora(model, cfg.lora_rank, cfg.lora_alpha,
+                          base_dtype=torch.bfloat16 if cfg.precision == "autocast" else None)
         model.gradient_checkpointing = cfg.gradient_checkpointing
         with autocast:
             for _ in plan.run_steps(cfg, model, mark):
@@ -87,6 +91,10 @@ CASES = {
     # --riel.kl-beta: a frozen reference (bf16 under autocast) alive through RIEL, and its forwards
     "vocab128k-autocast-kl": (dict(vocab_size=128256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
                                    ffn_dim=128), dict(precision="autocast", gradient_checkpointing=True, kl_beta=0.05)),
+    # LoRA: bf16 frozen base linears, fp32 adapters with the only grads and AdamW state, the reference = adapters off
+    "vocab128k-autocast-lora-kl": (dict(vocab_size=128256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                                        ffn_dim=128), dict(precision="autocast", gradient_checkpointing=True,
+                                                           kl_beta=0.05, lora_rank=4)),
 }
 
 
