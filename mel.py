@@ -40,7 +40,7 @@ import torch
 
 import dist
 from buffer import rng_device
-from mef import length_sorted_micro_batches
+from mef import length_sorted_micro_batches, micro_backward
 from rollout import generate, token_logprobs
 from tokenizer import render_chat, stop_token_ids
 from verify import CORRECT
@@ -164,6 +164,6 @@ def nll_backward(model, examples, micro_batch_size, weight=1.0) -> float:
     mbs = length_sorted_micro_batches([len(c) + len(a) for c, a in mine], micro_batch_size)
     for mb in dist.lockstep(model, mbs):  # FSDP: as many passes as the busiest rank
         loss = nll_loss(model, [mine[i][0] for i in mb], [mine[i][1] for i in mb], len(examples))
-        (weight * loss).backward()
+        micro_backward(weight * loss)
         total += loss.item()
     return dist.sum_floats([total])[0]

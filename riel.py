@@ -59,7 +59,7 @@ from losses import (ADVANTAGE_MODES, AGGREGATIONS, aggregate, clip_fraction, ful
                     group_advantages, k3_kl, policy_gradient_loss, transfer_loss)
 import mel
 from buffer import HardExampleBuffer, admit_hard_examples
-from mef import clip_and_step, length_sorted_micro_batches, sharded_sft_backward
+from mef import clip_and_step, length_sorted_micro_batches, micro_backward, sharded_sft_backward
 from tokenizer import render_chat, stop_token_ids
 from rollout import Rollout, generate, token_logprobs
 from premise import step_metrics
@@ -208,7 +208,7 @@ def policy_gradient_backward(model, prompts, completions, adv, rows, cfg, counts
             per_token = per_token + cfg.kl_beta * kl
             kl_sum += (kl.detach() * mask).sum().item()
         loss = aggregate(per_token, mask, cfg.loss_aggregation(), **counts)
-        loss.backward()
+        micro_backward(loss)
         loss_sum += loss.item()
         clipped += clip_fraction(logp, old, a, mask, cfg.clip_eps, cfg.clip_eps_high) * mask.sum().item()
     n_fwd = sum(len(completions[r]) for r in rows) or 1
@@ -233,7 +233,7 @@ def transfer_backward(model, pairs, cfg, n_tokens=None) -> float:
             torch.clear_autocast_cache()  # the teacher's no_grad casts give no gradient: pytorch/pytorch#112583
             student = completion_logits(model, student_prompt, o)
             loss = full_vocab_kl(teacher[None], student[None], torch.ones(1, len(o), device=student.device), n_tokens)
-            (cfg.lambda1 * loss).backward()
+            micro_backward(cfg.lambda1 * loss)
             total += loss.item()
         return total
     mbs = length_sorted_micro_batches([len(s) + len(o) for _, s, o in pairs], cfg.micro_batch_size)
@@ -244,7 +244,7 @@ def transfer_backward(model, pairs, cfg, n_tokens=None) -> float:
         torch.clear_autocast_cache()  # the teacher's no_grad casts: no gradient (pytorch/pytorch#112583)
         student, mask = token_logprobs(model, [pairs[i][1] for i in mb], outs)
         loss = transfer_loss(student, teacher, mask, n_tokens)
-        (cfg.lambda1 * loss).backward()
+        micro_backward(cfg.lambda1 * loss)
         total += loss.item()
     return total
 

@@ -118,3 +118,23 @@ def test_every_preset_has_offline_shapes():
         counts = {n: Transformer(model_config(n)).num_params() for n in ("llama3.2-1b", "llama3.2-3b",
                                                                           "qwen2.5-0.5b", "qwen2.5-1.5b")}
     assert [round(c / 1e9, 3) for c in counts.values()] == [1.236, 3.213, 0.494, 1.544]
+
+
+def test_bf16_weight_gradients_do_not_pile_up_over_a_backward(tmp_path, monkeypatch):
+    """mef.micro_backward drops autocast's cached copies after each micro-batch: otherwise the second micro-batch's
+    copies (cached by the first) carry old autograd nodes that run last, and every layer's bf16 weight gradient is
+    alive at the end of the backward (the 3B plan's unexplained ~5.6 GiB of "activations"). At each training peak,
+    bf16 tensors shaped like a weight (not autocast's copies) hold at most one block's worth."""
+    monkeypatch.setattr(plan, "PROMPT_TOKENS", 16)
+    shape = dict(vocab_size=264, dim=512, n_layers=4, n_heads=8, n_kv_heads=4, head_dim=64, ffn_dim=2048)
+    cfg = small_config(tmp_path, ModelConfig(**shape), precision="autocast", gradient_checkpointing=True)
+    cfg.mef.micro_batch_size = cfg.riel.micro_batch_size = 1  # many micro-batches per step
+    details = {}
+    plan.trace_run(cfg, details=details)
+    model = Transformer(ModelConfig(**shape))
+    weight_shapes = {tuple(p.shape) for n, p in model.named_parameters() if n.startswith("layers.")}
+    block = sum(p.numel() for p in model.layers[0].parameters() if p.dim() == 2) * 2
+    for stage in ("mef_step", "riel_update"):
+        held = sum(g[0] for g in details[stage] if g[6] == "bfloat16" and tuple(g[5]) in weight_shapes
+                   and g[2] != "bf16 weight copies")
+        assert held <= block * 1.05, (stage, held / 2**20, block / 2**20)
