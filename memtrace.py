@@ -9,9 +9,8 @@ over a stage is the stage's peak. At a new peak the live storages are kept with 
 activations: PARTS), so a peak comes with its breakdown.
 
 With `detail` on (plan.py --plan-detail), each storage also keeps what made it: the aten op, the module whose
-forward was running (hooks set by `watch`; a gradient-checkpointed block's recompute runs its forward again, inside
-backward), whether it was made in backward, its shape and dtype; `stage()` then leaves the largest groups of such
-storages alive at the peak in `last_detail`.
+forward was running (hooks set by `watch`), or "backward" for what backward made (recomputes included), its shape and
+dtype; `stage()` then leaves the largest groups of such storages alive at the peak in `last_detail`.
 
 Fake tensors hold no values, so host reads (`.item()`, `bool(t)`, `.tolist()`) need an answer: small integer/bool
 tensors built from Python data (lengths, positions, masks, indices) are shadowed by real copies (_shadow), so
@@ -65,8 +64,10 @@ class MemoryTrace(TorchDispatchMode):
         n = -(-st.nbytes() // ALLOC_ROUND) * ALLOC_ROUND
         self.live[key] = [n, tag or self.tag, weakref.ref(st, lambda _, k=key: self._free(k))]
         if self.detail:
-            where = re.sub(r"\.\d+(?=\.|$)", ".*", self.module)  # layers.3.mlp -> layers.*.mlp: one group per kind
-            self.origin[key] = (self.op, where + (" (backward)" if self.in_backward else ""),
+            # layers.3.mlp -> layers.*.mlp: one group per kind. In backward no module is known (a checkpointed
+            # recompute stops early, past its last module's forward hook): "backward"
+            where = "backward" if self.in_backward else re.sub(r"\.\d+(?=\.|$)", ".*", self.module)
+            self.origin[key] = (self.op, where,
                                 tuple(t.shape), str(t.dtype).replace("torch.", ""))
         self.total += n
         if self.total > self.peak:
