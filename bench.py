@@ -73,10 +73,12 @@ class Args:
     real_rewards: tuple[str, ...] = ("checker", "checker or parity")
     task: str = "gsm8k"  # with --model: the prompts and the checker
     data_dir: str | None = None  # with --model: the task's data directory (None: the data package's default)
+    lora_ranks: tuple[int, ...] = (1, 16)  # section "lora": RIEL step time of these ranks vs full fine-tuning
 
     sections: tuple[str, ...] = ("sampling", "step", "mfu", "memory")  # which tables to run; + "profile": op
     # tables of both forward+backward passes of the MFU batch (torch.profiler); + "decode": sampling's share in
-    # aten::mm and its weight-streaming rate against a bare matmul's (the CPU's ceiling)
+    # aten::mm and its weight-streaming rate against a bare matmul's (the CPU's ceiling); + "lora": RIEL step
+    # time of LoRA vs full fine-tuning
 
     def real_sizes(self):
         """--model: sizes for a 135M model on a 2-core CPU (a real prompt is ~130 tokens and every token runs all
@@ -235,6 +237,30 @@ def step_row(a: Args, name, tok, records, experts, rc, reward, model_dir):
     return bs.median_parts(res)
 
 
+def bench_lora(a: Args, model_dir, tok, records, experts, rc, reward, what):
+    """Section "lora": one RIEL step with full fine-tuning vs LoRA (lora.py) from the same weights, interleaved.
+    LoRA's backward skips the base weights' gradients (no dW matmuls) and its optimizer holds the adapters only;
+    its forward (sampling included) adds two thin matmuls per linear, unmerged."""
+    import bench_step as bs
+    import lora
+    models = {"full fine-tuning": ours.Transformer.from_pretrained(model_dir)}
+    for r in a.lora_ranks:
+        models[f"LoRA rank {r}"] = lora.add_lora(ours.Transformer.from_pretrained(model_dir), r, 32.0)
+    res = bs.interleaved_riel_steps(models, tok, records, experts, rc, a.step_repeats, reward)
+    print(f"\n### RIEL step, full fine-tuning vs LoRA: {what}, {rc.questions_per_step} prompts x {rc.group_size} "
+          f"samples, up to {rc.max_new_tokens} new tokens, fp32, {torch.get_num_threads()} threads, median of "
+          f"{a.step_repeats} interleaved steps after a warm-up, load {load_avg()}\n")
+    parts = list(bs.median_parts(res["full fine-tuning"]))
+    print("| trains | trainable params | s/step | vs full | " + " | ".join(parts) + " | trained rows |")
+    print("|---|---|---|---|" + "---|" * (len(parts) + 1))
+    full = statistics.median(r[0] for r in res["full fine-tuning"])
+    for name, rows in res.items():
+        t, p = statistics.median(r[0] for r in rows), bs.median_parts(rows)
+        n = sum(q.numel() for q in models[name].parameters() if q.requires_grad)
+        print(f"| {name} | {n / 1e6:.2f}M | {t:.2f} | {full / t:.2f}x | " + " | ".join(f"{p[k]:.2f}" for k in parts)
+              + f" | {'/'.join(str(r[2]) for r in rows)} |", flush=True)
+
+
 def bench_mfu(a: Args, hf, m, label):
     import bench_step as bs
     peak = bs.matmul_peak()
@@ -341,6 +367,14 @@ def main(a: Args):
                        f"{m.num_params() / 1e6:.1f}M params, vocab {vocab}")
     if "step" in a.sections:
         bench_riel_step(a)
+    if "lora" in a.sections:
+        import bench_step as bs
+        name = a.step_models[-1]
+        m, tok, records, experts, rc = bs.riel_setup(bs.step_configs()[name], a.step_questions, a.group, a.new_tokens,
+                                                     a.step_repeats)
+        with tempfile.TemporaryDirectory() as d:
+            m.save_pretrained(d)
+            bench_lora(a, d, tok, records, experts, rc, bs.bench_reward, f"random {name}, synthetic questions")
     if "mfu" in a.sections:
         bench_mfu(a, hf, m, f"random Llama {m.num_params() / 1e6:.1f}M params, vocab {vocab}")
     if "profile" in a.sections:
@@ -381,6 +415,13 @@ def main_real(a: Args):
     if "profile" in a.sections:
         import bench_step as bs
         bs.profile_fwd_bwd(hf, m, a.mfu_rows, a.prompt_len, a.new_tokens, a.repeats)
+    if "lora" in a.sections:
+        import bench_step as bs
+        tok_, recs, exps, rc, checker = bs.real_setup(a.model, a.task, a.data_dir, a.step_questions, a.group,
+                                                     a.new_tokens, a.step_repeats)
+        # checker OR length parity: about half of each group rewarded, so every row is trained (backward measured)
+        bench_lora(a, a.model, tok_, recs, exps, rc, lambda r, text: checker(r, text) or float(len(text) % 2),
+                   f"{name}, {a.task} questions, reward: checker or parity")
     if "decode" in a.sections:
         import bench_step as bs
         P = max(1, a.rows[-1] // a.group)

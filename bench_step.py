@@ -113,23 +113,32 @@ class PartTimer:
 def time_riel_steps(model, tok, records, experts, rc, steps, reward_fn=bench_reward):
     """Run `steps` RIEL steps after one warm-up; returns [(seconds, {part: seconds}, trained rows)] per measured
     step (trained rows: those with a nonzero advantage, the only ones riel_step runs forward and backward)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=rc.lr)
-    gen = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(0)
-    results, Q = [], rc.questions_per_step
+    return interleaved_riel_steps({"model": model}, tok, records, experts, rc, steps, reward_fn)["model"]
+
+
+def interleaved_riel_steps(models: dict, tok, records, experts, rc, steps, reward_fn=bench_reward) -> dict:
+    """time_riel_steps for several models, interleaved step by step (each on the same questions, with its own
+    optimizer over its trainable parameters: LoRA's adapters only), so that load on the machine slows all alike:
+    {name: [(seconds, {part: seconds}, trained rows)]}."""
+    state = {name: (torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=rc.lr),
+                    torch.Generator(device=m.embed_tokens.weight.device).manual_seed(0)) for name, m in models.items()}
+    results, Q = {name: [] for name in models}, rc.questions_per_step
     for i in range(steps + 1):
-        timer = PartTimer()
-        reward = timer.wrap("checker", reward_fn)
         batch = records[i * Q:(i + 1) * Q]
-        with timer:
-            sync()
-            t0 = time.perf_counter()
-            m = riel.riel_step(model, tok, batch, experts, rc, opt, HardExampleBuffer(), gen, reward)
-            sync()
-            total = time.perf_counter() - t0
-        parts = timer.s
-        parts["backward + loss"] = total - sum(parts.values())
-        if i > 0:  # the first step warms up allocator, kernels (and compiles with --compile)
-            results.append((total, parts, m["trained_rows"]))
+        for name, model in models.items():
+            timer = PartTimer()
+            reward = timer.wrap("checker", reward_fn)
+            opt, gen = state[name]
+            with timer:
+                sync()
+                t0 = time.perf_counter()
+                m = riel.riel_step(model, tok, batch, experts, rc, opt, HardExampleBuffer(), gen, reward)
+                sync()
+                total = time.perf_counter() - t0
+            parts = timer.s
+            parts["backward + loss"] = total - sum(parts.values())
+            if i > 0:  # the first step warms up allocator, kernels (and compiles with --compile)
+                results[name].append((total, parts, m["trained_rows"]))
     return results
 
 

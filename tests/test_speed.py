@@ -80,10 +80,10 @@ def test_compiled_decode_gives_the_plain_paths_tokens(hf_pair):
 def test_bench_quick_runs_end_to_end():
     # one thread: a smoke test must not stall when other processes load the cores (OpenMP barriers spin)
     out = subprocess.run([sys.executable, "bench.py", "--quick", "--threads", "1", "--sections", "sampling", "step", "mfu",
-                          "memory", "decode"], cwd=ROOT, capture_output=True, text=True, timeout=180)
+                          "memory", "decode", "lora"], cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-2000:]
     for section in ("Sampling", "RIEL step", "MFU", "Where a RIEL step's time goes", "Log-prob peak memory",
-                    "Decoding on this CPU", "ours, + drop + entropy"):
+                    "Decoding on this CPU", "ours, + drop + entropy", "full fine-tuning vs LoRA", "| LoRA rank 16 |"):
         assert section in out.stdout
 
 
