@@ -370,11 +370,10 @@ def main(a: Args):
     if "lora" in a.sections:
         import bench_step as bs
         name = a.step_models[-1]
-        m, tok, records, experts, rc = bs.riel_setup(bs.step_configs()[name], a.step_questions, a.group, a.new_tokens,
-                                                     a.step_repeats)
+        m_step, *setup = bs.riel_setup(bs.step_configs()[name], a.step_questions, a.group, a.new_tokens, a.step_repeats)
         with tempfile.TemporaryDirectory() as d:
-            m.save_pretrained(d)
-            bench_lora(a, d, tok, records, experts, rc, bs.bench_reward, f"random {name}, synthetic questions")
+            m_step.save_pretrained(d)
+            bench_lora(a, d, *setup, bs.bench_reward, f"random {name}, synthetic questions")
     if "mfu" in a.sections:
         bench_mfu(a, hf, m, f"random Llama {m.num_params() / 1e6:.1f}M params, vocab {vocab}")
     if "profile" in a.sections:
