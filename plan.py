@@ -20,6 +20,9 @@ Choices and limits, stated:
 - Fake CPU tensors under CPU bf16 autocast stand for CUDA ones (this CPU build cannot fake a CUDA device). CPU and
   CUDA autocast cast the same ops that matter here (linear, matmul, attention) to bf16. The optimizer is built as
   the CUDA run builds it (foreach or fused AdamW, `_optimizer`), since AdamW's temporaries differ by kernel.
+- Autocast's cache lifetime follows CUDA's too (`backward_thread`): there backward runs on autograd's device
+  thread, whose autocast exits (checkpoint recompute, custom_bwd) clear the process-global cache, so the forward's
+  bf16 weight copies do not live through the backward as they do in a CPU run. The test of the plan runs both.
 - Host reads of tensor values (`.item()`, `bool(t)`) cannot be answered from fake tensors: memtrace.py answers
   exactly where it can (small index tensors have real shadows) and with the worst case for memory elsewhere.
 - Worst-case inputs: every MEF example is mef.max_len tokens; every prompt is PROMPT_TOKENS tokens; every rollout
@@ -79,7 +82,28 @@ def _optimizer(params, lr, weight_decay, cuda):
 
 
 @contextmanager
-def _instrumented(trace, model):
+def backward_thread():
+    """Run a backward as CUDA runs it. CUDA's autograd runs backward on a device thread of its own, where autocast's
+    nesting count (thread-local) starts at 0, so leaving the autocast contexts that a checkpointed block's recompute
+    and rollout's custom_bwd enter there clears autocast's cache, which is process-global
+    (aten/src/ATen/autocast_mode.cpp): the bf16 weight copies cached by the forward are freed early in the backward,
+    and a recomputed block casts its weights again (a little time). On a CPU, backward runs on the calling thread,
+    inside train.py's autocast region, and nothing is cleared. This sets the calling thread's count to 0 for the
+    block, so a CPU trace follows CUDA's semantics."""
+    n = 0
+    while True:
+        n += 1
+        if torch.autocast_decrement_nesting() <= 0:
+            break
+    try:
+        yield
+    finally:
+        for _ in range(n):
+            torch.autocast_increment_nesting()
+
+
+@contextmanager
+def _instrumented(trace, model, cuda_backward=False):
     """Tag what the KV cache and the log-prob chunks allocate (the wrappers call the originals), and bound the work
     of sampling: sampling calls after the first reuse its rollout (same shapes: same peak), and within a call the
     model's decode step runs for the first and the last DECODE_TRACED steps only. The steps between run the same
@@ -113,7 +137,8 @@ def _instrumented(trace, model):
     def backward(*args, **kwargs):
         trace.in_backward = True
         try:
-            return originals["backward"](*args, **kwargs)
+            with backward_thread() if cuda_backward else nullcontext():
+                return originals["backward"](*args, **kwargs)
         finally:
             trace.in_backward = False
     riel.generate, rollout.decode_step, torch.autograd.backward = generate_once, decode_step, backward
@@ -152,7 +177,7 @@ def run_steps(cfg, model, mark, world_size=1, tagged=lambda tag: nullcontext()):
     import data
     import mef
     import riel
-    cuda = cfg.device is None or cfg.device.startswith("cuda")  # a plan is for the GPU run unless told otherwise
+    cuda = _cuda(cfg)
     experts = data.experts(cfg.data, list(cfg.experts) if cfg.experts is not None else None)
     rc, m, N, G = cfg.riel, cfg.mef, len(experts), cfg.riel.group_size
     Q = -(-rc.questions_per_step // world_size)  # dist.shard_range: the first rank's (largest) share
@@ -211,17 +236,24 @@ def _make_state(model, opt, grad_clip):
     mef.clip_and_step(model, opt, grad_clip, 0.0)
 
 
+def _cuda(cfg) -> bool:
+    return cfg.device is None or cfg.device.startswith("cuda")  # a plan is for the GPU run unless told otherwise
+
+
 def _autocast(cfg) -> bool:
     """train.py's choice: bf16 autocast on CUDA (a plan is for the GPU run unless --device says otherwise)."""
     return cfg.precision == "autocast" or (cfg.precision == "auto" and (cfg.device or "cuda").startswith("cuda"))
 
 
-def trace_run(cfg, world_size=1, details=None) -> dict:
+def trace_run(cfg, world_size=1, details=None, cuda_backward=None) -> dict:
     """run_steps on fake tensors: {stage: (peak bytes, parts)} on one rank (its share of the rows), before FSDP/DDP
     accounting and GPU constants. details (a dict): filled with {stage: the largest groups of storages alive at its
-    peak, [(bytes, count, part, op, module, shape, dtype)]} (memtrace's detail mode; a slower trace)."""
+    peak, [(bytes, count, part, op, module, shape, dtype)]} (memtrace's detail mode; a slower trace).
+    cuda_backward: backwards as on CUDA (backward_thread); default: when the plan is for a CUDA run."""
     from model import Transformer, model_config
     use_autocast = _autocast(cfg)
+    if cuda_backward is None:
+        cuda_backward = _cuda(cfg)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if use_autocast else nullcontext()
     trace, stages = MemoryTrace(detail=details is not None), {}
@@ -247,7 +279,7 @@ def trace_run(cfg, world_size=1, details=None) -> dict:
                           base_dtype=torch.bfloat16 if use_autocast or dtype == torch.bfloat16 else None)
         model.gradient_checkpointing = cfg.gradient_checkpointing
         trace.watch(model)
-        with _instrumented(trace, model), autocast:
+        with _instrumented(trace, model, cuda_backward), autocast:
             for opt in run_steps(cfg, model, mark, world_size, trace.tagged):
                 trace.optimizers = [_tag_step(trace, opt)]
     return stages
@@ -350,7 +382,8 @@ def suggest(cfg, result, gpu_gib, world_size=1):
 def report(cfg, result, gpu_gib, world_size=1, find_fixes=True) -> str:
     lines = [f"plan: {cfg.model}, {result['params'] / 1e9:.2f}B params, precision {cfg.precision}, gradient "
              f"checkpointing {cfg.gradient_checkpointing}, {world_size} GPU(s){' FSDP' if cfg.fsdp else ''}"
-             f"{f', LoRA rank {cfg.lora_rank}' if getattr(cfg, 'lora_rank', 0) else ''}; MEF "
+             f"{f', LoRA rank {cfg.lora_rank}' if getattr(cfg, 'lora_rank', 0) else ''}"
+             f"{'; backward as on CUDA (autocast cache cleared by its autograd thread)' if _cuda(cfg) else ''}; MEF "
              f"micro-batch {cfg.mef.micro_batch_size} x {cfg.mef.max_len} tokens; RIEL {cfg.riel.questions_per_step} "
              f"questions x G {cfg.riel.group_size}, {PROMPT_TOKENS} + {cfg.riel.max_new_tokens} tokens, sampling "
              f"{cfg.riel.sample_batch_size or 'all'} rows per call, micro-batch {cfg.riel.micro_batch_size}"]

@@ -158,6 +158,9 @@ MUTATIONS = [
     Mutation("micro-batch casts kept: bf16 weight gradients pile up", "mef.py",
              "    torch.clear_autocast_cache()\n\n\ndef sft_backward", "    pass\n\n\ndef sft_backward",
              (T + "test_plan.py::test_bf16_weight_gradients_do_not_pile_up_over_a_backward",)),
+    Mutation("plan: backward with CPU's autocast cache lifetime", "plan.py",
+             "with backward_thread() if cuda_backward else nullcontext():", "with nullcontext():",
+             (T + "test_plan.py::test_cuda_backward_frees_the_forwards_bf16_copies_and_lowers_the_training_peaks",)),
     Mutation("full-vocab KL reversed", "losses.py", "kl = (t.exp() * (t - s)).sum(-1)", "kl = (s.exp() * (s - t)).sum(-1)",
              (LOSSES + "test_full_vocab_kl_equals_torch_kl_div",)),
     # ---- buffer.py
