@@ -35,6 +35,7 @@ Choices (reference: "LoRA Without Regret", Schulman et al., Thinking Machines 20
 import math
 import os
 import shutil
+import warnings
 from contextlib import contextmanager
 
 import torch
@@ -189,9 +190,13 @@ def weights_source(rank: int, fsdp: bool, out_dir: str, ckpt: str | None, source
 
 
 def attach(model: nn.Module, rank: int, alpha: float, out_dir: str, ckpt: str | None, seed: int = 0,
-           base_dtype=None):
+           base_dtype=None, from_scratch=False):
     """train.py's LoRA: a fresh run writes its base once (OUT/lora_base), then wraps the model; a resumed one (whose
-    model was built from OUT/lora_base) takes the checkpoint's adapters."""
+    model was built from OUT/lora_base) takes the checkpoint's adapters. from_scratch: the base is random weights."""
+    if from_scratch and ckpt is None:
+        warnings.warn("--lora-rank on randomly initialised weights (`tiny` without --init): MEF can only learn a "
+                      "low-rank update of noise. LoRA adapts a trained model: run MEF without it, then RIEL with "
+                      "--init OUT/ckpt-N --lora-rank R and ~10x the lr (docs/training.md, LoRA)", stacklevel=2)
     if ckpt is None and not os.path.exists(os.path.join(base_path(out_dir), "config.json")):
         if dist.is_main():
             tmp = base_path(out_dir) + ".tmp"

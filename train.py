@@ -211,7 +211,7 @@ def main(cfg: Config):
     else:
         model = Transformer.from_pretrained(base, device, param_dtype)
     if cfg.lora_rank:
-        lora.attach(model, cfg.lora_rank, cfg.lora_alpha, cfg.out_dir, ckpt, seed=cfg.seed,
+        lora.attach(model, cfg.lora_rank, cfg.lora_alpha, cfg.out_dir, ckpt, seed=cfg.seed, from_scratch=base == "tiny",
                     base_dtype=torch.bfloat16 if use_autocast else None)  # a frozen base needs no fp32 copy
     model.gradient_checkpointing = cfg.gradient_checkpointing
     # DDP/FSDP: gradients summed over ranks; under autocast FSDP gathers bf16 weights
