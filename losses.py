@@ -2,7 +2,8 @@
 The loss math of RIEL (METHOD.md section 4) as small pure functions on plain tensors.
 
 riel.py decides *what* to score (which rows, which prompts); this file only turns log-probs, rewards
-and masks into numbers. Nothing here knows about models, tokenizers or experts.
+and masks into numbers. Nothing here knows about models, tokenizers or experts, except TermNorms at the end, which
+measures what each weighted term adds to the gradient (--riel.grad-shares).
 
 Notation: one group = the G responses of one expert to one question, rewards r_1..r_G in {0, 1}.
 logp (B, T) = log pi(token) of each completion token, right-padded; mask (B, T) = 1 on real tokens
@@ -108,3 +109,25 @@ def full_vocab_kl(teacher_logits, student_logits, mask, n_tokens=None):
     s = student_logits.float().log_softmax(-1)  # (B, T, V) log p-
     kl = (t.exp() * (t - s)).sum(-1)  # (B, T)
     return aggregate(kl, mask, "token", n_tokens)
+
+
+class TermNorms:
+    """Each loss term's gradient norm (the weighted term, as it enters the sum), from the gradient it adds to
+    .grad: one copy of the gradients kept between terms. Off (no copy, no metrics) unless enabled."""
+
+    def __init__(self, model, enabled):
+        self.model, self.enabled, self.norms, self.last = model, enabled, {}, None
+
+    def mark(self, term):
+        if not self.enabled:
+            return
+        now = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in self.model.parameters()
+               if p.requires_grad]  # LoRA: the adapters only
+        delta = now if self.last is None else [a - b for a, b in zip(now, self.last)]
+        self.norms[term] = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d) for d in delta])).item()
+        self.last = now
+
+    def metrics(self) -> dict:
+        total = sum(self.norms.values()) or 1.0
+        return {**{f"grad_norm/{t}": n for t, n in self.norms.items()},
+                **{f"grad_share/{t}": n / total for t, n in self.norms.items()}}

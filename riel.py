@@ -55,7 +55,7 @@ from typing import Literal
 import torch
 
 import dist
-from losses import (ADVANTAGE_MODES, AGGREGATIONS, aggregate, clip_fraction, full_vocab_kl,
+from losses import (ADVANTAGE_MODES, AGGREGATIONS, TermNorms, aggregate, clip_fraction, full_vocab_kl,
                     group_advantages, k3_kl, policy_gradient_loss, transfer_loss)
 import mel
 from buffer import HardExampleBuffer, admit_hard_examples
@@ -293,28 +293,6 @@ def update_policy(model, optimizer, cfg, prompts, completions, adv, rows, counts
         out.setdefault("grad_norm", grad_norm)  # the first (on-policy) update's norm
         out["skipped"] |= skipped
     return out
-
-
-class TermNorms:
-    """Each loss term's gradient norm (the weighted term, as it enters the sum), from the gradient it adds to
-    .grad: one copy of the gradients kept between terms. Off (no copy, no metrics) unless enabled."""
-
-    def __init__(self, model, enabled):
-        self.model, self.enabled, self.norms, self.last = model, enabled, {}, None
-
-    def mark(self, term):
-        if not self.enabled:
-            return
-        now = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in self.model.parameters()
-               if p.requires_grad]  # LoRA: the adapters only
-        delta = now if self.last is None else [a - b for a, b in zip(now, self.last)]
-        self.norms[term] = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d) for d in delta])).item()
-        self.last = now
-
-    def metrics(self) -> dict:
-        total = sum(self.norms.values()) or 1.0
-        return {**{f"grad_norm/{t}": n for t, n in self.norms.items()},
-                **{f"grad_share/{t}": n / total for t, n in self.norms.items()}}
 
 
 def over_ranks(l_pg, kl_ref, clip, n_tokens):
