@@ -102,7 +102,7 @@ MUTATIONS = [
              "minus = pick([i for i, m in enumerate(means) if m == means[minus]], generator)",
              "minus = pick([i for i, m in enumerate(means) if m == means[plus]], generator)",
              (PREMISE + "test_random_ties_pick_each_tied_expert_equally_often",)),
-    Mutation("a term's gradient norm is the running total", "riel.py",
+    Mutation("a term's gradient norm is the running total", "losses.py",
              "delta = now if self.last is None else [a - b for a, b in zip(now, self.last)]", "delta = now",
              (PREMISE + "test_grad_shares_are_each_terms_own_gradient_norm",)),
     # ---- premise.py: the meter
