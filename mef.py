@@ -103,12 +103,15 @@ def sft_loss(model, prompts, targets, n_tokens):
 
 
 def micro_backward(loss):
-    """loss.backward() for one micro-batch, then drop autocast's cached bf16 weight copies. Why: a copy cached by an
-    EARLIER micro-batch's forward carries an older autograd node (the cast's ToCopyBackward) than anything this
-    forward made, and autograd runs the newest ready node first, so that node, which turns the bf16 weight gradient
-    into the fp32 .grad, waits for the end of the backward: every layer's bf16 weight gradient is alive at once
-    (5.6 GiB at 3B; `--plan --plan-detail` showed them). Copies made inside each forward are freed layer by layer;
-    re-casting costs one read of the weights per micro-batch (~6 ms at 3B on an H100)."""
+    """loss.backward() for one micro-batch, with autocast's cached bf16 weight copies dropped before and after it.
+    After: a copy cached by an EARLIER micro-batch's forward carries an older autograd node (the cast's
+    ToCopyBackward) than anything this forward made, and autograd runs the newest ready node first, so that node,
+    which turns the bf16 weight gradient into the fp32 .grad, would wait for the end of the backward: every layer's
+    bf16 weight gradient alive at once (5.6 GiB at 3B; `--plan --plan-detail` showed them). Before: backward needs
+    no copy the graph does not hold itself (without checkpointing the matmuls saved theirs; with it, a recomputed
+    block casts its own), so the forward's copies (6 GiB at 3B) need not stay alive through the backward's first,
+    largest moment, the head's. Re-casting costs one read of the weights per micro-batch (~6 ms at 3B on an H100)."""
+    torch.clear_autocast_cache()
     loss.backward()
     torch.clear_autocast_cache()
 
