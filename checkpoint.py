@@ -98,7 +98,8 @@ def reference_model(out_dir: str, model, dtype=None):
     in (default: the policy's); under autocast bf16, which is what autocast would cast fp32 weights to anyway, at
     half the memory (plan.py counts it)."""
     path = os.path.join(out_dir, "reference")
-    if not os.path.exists(os.path.join(path, "config.json")):
+    # rank 0 decides for all: a rank that looked after rank 0 had written would skip the collectives below (hang)
+    if dist.from_main(lambda: not os.path.exists(os.path.join(path, "config.json"))):
         weights, _ = dist.full_state(model)  # under FSDP every rank gathers, rank 0 gets them
         if dist.is_main():
             shutil.rmtree(path + ".tmp", ignore_errors=True)

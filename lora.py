@@ -197,7 +197,8 @@ def attach(model: nn.Module, rank: int, alpha: float, out_dir: str, ckpt: str | 
         warnings.warn("--lora-rank on randomly initialised weights (`tiny` without --init): MEF can only learn a "
                       "low-rank update of noise. LoRA adapts a trained model: run MEF without it, then RIEL with "
                       "--init OUT/ckpt-N --lora-rank R and ~10x the lr (docs/training.md, LoRA)", stacklevel=2)
-    if ckpt is None and not os.path.exists(os.path.join(base_path(out_dir), "config.json")):
+    # rank 0 decides for all: a rank that looked after rank 0 had written would skip the barrier (a hang)
+    if ckpt is None and dist.from_main(lambda: not os.path.exists(os.path.join(base_path(out_dir), "config.json"))):
         if dist.is_main():
             tmp = base_path(out_dir) + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)

@@ -188,7 +188,9 @@ def launch(args: list, out: str, threads: int, name: str):
         code = subprocess.call([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
     if code != 0:
-        raise RuntimeError(f"{name} failed (exit {code}); see {os.path.join(out, 'train.log')}")
+        with open(os.path.join(out, "train.log")) as log:
+            tail = log.read()[-2000:]
+        raise RuntimeError(f"{name} failed (exit {code}); {os.path.join(out, 'train.log')} ends:\n{tail}")
 
 
 # ---- the table and the picture ---------------------------------------------------------------------------

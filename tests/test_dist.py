@@ -48,7 +48,13 @@ def train(launcher, out_dir, *args, wait=True):
                             stderr=subprocess.STDOUT, text=True)
     if not wait:
         return proc
-    out, _ = proc.communicate(timeout=600)
+    try:
+        out, _ = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:  # a hung run: stop its workers too, and show where it was
+        for pid in [*children(proc.pid), proc.pid]:
+            os.kill(pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"{' '.join(cmd[-40:])}: no exit after 600 s\n{out[-3000:]}") from None
     assert proc.returncode == 0, out[-3000:]
     return out
 
@@ -312,3 +318,42 @@ def test_mel_nll_over_two_ranks_equals_one_process(tmp_path):
     assert two["loss"] == pytest.approx(loss, rel=1e-6)
     for a, b in zip(two["grads"], [p.grad for p in model.parameters()]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def _write_once_rank(rank, port, out):
+    """One rank of test_a_rank_that_arrives_after_rank_0_wrote_still_joins_every_collective: rank 1 arrives late at
+    lora.attach, then at checkpoint.reference_model (time enough for a rank 0 not held back to write), and every
+    barrier is counted."""
+    from datetime import timedelta
+    import torch.distributed as td
+    import checkpoint as ck
+    import lora
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    td.init_process_group("gloo", timeout=timedelta(seconds=30))  # a rank left waiting fails instead of hanging
+    calls = []
+    barrier = dist.barrier
+    dist.barrier = lambda: (calls.append("barrier"), barrier())
+    try:
+        def model():
+            return Transformer.from_config(tiny_config(), torch.device("cpu"), torch.float32, seed=0)
+        for name in ("lora_base", "reference"):
+            if rank == 1:
+                time.sleep(2)  # rank 0, unheld, writes the tiny model in well under that
+            if name == "lora_base":
+                lora.attach(model(), 2, 4.0, out, None)
+            else:
+                ck.reference_model(out, model())
+        counts = dist.all_gather_object(len(calls))
+        if rank == 0:
+            torch.save(counts, os.path.join(out, "counts.pt"))
+    finally:
+        dist.teardown()
+
+
+def test_a_rank_that_arrives_after_rank_0_wrote_still_joins_every_collective(tmp_path):
+    """lora.attach and checkpoint.reference_model write once (rank 0) then meet at a barrier: a rank that looks for
+    the file after rank 0 wrote it must still join (it used to skip the barrier: the LoRA DDP run hung in CI)."""
+    import torch.multiprocessing as mp
+    mp.spawn(_write_once_rank, args=(free_port(), str(tmp_path)), nprocs=2)
+    assert torch.load(tmp_path / "counts.pt") == [2, 2]
