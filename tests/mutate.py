@@ -51,6 +51,7 @@ MID_RIEL = TRAIN + "test_killed_mid_riel_with_a_non_empty_buffer_and_a_reference
 SCHEDULE = TRAIN + "test_lr_schedule_warms_up_peaks_and_decays_to_its_floor"
 PREMISE = T + "test_premise.py::"
 LORA = T + "test_lora.py::"
+WRITE_ONCE = T + "test_dist.py::test_a_rank_that_arrives_after_rank_0_wrote_still_joins_every_collective"
 STEP_SCALE = PREMISE + "test_step_scale_divides_the_transfer_and_sft_sums_by_the_steps_sampled_tokens"
 AUTOCAST_ORDER = T + "test_autocast_grads.py::test_the_cache_is_cleared_between_no_grad_and_grad_enabled_forwards"
 
@@ -273,6 +274,10 @@ MUTATIONS = [
              (LORA + "test_the_reference_log_probs_are_the_base_models",)),
     Mutation("merge forgets alpha / r", "lora.py", "delta = scale * (state[prefix", "delta = 1.0 * (state[prefix",
              (LORA + "test_checkpoint_is_the_merged_model_that_transformers_loads",)),
+    Mutation("each rank decides itself whether to write the LoRA base (a late rank skips the barrier)", "lora.py",
+             "ckpt is None and dist.from_main(lambda: not os.path.exists(os.path.join(base_path(out_dir), "
+             "\"config.json\")))", "ckpt is None and not os.path.exists(os.path.join(base_path(out_dir), "
+             "\"config.json\"))", (WRITE_ONCE,)),
 ]
 
 
