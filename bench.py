@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 import tyro
 
+import bench_step as bs
 import model as ours
 from presets import resolve_checkpoint
 from rollout import generate, token_logprobs
@@ -181,7 +182,6 @@ def bench_sampling(a: Args, hf, m, prompts, stop, what, pad=0):
 def bench_riel_step(a: Args, what="one expert"):
     """Sections 2 and 4: our RIEL step vs TRL's GRPOTrainer step, and the parts of ours. Random models: the
     presets of a.step_models; with a.model, that checkpoint on a.task."""
-    import bench_step as bs
     Q, G, N = a.step_questions, a.group, a.new_tokens
     print(f"\n### RIEL step: {Q} prompts x {G} samples, up to {N} new tokens, {what}, no reference KL, "
           f"fp32, {torch.get_num_threads()} threads, median of {a.step_repeats} steps after a warm-up, load "
@@ -213,7 +213,6 @@ def bench_riel_step(a: Args, what="one expert"):
 
 def step_row(a: Args, name, tok, records, experts, rc, reward, model_dir):
     """One row of the RIEL step table: TRL's step, ours, ours compiled. Returns our median parts."""
-    import bench_step as bs
     from bench_trl import trl_step_times
     from tokenizer import stop_token_ids
     t_trl, trl_signal = float("nan"), []
@@ -237,32 +236,7 @@ def step_row(a: Args, name, tok, records, experts, rc, reward, model_dir):
     return bs.median_parts(res)
 
 
-def bench_lora(a: Args, model_dir, tok, records, experts, rc, reward, what):
-    """Section "lora": one RIEL step with full fine-tuning vs LoRA (lora.py) from the same weights, interleaved.
-    LoRA's backward skips the base weights' gradients (no dW matmuls) and its optimizer holds the adapters only;
-    its forward (sampling included) adds two thin matmuls per linear, unmerged."""
-    import bench_step as bs
-    import lora
-    models = {"full fine-tuning": ours.Transformer.from_pretrained(model_dir)}
-    for r in a.lora_ranks:
-        models[f"LoRA rank {r}"] = lora.add_lora(ours.Transformer.from_pretrained(model_dir), r, 32.0)
-    res = bs.interleaved_riel_steps(models, tok, records, experts, rc, a.step_repeats, reward)
-    print(f"\n### RIEL step, full fine-tuning vs LoRA: {what}, {rc.questions_per_step} prompts x {rc.group_size} "
-          f"samples, up to {rc.max_new_tokens} new tokens, fp32, {torch.get_num_threads()} threads, median of "
-          f"{a.step_repeats} interleaved steps after a warm-up, load {load_avg()}\n")
-    parts = list(bs.median_parts(res["full fine-tuning"]))
-    print("| trains | trainable params | s/step | vs full | " + " | ".join(parts) + " | trained rows |")
-    print("|---|---|---|---|" + "---|" * (len(parts) + 1))
-    full = statistics.median(r[0] for r in res["full fine-tuning"])
-    for name, rows in res.items():
-        t, p = statistics.median(r[0] for r in rows), bs.median_parts(rows)
-        n = sum(q.numel() for q in models[name].parameters() if q.requires_grad)
-        print(f"| {name} | {n / 1e6:.2f}M | {t:.2f} | {full / t:.2f}x | " + " | ".join(f"{p[k]:.2f}" for k in parts)
-              + f" | {'/'.join(str(r[2]) for r in rows)} |", flush=True)
-
-
 def bench_mfu(a: Args, hf, m, label):
-    import bench_step as bs
     peak = bs.matmul_peak()
     rates = bs.fwd_bwd_rates(hf, m, a.mfu_rows, a.prompt_len, a.new_tokens, a.repeats)
     print(f"\n### MFU: training forward+backward, {a.mfu_rows} rows x ({a.prompt_len} + {a.new_tokens}) tokens, "
@@ -368,19 +342,17 @@ def main(a: Args):
     if "step" in a.sections:
         bench_riel_step(a)
     if "lora" in a.sections:
-        import bench_step as bs
         name = a.step_models[-1]
         m_step, *setup = bs.riel_setup(bs.step_configs()[name], a.step_questions, a.group, a.new_tokens, a.step_repeats)
         with tempfile.TemporaryDirectory() as d:
             m_step.save_pretrained(d)
-            bench_lora(a, d, *setup, bs.bench_reward, f"random {name}, synthetic questions")
+            bs.bench_lora(d, a.lora_ranks, a.step_repeats, *setup, bs.bench_reward,
+                          f"random {name}, synthetic questions")
     if "mfu" in a.sections:
         bench_mfu(a, hf, m, f"random Llama {m.num_params() / 1e6:.1f}M params, vocab {vocab}")
     if "profile" in a.sections:
-        import bench_step as bs
         bs.profile_fwd_bwd(hf, m, a.mfu_rows, a.prompt_len, a.new_tokens, a.repeats)
     if "decode" in a.sections:
-        import bench_step as bs
         bs.decode_ceiling(m, random_prompts(a, vocab, a.rows[-1]), a.group, a.new_tokens, a.repeats)
     if "memory" in a.sections and (sys.platform.startswith("linux") or torch.cuda.is_available()):
         bench_memory(a)
@@ -412,17 +384,15 @@ def main_real(a: Args):
     if "mfu" in a.sections:
         bench_mfu(a, hf, m, f"{name} ({m.num_params() / 1e6:.0f}M params, vocab {m.cfg.vocab_size}), random token ids")
     if "profile" in a.sections:
-        import bench_step as bs
         bs.profile_fwd_bwd(hf, m, a.mfu_rows, a.prompt_len, a.new_tokens, a.repeats)
     if "lora" in a.sections:
-        import bench_step as bs
         tok_, recs, exps, rc, checker = bs.real_setup(a.model, a.task, a.data_dir, a.step_questions, a.group,
                                                      a.new_tokens, a.step_repeats)
         # checker OR length parity: about half of each group rewarded, so every row is trained (backward measured)
-        bench_lora(a, a.model, tok_, recs, exps, rc, lambda r, text: checker(r, text) or float(len(text) % 2),
-                   f"{name}, {a.task} questions, reward: checker or parity")
+        bs.bench_lora(a.model, a.lora_ranks, a.step_repeats, tok_, recs, exps, rc,
+                      lambda r, text: checker(r, text) or float(len(text) % 2),
+                      f"{name}, {a.task} questions, reward: checker or parity")
     if "decode" in a.sections:
-        import bench_step as bs
         P = max(1, a.rows[-1] // a.group)
         bs.decode_ceiling(m, [render_chat(tok, experts[i % len(experts)].system_prompt, records[i].question)
                               for i in range(P)], a.group, a.new_tokens, a.repeats)

@@ -1,6 +1,7 @@
 """
-bench_step.py: bench.py's training-side measurements: one RIEL step (ours vs TRL's GRPOTrainer), where its
-time goes, and training forward+backward throughput as a fraction of this machine's matmul peak (MFU).
+bench_step.py: bench.py's training-side measurements: one RIEL step (ours vs TRL's GRPOTrainer; full fine-tuning
+vs LoRA), where its time goes, and training forward+backward throughput as a fraction of this machine's matmul peak
+(MFU).
 
 - The RIEL step is the real `riel.riel_step` on the synthetic task with one expert (`chain`), no buffer
   and no transfer (one expert has no one to teach), advantage `grpo` (TRL's default: (r - mean)/std per
@@ -22,6 +23,7 @@ time goes, and training forward+backward throughput as a fraction of this machin
   the median rate of a square fp32 (bf16 on CUDA) matmul, the best case of the kernels the model runs.
 """
 
+import os
 import statistics
 import time
 
@@ -262,3 +264,26 @@ def decode_ceiling(m, prompts, group, new_tokens, repeats):
     print(f"| share of the decode steps' self time in aten::mm | {100 * (mm - mm0) / (total - total0):.0f}% |")
     print(f"| weights streamed by those matmuls | {streamed / 1e9:.1f} GB/s |")
     print(f"| a bare {rows}-row matmul against a {tuple(w.shape)} weight (median of 20) | {bare / 1e9:.1f} GB/s |")
+
+
+def bench_lora(model_dir, ranks, repeats, tok, records, experts, rc, reward, what):
+    """Section "lora": one RIEL step with full fine-tuning vs LoRA (lora.py) from the same weights, interleaved.
+    LoRA's backward skips the base weights' gradients (no dW matmuls) and its optimizer holds the adapters only;
+    its forward (sampling included) adds two thin matmuls per linear, unmerged."""
+    import lora
+    models = {"full fine-tuning": ours.Transformer.from_pretrained(model_dir)}
+    for r in ranks:
+        models[f"LoRA rank {r}"] = lora.add_lora(ours.Transformer.from_pretrained(model_dir), r, 32.0)
+    res = interleaved_riel_steps(models, tok, records, experts, rc, repeats, reward)
+    print(f"\n### RIEL step, full fine-tuning vs LoRA: {what}, {rc.questions_per_step} prompts x {rc.group_size} "
+          f"samples, up to {rc.max_new_tokens} new tokens, fp32, {torch.get_num_threads()} threads, median of "
+          f"{repeats} interleaved steps after a warm-up, load {os.getloadavg()[0]:.2f}\n")
+    parts = list(median_parts(res["full fine-tuning"]))
+    print("| trains | trainable params | s/step | vs full | " + " | ".join(parts) + " | trained rows |")
+    print("|---|---|---|---|" + "---|" * (len(parts) + 1))
+    full = statistics.median(r[0] for r in res["full fine-tuning"])
+    for name, rows in res.items():
+        t, p = statistics.median(r[0] for r in rows), median_parts(rows)
+        n = sum(q.numel() for q in models[name].parameters() if q.requires_grad)
+        print(f"| {name} | {n / 1e6:.2f}M | {t:.2f} | {full / t:.2f}x | " + " | ".join(f"{p[k]:.2f}" for k in parts)
+              + f" | {'/'.join(str(r[2]) for r in rows)} |", flush=True)
