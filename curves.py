@@ -45,6 +45,15 @@ def pyplot(what: str):
     return plt
 
 
+def save(plt, fig, path: str, dpi: int = 100) -> str:
+    """Lay out, write (making the folder) and close fig; returns path."""
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)  # pyplot keeps every open figure alive otherwise
+    return path
+
+
 def smooth(xs, k=10):
     """Trailing moving mean over k values: point i is the mean of xs[max(0, i - k + 1) : i + 1]."""
     out, total = [], 0.0
@@ -174,7 +183,6 @@ def figure(plt, runs: list, labels: list, window: int | None = None):
         ax.grid(alpha=0.3)
     smoothing = f"{window}-step" if window else "a twentieth of the stage"
     fig.suptitle(f"{', '.join(labels)}  (per-step curves: moving mean over {smoothing})", fontsize=10)
-    fig.tight_layout()
     return fig
 
 
@@ -184,8 +192,4 @@ def plot_runs(run_dirs: list, out: str, window: int | None = None, labels: list 
     plt = pyplot(os.path.basename(out))
     if plt is None:
         return None
-    fig = figure(plt, runs, labels or [os.path.normpath(d) for d in run_dirs], window)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save(plt, figure(plt, runs, labels or [os.path.normpath(d) for d in run_dirs], window), out)

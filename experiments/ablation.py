@@ -50,7 +50,7 @@ import tyro
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402  (the task's experts, for the Expert0 rows)
-from experiments.plot import pyplot, smooth  # noqa: E402  (train.py's curves.png draws with the same)
+from experiments.plot import pyplot, save, smooth  # noqa: E402  (train.py's curves.png draws with the same)
 from train import defaults  # noqa: E402  (the per-model defaults the rows scale)
 
 NO_EXTRAS = ["--riel.no-transfer", "--riel.no-buffer"]
@@ -261,9 +261,7 @@ def plot(cfg: Config, rows, path) -> bool:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{cfg.model} on {cfg.data}: mean over {len(cfg.seeds)} seed(s), 10-step moving mean")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return True
+    return bool(save(plt, fig, path, dpi=110))
 
 
 def main(cfg: Config):

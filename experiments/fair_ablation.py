@@ -44,7 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
 from experiments.ablation import launch  # noqa: E402  (train.py in a subprocess, resumed when interrupted)
-from experiments.plot import pyplot, smooth  # noqa: E402
+from experiments.plot import pyplot, save, smooth  # noqa: E402
 from train import defaults  # noqa: E402
 
 NO_EXTRAS = ["--riel.no-transfer", "--riel.no-buffer"]
@@ -349,10 +349,7 @@ def picture(cfg, grid, path) -> bool:
             axes[r][c].grid(alpha=0.3)
         if axes[0][c].lines:
             axes[0][c].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return bool(save(plt, fig, path))
 
 
 def main(cfg: Config):

@@ -31,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from experiments import fair_ablation as fa  # noqa: E402  (the shared start, run helpers, paired CIs)
 from experiments.ablation import launch  # noqa: E402
-from experiments.plot import pyplot, smooth  # noqa: E402
+from experiments.plot import pyplot, save, smooth  # noqa: E402
 
 SWEEPS = {0: (1e-4, 3e-4, 1e-3), 1: (1e-3, 3e-3, 1e-2), 8: (1e-3, 3e-3, 1e-2)}  # rank (0: full) -> lrs
 QUICK_SWEEPS = {0: (1e-4, 3e-4), 1: (1e-3, 3e-3)}
@@ -169,10 +169,7 @@ def picture(res, path):
             ax.plot(smooth([statistics.mean(c[i] for c in curves) for i in range(n)]), label=name)
     ax.set(xlabel="RIEL step", ylabel="reward (mean over seeds, smoothed)", title="LoRA vs full fine-tuning, RIEL")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return bool(save(plt, fig, path, dpi=110))
 
 
 def main(cfg: Config):

@@ -354,7 +354,7 @@ def main(argv=None) -> int:
         print(f"  {i + 1:>2}/{len(chosen)} {rows[i][0]:<8} {chosen[i].name}", flush=True)
     with ThreadPoolExecutor(a.jobs) as pool:
         list(pool.map(one, range(len(chosen))))
-    print(f"\n| # | file | mutation | tests | result | s |\n|---|---|---|---|---|---|")
+    print("\n| # | file | mutation | tests | result | s |\n|---|---|---|---|---|---|")
     missed = 0
     for i, (m, (status, secs)) in enumerate(zip(chosen, rows), 1):
         caught = status != "passed"

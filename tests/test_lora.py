@@ -2,7 +2,6 @@
 and --riel.kl-beta's reference as the policy with its adapters off (no second model)."""
 import dataclasses
 import json
-import os
 
 import pytest
 import torch

@@ -2,7 +2,6 @@
 text is found exactly once, every test it names exists) and its machinery tells a caught bug from a passing copy.
 The whole check (every mutation) is too long for CI: the README's Tests section says how to run it and how long."""
 import ast
-from pathlib import Path
 
 import pytest
 

@@ -9,7 +9,6 @@ a case (here or in the named test elsewhere) runs it.
 import dataclasses
 import json
 import math
-import os
 import re
 import time
 from pathlib import Path

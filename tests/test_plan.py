@@ -57,7 +57,7 @@ def measured_peaks(cfg, cuda_backward=False) -> dict:
         del model, _
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
                     key=lambda e: e.start_ns())
-    peaks, live, peak, k = {}, 0, 0, 0
+    peaks, live, peak = {}, 0, 0
     for e in events:
         n = e.nbytes()
         if MARK < abs(n) <= MARK + len(marks):

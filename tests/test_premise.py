@@ -13,9 +13,9 @@ import riel
 import transfer
 from buffer import HardExample, HardExampleBuffer
 from test_mef import Expert, StandIn
-from test_riel_reference import (ALL_WRONG, MIXED, RECORDS, answering_sampler, completions_of, rendered_prompts,
+from test_riel_reference import (ALL_WRONG, MIXED, answering_sampler, completions_of, rendered_prompts,
                                  step)
-from test_riel import EXPERTS, naive_logp
+from test_riel import naive_logp
 from tokenizer import load_tokenizer
 
 THREE = [Expert("a", "A."), Expert("b", "B."), Expert("c", "C.")]
