@@ -13,8 +13,9 @@ Choices (reference: "LoRA Without Regret", Schulman et al., Thinking Machines 20
   A's init comes from its own generator (seed), so adding LoRA draws nothing from the run's random state.
 - Scale alpha / r with a fixed alpha (train.py: 32, the paper's): under Adam B's entries move by ~lr each step
   whatever r is, B A sums r such terms, so alpha / r makes the early update, and the best lr, independent of the
-  rank. That best lr is about 10x full fine-tuning's (the paper), so raise --riel.lr / --mef.lr with LoRA; rank 1
-  is enough for RL (an RL step carries a few bits of reward, far less than SFT's tokens).
+  rank. That best lr is about 10x full fine-tuning's on billion-parameter models and rank 1 is enough for their RL
+  (the paper); on `tiny` we measured 1-3x and rank 1 24 points behind, rank 8 level (docs/training.md, LoRA), so
+  sweep --riel.lr / --mef.lr from 1x to 10x full's with LoRA.
 - The wrapped linears' frozen base weights are bf16 whenever the run computes in bf16 (--precision bf16, and
   autocast, the CUDA default: `base_dtype`): a frozen weight needs no fp32 master copy, and under autocast a frozen
   fp32 weight would be cast again at every forward, since autocast caches only weights that require grad. That
@@ -196,7 +197,7 @@ def attach(model: nn.Module, rank: int, alpha: float, out_dir: str, ckpt: str | 
     if from_scratch and ckpt is None:
         warnings.warn("--lora-rank on randomly initialised weights (`tiny` without --init): MEF can only learn a "
                       "low-rank update of noise. LoRA adapts a trained model: run MEF without it, then RIEL with "
-                      "--init OUT/ckpt-N --lora-rank R and ~10x the lr (docs/training.md, LoRA)", stacklevel=2)
+                      "--init OUT/ckpt-N --lora-rank 8 --riel.lr 1e-3 (docs/training.md, LoRA)", stacklevel=2)
     # rank 0 decides for all: a rank that looked after rank 0 had written would skip the barrier (a hang)
     if ckpt is None and dist.from_main(lambda: not os.path.exists(os.path.join(base_path(out_dir), "config.json"))):
         if dist.is_main():
