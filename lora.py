@@ -73,7 +73,10 @@ class LoRALinear(nn.Module):
             return y
         # bf16 activations meet fp32 adapters: outside autocast F.linear wants one dtype (autocast casts by itself)
         h = x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.dtype)
-        return y + (F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scale).to(y.dtype)
+        # the scale on the thin (.., r) tensor and the sum in place: two extra full-width (.., out) tensors made a
+        # LoRA step slower than full fine-tuning at 135M (docs/benchmark.md, LoRA); y's autograd node (the base
+        # linear) saved x and W, not y, so adding into y is safe
+        return y.add_(F.linear(F.linear(h, self.lora_A) * self.scale, self.lora_B).to(y.dtype))
 
 
 def add_lora(model: nn.Module, rank: int, alpha: float, seed: int = 0, base_dtype=None) -> nn.Module:
