@@ -274,6 +274,9 @@ MUTATIONS = [
              (LORA + "test_the_reference_log_probs_are_the_base_models",)),
     Mutation("merge forgets alpha / r", "lora.py", "delta = scale * (state[prefix", "delta = 1.0 * (state[prefix",
              (LORA + "test_checkpoint_is_the_merged_model_that_transformers_loads",)),
+    Mutation("LoRA forward drops alpha / r", "lora.py", "F.linear(F.linear(h, self.lora_A) * self.scale, self.lora_B)",
+             "F.linear(F.linear(h, self.lora_A), self.lora_B)",
+             (LORA + "test_a_lora_linear_is_w_x_plus_b_plus_alpha_over_r_b_a_x_with_its_gradients",)),
     Mutation("each rank decides itself whether to write the LoRA base (a late rank skips the barrier)", "lora.py",
              "ckpt is None and dist.from_main(lambda: not os.path.exists(os.path.join(base_path(out_dir), "
              "\"config.json\")))", "ckpt is None and not os.path.exists(os.path.join(base_path(out_dir), "

@@ -30,6 +30,27 @@ def perturb(model, seed=1):
     return model
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_a_lora_linear_is_w_x_plus_b_plus_alpha_over_r_b_a_x_with_its_gradients(autocast):
+    """The forward (scale on the thin tensor, sum in place) against the formula written out, outputs and gradients
+    (input, A, B), with a bias, a 3-d input and a scale that is not a power of 2; under CPU bf16 autocast too."""
+    base = torch.nn.Linear(24, 40)
+    m = lora.LoRALinear(base, rank=3, alpha=5.0, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        m.lora_B.normal_()
+    x = torch.randn(2, 5, 24, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = m(x)
+        ref = x @ base.weight.T + base.bias + (5.0 / 3) * (x @ m.lora_A.T) @ m.lora_B.T
+    assert y.dtype == (torch.bfloat16 if autocast else torch.float32)
+    tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y.float(), ref.float(), **tol)
+    w = torch.randn(y.shape)
+    for a, b in zip(torch.autograd.grad((y.float() * w).sum(), (x, m.lora_A, m.lora_B)),
+                    torch.autograd.grad((ref.float() * w).sum(), (x, m.lora_A, m.lora_B))):
+        torch.testing.assert_close(a, b, **tol)
+
+
 @pytest.mark.parametrize("dtype,bias", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)])
 def test_at_init_a_lora_model_is_its_base_bit_for_bit(dtype, bias):
     base, model = tiny(dtype, qkv_bias=bias), lora.add_lora(tiny(dtype, qkv_bias=bias), rank=2, alpha=4)
