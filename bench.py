@@ -126,10 +126,6 @@ def stopped_len(row, stop):
     return next((i + 1 for i, x in enumerate(row) if x in stop), len(row))
 
 
-def load_avg():
-    return f"{os.getloadavg()[0]:.1f}"
-
-
 def random_prompts(a: Args, vocab, n_rows):
     g = torch.Generator().manual_seed(0)
     return [torch.randint(3 + a.stop_ids, vocab, (a.prompt_len - (i % 4) * 4,), generator=g).tolist()
@@ -138,7 +134,7 @@ def random_prompts(a: Args, vocab, n_rows):
 
 def bench_sampling(a: Args, hf, m, prompts, stop, what, pad=0):
     """prompts: P distinct prompts, each sampled G = a.group times. what: the heading's description."""
-    P, load0 = len(prompts), load_avg()
+    P, load0 = len(prompts), bs.load_avg()
     rows = [p for p in prompts for _ in range(a.group)]
     N = a.new_tokens
     T = max(len(p) for p in rows)
@@ -171,7 +167,7 @@ def bench_sampling(a: Args, hf, m, prompts, stop, what, pad=0):
             fn()
         t = timed_interleaved(fns, a.repeats)
     print(f"\n### Sampling: {len(rows)} rows ({P} prompts x {a.group}), {what}, up to {N} new tokens, T=1, "
-          f"{torch.get_num_threads()} threads, median of {a.repeats}, load {load0} -> {load_avg()}\n")
+          f"{torch.get_num_threads()} threads, median of {a.repeats}, load {load0} -> {bs.load_avg()}\n")
     print("| sampler | s / batch | tokens/s | vs transformers (time) |")
     print("|---|---|---|---|")
     t_hf = t["transformers `generate`"]
@@ -185,7 +181,7 @@ def bench_riel_step(a: Args, what="one expert"):
     Q, G, N = a.step_questions, a.group, a.new_tokens
     print(f"\n### RIEL step: {Q} prompts x {G} samples, up to {N} new tokens, {what}, no reference KL, "
           f"fp32, {torch.get_num_threads()} threads, median of {a.step_repeats} steps after a warm-up, load "
-          f"{load_avg()} at the start\n")
+          f"{bs.load_avg()} at the start\n")
     print("| model | params | TRL GRPOTrainer s/step | ours s/step | ours, --compile s/step | TRL / ours | "
           f"rows with A != 0 of {Q * G}: TRL's / ours (we train only these) |")
     print("|---|---|---|---|---|---|---|")
@@ -202,7 +198,7 @@ def bench_riel_step(a: Args, what="one expert"):
         with tempfile.TemporaryDirectory() as d:
             m.save_pretrained(d)  # both sides start from these weights
             parts[name] = step_row(a, name, tok, records, experts, rc, bs.bench_reward, d)
-    print(f"\n### Where a RIEL step's time goes (ours, plain, median seconds per part), load {load_avg()}\n")
+    print(f"\n### Where a RIEL step's time goes (ours, plain, median seconds per part), load {bs.load_avg()}\n")
     names = list(next(iter(parts.values())))
     print("| model | " + " | ".join(names) + " | total |")
     print("|---|" + "---|" * (len(names) + 1))
@@ -241,7 +237,7 @@ def bench_mfu(a: Args, hf, m, label):
     rates = bs.fwd_bwd_rates(hf, m, a.mfu_rows, a.prompt_len, a.new_tokens, a.repeats)
     print(f"\n### MFU: training forward+backward, {a.mfu_rows} rows x ({a.prompt_len} + {a.new_tokens}) tokens, "
           f"{label}; matmul peak {peak / 1e9:.0f} GFLOP/s (median of a 1024^3 matmul), "
-          f"{torch.get_num_threads()} threads, median of {a.repeats}, load {load_avg()}\n")
+          f"{torch.get_num_threads()} threads, median of {a.repeats}, load {bs.load_avg()}\n")
     print("| forward+backward | GFLOP/s | MFU (of measured peak) |")
     print("|---|---|---|")
     for name, r in rates.items():
@@ -331,7 +327,7 @@ def main(a: Args):
     if a.model:
         t0 = time.perf_counter()
         main_real(a)
-        return print(f"\n# {(time.perf_counter() - t0) / 60:.1f} min, load {load_avg()} at the end")
+        return print(f"\n# {(time.perf_counter() - t0) / 60:.1f} min, load {bs.load_avg()} at the end")
     vocab = 2048
     with tempfile.TemporaryDirectory() as d:
         hf, m = make_models(vocab, d)

@@ -36,6 +36,10 @@ from buffer import HardExampleBuffer
 CUDA = torch.cuda.is_available()
 
 
+def load_avg() -> str:
+    return f"{os.getloadavg()[0]:.1f}"
+
+
 def sync():
     if CUDA:  # GPU work is asynchronous: a timer must wait for it
         torch.cuda.synchronize()
@@ -277,7 +281,7 @@ def bench_lora(model_dir, ranks, repeats, tok, records, experts, rc, reward, wha
     res = interleaved_riel_steps(models, tok, records, experts, rc, repeats, reward)
     print(f"\n### RIEL step, full fine-tuning vs LoRA: {what}, {rc.questions_per_step} prompts x {rc.group_size} "
           f"samples, up to {rc.max_new_tokens} new tokens, fp32, {torch.get_num_threads()} threads, median of "
-          f"{repeats} interleaved steps after a warm-up, load {os.getloadavg()[0]:.2f}\n")
+          f"{repeats} interleaved steps after a warm-up, load {load_avg()}\n")
     parts = list(median_parts(res["full fine-tuning"]))
     print("| trains | trainable params | s/step | vs full | " + " | ".join(parts) + " | trained rows |")
     print("|---|---|---|---|" + "---|" * (len(parts) + 1))

@@ -191,26 +191,33 @@ def val_score(out, row):
     return max(ev[key]["accuracy"].values())
 
 
-def sweep(cfg, testbed, row, seed0) -> list:
-    """The row's lrs: --lrs, extended downwards by factors of 3 (up to --edge-steps times) while the best on
-    validation is the smallest tried, so that no row's choice sits at the edge of its sweep."""
-    lrs = sorted(cfg.lrs)
-    for _ in range(cfg.edge_steps):
-        runs = {lr: run_dir(cfg, testbed, row, seed0, lr) for lr in lrs}
-        if not all(done(o) for o in runs.values()):
-            break
-        if max(lrs, key=lambda lr: (val_score(runs[lr], row), -lr)) != lrs[0]:
+def best_lr(outs: dict, score):
+    """outs: lr -> run directory. The lr whose run scores best (ties: the smaller lr); None until all are done."""
+    if not all(done(o) for o in outs.values()):
+        return None
+    return max(outs, key=lambda lr: (score(outs[lr]), -lr))
+
+
+def grown_sweep(lrs, out_of, score, edge_steps: int) -> list:
+    """lrs, extended downwards by factors of 3 (up to edge_steps times) while the best finished run is the smallest
+    lr tried, so that no row's choice sits at the edge of its sweep. out_of(lr): that lr's run directory."""
+    lrs = sorted(lrs)
+    for _ in range(edge_steps):
+        if best_lr({lr: out_of(lr) for lr in lrs}, score) != lrs[0]:
             break
         lrs = [float(f"{lrs[0] / 3:.2g}")] + lrs
     return lrs
 
 
+def sweep(cfg, testbed, row, seed0) -> list:
+    """The row's lrs: --lrs, grown downwards (--edge-steps) on validation."""
+    return grown_sweep(cfg.lrs, lambda lr: run_dir(cfg, testbed, row, seed0, lr), lambda o: val_score(o, row),
+                       cfg.edge_steps)
+
+
 def chosen_lr(cfg, testbed, row, seed0):
-    lrs = sweep(cfg, testbed, row, seed0)
-    runs = {lr: run_dir(cfg, testbed, row, seed0, lr) for lr in lrs}
-    if not all(done(o) for o in runs.values()):
-        return None
-    return max(lrs, key=lambda lr: (val_score(runs[lr], row), -lr))  # ties: the smaller lr
+    return best_lr({lr: run_dir(cfg, testbed, row, seed0, lr) for lr in sweep(cfg, testbed, row, seed0)},
+                   lambda o: val_score(o, row))
 
 
 def seeds_of(cfg, testbed):

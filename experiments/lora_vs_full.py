@@ -49,15 +49,10 @@ class Config:
 
 
 def sweep(cfg, rank, edge_steps=2):
-    """The rank's lrs, extended downwards by factors of 3 (twice at most, fair_ablation's rule) while the best on
-    validation is the smallest tried, so that no row's choice sits at the edge of its sweep."""
-    lrs = sorted((QUICK_SWEEPS if cfg.quick else SWEEPS)[rank])
-    for _ in range(0 if cfg.quick else edge_steps):
-        outs = {lr: run_dir(cfg, rank, cfg.seeds[0], lr) for lr in lrs}
-        if not all(fa.done(o) for o in outs.values()) or max(lrs, key=lambda lr: (val_score(outs[lr]), -lr)) != lrs[0]:
-            break
-        lrs = [float(f"{lrs[0] / 3:.2g}")] + lrs
-    return lrs
+    """The rank's lrs, grown downwards on validation by fair_ablation's rule (twice at most; never in --quick)."""
+    lrs = (QUICK_SWEEPS if cfg.quick else SWEEPS)[rank]
+    return fa.grown_sweep(lrs, lambda lr: run_dir(cfg, rank, cfg.seeds[0], lr), val_score,
+                          0 if cfg.quick else edge_steps)
 
 
 def trainable(rank) -> int:
@@ -101,10 +96,7 @@ def val_score(out):
 
 def chosen_lr(cfg, rank):
     """The sweep's lr with the best validation accuracy on the first seed (ties: the smaller); None until done."""
-    outs = {lr: run_dir(cfg, rank, cfg.seeds[0], lr) for lr in sweep(cfg, rank)}
-    if not all(fa.done(o) for o in outs.values()):
-        return None
-    return max(outs, key=lambda lr: (val_score(outs[lr]), -lr))
+    return fa.best_lr({lr: run_dir(cfg, rank, cfg.seeds[0], lr) for lr in sweep(cfg, rank)}, val_score)
 
 
 def run_all(cfg):
