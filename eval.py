@@ -146,7 +146,7 @@ class Args:
     experts: tuple[str, ...] | None = None  # default: all of the task's experts
     # synthetic only: the levels evaluated (a run's eval levels: its --rl-difficulty, else --difficulty; None: 1-3)
     difficulty: Annotated[tuple[int, int] | None, tyro.conf.arg(aliases=("--rl-difficulty",))] = None
-    testbed: Literal["nested", "complementary", "placebo"] = "nested"  # synthetic only
+    testbed: Literal["nested", "complementary", "placebo", "disjoint", "disjoint_same"] = "nested"  # synthetic only
     split: str | None = None  # default: the task's held-out split
     eval_splits: tuple[str, ...] = ()  # evaluate on these splits too, a table each (synthetic: val)
     train_size: int | None = None  # caps the splits other than the held-out one, as in train.py

@@ -175,16 +175,17 @@ def clip_and_step(model, optimizer, grad_clip, loss_value):
     return grad_norm, False
 
 
-def mef_steps(model, examples, cfg: MEFConfig, optimizer, seed=0, start_step=0, lr_at=None):
+def mef_steps(model, examples, cfg: MEFConfig, optimizer, seed=0, start_step=0, lr_at=None, shuffle=True):
     """Run cfg.epochs passes over the examples; yield one metrics dict per optimizer step.
 
-    The order of epoch e is a permutation drawn from seed + e alone, so a run resumed at `start_step`
-    (the steps already taken) sees exactly the batches the uninterrupted run would. lr_at(step) -> lr
-    sets a schedule (None: the optimizer's lr throughout)."""
+    The order of epoch e is a permutation drawn from seed + e alone (or the given order: shuffle=False), so a run
+    resumed at `start_step` (the steps already taken) sees exactly the batches the uninterrupted run would.
+    lr_at(step) -> lr sets a schedule (None: the optimizer's lr throughout)."""
     model.train()
     step = 0
     for epoch in range(cfg.epochs):
-        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + epoch)).tolist() \
+            if shuffle else list(range(len(examples)))
         for s in range(0, len(order), cfg.batch_size):
             step += 1
             if step <= start_step:

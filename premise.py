@@ -13,9 +13,17 @@ exactly those questions, from the rewards (Q, N, G) of a step:
                          teach it. rescued/<the deployed expert> is the number that matters.
 
 Near 0, pooling experts spends budget on weaker prompts and rescues almost nothing; the method then has little
-to transfer on that model and task. riel.py logs it every step; experiments/premise.py measures it on any
-checkpoint before RL (the same sampler and checker), so a user can read it before spending a GPU-day.
+to transfer on that model and task. Beside it, what the transfer really acts on:
+
+    taught/<expert>      share of the questions where THIS expert is E- of a transfer (transfer.py): the
+                         questions on which it is taught. With two experts every rescue of one is a transfer to
+                         it; with three, E- is the weakest, so the deployed (best) prompt is rarely taught.
+
+riel.py logs both every step; experiments/premise.py measures them on any checkpoint before RL (the same sampler
+and checker) next to two nulls, so a user can read them before spending a GPU-day.
 """
+import numpy as np
+
 from verify import CORRECT
 
 
@@ -46,4 +54,47 @@ def step_metrics(rewards, experts, chosen) -> dict:
         m[f"all_wrong/{ex.name}"] = wrong[:, i].float().mean().item()
         m[f"e_plus/{ex.name}"] = sum(p == i for p, _ in chosen)
         m[f"e_minus/{ex.name}"] = sum(n == i for _, n in chosen)
+        # what the transfer acts on: the share of questions where this expert is E-, the one taught. rescued/ is
+        # what the pool COULD teach it; with 3+ experts E- is the weakest, so the two can differ a lot
+        m[f"taught/{ex.name}"] = m[f"e_minus/{ex.name}"] / max(1, rewards.shape[0])
     return m
+
+
+# ---- what the meter would read by chance: two nulls from the same per-question counts ------------------------
+
+def beta_binomial_fit(k, G):
+    """Method of moments: per-question correct counts k (Q,) out of G -> (alpha, beta) of the Beta its success
+    probability follows, or None when there is no extra-binomial spread (then every question has p = k.mean()/G)."""
+    m = k.mean() / G
+    if m <= 0 or m >= 1:
+        return None
+    rho = (k.var() / (G * m * (1 - m)) - 1) / (G - 1)  # intra-question correlation; Var = G m (1-m) (1 + (G-1) rho)
+    if rho <= 1e-6:
+        return None
+    rho = min(rho, 1 - 1e-6)
+    return m * (1 / rho - 1), (1 - m) * (1 / rho - 1)
+
+
+def rescue_nulls(rewards, experts, draws=20000, seed=0) -> dict:
+    """rescued/<expert> expected by chance, from the step's own rewards (Q, N, G):
+    - `independent`: each expert fails its own random questions: P(i all wrong) * (1 - prod_j P(j all wrong));
+    - `same_difficulty`: every expert fails the SAME questions as far as its accuracy allows: each expert's
+      per-question success probability a Beta fitted to its counts (beta_binomial_fit), all experts at the same
+      quantile of question difficulty (comonotone), rescue averaged over that quantile.
+    Observed rescues far above `same_difficulty` mean the experts fail different questions: the premise."""
+    Q, N, G = rewards.shape
+    k = (rewards >= CORRECT).sum(-1).double().numpy()  # (Q, N)
+    wrong = (k == 0).mean(0)  # (N,) share of all-wrong groups
+    u = (np.arange(draws) + 0.5) / draws  # difficulty quantile, hardest last
+    p = np.empty((N, draws))
+    rng = np.random.default_rng(seed)
+    for i in range(N):
+        fit = beta_binomial_fit(k[:, i], G)
+        p[i] = k[:, i].mean() / G if fit is None else np.sort(rng.beta(*fit, size=draws))[::-1]
+    all_wrong = (1 - p) ** G  # (N, draws)
+    out = {}
+    for i, ex in enumerate(experts):
+        others = [j for j in range(N) if j != i]
+        out[f"independent/{ex.name}"] = float(wrong[i] * (1 - np.prod(wrong[others])))
+        out[f"same_difficulty/{ex.name}"] = float((all_wrong[i] * (1 - np.prod(all_wrong[others], 0))).mean())
+    return out

@@ -359,7 +359,7 @@ def riel_step(model, tok, records, experts, cfg: RIELConfig, optimizer, buffer: 
     trained_tokens = sum(lengths[r] for r in rows) + sum(len(o) for *_, o in pairs)
     m.update(step_metrics(rewards, experts, chosen), **mel_m)
     m.update(sampled_rows=len(completions), trained_rows=len(rows), trained_tokens=trained_tokens,
-             transfer_pairs=len(pairs),
+             transfer_pairs=len(pairs), flushed_entries=[(e.question_id, e.expert) for e in flushed],
              buffer_admitted=admitted,
              buffer_size=len(buffer.entries), buffer_flushes=buffer.flushes, flushed=len(flushed),
              **length_metrics(lengths, out.finish),

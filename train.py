@@ -35,6 +35,7 @@ logs, and checkpoints. Choices:
 """
 
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -54,10 +55,10 @@ import runlog
 import verify
 from errors import UserError
 from eval import EvalConfig, evaluate, format_table
-from mef import MEFConfig, build_sft_examples, lr_schedule, make_optimizer, mef_steps, num_steps
+from mef import MEFConfig, SFTExample, build_sft_examples, encode_target, lr_schedule, make_optimizer, mef_steps, num_steps
 from mel import MELConfig
 from model import Transformer, tiny_config
-from buffer import HardExampleBuffer
+from buffer import HardExampleBuffer, reference_trace
 from riel import RIELConfig, riel_step
 from rollout import generate
 from tokenizer import load_tokenizer, render_chat, stop_token_ids
@@ -93,7 +94,11 @@ class Config:
     train_size: int | None = None  # use at most this many training questions
     difficulty: tuple[int, int] = (1, 6)  # synthetic only: question levels for MEF
     rl_difficulty: tuple[int, int] | None = None  # synthetic only: levels for RIEL and eval (default: same)
-    testbed: Literal["nested", "complementary", "placebo"] = "nested"  # synthetic only: data/synthetic.py
+    testbed: Literal["nested", "complementary", "placebo", "disjoint", "disjoint_same"] = "nested"  # synthetic only:
+    #                                                                                                data/synthetic.py
+    sft_cross: float | None = None  # disjoint testbeds: MEF keeps a non-owner expert's trace with this probability
+    sft_replay: str | None = None  # MEF on exactly these (question id, expert) entries of a run's flushed.jsonl, in
+    #                                order, with the buffer's reference traces (the content-matched gold-SFT control)
     eval_splits: tuple[str, ...] = ()  # evaluate on these splits too (synthetic: val), logged as after_<stage>@<split>
     checkpoint_every: int = 50  # optimizer steps
     log_every: int | None = None  # a stdout line every N steps (None: ~20 per stage); metrics.jsonl has them all
@@ -142,6 +147,8 @@ def load_records(cfg: Config, split: str, stage: str) -> list:
     if cfg.data == "synthetic":
         levels = cfg.difficulty if stage == "mef" else (cfg.rl_difficulty or cfg.difficulty)
         options = {"difficulty": tuple(levels), "seed": cfg.seed, "testbed": cfg.testbed}
+        if stage == "mef" and cfg.sft_cross is not None:
+            options["sft_cross"] = cfg.sft_cross
         if split == "train" and cfg.train_size:
             options["n"] = cfg.train_size
     records = data.load(cfg.data, split, cfg.data_dir, **options)
@@ -184,6 +191,7 @@ def main(cfg: Config):
         print(plan.report(cfg, plan.plan_memory(cfg, cfg.plan_world_size, cfg.plan_detail), cfg.plan_gpu_gb,
                           cfg.plan_world_size))
         return
+    check_options(cfg)
     if cfg.fsdp and not dist.launched():
         raise SystemExit("--fsdp shards the model over torchrun's processes: launch with torchrun (README)")
     device = dist.init(cfg.device)  # under torchrun: joins the process group; this rank's device
@@ -277,8 +285,37 @@ def main(cfg: Config):
         log.close()
 
 
+def replay_examples(cfg, tok, experts):
+    """--sft-replay: the (question id, expert) entries a RIEL run's buffer flushed (its flushed.jsonl), in flush
+    order, each with the reference trace the buffer used (buffer.reference_trace) on the RL-level training records
+    of this seed: the same prompt and target ids, for a control that matches MEML's SFT in content, not only count."""
+    records = {r.id: r for r in load_records(cfg, data.SPLITS[cfg.data].train, "riel")}
+    by_name = {e.name: e for e in experts}
+    examples = []
+    for n, line in enumerate(open(cfg.sft_replay), 1):
+        entry = json.loads(line)
+        rec, ex = records.get(entry["question_id"]), by_name.get(entry["expert"])
+        if rec is None or ex is None:
+            raise UserError(f"{cfg.sft_replay}:{n}: question {entry['question_id']!r} / expert {entry['expert']!r} "
+                            "is not in this run's RL training records or experts (another seed or testbed?)")
+        examples.append(SFTExample(rec.id, ex.name, render_chat(tok, ex.system_prompt, rec.question),
+                                   encode_target(tok, reference_trace(rec, ex))))
+    return examples, {"examples": len(examples), "replayed_from": cfg.sft_replay}
+
+
+def check_options(cfg):
+    """Options that only make sense together, checked before any model or data loads."""
+    if cfg.sft_cross is not None and (cfg.data != "synthetic" or cfg.testbed not in data.synthetic.DISJOINT
+                                      or not 0.0 <= cfg.sft_cross <= 1.0):
+        raise UserError(f"--sft-cross {cfg.sft_cross}: a probability in [0, 1], for --testbed "
+                        f"{' or '.join(data.synthetic.DISJOINT)} only")
+    if cfg.sft_replay is not None and not os.path.isfile(cfg.sft_replay):
+        raise UserError(f"--sft-replay {cfg.sft_replay}: no such file (a RIEL run's flushed.jsonl)")
+
+
 def run_mef(cfg, model, tok, records, experts, state, start, resumed, save, log):
-    examples, counts = build_sft_examples(tok, records, experts, cfg.mef.max_len)
+    examples, counts = (replay_examples(cfg, tok, experts) if cfg.sft_replay else
+                        build_sft_examples(tok, records, experts, cfg.mef.max_len))
     if not examples:
         raise UserError(f"MEF has no examples: {counts}")
     total = num_steps(len(examples), cfg.mef)
@@ -293,7 +330,7 @@ def run_mef(cfg, model, tok, records, experts, state, start, resumed, save, log)
     bar = tqdm(total=total, initial=start, desc="mef", dynamic_ncols=True, disable=not dist.is_main())
     t0 = time.time()
     for m in mef_steps(model, examples, cfg.mef, opt, seed=cfg.seed, start_step=start,
-                       lr_at=lr_schedule(cfg.mef, total)):
+                       lr_at=lr_schedule(cfg.mef, total), shuffle=not cfg.sft_replay):
         state["gstep"] += 1
         m.update(stage="mef", gstep=state["gstep"], tokens_per_s=m["tokens"] / (time.time() - t0))
         t0 = time.time()
@@ -368,6 +405,10 @@ def run_riel(cfg, model, tok, records, experts, state, start, resumed, save, log
         m = riel_step(model, tok, batch, experts, rc, opt, buffer, generator, reward_fn, ref_model, cfg.mel, int(keep))
         state["gstep"] += 1
         state["step"] = step + 1
+        flushed = m.pop("flushed_entries")
+        if flushed and dist.is_main():  # what the buffer replayed, for the content-matched control (--sft-replay)
+            with open(os.path.join(cfg.out_dir, "flushed.jsonl"), "a") as f:
+                f.writelines(json.dumps({"step": step + 1, "question_id": q, "expert": e}) + "\n" for q, e in flushed)
         if keep:
             log.samples({"stage": "riel", "step": step + 1, "gstep": state["gstep"], "groups": m.pop("samples")})
         log.write({"stage": "riel", "step": step + 1, "gstep": state["gstep"], **m})

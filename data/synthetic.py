@@ -51,6 +51,14 @@ when MEML-GRPO's mechanism (experts that solve DIFFERENT questions) has anything
   terms is ~63 tokens: train.py gives this testbed 64 new tokens (48 elsewhere).
 - `placebo`: the nested questions, three expert names (`alpha`, `beta`, `gamma`) and ONE trace format (columns)
   for all of them. What MEML gains here over plain GRPO is not the mechanism the paper claims.
+- `disjoint`: the positive control, where the premise holds by construction of the DATA. Two shapes, half and half:
+  `many` = 3 + d one-digit terms (5 at the RL level: shorter than complementary's, so that chain learns it) and
+  `long` = two d-digit terms; two experts, `chain` (owns `many`) and `columns` (owns `long`). MEF sees an expert's
+  trace only on its own shape; the other shape's trace is kept with probability `sft_cross` p, decided by a stable
+  hash of the question id (`cross_kept`), so at p = 0 each expert can learn only its half and at p = 1 this is an
+  ordinary two-expert MoE-SFT. RL, the buffer and evaluation see every trace of every question.
+- `disjoint_same`: the same, free of the algorithm confound: ONE trace format (columns) under two names, `alpha`
+  (owns `many`) and `beta` (owns `long`): at p = 0 the names split the questions, at p = 1 a two-name placebo.
 
 **Splits** are disjoint by construction: a question belongs to `test` if the CRC32 of its text is
 0 mod 10, to `val` (choices such as the lr or the deployed prompt are made there, never on test) if it is 5 mod 10,
@@ -65,7 +73,8 @@ import zlib
 from .common import Expert, Record, UserError
 
 SPLITS = ("train", "val", "test")
-TESTBEDS = ("nested", "complementary", "placebo")
+TESTBEDS = ("nested", "complementary", "placebo", "disjoint", "disjoint_same")
+DISJOINT = ("disjoint", "disjoint_same")
 SFT_DIFFICULTY = (1, 2)  # see Calibration above
 RL_DIFFICULTY = (2, 3)
 DEFAULT_N = {"train": 4000, "val": 400, "test": 400}
@@ -80,10 +89,14 @@ EXPERTS = [
 ]
 PLACEBO_EXPERTS = [Expert(name, name, description="the columns trace, under another name")
                    for name in ("alpha", "beta", "gamma")]
+# disjoint testbeds: the expert that owns each shape (its MEF traces cover that shape only, at sft_cross 0)
+OWNERS = {"disjoint": {"many": "chain", "long": "columns"}, "disjoint_same": {"many": "alpha", "long": "beta"}}
 
 
 def experts(testbed: str = "nested") -> list:
     check_testbed(testbed)
+    if testbed in DISJOINT:  # in the order of OWNERS: the owner of `many`, then of `long`
+        return [next(e for e in EXPERTS + PLACEBO_EXPERTS[:2] if e.name == name) for name in OWNERS[testbed].values()]
     return PLACEBO_EXPERTS if testbed == "placebo" else EXPERTS
 
 
@@ -104,9 +117,17 @@ def split_of(question: str) -> str:
     return "test" if h == 0 else "val" if h == 5 else "train"
 
 
+def cross_kept(question_id: str, p: float) -> bool:
+    """Does MEF keep the trace of a non-owner expert on this question? A stable hash of the id, uniform in [0, 1),
+    below p: the same decision in every run, and a question kept at p is kept at every larger p."""
+    return zlib.crc32(f"{question_id}/cross".encode()) / 2**32 < p
+
+
 def load(split: str, data_dir: str | None = None, n: int | None = None, seed: int = 0,
-         difficulty: int | tuple[int, int] = (1, 3), testbed: str = "nested") -> list[Record]:
-    """n questions of `split`; data_dir is ignored (nothing is read from disk)."""
+         difficulty: int | tuple[int, int] = (1, 3), testbed: str = "nested", sft_cross: float | None = None
+         ) -> list[Record]:
+    """n questions of `split`; data_dir is ignored (nothing is read from disk). sft_cross (disjoint testbeds, MEF
+    only): keep a non-owner expert's trace with this probability (cross_kept); None keeps every trace."""
     if split not in SPLITS:
         raise ValueError(f"synthetic has splits {SPLITS}, not {split!r}")
     check_testbed(testbed)
@@ -115,29 +136,35 @@ def load(split: str, data_dir: str | None = None, n: int | None = None, seed: in
     shape(lo), shape(hi)  # validates the range
     # str seeds are hashed with sha512: stable across runs; nested draws the stream it always drew, and so does
     # placebo: the nested questions themselves
-    rng = random.Random(f"synthetic/{split}/{seed}" + ("/complementary" if testbed == "complementary" else ""))
+    if sft_cross is not None and not (testbed in DISJOINT and 0.0 <= sft_cross <= 1.0):
+        raise UserError(f"sft_cross {sft_cross} needs a disjoint testbed ({', '.join(DISJOINT)}) and 0 <= p <= 1")
+    rng = random.Random(f"synthetic/{split}/{seed}" + {"complementary": "/complementary", "disjoint": "/disjoint", "disjoint_same": "/disjoint"}.get(testbed, ""))
     records = []
     while len(records) < n:
         level = rng.randint(lo, hi)
-        kind = rng.choice(("many", "long")) if testbed == "complementary" else "nested"
-        terms = make_terms(rng, level, kind)
+        kind = rng.choice(("many", "long")) if testbed not in ("nested", "placebo") else "nested"
+        terms = make_terms(rng, level, kind, few=testbed in DISJOINT)
         question = "+".join(map(str, terms)) + "=?"
         if split_of(question) != split:
             continue
         answer = str(sum(terms))
-        if testbed == "placebo":
-            traces = {e.name: columns_trace(terms) for e in PLACEBO_EXPERTS}
+        rid = f"synthetic-{split}-{seed}-{len(records)}"
+        if testbed in ("placebo", "disjoint_same"):
+            traces = {e.name: columns_trace(terms) for e in experts(testbed)}
         else:
             traces = {"chain": chain_trace(terms), "columns": columns_trace(terms), "reverse": reverse_trace(terms)}
-        records.append(Record(f"synthetic-{split}-{seed}-{len(records)}", question, answer, traces,
-                              {"difficulty": level, "terms": terms, "shape": kind}))
+            traces = {e.name: traces[e.name] for e in experts(testbed)}
+        if sft_cross is not None:  # MEF of a disjoint testbed: the owner's trace, others with probability p
+            traces = {name: t for name, t in traces.items() if name == OWNERS[testbed][kind] or cross_kept(rid, sft_cross)}
+        records.append(Record(rid, question, answer, traces, {"difficulty": level, "terms": terms, "shape": kind}))
     return records
 
 
-def make_terms(rng: random.Random, difficulty: int, kind: str = "nested") -> list[int]:
-    """nested: shape(difficulty); complementary: `many` = 4 + 2d one-digit terms, `long` = two d-digit terms."""
+def make_terms(rng: random.Random, difficulty: int, kind: str = "nested", few: bool = False) -> list[int]:
+    """nested: shape(difficulty); `many` = 4 + 2d one-digit terms (3 + d with few: the disjoint testbeds),
+    `long` = two d-digit terms."""
     if kind == "many":
-        return [rng.randint(1, 9) for _ in range(4 + 2 * difficulty)]
+        return [rng.randint(1, 9) for _ in range(3 + difficulty if few else 4 + 2 * difficulty)]
     if kind == "long":
         return [rng.randint(10**(difficulty - 1), 10**difficulty - 1) for _ in range(2)]
     count, digits = shape(difficulty)

@@ -93,7 +93,7 @@ def load(out, name="summary.json"):
 
 
 CURVE_KEYS = ("reward", "rescue_rate", "trained_rows", "trained_tokens", "sampled_rows", "flushed")
-CURVE_PREFIXES = ("rescued/", "grad_norm/", "reward/")
+CURVE_PREFIXES = ("rescued/", "grad_norm/", "reward/", "taught/", "e_minus/", "all_wrong/")
 
 
 def riel_lines(out):

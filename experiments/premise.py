@@ -29,6 +29,7 @@ import premise  # noqa: E402
 import verify  # noqa: E402
 from model import Transformer  # noqa: E402
 from riel import RIELConfig, sample_and_score  # noqa: E402
+from transfer import choose_transfer  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 
@@ -56,32 +57,41 @@ def measure(model, tok, task, records, experts, cfg: RIELConfig, batch_questions
     parts = [sample_and_score(model, tok, records[s:s + batch_questions], experts, cfg, gen, reward_fn)[2]
              for s in range(0, len(records), batch_questions)]
     rewards = torch.cat(parts)  # (Q, N, G)
-    out = {"overall": summary(rewards, experts)}
+    out = {"overall": summary(rewards, experts, seed)}
     shapes = [r.meta.get("shape") for r in records]
     for s in sorted({x for x in shapes if x not in (None, "nested")}):
         idx = torch.tensor([i for i, x in enumerate(shapes) if x == s])
-        out[s] = summary(rewards[idx], experts)
+        out[s] = summary(rewards[idx], experts, seed)
     return out
 
 
-def summary(rewards, experts) -> dict:
+def summary(rewards, experts, seed=0) -> dict:
+    """The meter, what the transfer would act on (taught/: E- of a transfer, ties at random as the fair grids
+    break them) and the two chance levels of rescued/ (premise.rescue_nulls)."""
     wrong = rewards.amax(-1) < verify.CORRECT  # (Q, N)
     best = max(range(len(experts)), key=lambda i: (rewards[:, i].mean().item(), -i))
     meter = premise.rescue(rewards, experts)
+    gen = torch.Generator().manual_seed(seed)
+    chosen = [c for q in range(rewards.shape[0]) if (c := choose_transfer(rewards[q], gen, random_ties=True))]
+    taught = {e.name: sum(m == i for _, m in chosen) / max(1, rewards.shape[0]) for i, e in enumerate(experts)}
     return {"questions": rewards.shape[0], "best_expert": experts[best].name,
             "reward": {e.name: rewards[:, i].mean().item() for i, e in enumerate(experts)},
             "all_wrong": {e.name: wrong[:, i].float().mean().item() for i, e in enumerate(experts)},
-            **meter, "rescued_best": meter[f"rescued/{experts[best].name}"]}
+            **meter, "rescued_best": meter[f"rescued/{experts[best].name}"],
+            "taught": taught, "taught_best": taught[experts[best].name],
+            "nulls": premise.rescue_nulls(rewards, experts, seed=seed)}
 
 
 def table(res: dict) -> str:
-    lines = ["| questions | expert | mean reward | all-wrong groups | rescued/expert |", "|---|---|---|---|---|"]
+    lines = ["| questions | expert | mean reward | all-wrong groups | rescued/expert | null: same difficulty / "
+             "independent | taught/expert |", "|---|---|---|---|---|---|---|"]
     for part, r in res.items():
         for name, rew in r["reward"].items():
             mark = " (best)" if name == r["best_expert"] else ""
+            nulls = f"{r['nulls']['same_difficulty/' + name]:.2f} / {r['nulls']['independent/' + name]:.2f}"
             lines.append(f"| {part} ({r['questions']}) | {name}{mark} | {rew:.3f} | {r['all_wrong'][name]:.2f} | "
-                         f"{r['rescued/' + name]:.2f} |")
-        lines.append(f"| {part} | rescue_rate | | | {r['rescue_rate']:.2f} |")
+                         f"{r['rescued/' + name]:.2f} | {nulls} | {r['taught'][name]:.2f} |")
+        lines.append(f"| {part} | rescue_rate | | | {r['rescue_rate']:.2f} | | |")
     return "\n".join(lines)
 
 
