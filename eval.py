@@ -24,6 +24,7 @@ rank gets the table one process would compute (pass@k too: the uniforms of the w
 import json
 import math
 import os
+import statistics
 import sys
 from collections import Counter
 from contextlib import nullcontext
@@ -109,6 +110,11 @@ def evaluate(model, tok, task, records, experts, cfg: EvalConfig, seed=0, keep_t
     out = {"task": task, "questions": len(records), "accuracy": acc, "best_expert": best,
            "best_accuracy": acc[best], "majority_vote": vote,
            "completions/mean_length": sum(lengths) / max(1, len(lengths))}  # tokens, as in RIEL's lines
+    shapes = sorted({r.meta.get("shape") for r in records} - {None, "nested"})
+    if shapes:  # the synthetic testbeds with two question shapes: what each prompt solves of each
+        out["accuracy_by_shape"] = {s: {e.name: statistics.mean(checks[q * N + i][0] for q, r in enumerate(records)
+                                                                if r.meta.get("shape") == s)
+                                        for i, e in enumerate(experts)} for s in shapes}
     if keep_texts:  # what the model wrote, for samples.jsonl (not kept in the run's state)
         out["samples"] = [{"question": rec.question, "answer": rec.answer, "expert": experts[p % N].name,
                            "completion": t, "correct": checks[p][0]}

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import subprocess
 import statistics
 import sys
 import zlib
@@ -166,6 +167,19 @@ def riel_line(step: int, steps: int, a: dict) -> str:
                f"{a['mel_s']:.1f}s" if "mel/kept" in a else ""))
 
 
+def code_commit() -> str | None:
+    """The git commit of the code this run ran (+ "-dirty" with uncommitted changes), so a number names its code;
+    None outside a git checkout."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                               text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if head.returncode == 0 else None
+
+
 def write_summary(cfg, state, log, wall_since_save):
     rl = [m for m in log.read() if m.get("stage") == "riel"]
     tenth = max(1, len(rl) // 10)
@@ -176,7 +190,7 @@ def write_summary(cfg, state, log, wall_since_save):
                           "last_10pct": sum(m[key] for m in rl[-tenth:]) / tenth}
     summary = {"model": cfg.model, "data": cfg.data, "stages": list(cfg.stages), "evals": state["evals"],
                "riel_trend": trend, "optimizer_steps": state["gstep"], "wall_s": state["wall_s"] + wall_since_save,
-               "checkpoint": checkpoint.latest(cfg.out_dir), "config": dataclasses.asdict(cfg)}
+               "checkpoint": checkpoint.latest(cfg.out_dir), "config": dataclasses.asdict(cfg), "commit": code_commit()}
     with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(f"summary -> {os.path.join(cfg.out_dir, 'summary.json')} ({summary['wall_s']:.0f}s)")

@@ -111,8 +111,16 @@ def riel_lines(out):
     return lines
 
 
+def base(testbed: str) -> str:
+    """A grid's testbed name -> train.py's --testbed: `disjoint@0.3` is the disjoint testbed at --sft-cross 0.3
+    (experiments/dose_response.py)."""
+    return testbed.split("@")[0]
+
+
 def common(cfg, testbed, seed, out):
-    args = ["--testbed", testbed, "--seed", str(seed), "--out-dir", out, "--eval-splits", "val"]
+    args = ["--testbed", base(testbed), "--seed", str(seed), "--out-dir", out, "--eval-splits", "val"]
+    if "@" in testbed:
+        args += ["--sft-cross", testbed.split("@")[1]]
     if cfg.quick:
         args += ["--train-size", "150", "--mef.epochs", "1", "--eval.size", "20", "--no-curves"]
     return args
@@ -144,8 +152,8 @@ def run_sft(cfg, testbed, seed):
         f.write(digest + "\n")
     probe = os.path.join(out, "premise.json")
     if not os.path.exists(probe):  # the meter before any RL, on RL-level training questions, in its own process
-        d = defaults("tiny", testbed)
-        args = [sys.executable, os.path.join(ROOT, "experiments", "premise.py"), final_ckpt(out), "--testbed", testbed,
+        d = defaults("tiny", base(testbed))
+        args = [sys.executable, os.path.join(ROOT, "experiments", "premise.py"), final_ckpt(out), "--testbed", base(testbed),
                 "--difficulty", str(d.rl_difficulty[0]), "--seed", str(seed), "--out", probe,
                 "--questions", "16" if cfg.quick else "100", "--max-new-tokens", str(d.riel.max_new_tokens)]
         with open(os.path.join(out, "premise.log"), "w") as log:
@@ -159,9 +167,10 @@ def run_rl(cfg, testbed, row, seed, lr):
     out, sft = run_dir(cfg, testbed, row, seed, lr), run_dir(cfg, testbed, SFT, seed)
     if done(out):
         return
-    d, n = defaults("tiny"), len(data.experts("synthetic", testbed=testbed))
+    d, n = defaults("tiny"), len(data.experts("synthetic", testbed=base(testbed)))
     args = common(cfg, testbed, seed, out) + ["--init", final_ckpt(sft), "--stages", "riel", "eval",
-                                               "--riel.steps", str(cfg.steps), "--riel.lr", str(lr), *FAIR, *ROWS[row]]
+                                               "--riel.steps", str(cfg.steps), "--riel.lr", str(lr), *FAIR, *ROWS[row],
+                                               *getattr(cfg, "rl_args", ())]
     if row == "GRPO, one expert":  # the prompt MoE-SFT does best on validation, N x the questions per step
         args += ["--experts", val_choice(load(sft)["evals"], "after_mef@val"),
                  "--riel.questions-per-step", str(d.riel.questions_per_step * n)]
@@ -173,7 +182,7 @@ def run_control(cfg, testbed, seed, lr, meml_out):
     out, sft = run_dir(cfg, testbed, CONTROL, seed, lr), run_dir(cfg, testbed, SFT, seed)
     if done(out):
         return
-    d, n = defaults("tiny"), len(data.experts("synthetic", testbed=testbed))
+    d, n = defaults("tiny"), len(data.experts("synthetic", testbed=base(testbed)))
     flushed = sum(m["flushed"] for m in riel_lines(meml_out))
     b = d.riel.buffer_size
     args = common(cfg, testbed, seed, out) + [
