@@ -129,10 +129,13 @@ def defaults(model: str, testbed: str = "nested") -> Config:
     # (normalised by its own few tokens) outweighs the GRPO term ~16x per token, and at 1.0 it dominated the
     # gradient and cost the best expert 8 points in our runs (README).
     tokens = 64 if testbed == "complementary" else 48
+    disjoint = testbed in data.synthetic.DISJOINT  # at sft_cross 0 an epoch is half the examples, and each expert
+    #   must get strong enough on its own shape to rescue the other (docs/when_meml_helps.md, the go/no-go)
     return Config(
         testbed=testbed if testbed in data.synthetic.TESTBEDS else "nested", difficulty=(1, 2), rl_difficulty=(2, 2), train_size=10000, checkpoint_every=100,
-        mef=MEFConfig(epochs=2, lr=3e-3, batch_size=64, micro_batch_size=64, max_len=256, warmup_steps=20,
-                      schedule="cosine", stop_at=0.2, check_every=25, check_size=100),
+        mef=MEFConfig(epochs=4 if disjoint else 2, lr=3e-3, batch_size=64, micro_batch_size=64, max_len=256,
+                      warmup_steps=20, schedule="cosine", stop_at=0.3 if disjoint else 0.2, check_every=25,
+                      check_size=100),
         eval_every=50, riel=RIELConfig(steps=250, questions_per_step=16, group_size=8, max_new_tokens=tokens, lr=3e-4, lambda1=0.1,
                         micro_batch_size=64, buffer_size=32, grad_shares=True),
         mel=MELConfig(max_analysis_tokens=48),

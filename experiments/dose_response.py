@@ -3,7 +3,7 @@ experiments/dose_response.py: the positive control of MEML-GRPO, and how its eff
 
     python experiments/dose_response.py                 # the grid: hours of CPU, resumable (run it again)
     python experiments/dose_response.py --report        # the table, JSON and picture from finished runs
-    python experiments/dose_response.py --quick         # 2 doses, 1 seed, 2 rows, 3 RL steps: a smoke test
+    python experiments/dose_response.py --quick         # 2 doses, 1 seed, 4 rows, 1 lr, 3 RL steps: a smoke test
 
 The testbed is `disjoint` (data/synthetic.py): two question shapes, two experts, each expert's MEF traces cover
 only its own shape plus a share p of the other's (`--sft-cross p`). At p = 0 each prompt can solve only its half,
@@ -226,7 +226,7 @@ def picture(g, path) -> bool:
 def main(cfg: Config):
     if cfg.quick:
         cfg = dataclasses.replace(cfg, doses=cfg.doses[:2], full_doses=cfg.doses[:2], seeds=cfg.seeds[:1],
-                                  rows=(ALONE, WITH_T), lrs=cfg.lrs[:1], steps=3, edge_steps=0)
+                                  rows=(ALONE, WITH_T, fa.MEML, CONTROL), lrs=cfg.lrs[:1], steps=3, edge_steps=0)
     t0 = time.time()
     if not cfg.report:
         with ThreadPoolExecutor(cfg.jobs) as pool:
