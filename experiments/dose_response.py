@@ -2,6 +2,7 @@
 experiments/dose_response.py: the positive control of MEML-GRPO, and how its effect fades as the premise weakens.
 
     python experiments/dose_response.py                 # the grid: hours of CPU, resumable (run it again)
+    python experiments/dose_response.py --doses 0 1 0.3 --seeds 0 1 2   # the published grid (the defaults)
     python experiments/dose_response.py --report        # the table, JSON and picture from finished runs
     python experiments/dose_response.py --quick         # 2 doses, 1 seed, 4 rows, 1 lr, 3 RL steps: a smoke test
 
@@ -50,15 +51,21 @@ CONTROL = "gold-SFT control (content-matched)"
 @dataclass
 class Config(fa.Config):
     testbed: str = "disjoint"  # or disjoint_same (one trace format under two names)
-    doses: tuple[float, ...] = (0.0, 1.0, 0.3, 0.1)  # sft_cross p, run in this order (each dose to the end)
+    doses: tuple[float, ...] = (0.0, 1.0, 0.3)  # sft_cross p, run in this order (each dose to the end)
     full_doses: tuple[float, ...] = (0.0, 1.0)  # these get every seed; the others seeds[:mid_seeds]
     mid_seeds: int = 1
     rows: tuple[str, ...] = ROWS + (CONTROL,)
     lrs: tuple[float, ...] = (3e-5, 1e-4, 3e-4)
     edge_steps: int = 1
-    rl_args: tuple[str, ...] = ()  # extra train.py arguments of every RL row (e.g. --riel.term-scale step)
+    # every RL row's transfer and SFT terms weighed per sampled token (docs/positive_control.md: the diagnosis)
+    term_scale: str = "step"
     out_dir: str = "experiments/dose_runs"
     out: str = "experiments/dose_response.json"
+
+
+def rl_args(cfg) -> tuple:
+    """Appended after fair_ablation's FAIR arguments (the last --riel.term-scale wins)."""
+    return ("--riel.term-scale", cfg.term_scale)
 
 
 def tb(cfg, p) -> str:
@@ -134,6 +141,7 @@ def numbers(out, row) -> dict:
     res["sft_cross"] = summary["config"].get("sft_cross")
     res["commit"] = summary.get("commit")
     if row not in (fa.SFT, CONTROL):
+        res["term_scale"] = summary["config"]["riel"]["term_scale"]
         rl = fa.riel_lines(out)
         res["taught_deployed"] = {"start": fa.window_mean(rl, f"taught/{res['deployed']}", True),
                                   "end": fa.window_mean(rl, f"taught/{res['deployed']}", False)}
@@ -224,9 +232,12 @@ def picture(g, path) -> bool:
 
 
 def main(cfg: Config):
+    if cfg.term_scale not in ("own", "step"):
+        raise SystemExit(f"--term-scale {cfg.term_scale!r}: own or step")
     if cfg.quick:
         cfg = dataclasses.replace(cfg, doses=cfg.doses[:2], full_doses=cfg.doses[:2], seeds=cfg.seeds[:1],
                                   rows=(ALONE, WITH_T, fa.MEML, CONTROL), lrs=cfg.lrs[:1], steps=3, edge_steps=0)
+    cfg.rl_args = rl_args(cfg)  # (an attribute fair_ablation's run_rl reads, not an option)
     t0 = time.time()
     if not cfg.report:
         with ThreadPoolExecutor(cfg.jobs) as pool:

@@ -49,6 +49,7 @@ class Args:
     lr: float = 1e-4
     seed: int = 0
     test_size: int = 300
+    show: int = 3  # greedy answers kept per (expert, shape) after each arm
     out: str | None = None
 
 
@@ -130,8 +131,22 @@ def run_arm(args, arm, base, tok, records, experts, test) -> dict:
     finally:
         riel.update_policy, riel.transfer_pairs = original, original_tp
     res = evaluate(model, tok, "synthetic", test, experts, EvalConfig(size=args.test_size, max_new_tokens=48,
-                                                                       batch_size=150))
-    return {"arm": arm, "steps": steps, "test": res["accuracy"], "test_by_shape": res.get("accuracy_by_shape")}
+                                                                       batch_size=150), keep_texts=True)
+    return {"arm": arm, "steps": steps, "test": res["accuracy"], "test_by_shape": res.get("accuracy_by_shape"),
+            "examples": examples(res["samples"], test, args.show)}
+
+
+def examples(samples, test, k) -> list:
+    """The first k greedy answers of each (expert, shape): what the collapse looks like."""
+    shape = {r.question: r.meta["shape"] for r in test}
+    out, seen = [], {}
+    for s in samples:
+        key = (s["expert"], shape[s["question"]])
+        if seen.setdefault(key, 0) < k:
+            seen[key] += 1
+            out.append({"expert": s["expert"], "shape": key[1], "question": s["question"],
+                        "completion": s["completion"], "correct": s["correct"]})
+    return out
 
 
 def mean_of(xs):
@@ -165,6 +180,8 @@ def report(arm_res, experts) -> str:
                      f"{mean_of(x['grad_norm']['grpo'] for x in part):.3f} / "
                      f"{mean_of(x['grad_norm']['transfer'] for x in part):.3f} | " + " | ".join(cells) + " |")
     by = arm_res["test_by_shape"] or {}
+    lines += ["", "greedy answers after (expert, shape, question -> answer):"] + [
+        f"    {x['expert']} {x['shape']} {x['question']} -> {x['completion'].strip()!r}" for x in arm_res["examples"]]
     lines += ["", "greedy test accuracy after: " + ", ".join(
         f"{e.name} {100 * arm_res['test'][e.name]:.1f}% (" + " / ".join(f"{k} {100 * by[k][e.name]:.1f}%" for k in by)
         + ")" for e in experts), ""]
@@ -179,10 +196,11 @@ def main(args: Args):
     records = data.load("synthetic", "train", n=10000, seed=args.seed, difficulty=(2, 2), testbed=args.testbed)
     test = data.load("synthetic", "test", seed=args.seed, difficulty=(2, 2), testbed=args.testbed)
     before = evaluate(base, tok, "synthetic", test, experts, EvalConfig(size=args.test_size, max_new_tokens=48,
-                                                                          batch_size=150))
-    out = {"args": vars(args), "before": before["accuracy"],
-           "before_by_shape": before.get("accuracy_by_shape"), "arms": []}
-    print(f"before RL: {before['accuracy']} {before.get('accuracy_by_shape')}")
+                                                                          batch_size=150), keep_texts=True)
+    out = {"args": vars(args), "before": before["accuracy"], "before_by_shape": before.get("accuracy_by_shape"),
+           "before_examples": examples(before["samples"], test, args.show), "arms": []}
+    print(f"before RL: {before['accuracy']} {before.get('accuracy_by_shape')}\n" + "\n".join(
+        f"    {x['expert']} {x['shape']} {x['question']} -> {x['completion'].strip()!r}" for x in out["before_examples"]))
     for arm in args.arms:
         res = run_arm(args, arm, base, tok, records, experts, test)
         out["arms"].append(res)

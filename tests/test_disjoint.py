@@ -183,6 +183,6 @@ def test_dose_response_quick_writes_the_contrast_per_dose(tmp_path):
         for row, runs in res.items():
             assert runs["0"]["sft_cross"] == float(p) and set(runs["0"]["by_shape"]) == {"many", "long"}
         assert {"taught_deployed", "rescued_deployed", "nulls"} <= set(res["MoE-SFT"]["0"]["pre_rl"])
-        assert "start" in res[dr.WITH_T]["0"]["taught_deployed"]
+        assert "start" in res[dr.WITH_T]["0"]["taught_deployed"] and res[dr.WITH_T]["0"]["term_scale"] == "step"
     assert "The transfer alone" in (tmp_path / "dose.md").read_text()
     assert (tmp_path / "dose.png").stat().st_size > 10_000
