@@ -25,6 +25,7 @@ import shutil
 import torch
 
 import dist
+from errors import UserError
 from model import Transformer
 
 STATE_FILE = "trainer_state.pt"
@@ -55,8 +56,10 @@ def save(out_dir: str, model, tok, state: dict, weights: dict | None = None, kee
         save_file(tensors, os.path.join(tmp, file))
     for f in os.listdir(tmp):
         _fsync(os.path.join(tmp, f))
-    if os.path.exists(final):  # the same step saved twice (e.g. end of stage right after a periodic save)
-        shutil.rmtree(final)
+    if os.path.exists(final):  # the same step saved twice (a resume with fewer steps, the end of a stage right
+        #                          after a periodic save): the old one is set aside, not deleted, until the new is in place
+        shutil.rmtree(final + ".prev", ignore_errors=True)
+        os.rename(final, final + ".prev")
     os.rename(tmp, final)
     _fsync(out_dir)
     with open(os.path.join(out_dir, "latest.tmp"), "w") as f:
@@ -65,25 +68,100 @@ def save(out_dir: str, model, tok, state: dict, weights: dict | None = None, kee
         os.fsync(f.fileno())
     os.replace(os.path.join(out_dir, "latest.tmp"), os.path.join(out_dir, "latest"))
     _fsync(out_dir)
-    complete = sorted(d for d in glob.glob(os.path.join(out_dir, "ckpt-*")) if not d.endswith(".tmp"))
-    for old in complete[:-keep]:
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(final + ".prev", ignore_errors=True)
+    prune(out_dir, keep, final)
     return final
 
 
+def complete_checkpoints(out_dir: str) -> list:
+    """The run's complete checkpoint directories, oldest first."""
+    return sorted(d for d in glob.glob(os.path.join(out_dir, "ckpt-*"))
+                  if not d.endswith((".tmp", ".prev")) and os.path.exists(os.path.join(d, STATE_FILE)))
+
+
+def prune(out_dir: str, keep: int, current: str):
+    """Delete all but the newest `keep` complete checkpoints (never `current`)."""
+    for old in complete_checkpoints(out_dir)[:-keep]:
+        if old != current:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def latest(out_dir: str) -> str | None:
-    """The last complete checkpoint directory of a run, or None. Sweeps half-written ones away."""
+    """The last complete checkpoint directory of a run, or None. Sweeps half-written ones away and puts back a
+    checkpoint set aside by a save of the same step that was killed before its replacement was in place."""
     for tmp in glob.glob(os.path.join(out_dir, "ckpt-*.tmp")):
         shutil.rmtree(tmp, ignore_errors=True)
+    for prev in glob.glob(os.path.join(out_dir, "ckpt-*.prev")):
+        if os.path.exists(os.path.join(prev[:-5], STATE_FILE)):
+            shutil.rmtree(prev, ignore_errors=True)
+        else:
+            shutil.rmtree(prev[:-5], ignore_errors=True)
+            os.rename(prev, prev[:-5])
     pointer = os.path.join(out_dir, "latest")
     if not os.path.exists(pointer):
         return None
-    with open(pointer) as f:
-        path = os.path.join(out_dir, f.read().strip())
-    if not os.path.exists(os.path.join(path, STATE_FILE)):
-        raise RuntimeError(f"{pointer} names {path}, which is incomplete: the run directory was edited by hand")
+    with open(pointer, "rb") as f:
+        name = f.read().decode(errors="replace").strip()
+    path = os.path.join(out_dir, name)
+    if not name.startswith("ckpt-") or "/" in name or not os.path.exists(os.path.join(path, STATE_FILE)):
+        raise UserError(f"{pointer} names {name!r}, which is not a complete checkpoint of this run. "
+                        + fallback_hint(out_dir, path))
     return path
+
+
+def fallback_hint(out_dir: str, bad: str) -> str:
+    """What to do when `bad` cannot be used: the newest other complete checkpoint, and how to point `latest` at it."""
+    others = [d for d in complete_checkpoints(out_dir) if os.path.abspath(d) != os.path.abspath(bad)]
+    if not others:
+        return "No other complete checkpoint is kept: start the run again in a new --out-dir."
+    name = os.path.basename(others[-1])
+    return (f"The previous complete checkpoint is {others[-1]}: to fall back to it, "
+            f"`echo {name} > {os.path.join(out_dir, 'latest')}` and --resume.")
+
+
+def check(path: str, out_dir: str | None = None):
+    """Refuse a damaged checkpoint with a message naming the file, what is wrong and the checkpoint to fall back to
+    (out_dir: the run's directory; None: a checkpoint on its own). Checks what a resume reads: config.json,
+    the safetensors headers and sizes, trainer_state.pt (when the directory is a train.py checkpoint), tokenizer."""
+    from safetensors import safe_open
+    hint = fallback_hint(out_dir, path) if out_dir else ""
+
+    def damaged(file, what):
+        raise UserError(f"checkpoint {path} is damaged: {file} {what}. {hint}".strip())
+    if not os.path.exists(os.path.join(path, "config.json")):
+        damaged("config.json", "is missing")
+    weights = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not any(os.path.basename(w).startswith("model") for w in weights):
+        damaged("model.safetensors", "is missing")
+    for w in weights:
+        try:
+            with safe_open(w, framework="pt") as f:  # parses the header
+                f.keys()
+            whole = _sizes_match(w)  # ... and the data it promises must be on disk
+        except Exception as err:  # noqa: BLE001 (any parse failure means the same thing here)
+            damaged(os.path.basename(w), f"cannot be read ({type(err).__name__}: {err})")
+        if not whole:
+            damaged(os.path.basename(w), "is shorter than its header says (truncated)")
+    if not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model")):
+        damaged("tokenizer.json", "is missing")
+    state = os.path.join(path, STATE_FILE)
+    if out_dir is not None or os.path.exists(state):
+        try:
+            load_state(path)
+        except Exception as err:  # noqa: BLE001
+            damaged(STATE_FILE, f"cannot be read ({type(err).__name__})")
+
+
+def _sizes_match(file: str) -> bool:
+    """A safetensors file is 8 bytes of header length, the JSON header, then the data its offsets promise."""
+    import json
+    import struct
+    size = os.path.getsize(file)
+    with open(file, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    return size >= 8 + n + max(ends, default=0)
 
 
 def load_state(path: str) -> dict:

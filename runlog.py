@@ -37,6 +37,28 @@ class NullLog:
         pass
 
 
+def read_lines(path: str) -> list:
+    """The complete JSON lines of a log, for a resume. A last line cut short (a kill or a full disk mid-write) is
+    dropped with a warning: the checkpoint, not the log, is the record, and that step is redone. A bad line
+    anywhere else means the file was edited or damaged: an error naming the file and line."""
+    with open(path, "rb") as f:
+        raw = f.read().split(b"\n")
+    lines = []
+    for n, line in enumerate(raw, 1):
+        if not line.strip():
+            continue
+        try:
+            json.loads(line)
+        except (ValueError, UnicodeDecodeError):
+            if n >= len(raw) - 1 and not any(x.strip() for x in raw[n:]):
+                print(f"warning: {path}:{n}: dropped a half-written last line", file=sys.stderr)
+                continue
+            raise UserError(f"{path}:{n}: not a JSON line (the file was damaged or edited): repair or delete that "
+                            "line, then --resume again")
+        lines.append(line.decode() + "\n")
+    return lines
+
+
 class MetricsLog:
     """metrics.jsonl: one JSON object per line. On resume, lines past the checkpoint are dropped (they will be
     redone), so the file always describes exactly one uninterrupted run. tracker: gets every line as well."""
@@ -46,8 +68,7 @@ class MetricsLog:
         self.samples_path = os.path.join(os.path.dirname(path), "samples.jsonl")
         for p in (path, self.samples_path):
             if keep_upto is not None and os.path.exists(p):
-                with open(p) as f:
-                    kept = [line for line in f if json.loads(line).get("gstep", 0) <= keep_upto]
+                kept = [line for line in read_lines(p) if json.loads(line).get("gstep", 0) <= keep_upto]
                 with open(p + ".tmp", "w") as f:
                     f.writelines(kept)
                 os.replace(p + ".tmp", p)
@@ -189,7 +210,8 @@ def write_summary(cfg, state, log, wall_since_save):
             trend[key] = {"first_10pct": sum(m[key] for m in rl[:tenth]) / tenth,
                           "last_10pct": sum(m[key] for m in rl[-tenth:]) / tenth}
     summary = {"model": cfg.model, "data": cfg.data, "stages": list(cfg.stages), "evals": state["evals"],
-               "riel_trend": trend, "optimizer_steps": state["gstep"], "wall_s": state["wall_s"] + wall_since_save,
+               "riel_trend": trend, "optimizer_steps": state["gstep"] - state.get("skipped_steps", 0),
+               "skipped_steps": state.get("skipped_steps", 0), "resume_changes": state.get("changes", []), "wall_s": state["wall_s"] + wall_since_save,
                "checkpoint": checkpoint.latest(cfg.out_dir), "config": dataclasses.asdict(cfg), "commit": code_commit()}
     with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

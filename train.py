@@ -35,6 +35,7 @@ logs, and checkpoints. Choices:
 """
 
 import dataclasses
+import errno
 import json
 import os
 import sys
@@ -50,6 +51,7 @@ from tqdm import tqdm
 import checkpoint
 import data
 import dist
+import guard
 import lora
 import runlog
 import verify
@@ -77,7 +79,9 @@ class Config:
     stages: tuple[Stage, ...] = ("mef", "riel", "eval")
     init: str | None = None  # start from this checkpoint directory instead of --model's weights
     out_dir: str = "out/run"
-    resume: bool = False  # continue the run in out_dir from its last complete checkpoint
+    resume: bool = False  # continue the run in out_dir from its last complete checkpoint (refused when there is none)
+    resume_or_start: bool = False  # with --resume: start afresh when out_dir holds no checkpoint yet
+    resume_allow_change: tuple[str, ...] = ()  # with --resume: options (as riel.lr, seed) the resumed run may change
     seed: int = 0
     device: str | None = None  # default: cuda if available, else cpu
     # auto: autocast on CUDA, fp32 on CPU | autocast: fp32 weights, bf16 autocast, any device (on CPU: tries the
@@ -194,21 +198,37 @@ def main(cfg: Config):
         print(plan.report(cfg, plan.plan_memory(cfg, cfg.plan_world_size, cfg.plan_detail), cfg.plan_gpu_gb,
                           cfg.plan_world_size))
         return
-    check_options(cfg)
+    guard.check_options(cfg)  # before anything loads or is written
     if cfg.fsdp and not dist.launched():
         raise SystemExit("--fsdp shards the model over torchrun's processes: launch with torchrun (README)")
     device = dist.init(cfg.device)  # under torchrun: joins the process group; this rank's device
     if not dist.is_main():
         sys.stdout = open(os.devnull, "w")  # one log, rank 0's; errors and warnings still reach stderr
     dist.check_world(cfg.riel.questions_per_step, cfg.eval.batch_size)
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    if dist.is_main():
+        guard.check_writable(cfg.out_dir)
+    lock = guard.RunLock(cfg.out_dir).acquire() if dist.is_main() else None  # this directory is ours until we exit
+    try:
+        run(cfg, device, t_start)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def run(cfg: Config, device, t_start):
     ckpt = dist.from_main(lambda: checkpoint.latest(cfg.out_dir))  # rank 0 sweeps half-written ones
     if ckpt and not cfg.resume:
         raise SystemExit(f"{cfg.out_dir} already holds a run (last checkpoint {ckpt}): pass --resume to continue "
                          "it, or choose another --out-dir")
+    if cfg.resume and not ckpt and not cfg.resume_or_start:
+        raise UserError(f"--resume: {cfg.out_dir} holds no complete checkpoint (no `latest` file): nothing to resume. "
+                        "Check --out-dir, or pass --resume-or-start to start a new run there")
+    if ckpt and dist.is_main():
+        checkpoint.check(ckpt, cfg.out_dir)  # a damaged one is named, with the one to fall back to
     state = checkpoint.load_state(ckpt) if ckpt else {"gstep": 0, "done": [], "stage": None, "step": 0,
                                                        "evals": {}, "wall_s": 0.0}
     if ckpt:
+        resume_checks(cfg, state)
         print(f"resuming from {ckpt}: stage {state['stage']}, step {state['step']}, done {state['done']}")
     torch.manual_seed(cfg.seed)
     param_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
@@ -221,6 +241,9 @@ def main(cfg: Config):
         model = Transformer.from_config(tiny_config(), device, param_dtype, seed=cfg.seed)
     else:
         model = Transformer.from_pretrained(base, device, param_dtype)
+        if bad := guard.non_finite(model.state_dict().items()):  # never train on from a NaN checkpoint
+            raise UserError(f"{base}: weight {bad} holds NaN or inf. "
+                            + (checkpoint.fallback_hint(cfg.out_dir, ckpt) if ckpt else "Use another --init/--model."))
     if cfg.lora_rank:
         lora.attach(model, cfg.lora_rank, cfg.lora_alpha, cfg.out_dir, ckpt, seed=cfg.seed, from_scratch=base == "tiny",
                     base_dtype=torch.bfloat16 if use_autocast else None)  # a frozen base needs no fp32 copy
@@ -244,7 +267,11 @@ def main(cfg: Config):
                      generator=generator.get_state() if generator is not None else None,
                      buffer=buffer.to_dict() if buffer else None, config=dataclasses.asdict(cfg))
         save.t0 = time.time()
-        path = checkpoint.save(cfg.out_dir, model, tok, state, weights, files=files) if dist.is_main() else None
+        if dist.is_main() and (bad := guard.non_finite((weights or model.state_dict()).items())):
+            raise UserError(f"weight {bad} is NaN or inf at {stage} step {step}: not saved (the last complete "
+                            f"checkpoint is {checkpoint.latest(cfg.out_dir)}). The lr is likely too high: lower "
+                            f"--{stage}.lr ({getattr(cfg, stage).lr:g})")
+        path = checkpoint.save(cfg.out_dir, model, tok, state, weights, keep=2, files=files) if dist.is_main() else None
         dist.barrier()  # no rank runs ahead of (or resumes past) a checkpoint that is not complete
         return path
     save.t0 = t_start
@@ -284,6 +311,7 @@ def main(cfg: Config):
     if "eval" in cfg.stages and not any(f"after_{s}" in state["evals"] for s in ("mef", "riel")):
         run_eval("final")
     if dist.is_main():
+        checkpoint.prune(cfg.out_dir, 1, checkpoint.latest(cfg.out_dir))  # the run is done: no fallback needed
         runlog.write_summary(cfg, state, log, time.time() - save.t0)
         log.close()
 
@@ -306,14 +334,17 @@ def replay_examples(cfg, tok, experts):
     return examples, {"examples": len(examples), "replayed_from": cfg.sft_replay}
 
 
-def check_options(cfg):
-    """Options that only make sense together, checked before any model or data loads."""
-    if cfg.sft_cross is not None and (cfg.data != "synthetic" or cfg.testbed not in data.synthetic.DISJOINT
-                                      or not 0.0 <= cfg.sft_cross <= 1.0):
-        raise UserError(f"--sft-cross {cfg.sft_cross}: a probability in [0, 1], for --testbed "
-                        f"{' or '.join(data.synthetic.DISJOINT)} only")
-    if cfg.sft_replay is not None and not os.path.isfile(cfg.sft_replay):
-        raise UserError(f"--sft-replay {cfg.sft_replay}: no such file (a RIEL run's flushed.jsonl)")
+def resume_checks(cfg, state):
+    """A resumed run is the run it continues: a change of what it computes is refused unless allowed, and an
+    allowed one is recorded with the step it took effect (summary.json's `changes`)."""
+    changes = guard.config_changes(state.get("config") or {}, dataclasses.asdict(cfg), cfg.resume_allow_change)
+    for key, _, _ in changes:
+        stage = key.split(".")[0]
+        if stage in ("mef", "riel") and stage in state["done"] and key.endswith(".steps"):
+            raise UserError(f"--{key.replace('_', '-')}: stage {stage} already finished in this run; more steps would "
+                            "be a new stage. Start a new run with --init on its last checkpoint instead")
+    if changes:
+        state.setdefault("changes", []).append({"gstep": state["gstep"], "changes": [list(c) for c in changes]})
 
 
 def run_mef(cfg, model, tok, records, experts, state, start, resumed, save, log):
@@ -343,6 +374,7 @@ def run_mef(cfg, model, tok, records, experts, state, start, resumed, save, log)
             tqdm.write(f"mef {a['step']:>5}/{total} loss {a['loss']:.4f} lr {a['lr']:.2e} gnorm {a['grad_norm']:.2f} "
                        f"{a['tokens_per_s']:,.0f} tok/s")
         state["step"] = m["step"]
+        count_skipped(state, m, "mef", cfg.mef.lr)
         if cfg.mef.stop_at is not None and m["step"] % cfg.mef.check_every == 0 and m["step"] < total:
             if competent(cfg, model, tok, experts, calibration, state, log):
                 break
@@ -380,6 +412,33 @@ def quick_eval(cfg, model, tok, experts, records, state, log, stage: str) -> dic
     return res
 
 
+SKIP_LIMIT = 5  # non-finite steps in a row that end a run: it is diverging, not unlucky
+COLLAPSE_ENTROPY, COLLAPSE_STEPS = 0.05, 5  # nats per token, steps in a row
+
+
+def count_skipped(state, m, stage, lr):
+    """Count the optimizer steps skipped for a NaN/inf loss or gradient (summary.json's skipped_steps), and stop
+    the run after SKIP_LIMIT in a row, naming the lr, instead of finishing with a model that did not train."""
+    state["skipped_steps"] = state.get("skipped_steps", 0) + int(m["skipped"])
+    state["skip_streak"] = state.get("skip_streak", 0) + 1 if m["skipped"] else 0
+    if state["skip_streak"] >= SKIP_LIMIT:
+        raise UserError(f"{stage}: {SKIP_LIMIT} optimizer steps in a row had a NaN/inf loss or gradient (step "
+                        f"{state['step']}); the run is diverging. Lower --{stage}.lr ({lr:g}) and start again")
+
+
+def warn_collapse(state, m, lr):
+    """Once per run: the policy stopped exploring (token entropy near 0 for several steps) while its reward
+    fell, the usual sign of an RL lr too high for the model."""
+    if state.get("collapse_warned") or "entropy" not in m:
+        return
+    hist = state.setdefault("collapse_hist", [])
+    hist[:] = (hist + [(m["entropy"], m["reward"])])[-COLLAPSE_STEPS:]
+    if len(hist) == COLLAPSE_STEPS and all(e < COLLAPSE_ENTROPY for e, _ in hist) and hist[-1][1] <= hist[0][1]:
+        state["collapse_warned"] = True
+        tqdm.write(f"warning: entropy below {COLLAPSE_ENTROPY} nats for {COLLAPSE_STEPS} steps with the reward not "
+                   f"rising: the policy has collapsed; --riel.lr {lr:g} is likely too high")
+
+
 def run_riel(cfg, model, tok, records, experts, state, start, resumed, save, log):
     rc = cfg.riel
     steps = rc.steps or max(1, len(records) // rc.questions_per_step)  # paper: one epoch
@@ -415,6 +474,8 @@ def run_riel(cfg, model, tok, records, experts, state, start, resumed, save, log
         if keep:
             log.samples({"stage": "riel", "step": step + 1, "gstep": state["gstep"], "groups": m.pop("samples")})
         log.write({"stage": "riel", "step": step + 1, "gstep": state["gstep"], **m})
+        count_skipped(state, m, "riel", rc.lr)
+        warn_collapse(state, m, rc.lr)
         zero_streak = zero_streak + 1 if m["reward"] == 0 else 0
         if zero_streak in (10, 50, 250) and cfg.log_samples_every > 0:  # the commonest GRPO complaint: look first
             tqdm.write(f"riel {step + 1}: reward 0 for {zero_streak} steps: what the model writes is in "
@@ -440,11 +501,37 @@ def cli(argv=None) -> Config:
     return tyro.cli(Config, default=defaults(flag("model") or "tiny", flag("testbed") or "nested"), args=argv)
 
 
-if __name__ == "__main__":
+def stopped_message(cfg, argv) -> str:
+    """Where a stopped run stands: its last complete checkpoint and the exact command that continues it."""
+    if cfg is None:
+        return ""
     try:
-        main(cli())
+        last = checkpoint.latest(cfg.out_dir)
+    except (UserError, OSError):
+        last = None
+    if last is None:
+        return f"no checkpoint was written yet in {cfg.out_dir}: run the same command again to start over"
+    args = [a for a in argv if a not in ("--resume", "--resume-or-start")]
+    return f"the last complete checkpoint is {last}; continue with: python train.py {' '.join(args)} --resume".replace(
+        "  ", " ")
+
+
+if __name__ == "__main__":
+    config = None
+    try:
+        config = cli()
+        main(config)
     except UserError as e:  # bad input, not a bug: the message is the whole report (errors.py)
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; 130 is the shell's code for SIGINT
+        print(f"\ninterrupted: {stopped_message(config, sys.argv[1:])}", file=sys.stderr)
+        sys.exit(130)
+    except OSError as e:  # a full disk, a read-only or vanished directory mid-run: what is safe, and how to go on
+        if e.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
+            raise
+        print(f"error: {e.strerror} writing {e.filename or config.out_dir}; {stopped_message(config, sys.argv[1:])}",
+              file=sys.stderr)
         sys.exit(2)
     except SystemExit as e:
         if not isinstance(e.code, str):  # tyro's --help (0) and usage errors (2)

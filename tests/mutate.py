@@ -53,6 +53,8 @@ PREMISE = T + "test_premise.py::"
 LORA = T + "test_lora.py::"
 WRITE_ONCE = T + "test_dist.py::test_a_rank_that_arrives_after_rank_0_wrote_still_joins_every_collective"
 STEP_SCALE = PREMISE + "test_step_scale_divides_the_transfer_and_sft_sums_by_the_steps_sampled_tokens"
+DISJOINT = T + "test_disjoint.py::"
+REPLAY = DISJOINT + "test_sft_replay_trains_on_exactly_the_entries_the_buffer_flushed_in_order"
 AUTOCAST_ORDER = T + "test_autocast_grads.py::test_the_cache_is_cleared_between_no_grad_and_grad_enabled_forwards"
 
 MUTATIONS = [
@@ -112,14 +114,42 @@ MUTATIONS = [
              (PREMISE + "test_rescue_counts_questions_one_expert_fails_and_another_solves",)),
     Mutation("rescue rate counts every all-wrong question", "premise.py", '"rescue_rate": (wrong.any(-1) & any_right)',
              '"rescue_rate": (wrong.any(-1))', (PREMISE + "test_rescue_counts_questions_one_expert_fails_and_another_solves",)),
+    Mutation("taught counts E+ instead of E-", "premise.py",
+             'm[f"taught/{ex.name}"] = m[f"e_minus/{ex.name}"] / max(1, rewards.shape[0])',
+             'm[f"taught/{ex.name}"] = m[f"e_plus/{ex.name}"] / max(1, rewards.shape[0])',
+             (DISJOINT + "test_taught_is_the_share_of_questions_where_the_expert_is_e_minus",)),
+    Mutation("independent null counts the expert itself among the rescuers", "premise.py",
+             'float(wrong[i] * (1 - np.prod(wrong[others])))', "float(wrong[i] * (1 - np.prod(wrong)))",
+             (DISJOINT + "test_nulls_of_experts_that_fail_the_same_or_different_questions",
+              DISJOINT + "test_the_independent_null_is_the_mean_over_independently_shuffled_questions")),
+    Mutation("same-difficulty null with the experts at opposite quantiles", "premise.py",
+             "else np.sort(rng.beta(*fit, size=draws))[::-1]",
+             "else np.sort(rng.beta(*fit, size=draws))[::(-1) ** i]",
+             (DISJOINT + "test_the_same_difficulty_null_recovers_a_comonotone_simulation",)),
+    Mutation("Beta-binomial fit without the (G - 1)", "premise.py",
+             "rho = (k.var() / (G * m * (1 - m)) - 1) / (G - 1)", "rho = (k.var() / (G * m * (1 - m)) - 1) / G",
+             (DISJOINT + "test_beta_binomial_fit_recovers_its_parameters",)),
+    Mutation("sft_cross keeps the non-owner's trace", "data/synthetic.py",
+             "if name == OWNERS[testbed][kind] or cross_kept(rid, sft_cross)}",
+             "if name != OWNERS[testbed][kind] or cross_kept(rid, sft_cross)}",
+             (DISJOINT + "test_at_p0_each_expert_gets_only_its_own_shapes_traces_and_at_p1_all",)),
+    Mutation("the cross dose not monotone in p", "data/synthetic.py",
+             'return zlib.crc32(f"{question_id}/cross".encode()) / 2**32 < p',
+             'return zlib.crc32(f"{question_id}/cross/{p}".encode()) / 2**32 < p',
+             (DISJOINT + "test_the_cross_dose_is_a_stable_monotone_share_of_the_questions",)),
+    Mutation("the control's replay shuffled", "train.py", "shuffle=not cfg.sft_replay", "shuffle=True",
+             (REPLAY,)),
+    Mutation("the control replays the record's first trace", "train.py",
+             "encode_target(tok, reference_trace(rec, ex))", "encode_target(tok, next(iter(rec.traces.values())))",
+             (REPLAY,)),
     # ---- data/synthetic.py: the testbeds and the split
     Mutation("placebo experts get three trace formats", "data/synthetic.py",
-             "traces = {e.name: columns_trace(terms) for e in PLACEBO_EXPERTS}",
-             "traces = {e.name: f(terms) for e, f in zip(PLACEBO_EXPERTS, (chain_trace, columns_trace, reverse_trace))}",
+             "traces = {e.name: columns_trace(terms) for e in experts(testbed)}",
+             "traces = {e.name: f(terms) for e, f in zip(experts(testbed), (chain_trace, columns_trace, reverse_trace))}",
              (T + "test_data_synthetic.py::test_placebo_testbed_is_the_nested_questions_with_one_trace_format_under_three_names",)),
     Mutation("complementary many-term shape one term short", "data/synthetic.py",
-             "return [rng.randint(1, 9) for _ in range(4 + 2 * difficulty)]",
-             "return [rng.randint(1, 9) for _ in range(3 + 2 * difficulty)]",
+             "for _ in range(3 + difficulty if few else 4 + 2 * difficulty)]",
+             "for _ in range(3 + difficulty if few else 3 + 2 * difficulty)]",
              (T + "test_data_synthetic.py::test_complementary_testbed_mixes_many_small_terms_and_two_long_ones",)),
     # ---- experiments/fair_ablation.py: choices on validation
     Mutation("lr sweep chosen on test", "experiments/fair_ablation.py",

@@ -237,6 +237,10 @@ ELSEWHERE = {
     "plan_gpu_gb": "test_options.py::test_plan_prints_the_runs_memory_plan",
     "plan_world_size": "test_options.py::test_plan_prints_the_runs_memory_plan",
     "plan_detail": "test_options.py::test_plan_detail_names_what_fills_each_peak_and_knows_lora",
+    "resume_or_start": "test_faults.py::test_resume_without_a_checkpoint_is_refused_and_deletes_nothing",
+    "resume_allow_change": "test_faults.py::test_an_allowed_change_is_recorded_with_the_step_it_took_effect",
+    "sft_cross": "test_disjoint.py::test_sft_replay_trains_on_exactly_the_entries_the_buffer_flushed_in_order",
+    "sft_replay": "test_disjoint.py::test_sft_replay_trains_on_exactly_the_entries_the_buffer_flushed_in_order",
 }
 COVERED_BY_BASE = {"data", "out_dir", "device", "stages", "train_size", "rl_difficulty", "seed", "checkpoint_every",
                    "log_every", "log_samples_every", "curves", "data_dir"}
