@@ -21,6 +21,7 @@ Under torchrun (dist.py) each rank decodes its share of every batch and the text
 rank gets the table one process would compute (pass@k too: the uniforms of the whole batch are drawn).
 """
 
+import glob
 import json
 import math
 import os
@@ -187,9 +188,16 @@ def cli(argv=None) -> Args:
         value = next((a.split("=", 1)[1] for a in argv if a.startswith(f"--{name}=")), None)
         return argv[argv.index(f"--{name}") + 1] if value is None and f"--{name}" in argv[:-1] else value
     model = flag("model")
+    if model and os.path.isdir(model):
+        if os.path.exists(os.path.join(model, "latest")) or glob.glob(os.path.join(model, "ckpt-*")):
+            last = checkpoint.latest(model) or (sorted(glob.glob(os.path.join(model, "ckpt-*"))) or [None])[-1]
+            raise UserError(f"{model} is a train.py run directory, not a checkpoint: evaluate one of its checkpoints, "
+                            f"e.g. --model {last}")
+        checkpoint.check(model)  # a damaged checkpoint: which file, before minutes of loading
     default = run_defaults(model, flag("data")) if model else None
-    if model and not default:
-        print(f"note: {model} holds no train.py run settings: evaluating with eval.py's defaults")
+    if model and not default and os.path.isdir(model):
+        print(f"note: {model} holds no train.py trainer state (trainer_state.pt): evaluating with eval.py's defaults, "
+              "which may not be the levels, testbed or experts its run used (set --data, --testbed, --difficulty)")
     return tyro.cli(Args, args=argv, **({"default": default} if default else {}))
 
 

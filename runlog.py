@@ -137,6 +137,11 @@ class Tracker:
         except ImportError as e:
             package = "tensorboard" if kind == "tensorboard" else "wandb"
             raise UserError(f"--report-to {kind} needs the {package} package ({e}): pip install {package}") from None
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 (wandb raises its own kinds: not logged in, no network, ...)
+            raise UserError(f"--report-to {kind}: the tracker did not start ({type(e).__name__}: {e}). For wandb: "
+                            "`wandb login`, or WANDB_MODE=offline to keep the run in OUT/wandb without an account") from None
 
     def log(self, record: dict):
         values, step = scalars(record), int(record.get("gstep", 0))

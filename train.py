@@ -351,7 +351,8 @@ def run_mef(cfg, model, tok, records, experts, state, start, resumed, save, log)
     examples, counts = (replay_examples(cfg, tok, experts) if cfg.sft_replay else
                         build_sft_examples(tok, records, experts, cfg.mef.max_len))
     if not examples:
-        raise UserError(f"MEF has no examples: {counts}")
+        raise UserError(f"MEF has no examples in the {cfg.data} training split"
+                        + (f" under {cfg.data_dir}" if cfg.data_dir else "") + f" ({counts}): check that file")
     total = num_steps(len(examples), cfg.mef)
     lines = runlog.StepLines(cfg.log_every, start, total)
     print(f"MEF: {counts['examples']} examples ({counts}), {total} steps of {cfg.mef.batch_size}; a line every "

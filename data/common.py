@@ -95,13 +95,18 @@ def require(task: str, source: Source, data_dir: str | None) -> str:
     )
 
 
-def read_jsonl(path: str, keys: tuple[str, ...], check=None) -> list[dict]:
-    """One JSON object per non-empty line, each with all `keys`; errors name file:line.
+def read_jsonl(path: str, keys: tuple[str, ...], check=None, types: dict | None = None) -> list[dict]:
+    """One JSON object per non-empty line, each with all `keys` (of the given `types`); errors name file:line, and
+    a file with no record at all is an error too (it would fail much later, as a division by zero).
     check(row, where), when given, replaces the key check (it raises DataError itself)."""
-    check = check or (lambda row, where: _check_keys(row, keys, where))
+    check = check or (lambda row, where: _check_keys(row, keys, where, types))
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})")
             if not line.strip():
                 continue
             try:
@@ -110,29 +115,40 @@ def read_jsonl(path: str, keys: tuple[str, ...], check=None) -> list[dict]:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
             check(row, f"{path}:{lineno}")
             rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: holds no records (an empty file?)")
     return rows
 
 
-def read_json_array(path: str, keys: tuple[str, ...]) -> list[dict]:
-    """A file holding one JSON array of objects, each with all `keys`; errors name file:line or [index]."""
-    with open(path, encoding="utf-8") as f:
-        try:
+def read_json_array(path: str, keys: tuple[str, ...], types: dict | None = None) -> list[dict]:
+    """A file holding one JSON array of objects, each with all `keys` (of the given `types`); errors name file:line
+    or [index]."""
+    try:
+        with open(path, encoding="utf-8") as f:
             rows = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte offset {e.start})") from None
     if not isinstance(rows, list):
         raise DataError(f"{path}: expected a JSON array of records, got {type(rows).__name__}")
+    if not rows:
+        raise DataError(f"{path}: holds no records (an empty array)")
     for i, row in enumerate(rows):
-        _check_keys(row, keys, f"{path}: record [{i}]")
+        _check_keys(row, keys, f"{path}: record [{i}]", types)
     return rows
 
 
-def _check_keys(row, keys: tuple[str, ...], where: str) -> None:
+def _check_keys(row, keys: tuple[str, ...], where: str, types: dict | None = None) -> None:
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
     missing = [k for k in keys if k not in row]
     if missing:
         raise DataError(f"{where}: missing key(s) {', '.join(map(repr, missing))}")
+    for key, kind in (types or {}).items():
+        if key in row and not isinstance(row[key], kind):
+            want = " or ".join(t.__name__ for t in (kind if isinstance(kind, tuple) else (kind,)))
+            raise DataError(f"{where}: field {key!r} should be {want}, got {type(row[key]).__name__} {row[key]!r:.40}")
 
 
 def download(task: str, sources: list[Source], data_dir: str | None = None) -> list[str]:

@@ -46,7 +46,7 @@ def load(split: str, data_dir: str | None = None) -> list[Record]:
         raise ValueError(f"gsm8k has splits {list(SOURCES)}, not {split!r}")
     path = require("gsm8k", SOURCES[split], data_dir)
     records = []
-    for i, row in enumerate(read_jsonl(path, ("question", "answer"))):
+    for i, row in enumerate(read_jsonl(path, ("question", "answer"), types={"question": str, "answer": str})):
         solution, _, final = row["answer"].rpartition("####")
         value = parse_number(final)
         if value is None or not solution:

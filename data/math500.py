@@ -39,7 +39,7 @@ def load(split: str, data_dir: str | None = None) -> list[Record]:
         raise ValueError(f"math500 has only the split 'test' (evaluation only), not {split!r}")
     path = require("math500", SOURCES[split], data_dir)
     records = []
-    for row in read_jsonl(path, KEYS):
+    for row in read_jsonl(path, KEYS, types=dict.fromkeys(KEYS, str)):
         meta = {"subject": row.get("subject", ""), "level": row.get("level", 0)}
         traces = {"solution": solution_trace(row["solution"])}
         records.append(Record(row["unique_id"], row["problem"].strip(), row["answer"].strip(), traces, meta))

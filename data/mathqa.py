@@ -61,7 +61,7 @@ def load(split: str, data_dir: str | None = None) -> list[Record]:
         raise ValueError(f"mathqa has splits {list(SOURCES)}, not {split!r}")
     path = require("mathqa", SOURCES[split], data_dir)
     records = []
-    for i, row in enumerate(read_json_array(path, KEYS)):
+    for i, row in enumerate(read_json_array(path, KEYS, types={"Problem": str, "options": str})):
         options = parse_options(fix_mojibake(row["options"]))
         letter = str(row["correct"]).strip().lower()
         if len(options) != 5 or letter not in LETTERS:

@@ -44,7 +44,7 @@ def load(split: str, data_dir: str | None = None) -> list[Record]:
         raise ValueError(f"strategyqa has splits {list(SOURCES)}, not {split!r}")
     path = require("strategyqa", SOURCES[split], data_dir)
     records = []
-    for row in read_json_array(path, KEYS):
+    for row in read_json_array(path, KEYS, types={"question": str, "answer": bool, "facts": list, "decomposition": list}):
         answer = "yes" if row["answer"] else "no"
         facts = [f.strip() for f in row["facts"] if f and f.strip()]
         steps = [s.strip() for s in row["decomposition"] if s and s.strip()]

@@ -341,3 +341,50 @@ def test_ctrl_c_ends_with_one_line_naming_the_checkpoint_and_the_resume_command(
     line = [x for x in err.splitlines() if x.startswith("interrupted:")][0]
     assert "ckpt-0000" in line and "--resume" in line and f"--out-dir {out}" in line
     assert not (out / "run.lock").exists()
+
+
+# ---- data files: errors name the file, the line and the field, before any training ------------------------------
+
+GOOD = '{"question": "Tom has 3 apples and buys 2. How many?", "answer": "3+2=<<3+2=5>>5\\n#### 5"}\n'
+DATA_FAULTS = {
+    "empty file": (b"", r"test.jsonl: holds no records"),
+    "a number for the question": (b'{"question": 5, "answer": null}\n', r"test.jsonl:1: field 'question' should be str"),
+    "a byte that is not UTF-8": (GOOD.encode() + b'{"question": "caf\xe9", "answer": "#### 1"}\n',
+                                 r"test.jsonl:2: not UTF-8"),
+}
+
+
+@pytest.mark.parametrize("what", list(DATA_FAULTS))
+def test_a_bad_data_file_is_named_with_its_line_before_training(tmp_path, what):
+    content, message = DATA_FAULTS[what]
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "train.jsonl").write_text(GOOD * 4)
+    (tmp_path / "gsm8k" / "test.jsonl").write_bytes(content)
+    import data
+    with pytest.raises(UserError, match=message):
+        data.load("gsm8k", "test", str(tmp_path))
+
+
+# ---- eval.py says what it was given -----------------------------------------------------------------------------
+
+def test_eval_on_a_run_directory_points_to_its_checkpoint_and_names_a_damaged_one(two_checkpoints, tmp_path):
+    import eval as eval_cli
+    with pytest.raises(UserError, match=r"run directory, not a checkpoint.*ckpt-000004"):
+        eval_cli.cli(["--model", str(two_checkpoints)])
+    bad = tmp_path / "ckpt"
+    shutil.copytree(two_checkpoints / "ckpt-000004", bad)
+    (bad / "model.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match="is damaged: model.safetensors"):
+        eval_cli.cli(["--model", str(bad)])
+
+
+def test_a_tracker_that_cannot_start_is_one_clear_error(tmp_path, monkeypatch):
+    import types
+    fake = types.ModuleType("wandb")
+
+    def init(**kw):
+        raise RuntimeError("api_key not configured (no-tty)")  # what an installed, logged-out wandb raises
+    fake.init = init
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    with pytest.raises(UserError, match="wandb login"):
+        run(tmp_path / "run", "--report-to", "wandb", "--stages", "mef")

@@ -305,3 +305,36 @@ def test_real_tiny_model_end_to_end(tok):
     assert sum(m["buffer_admitted"] for m in logs) >= 1 and logs[-1]["buffer_size"] == 0
     assert logs[-1]["buffer_flushes"] == sum(m["flushed"] > 0 for m in logs)
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+def test_full_vocab_transfer_gradient_is_lambda1_times_the_naive_kl_gradient(tok):
+    """The full-vocabulary mode weighs its term by lambda1 as the sampled mode does (issue 30: a mutation dropping
+    it passed the whole suite): gradient == lambda1 * grad of KL(sg[p+] || p-) written out here."""
+    model, twin = StandIn(dim=16), None
+    twin = copy.deepcopy(model)
+    p_plus, p_minus, o = [259, 10, 20], [259, 11, 21, 31], [70, 71, 258]
+    riel.transfer_backward(model, [(p_plus, p_minus, o)], riel.RIELConfig(transfer_mode="full_vocab", lambda1=0.3))
+    with torch.no_grad():
+        t = twin(torch.tensor([p_plus + o]))[0, 2:-1].log_softmax(-1)
+    s = twin(torch.tensor([p_minus + o]))[0, 3:-1].log_softmax(-1)
+    (0.3 * (t.exp() * (t - s)).sum() / len(o)).backward()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-7, rtol=1e-5)
+
+
+def test_the_buffer_admits_each_expert_on_its_own_groups_rewards(tok, monkeypatch):
+    """An expert is admitted for ITS group's failures, never another expert's (issue 30: a mutation reading the
+    next expert's rewards passed the whole suite)."""
+    import buffer as buffer_module
+    monkeypatch.setattr(buffer_module, "uniform", lambda generator=None: 0.0)  # every eligible group admitted
+    experts = [Expert("a", "A."), Expert("b", "B."), Expert("c", "C.")]
+    records = [Rec(i, f"q{i}", "1", {"a": "x", "b": "y", "c": "z"}) for i in range(3)]
+    wrong, right = [0.0] * 4, [1.0] * 4
+    rewards = torch.tensor([[wrong, right, right],   # q0: a fails
+                            [right, wrong, right],   # q1: b fails
+                            [right, right, wrong]])  # q2: c fails
+    prompts = [[i, j] for i in range(3) for j in range(3)]
+    buf = HardExampleBuffer(capacity=99)
+    n = buffer_module.admit_hard_examples(buf, tok, records, experts, prompts, rewards, 2)
+    assert n == 3 and [(e.question_id, e.expert) for e in buf.entries] == [(0, "a"), (1, "b"), (2, "c")]
+    assert [e.prompt_ids for e in buf.entries] == [[0, 0], [1, 1], [2, 2]]
