@@ -40,7 +40,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import tyro
 
 import bench_step as bs
 import model as ours
@@ -395,4 +394,5 @@ def main_real(a: Args):
 
 
 if __name__ == "__main__":
+    import tyro  # only the command line needs it (gpu_check imports this file on a machine without tyro)
     main(tyro.cli(Args))

@@ -33,7 +33,6 @@ from dataclasses import dataclass, field, fields
 from typing import Annotated, Literal
 
 import torch
-import tyro
 from tqdm import tqdm
 
 import checkpoint
@@ -143,6 +142,13 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+try:  # only the command line needs tyro: a bare GPU image without it still imports eval (gpu_check does)
+    import tyro
+    RL_DIFFICULTY_ALIAS = tyro.conf.arg(aliases=("--rl-difficulty",))
+except ImportError:
+    tyro, RL_DIFFICULTY_ALIAS = None, None
+
+
 @dataclass
 class Args:
     """Options with train.py's names. For a train.py checkpoint the defaults are its run's settings (shown here
@@ -152,7 +158,7 @@ class Args:
     data_dir: str | None = None  # where the task files are (default: data/<task>/ in this project)
     experts: tuple[str, ...] | None = None  # default: all of the task's experts
     # synthetic only: the levels evaluated (a run's eval levels: its --rl-difficulty, else --difficulty; None: 1-3)
-    difficulty: Annotated[tuple[int, int] | None, tyro.conf.arg(aliases=("--rl-difficulty",))] = None
+    difficulty: Annotated[tuple[int, int] | None, RL_DIFFICULTY_ALIAS] = None
     testbed: Literal["nested", "complementary", "placebo", "disjoint", "disjoint_same"] = "nested"  # synthetic only
     split: str | None = None  # default: the task's held-out split
     eval_splits: tuple[str, ...] = ()  # evaluate on these splits too, a table each (synthetic: val)

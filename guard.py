@@ -68,8 +68,8 @@ def check_options(cfg):
                         "samples; with one every advantage is 0 and nothing is learned")
     if not 0 <= r.buffer_k < r.group_size:
         raise UserError(f"--riel.buffer-k {r.buffer_k}: must be in [0, group size {r.group_size})")
-    if m.stop_at is not None and not 0 <= m.stop_at <= 1:
-        raise UserError(f"--mef.stop-at {m.stop_at}: a share of questions in [0, 1], or None")
+    if m.stop_at is not None and not (math.isfinite(m.stop_at) and m.stop_at >= 0):
+        raise UserError(f"--mef.stop-at {m.stop_at}: a share of questions >= 0 (above 1: never), or None")
     lo, hi = cfg.difficulty
     if not 1 <= lo <= hi:
         raise UserError(f"--difficulty {lo} {hi}: levels are >= 1, low first")

@@ -45,7 +45,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import tyro
 from tqdm import tqdm
 
 import checkpoint
@@ -499,6 +498,7 @@ def cli(argv=None) -> Config:
         if value is None and f"--{name}" in argv and argv.index(f"--{name}") + 1 < len(argv):
             value = argv[argv.index(f"--{name}") + 1]
         return value
+    import tyro  # only the command line needs it: a bare GPU image without tyro still imports this file
     return tyro.cli(Config, default=defaults(flag("model") or "tiny", flag("testbed") or "nested"), args=argv)
 
 

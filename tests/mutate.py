@@ -54,6 +54,7 @@ LORA = T + "test_lora.py::"
 WRITE_ONCE = T + "test_dist.py::test_a_rank_that_arrives_after_rank_0_wrote_still_joins_every_collective"
 STEP_SCALE = PREMISE + "test_step_scale_divides_the_transfer_and_sft_sums_by_the_steps_sampled_tokens"
 DISJOINT = T + "test_disjoint.py::"
+FAULTS = T + "test_faults.py::"
 REPLAY = DISJOINT + "test_sft_replay_trains_on_exactly_the_entries_the_buffer_flushed_in_order"
 AUTOCAST_ORDER = T + "test_autocast_grads.py::test_the_cache_is_cleared_between_no_grad_and_grad_enabled_forwards"
 
@@ -122,6 +123,22 @@ MUTATIONS = [
              "if not admit_hard_example(rewards[q, i], k, generator):",
              "if not admit_hard_example(rewards[q, (i + 1) % N], k, generator):",
              (RIEL + "test_the_buffer_admits_each_expert_on_its_own_groups_rewards",)),
+    # ---- guard.py, checkpoint.py, runlog.py: a run never loses its work or silently lies (tests/test_faults.py)
+    Mutation("resume accepts any changed option", "guard.py", "refused = [c for c in changes if c[0] not in allowed]",
+             "refused = []", (FAULTS + "test_resume_refuses_a_change_of_what_the_run_computes_and_records_an_allowed_one",)),
+    Mutation("a same-step save deletes the named checkpoint first", "checkpoint.py",
+             'os.rename(final, final + ".prev")', "shutil.rmtree(final)",
+             (FAULTS + "test_saving_the_same_step_twice_killed_between_its_renames_keeps_the_checkpoint",)),
+    Mutation("a live lock taken over", "guard.py",
+             "if host == socket.gethostname() and pid is not None and not _alive(pid):",
+             "if host == socket.gethostname() and pid is not None:",
+             (FAULTS + "test_a_second_run_on_the_same_directory_is_refused_and_a_stale_lock_taken_over",)),
+    Mutation("a half-written last log line is an error", "runlog.py",
+             "if n >= len(raw) - 1 and not any(x.strip() for x in raw[n:]):", "if False:",
+             (FAULTS + "test_a_half_written_last_metrics_line_is_dropped_and_a_damaged_middle_one_named",)),
+    Mutation("non-finite weights saved", "train.py",
+             "if dist.is_main() and (bad := guard.non_finite((weights or model.state_dict()).items())):",
+             "if False:", (FAULTS + "test_non_finite_weights_are_never_saved_nor_resumed",)),
     Mutation("taught counts E+ instead of E-", "premise.py",
              'm[f"taught/{ex.name}"] = m[f"e_minus/{ex.name}"] / max(1, rewards.shape[0])',
              'm[f"taught/{ex.name}"] = m[f"e_plus/{ex.name}"] / max(1, rewards.shape[0])',

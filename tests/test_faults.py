@@ -388,3 +388,22 @@ def test_a_tracker_that_cannot_start_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", fake)
     with pytest.raises(UserError, match="wandb login"):
         run(tmp_path / "run", "--report-to", "wandb", "--stages", "mef")
+
+
+def test_a_full_disk_mid_run_ends_with_one_line_naming_what_is_safe(tmp_path):
+    """The command line, with torch.save failing as on a full disk at the third checkpoint: exit 2, one error line
+    naming the last complete checkpoint and the command that resumes, no traceback."""
+    out = tmp_path / "run"
+    code = ("import errno, runpy, sys, torch\n"
+            "real, n = torch.save, [0]\n"
+            "def full(*a, **k):\n"
+            "    n[0] += 1\n"
+            "    if n[0] == 3: raise OSError(errno.ENOSPC, 'No space left on device', str(a[1]))\n"
+            "    return real(*a, **k)\n"
+            "torch.save = full\n"
+            f"sys.argv = ['train.py', '--out-dir', {str(out)!r}, *{SMALL!r}, '--checkpoint-every', '1', '--stages', 'mef']\n"
+            "runpy.run_path('train.py', run_name='__main__')\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    line = [x[x.index("error:"):] for x in p.stderr.replace("\r", "\n").splitlines() if "error:" in x][0]
+    assert "No space left on device" in line and "ckpt-000002" in line and "--resume" in line

@@ -11,7 +11,11 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
 
 def test_quick_run_prints_and_writes_every_part_without_errors(tmp_path):
-    env = {**os.environ, "OUT": str(tmp_path)}
+    # as on a lent GPU machine: no tyro (and no network to install it). A tyro.py that fails to import, first on
+    # the path, makes `import tyro` fail in this process and in any it spawns
+    (tmp_path / "notyro").mkdir()
+    (tmp_path / "notyro" / "tyro.py").write_text("raise ImportError('no tyro on this machine')\n")
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHONPATH": str(tmp_path / "notyro")}
     # --no-plan: plan.py's trace takes ~10 s of CPU even at tiny shapes (its own tests cover it; the next test
     # covers the rows made of its result)
     r = subprocess.run([sys.executable, "experiments/gpu_check.py", "--quick", "--no-plan"], cwd=ROOT, env=env,

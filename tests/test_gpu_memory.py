@@ -16,7 +16,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_quick_run_measures_both_models_and_their_gradients_pass(tmp_path):
-    env = {**os.environ, "OUT": str(tmp_path)}
+    # as on a lent GPU machine: no tyro (and no network to install it). A tyro.py that fails to import, first on
+    # the path, makes `import tyro` fail in this process and in any it spawns
+    (tmp_path / "notyro").mkdir()
+    (tmp_path / "notyro" / "tyro.py").write_text("raise ImportError('no tyro on this machine')\n")
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHONPATH": str(tmp_path / "notyro")}
     # --no-plan: plan.py's two traces take ~25 s of CPU even at tiny shapes (test_plan covers it; the cells made of
     # its result are checked below)
     r = subprocess.run([sys.executable, "experiments/gpu_memory.py", "--quick", "--no-plan"], cwd=ROOT, env=env,
