@@ -110,7 +110,7 @@ def evaluate(model, tok, task, records, experts, cfg: EvalConfig, seed=0, keep_t
     out = {"task": task, "questions": len(records), "accuracy": acc, "best_expert": best,
            "best_accuracy": acc[best], "majority_vote": vote,
            "completions/mean_length": sum(lengths) / max(1, len(lengths))}  # tokens, as in RIEL's lines
-    shapes = sorted({r.meta.get("shape") for r in records} - {None, "nested"})
+    shapes = sorted({getattr(r, "meta", {}).get("shape") for r in records} - {None, "nested"})
     if shapes:  # the synthetic testbeds with two question shapes: what each prompt solves of each
         out["accuracy_by_shape"] = {s: {e.name: statistics.mean(checks[q * N + i][0] for q, r in enumerate(records)
                                                                 if r.meta.get("shape") == s)

@@ -167,11 +167,13 @@ def config_changes(saved: dict, new: dict, allowed=()) -> list:
     old, now = flat(saved), flat(new)
     changes = [(k, old.get(k), now.get(k)) for k in sorted(set(old) | set(now))
                if k.split(".")[0] not in LOGGING and old.get(k) != now.get(k) and k in old]
+    allowed = {a.lstrip("-").replace("-", "_") for a in allowed}  # riel.lr, --riel.lr, riel.kl-beta: all the same
     refused = [c for c in changes if c[0] not in allowed]
+    flag = lambda key: key.replace("_", "-")  # noqa: E731  (as the command line spells it)
     if refused:
-        lines = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in refused)
+        lines = ", ".join(f"--{flag(k)} {a!r} -> {b!r}" for k, a, b in refused)
         raise UserError(f"--resume would change what this run computes ({lines}); a resumed run must be the run it "
-                        "continues. Pass --resume-allow-change " + " ".join(k for k, *_ in refused)
+                        "continues. Pass --resume-allow-change " + " ".join(flag(k) for k, *_ in refused)
                         + " to change it anyway (recorded in summary.json), or start a new --out-dir")
     return changes
 

@@ -114,7 +114,7 @@ def run_mef(cfg: Config, out_dir: str) -> str:
     """train.py --stages mef in this process; resumes from its last checkpoint. Returns the final checkpoint."""
     if os.path.exists(os.path.join(out_dir, "summary.json")):
         return checkpoint.latest(out_dir)
-    args = ["--model", cfg.model, "--data", "gsm8k", "--stages", "mef", "--out-dir", out_dir, "--resume",
+    args = ["--model", cfg.model, "--data", "gsm8k", "--stages", "mef", "--out-dir", out_dir, "--resume", "--resume-or-start",
             "--seed", str(cfg.seed), "--train-size", str(cfg.train_size), "--mef.epochs", "1",
             "--mef.lr", str(cfg.mef_lr), "--mef.batch-size", str(cfg.mef_batch),
             "--mef.micro-batch-size", str(cfg.mef_micro_batch), "--mef.max-len", str(cfg.mef_max_len),

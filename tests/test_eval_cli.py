@@ -47,4 +47,4 @@ def test_eval_py_on_a_runs_checkpoint_reproduces_the_runs_own_tables(tmp_path, c
     shutil.copytree(summary["checkpoint"], plain, ignore=shutil.ignore_patterns("trainer_state.pt"))
     a = ev.cli(["--model", str(plain)])
     assert a == ev.Args(model=str(plain))
-    assert "holds no train.py run settings" in capsys.readouterr().out
+    assert "holds no train.py trainer state" in capsys.readouterr().out
