@@ -200,8 +200,21 @@ def markdown(g, cfg) -> str:
             vs_meml = fa.fmt(fa.paired(res[fa.MEML], runs)) if row != fa.MEML and fa.MEML in res else "-"
             lr = runs[min(runs)].get("lr")
             lines.append(f"| {row} | {'-' if lr is None else f'{lr:g}'} | {per_seed} | {shapes} | {vs_sft} | {vs_meml} |")
+        lines += ["", every_expert(res)]
         lines.append("")
     return "\n".join(lines)
+
+
+def every_expert(res) -> str:
+    """Every expert's test accuracy (%) on each shape, mean over the seeds, per row."""
+    names = sorted({e for runs in res.values() for r in runs.values() for sh in r["by_shape"].values() for e in sh})
+    cols = [(e, k) for e in names for k in ("many", "long")]
+    out = ["| row (every expert, mean over seeds) | " + " | ".join(f"{e} on `{k}`" for e, k in cols) + " |",
+           "|---|" + "---|" * len(cols)]
+    for row, runs in res.items():
+        cells = [[100 * r["by_shape"][k][e] for r in runs.values() if e in r["by_shape"].get(k, {})] for e, k in cols]
+        out.append(f"| {row} | " + " | ".join(f"{statistics.mean(c):.1f}" if c else "-" for c in cells) + " |")
+    return "\n".join(out)
 
 
 def picture(g, path) -> bool:
