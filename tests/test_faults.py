@@ -331,7 +331,8 @@ def test_saving_the_same_step_twice_killed_between_its_renames_keeps_the_checkpo
 
 def test_ctrl_c_ends_with_one_line_naming_the_checkpoint_and_the_resume_command(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "train.py", "--out-dir", str(out), *SMALL, "--checkpoint-every", "1"]
+    # 300 RIEL steps: the run is still going when the signal lands, however fast the machine
+    cmd = [sys.executable, "train.py", "--out-dir", str(out), *SMALL, "--checkpoint-every", "1", "--riel.steps", "300"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_for_checkpoint(proc, out, "ckpt-000002", timeout=120)
     proc.send_signal(signal.SIGINT)
