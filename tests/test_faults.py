@@ -333,7 +333,10 @@ def test_ctrl_c_ends_with_one_line_naming_the_checkpoint_and_the_resume_command(
     out = tmp_path / "run"
     # 300 RIEL steps: the run is still going when the signal lands, however fast the machine
     cmd = [sys.executable, "train.py", "--out-dir", str(out), *SMALL, "--checkpoint-every", "1", "--riel.steps", "300"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # a pytest-xdist worker ignores SIGINT, and an ignored signal stays ignored across exec (Python then installs no
+    # KeyboardInterrupt handler): the child gets the default disposition back, as in a shell
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for_checkpoint(proc, out, "ckpt-000002", timeout=120)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
