@@ -66,13 +66,18 @@ def policy_gradient_loss(logp, adv, old_logp=None, eps_low=0.2, eps_high=None):
     return -torch.minimum(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
 
 
-def clip_fraction(logp, old_logp, adv, mask, eps_low=0.2, eps_high=None) -> float:
-    """Fraction of real tokens where the clipped term is the active one (verl's pg_clipfrac)."""
+def clipped_tokens(logp, old_logp, adv, mask, eps_low=0.2, eps_high=None):
+    """How many real tokens have the clipped term active, as a 0-dim device tensor (read once per step)."""
     eps_high = eps_low if eps_high is None else eps_high
     ratio = torch.exp(logp - old_logp).detach()
     adv = adv.unsqueeze(-1)
     clipped = ratio.clamp(1 - eps_low, 1 + eps_high) * adv < ratio * adv  # (B, T) bool
-    return float((clipped * mask).sum() / mask.sum().clamp(min=1))
+    return (clipped * mask).sum()
+
+
+def clip_fraction(logp, old_logp, adv, mask, eps_low=0.2, eps_high=None) -> float:
+    """Fraction of real tokens where the clipped term is the active one (verl's pg_clipfrac)."""
+    return float(clipped_tokens(logp, old_logp, adv, mask, eps_low, eps_high) / mask.sum().clamp(min=1))
 
 
 def k3_kl(logp, ref_logp):

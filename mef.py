@@ -22,21 +22,18 @@ Choices:
 - The log-probs come from rollout.token_logprobs, the same function RIEL trains with.
 - Under torchrun (dist.py) each rank backpropagates a contiguous share of every optimizer batch, weighted by
   its share of the batch's tokens, so the ranks' gradients sum to the one-process gradient of the same batch.
-- Memory (README "Precision and memory"): AdamW is fused on CUDA (make_optimizer); the bf16 weight copies that
-  autocast caches are dropped after the last backward, before the optimizer step; gradients are set to None,
-  not zeroed, after every step.
-RIEL's hard-example buffer reuses `sharded_sft_backward` for its SFT step (METHOD.md 4(e)).
+- The mechanics of a step (micro-batches, the SFT backward, AdamW, clip-and-step, what they do for memory and
+  host syncs) live in optim.py, shared with RIEL, whose hard-example buffer reuses `sharded_sft_backward` for its
+  SFT step (METHOD.md 4(e)).
 """
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-import dist
+from optim import clip_and_step, sharded_sft_backward
 from tokenizer import end_of_turn_id, render_chat
-from rollout import token_logprobs
 
 
 @dataclass
@@ -87,92 +84,6 @@ def build_sft_examples(tok, records, experts, max_len=None):
             examples.append(SFTExample(rec.id, ex.name, prompt, target))
     counts["examples"] = len(examples)
     return examples, counts
-
-
-def length_sorted_micro_batches(lengths, micro_batch_size):
-    """Indices grouped into micro-batches of similar total length. lengths: list[int] -> list[list[int]]."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[s:s + micro_batch_size] for s in range(0, len(order), micro_batch_size)]
-
-
-def sft_loss(model, prompts, targets, n_tokens):
-    """Sum of -log p(target token | prompt, earlier target tokens) over this micro-batch, / n_tokens.
-    n_tokens is the target-token count of the whole optimizer step. Prompt tokens get no loss."""
-    logp, mask = token_logprobs(model, prompts, targets)  # (B, T) each, T = longest target
-    return -(logp * mask).sum() / n_tokens
-
-
-def micro_backward(loss):
-    """loss.backward() for one micro-batch, with autocast's cached bf16 weight copies dropped before and after it.
-    After: a copy cached by an EARLIER micro-batch's forward carries an older autograd node (the cast's
-    ToCopyBackward) than anything this forward made, and autograd runs the newest ready node first, so that node,
-    which turns the bf16 weight gradient into the fp32 .grad, would wait for the end of the backward: every layer's
-    bf16 weight gradient alive at once (5.6 GiB at 3B; `--plan --plan-detail` showed them). Before: backward needs
-    no copy the graph does not hold itself (without checkpointing the matmuls saved theirs; with it, a recomputed
-    block casts its own), so the forward's copies (6 GiB at 3B) need not stay alive through the backward's first,
-    largest moment, the head's. Re-casting costs one read of the weights per micro-batch (~6 ms at 3B on an H100)."""
-    torch.clear_autocast_cache()
-    loss.backward()
-    torch.clear_autocast_cache()
-
-
-def sft_backward(model, prompts, targets, micro_batch_size, weight=1.0) -> float:
-    """Backpropagate weight * token-mean NLL of all (prompt, target) pairs, one micro-batch at a time.
-    Returns the unweighted loss value of the whole batch."""
-    n_tokens = sum(len(t) for t in targets)
-    total = 0.0
-    mbs = length_sorted_micro_batches([len(p) + len(t) for p, t in zip(prompts, targets)], micro_batch_size)
-    for mb in dist.lockstep(model, mbs):  # FSDP: as many passes as the busiest rank
-        loss = sft_loss(model, [prompts[i] for i in mb], [targets[i] for i in mb], n_tokens)
-        micro_backward(weight * loss)
-        total += loss.item()
-    return total
-
-
-def sharded_sft_backward(model, prompts, targets, micro_batch_size, weight=1.0) -> float:
-    """sft_backward on this rank's share of the pairs (all of them in one process). Each rank's token mean is
-    weighted by its share of all the target tokens, so the ranks' gradients sum to the whole batch's token mean
-    (share == 1.0 exactly in one process). Returns the whole batch's loss, on every rank."""
-    if not targets:
-        return 0.0
-    lo, hi = dist.shard_range(len(targets))
-    share = sum(len(t) for t in targets[lo:hi]) / sum(len(t) for t in targets)
-    loss = sft_backward(model, prompts[lo:hi], targets[lo:hi], micro_batch_size, weight * share) * share
-    return dist.sum_floats([loss])[0]
-
-
-def make_optimizer(params, lr, weight_decay=0.0, fused=None):
-    """The AdamW of both stages (train.py). fused=None: fused when every parameter is on CUDA, as TRL's default
-    (transformers' `adamw_torch_fused`): one kernel updates weights and moments in place, where foreach AdamW
-    allocates parameter-sized temporaries (12.8 GB at 3B, on top of the step's peak). Otherwise foreach (bit for
-    bit torch's per-tensor loop on a CPU: tests/test_memory.py). Pass fused=True to build what a CUDA run would use
-    (plan.py traces it on CPU tensors)."""
-    params = list(params)
-    if fused is None:
-        fused = bool(params) and all(p.device.type == "cuda" for p in params)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True if fused else None,
-                             foreach=None if fused else True)
-
-
-def clip_and_step(model, optimizer, grad_clip, loss_value):
-    """Clip the gradient norm and step, unless the loss or the gradient is NaN/inf (then skip and warn).
-    Under torchrun the gradients are summed over the ranks first, so every rank sees the same (global) norm and
-    loss_value must be the global loss: all ranks then take the same decision. Returns (grad norm, skipped)."""
-    dist.sync_grads(model)  # under DDP a zero-weighted pass: it runs before the cache is dropped below
-    # autocast caches the bf16 copy of each fp32 weight until its region ends, keyed by the tensor, not its
-    # version; train.py runs a whole stage in one region, so without this every later forward would still
-    # compute with the weights of before this step (CUDA; CPU autocast caches alike). Dropped here, after the
-    # last backward and BEFORE the step, which does not need them: the step's peak (weights + grads + AdamW
-    # moments) then does not also hold a bf16 copy of every weight (6.4 GB at 3B)
-    torch.clear_autocast_cache()
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
-    if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-        warnings.warn(f"skipping optimizer step: loss {loss_value}, grad norm {grad_norm}")
-        optimizer.zero_grad(set_to_none=True)
-        return grad_norm, True
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)  # None, not zeros: no gradient memory between steps (RIEL samples there)
-    return grad_norm, False
 
 
 def mef_steps(model, examples, cfg: MEFConfig, optimizer, seed=0, start_step=0, lr_at=None, shuffle=True):

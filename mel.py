@@ -40,7 +40,7 @@ import torch
 
 import dist
 from buffer import rng_device
-from mef import length_sorted_micro_batches, micro_backward
+from optim import length_sorted_micro_batches, micro_backward, read_sum
 from rollout import generate, token_logprobs
 from tokenizer import render_chat, stop_token_ids
 from verify import CORRECT
@@ -160,10 +160,10 @@ def nll_loss(model, contexts, analyses, n_examples):
 def nll_backward(model, examples, micro_batch_size, weight=1.0) -> float:
     """Backprop weight * L_NLL over the kept (context, analysis) pairs, this rank's share of them (all in one
     process) over the count of all; returns the unweighted L_NLL of the whole step."""
-    mine, total = dist.shard(examples), 0.0
+    mine, losses = dist.shard(examples), []
     mbs = length_sorted_micro_batches([len(c) + len(a) for c, a in mine], micro_batch_size)
     for mb in dist.lockstep(model, mbs):  # FSDP: as many passes as the busiest rank
         loss = nll_loss(model, [mine[i][0] for i in mb], [mine[i][1] for i in mb], len(examples))
         micro_backward(weight * loss)
-        total += loss.item()
-    return dist.sum_floats([total])[0]
+        losses.append(loss)
+    return dist.sum_floats([read_sum(losses)])[0]

@@ -7,7 +7,7 @@ plan.py: how much GPU memory a run needs, found by running the real training cod
 Nothing here is a formula for memory. The plan builds the model at its real shapes on PyTorch's fake tensors
 (`FakeTensorMode`: shapes, dtypes and storages, no data, no GPU) and runs the code a run runs: an MEF optimizer
 step (mef.mef_steps), RIEL's update (riel.update_policy) and its sampling call (riel.sample_groups), each after a
-first optimizer step that makes AdamW's state (mef.clip_and_step on zero gradients), as train.py runs them, under
+first optimizer step that makes AdamW's state (optim.clip_and_step on zero gradients), as train.py runs them, under
 memtrace.MemoryTrace, which counts every storage from the op that makes it to its death: its maximum per stage is
 the stage's peak, as a caching allocator's `memory_allocated` would show it. When the code changes, the plan follows.
 
@@ -76,9 +76,9 @@ class _PlanTokenizer:
 
 
 def _optimizer(params, lr, weight_decay, cuda):
-    """The AdamW train.py builds (mef.make_optimizer), as it would on the run's device: fused on CUDA."""
-    import mef
-    return mef.make_optimizer(params, lr, weight_decay, fused=True if cuda else None)
+    """The AdamW train.py builds (optim.make_optimizer), as it would on the run's device: fused on CUDA."""
+    import optim
+    return optim.make_optimizer(params, lr, weight_decay, fused=True if cuda else None)
 
 
 @contextmanager
@@ -229,11 +229,11 @@ def run_steps(cfg, model, mark, world_size=1, tagged=lambda tag: nullcontext()):
 def _make_state(model, opt, grad_clip):
     """AdamW makes its moments at its first step: one clip_and_step on zero gradients makes them (and moves no
     weight), so the traced step is a later one, as almost every step of a run is."""
-    import mef
+    import optim
     for p in model.parameters():
         if p.requires_grad:
             p.grad = torch.zeros_like(p)
-    mef.clip_and_step(model, opt, grad_clip, 0.0)
+    optim.clip_and_step(model, opt, grad_clip, 0.0)
 
 
 def _cuda(cfg) -> bool:

@@ -55,11 +55,11 @@ from typing import Literal
 import torch
 
 import dist
-from losses import (ADVANTAGE_MODES, AGGREGATIONS, TermNorms, aggregate, clip_fraction, full_vocab_kl,
+from losses import (ADVANTAGE_MODES, AGGREGATIONS, TermNorms, aggregate, clipped_tokens, full_vocab_kl,
                     group_advantages, k3_kl, policy_gradient_loss, transfer_loss)
 import mel
 from buffer import HardExampleBuffer, admit_hard_examples
-from mef import clip_and_step, length_sorted_micro_batches, micro_backward, sharded_sft_backward
+from optim import clip_and_step, length_sorted_micro_batches, micro_backward, read_sum, sharded_sft_backward
 from tokenizer import render_chat, stop_token_ids
 from rollout import Rollout, generate, token_logprobs
 from premise import step_metrics
@@ -189,16 +189,17 @@ def sample_and_score(model, tok, records, experts, cfg, generator, reward_fn):
 def policy_gradient_backward(model, prompts, completions, adv, rows, cfg, counts, old_cache, ref_model=None):
     """Backprop L_GRPO over `rows` (indices into completions). adv (rows total,). counts: the step's
     n_tokens / n_seqs / max_len. old_cache: micro-batch -> old log-probs, filled by the first epoch.
-    Returns (loss, mean k3 to the reference, clip fraction)."""
+    Returns (loss, mean k3 to the reference, clip fraction), read from the device once (optim.read_sum)."""
     G = cfg.group_size
     mbs = length_sorted_micro_batches([len(prompts[r // G]) + len(completions[r]) for r in rows],
                                       cfg.micro_batch_size)
-    loss_sum = kl_sum = clipped = 0.0
+    losses, kls, clipped = [], [], []
     for j, mb in enumerate(dist.lockstep(model, mbs)):  # FSDP: as many passes as the busiest rank
         idx = [rows[i] for i in mb]
         p, c = [prompts[r // G] for r in idx], [completions[r] for r in idx]
         logp, mask = token_logprobs(model, p, c, temperature=cfg.temperature)  # (b, T) each
         a = adv[idx].to(logp.device)  # (b,)
+        on_policy = j not in old_cache
         old = old_cache.setdefault(j, logp.detach())  # first epoch: on-policy, ratio == 1
         per_token = policy_gradient_loss(logp, a, old, cfg.clip_eps, cfg.clip_eps_high)
         if cfg.kl_beta > 0:
@@ -206,13 +207,14 @@ def policy_gradient_backward(model, prompts, completions, adv, rows, cfg, counts
                 ref, _ = token_logprobs(ref_model, p, c, temperature=cfg.temperature)
             kl = k3_kl(logp, ref)
             per_token = per_token + cfg.kl_beta * kl
-            kl_sum += (kl.detach() * mask).sum().item()
+            kls.append((kl.detach() * mask).sum())
         loss = aggregate(per_token, mask, cfg.loss_aggregation(), **counts)
         micro_backward(loss)
-        loss_sum += loss.item()
-        clipped += clip_fraction(logp, old, a, mask, cfg.clip_eps, cfg.clip_eps_high) * mask.sum().item()
+        losses.append(loss)
+        if not on_policy:  # the ratio is exactly 1 on the samples' own epoch: nothing can be clipped there
+            clipped.append(clipped_tokens(logp, old, a, mask, cfg.clip_eps, cfg.clip_eps_high))
     n_fwd = sum(len(completions[r]) for r in rows) or 1
-    return loss_sum, kl_sum / n_fwd, clipped / n_fwd
+    return read_sum(losses), read_sum(kls) / n_fwd, read_sum(clipped) / n_fwd
 
 
 def completion_logits(model, prompt, completion):
@@ -225,7 +227,7 @@ def transfer_backward(model, pairs, cfg, n_tokens=None) -> float:
     """Backprop lambda1 * L_KL over every (P+, P-, O+) pair; one token mean over all O+ tokens of the step
     (n_tokens; default: these pairs' own, i.e. all of them in one process)."""
     n_tokens = n_tokens or sum(len(o) for _, _, o in pairs)
-    total = 0.0
+    losses = []
     if cfg.transfer_mode == "full_vocab":  # one pair at a time: (C, V) logits under both prompts
         for teacher_prompt, student_prompt, o in dist.lockstep(model, pairs, no_grad_first=True):
             with torch.no_grad():
@@ -234,8 +236,8 @@ def transfer_backward(model, pairs, cfg, n_tokens=None) -> float:
             student = completion_logits(model, student_prompt, o)
             loss = full_vocab_kl(teacher[None], student[None], torch.ones(1, len(o), device=student.device), n_tokens)
             micro_backward(cfg.lambda1 * loss)
-            total += loss.item()
-        return total
+            losses.append(loss)
+        return read_sum(losses)
     mbs = length_sorted_micro_batches([len(s) + len(o) for _, s, o in pairs], cfg.micro_batch_size)
     for mb in dist.lockstep(model, mbs, no_grad_first=True):
         outs = [pairs[i][2] for i in mb]
@@ -245,8 +247,8 @@ def transfer_backward(model, pairs, cfg, n_tokens=None) -> float:
         student, mask = token_logprobs(model, [pairs[i][1] for i in mb], outs)
         loss = transfer_loss(student, teacher, mask, n_tokens)
         micro_backward(cfg.lambda1 * loss)
-        total += loss.item()
-    return total
+        losses.append(loss)
+    return read_sum(losses)
 
 
 # ---- one RIEL step ------------------------------------------------------------------------------------

@@ -56,7 +56,8 @@ import runlog
 import verify
 from errors import UserError
 from eval import EvalConfig, evaluate, format_table
-from mef import MEFConfig, SFTExample, build_sft_examples, encode_target, lr_schedule, make_optimizer, mef_steps, num_steps
+from mef import MEFConfig, SFTExample, build_sft_examples, encode_target, lr_schedule, mef_steps, num_steps
+from optim import make_optimizer
 from mel import MELConfig
 from model import Transformer, tiny_config
 from buffer import HardExampleBuffer, reference_trace

@@ -40,7 +40,7 @@ import torch
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
-import mef  # noqa: E402
+import optim  # noqa: E402
 import riel  # noqa: E402
 import train  # noqa: E402
 from buffer import HardExampleBuffer  # noqa: E402
@@ -290,7 +290,7 @@ def check_riel_step(table, device, quick, results):
                                traces={e.name: f"trace {i} of {e.name}" for e in experts})
                for i in range(rc.questions_per_step)]
     reward = lambda rec, text: float(zlib.crc32(text.encode()) % 4 == 0)  # noqa: E731  (~25% correct)
-    opt = mef.make_optimizer(m.parameters(), lr=rc.lr, weight_decay=0.0)
+    opt = optim.make_optimizer(m.parameters(), lr=rc.lr, weight_decay=0.0)
     for p in m.parameters():  # AdamW's moments, as in every step after the first; zero gradients move nothing
         p.grad = torch.zeros_like(p)
     opt.step()

@@ -42,6 +42,7 @@ import data  # noqa: E402
 import dist  # noqa: E402
 import lora  # noqa: E402
 import mef  # noqa: E402
+import optim  # noqa: E402
 import riel  # noqa: E402
 from buffer import HardExampleBuffer  # noqa: E402
 from experiments.gpu_check import (GIB, LLAMA3_STOPS, StandInTokenizer, id_range, model_cfg, random_model,  # noqa
@@ -224,10 +225,10 @@ def checked(model, fig, step):
 
 def optimizer(model, lr, weight_decay, grad_clip):
     """train.py's AdamW with its moments made, as plan.run_steps makes them: a step on zero gradients (no move)."""
-    opt = mef.make_optimizer(dist.parameters(model), lr=lr, weight_decay=weight_decay)
+    opt = optim.make_optimizer(dist.parameters(model), lr=lr, weight_decay=weight_decay)
     for p in dist.parameters(model):
         p.grad = torch.zeros_like(p)
-    mef.clip_and_step(model, opt, grad_clip, 0.0)
+    optim.clip_and_step(model, opt, grad_clip, 0.0)
     return opt
 
 

@@ -34,7 +34,7 @@ import riel  # noqa: E402
 import verify  # noqa: E402
 from buffer import HardExampleBuffer  # noqa: E402
 from eval import EvalConfig, evaluate  # noqa: E402
-from mef import make_optimizer  # noqa: E402
+from optim import make_optimizer  # noqa: E402
 from model import Transformer  # noqa: E402
 from rollout import token_logprobs  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402

@@ -15,7 +15,7 @@ import torch
 import torch.multiprocessing as mp
 
 import dist
-import mef
+import optim
 from conftest import free_port
 import mel
 import riel
@@ -45,7 +45,7 @@ def model_3_layers(checkpointing, dtype=torch.float32):
 def backward_all(model, share):
     """Every loss kind with uneven shares; `share` picks this rank's items (identity in one process)."""
     prompts, targets = [p for p, _ in SFT], [t for _, t in SFT]
-    mef.sharded_sft_backward(model, prompts, targets, micro_batch_size=1)
+    optim.sharded_sft_backward(model, prompts, targets, micro_batch_size=1)
     for mode in ("sampled", "full_vocab"):
         riel.transfer_backward(model, share(PAIRS), Cfg(mode), n_tokens=sum(len(o) for *_, o in PAIRS))
     mel.nll_backward(model, SFT, micro_batch_size=1, weight=0.3)

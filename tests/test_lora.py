@@ -9,7 +9,7 @@ import torch
 import dist
 import lora
 import train
-from mef import make_optimizer
+from optim import make_optimizer
 from model import Transformer, tiny_config
 from rollout import token_logprobs
 from test_train import SMALL, killed_after_checkpoint

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 import mef
+import optim
 from tokenizer import end_of_turn_id, load_tokenizer, render_chat
 
 
@@ -64,11 +65,11 @@ def naive_nll(model, prompt, target):
 def test_loss_is_token_mean_nll_of_assistant_tokens_only():
     model = StandIn(mix=False)
     prompts, targets = [[5, 6, 7, 8], [9, 10]], [[20, 21, 258], [22, 258]]
-    loss = mef.sft_loss(model, prompts, targets, n_tokens=5)
+    loss = optim.sft_loss(model, prompts, targets, n_tokens=5)
     hand = sum(naive_nll(model, p, t) for p, t in zip(prompts, targets)) / 5
     torch.testing.assert_close(loss, hand)
 
-    loss = mef.sft_loss(model, [prompts[0]], [targets[0]], n_tokens=3)
+    loss = optim.sft_loss(model, [prompts[0]], [targets[0]], n_tokens=3)
     loss.backward()
     g = model.hidden.grad[0].abs().sum(-1)  # (T,) gradient reaching the state at each position
     P, C = 4, 3
@@ -82,10 +83,10 @@ def test_micro_batches_give_the_full_batch_loss_and_gradient():
     prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (3, 7, 4, 5, 9)]
     targets = [torch.randint(0, 256, (n,), generator=g).tolist() + [258] for n in (1, 6, 2, 8, 3)]
     model = StandIn()
-    full = mef.sft_backward(model, prompts, targets, micro_batch_size=8)
+    full = optim.sft_backward(model, prompts, targets, micro_batch_size=8)
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    split = mef.sft_backward(model, prompts, targets, micro_batch_size=2)
+    split = optim.sft_backward(model, prompts, targets, micro_batch_size=2)
     assert abs(full - split) < 1e-6
     for a, p in zip(grads, model.parameters()):
         torch.testing.assert_close(p.grad, a, atol=1e-6, rtol=1e-5)
@@ -94,7 +95,7 @@ def test_micro_batches_give_the_full_batch_loss_and_gradient():
 
 
 def test_length_sorted_micro_batches_cover_every_index_once():
-    mbs = mef.length_sorted_micro_batches([5, 1, 9, 3, 7], 2)
+    mbs = optim.length_sorted_micro_batches([5, 1, 9, 3, 7], 2)
     assert mbs == [[1, 3], [0, 4], [2]]
 
 
@@ -133,7 +134,7 @@ def test_non_finite_loss_skips_the_step():
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     model.embed_tokens.weight.grad = torch.ones_like(model.embed_tokens.weight)
     with pytest.warns(UserWarning, match="skipping"):
-        _, skipped = mef.clip_and_step(model, opt, 1.0, float("nan"))
+        _, skipped = optim.clip_and_step(model, opt, 1.0, float("nan"))
     assert skipped
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
     assert all(p.grad is None for p in model.parameters())
@@ -156,7 +157,7 @@ def test_mef_resumed_at_a_step_takes_the_same_batches_as_an_uninterrupted_run(mo
     model = torch.nn.Linear(1, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     seen = []  # the targets each optimizer step trained on
-    monkeypatch.setattr(mef, "sft_backward", lambda m, p, t, mbs, weight=1.0: seen.append(t) or 0.0)
+    monkeypatch.setattr(mef, "sharded_sft_backward", lambda m, p, t, mbs, weight=1.0: seen.append(t) or 0.0)
     list(mef.mef_steps(model, examples, cfg, opt, seed=5))
     full, seen[:] = list(seen), []
     list(mef.mef_steps(model, examples, cfg, opt, seed=5, start_step=3))
@@ -176,7 +177,7 @@ def test_forwards_after_a_step_see_the_new_weights_inside_one_autocast_region():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         before = model(ids)
         before.float().logsumexp(-1).sum().backward()
-        mef.clip_and_step(model, opt, 1.0, 0.0)
+        optim.clip_and_step(model, opt, 1.0, 0.0)
         after = model(ids)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fresh = model(ids)  # a new region casts the updated weights

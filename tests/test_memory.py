@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-import mef
+import optim
 import riel
 from buffer import HardExampleBuffer
 from model import Transformer, tiny_config
@@ -30,7 +30,7 @@ def parity(rec, text):  # mostly wrong, some spread: rewarded rows, transfers an
 
 def step(tok, sample_batch_size, seed=0, steps=2):
     model = Transformer.from_config(tiny_config(), torch.device("cpu"), torch.float32, seed=0)
-    opt = mef.make_optimizer(model.parameters(), lr=1e-3)
+    opt = optim.make_optimizer(model.parameters(), lr=1e-3)
     cfg = riel.RIELConfig(group_size=4, max_new_tokens=8, buffer_k=2, buffer_size=3, micro_batch_size=8,
                           sample_batch_size=sample_batch_size)
     gen, buf = torch.Generator().manual_seed(seed), HardExampleBuffer(cfg.buffer_size)
@@ -128,7 +128,7 @@ def test_weight_copies_are_dropped_before_the_optimizer_step():
     opt = Probe(model.parameters(), lr=0.0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(ids).float().logsumexp(-1).sum().backward()
-        _, skipped = mef.clip_and_step(model, opt, 1.0, 0.0)
+        _, skipped = optim.clip_and_step(model, opt, 1.0, 0.0)
     assert not skipped
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fresh = model(ids).float()
@@ -141,8 +141,8 @@ def test_optimizer_factory_foreach_on_cpu_is_torch_adamw_bit_for_bit():
     init = [torch.randn(37, 11), torch.randn(11)]
     runs = {}
     for name, make in {"torch": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
-                       "ours": lambda ps: mef.make_optimizer(ps, lr=1e-2, weight_decay=0.1),
-                       "fused": lambda ps: mef.make_optimizer(ps, lr=1e-2, weight_decay=0.1, fused=True)}.items():
+                       "ours": lambda ps: optim.make_optimizer(ps, lr=1e-2, weight_decay=0.1),
+                       "fused": lambda ps: optim.make_optimizer(ps, lr=1e-2, weight_decay=0.1, fused=True)}.items():
         ps = [torch.nn.Parameter(p.clone()) for p in init]
         opt, g = make(ps), torch.Generator().manual_seed(1)
         for _ in range(4):
