@@ -1,94 +1,65 @@
 """
-experiments/gpu_check.py: the checks a session lent one H100/H200 runs in one call (~7 minutes), on the real shapes of
-Llama-3.2-1B and -3B with random weights (no download, no tokenizer), printed as one markdown table, row by row.
+experiments/gpu_check.py: what a session lent one H100/H200 runs in its one call, on the real shapes of
+Llama-3.2-1B and -3B with random weights (no download, no tokenizer, no tyro): one table, printed row by row.
 
-    python experiments/gpu_check.py            # CUDA: the full check; give the call >= 9 minutes
-    python experiments/gpu_check.py --quick    # CPU, tiny shapes, < 1 minute: the same code (tests/test_gpu_check.py)
-    OUT=dir python experiments/gpu_check.py    # also writes dir/gpu_check.md, rewritten after every row
+    OUT=dir python experiments/gpu_check.py --all    # the memory check, then the speed checks: < 540 s (call: 560-600)
+    python experiments/gpu_check.py                  # the speed checks only
+    python experiments/gpu_check.py --all --quick --no-plan   # CPU, tiny shapes, ~10 s: the same code (the tests)
 
-1. precision: bf16 autocast over fp32 weights (what train.py trains and samples with on CUDA) vs plain fp32, the
-   same weights and 4 x 256 random tokens: next-token (top-1) agreement, the mean KL(fp32 || autocast) and the
-   largest logit difference. Random weights give near-uniform logits and many near-ties, so the agreement is also
-   shown where fp32's top-2 margin exceeds 0.1 (a trained model has far larger margins).
-2. sampling: our rollout.generate (drop_finished, as RIEL samples) vs transformers' `generate` on the same bf16
-   weights, P prompts of ~200 tokens x G = 8 rows, 512 new tokens, T = 1, the Llama 3 stop ids; tokens/s counted
-   up to each row's stop, and the time ratio. Ours also with `compile` (its first call, which compiles, is
-   untimed). One timed call per side after a short warm-up (bench.py's helpers; its own tables take repeats).
-3. one RIEL step at the paper's settings (train.defaults: 8 questions x 3 GSM8K experts x 8 samples, 512 new
-   tokens, micro-batch 4, gradient checkpointing, fp32 weights + bf16 autocast, fused AdamW, sample_batch_size)
-   on 3B: seconds and torch.cuda.max_memory_allocated per part (sampling, policy-gradient backward, transfer
-   backward, clip + optimizer step), next to plan.py's prediction. The AdamW moments exist before the step (one
-   zero-gradient step leaves the weights unchanged), as they do in every step after a run's first. A stand-in
-   tokenizer hashes texts to ~200 ids and rewards ~25% of the completions, so every part of the step runs.
-   plan.plan_memory runs in a CPU subprocess while the GPU works; "n/a" when plan.py is absent or fails.
+(--quick with the plans: ~1 minute of CPU for them, more than its 45 s budget on a busy 2-core machine.)
+With OUT: dir/gpu_check.md (the table), dir/gpu_check.json (its rows, each part's estimated and measured seconds)
+and, with --all, 4 memory snapshots (gpu_memory.ALL_SNAPSHOTS): 6 files, all rewritten as the call goes.
 
-Robustness (the session that runs this has one call): each part catches its own errors and prints them in its
-row; parts that would start after --budget-s are skipped with a note; every row is printed when measured.
+The parts, in order, with the seconds each is estimated to take on one H200 (estimates, not yet measured: the JSON
+of the first run corrects them). Start (imports, CUDA context, starting the CPU workers) ~15 s. plan.py's memory
+plans (--all) and plan_time's estimate trace the run on fake tensors, minutes of CPU at 3B: three CPU workers compute
+them meanwhile, and the rows that stand beside them are filled in (printed again as `updated:`) when they are in.
+  --all only: gpu_memory.py, Llama-3.2-3B, each part next to the plan's figures for its stage:
+   memory: full      60  MEF step + RIEL step (sampling, update) under an 80 GB cap, 3 snapshots
+   memory: LoRA      60  the same, LoRA rank 16 under a 24 GiB cap, the update's snapshot
+  RIEL step          45  gpu_riel.py: one paper-default step on 3B, seconds and peak per part; plan_time's estimate
+  decode             25  gpu_decode.py: 3B, 96 rows x 512 greedy steps, eager and CUDA-graph sampler vs the
+                         bandwidth floor measured by a device copy
+  precision 3B, 1B   6+4 bf16 autocast vs fp32 on the same weights, 4 x 256 tokens: top-1 agreement (also where
+                         fp32's top-2 margin > 0.1: random weights give many near-ties), mean KL, largest logit gap
+  sampling 3B        50  rollout.generate (drop_finished, as RIEL samples) vs transformers' `generate` on the same
+                         bf16 weights, 64 and 192 rows (8 per prompt of ~200 tokens), 512 new, T = 1, Llama 3 stops;
+                         tokens/s up to each row's stop, one timed call per side after an 8-token warm-up
+  sampling 1B        15  the same at 64 rows only
+  compile 3B        100  ours with compile=True at 192 rows: its first call (compiles) untimed, then one timed
+                         (last: the most uncertain estimate, and the first to go when time runs short)
+  sum ~380 s of the default 520 s budget. What was cut to fit: the compile on 1B and the second compile row count,
+  1B's 192-row sampling, and the plan-rows of the speed step (the memory rows hold the plan, stage by stage).
+Robustness (gpu_common's runner): a part that would not fit the rest of --budget-s is skipped with a note; one that
+runs past it is interrupted; each part's error is its own ERROR row; every row is printed when measured.
 """
-import argparse
-import gc
-import json
-import os
-import subprocess
-import sys
 import time
-import traceback
-import zlib
-from types import SimpleNamespace
 
-import torch
+START = time.time()  # the budget counts from here: importing torch and transformers is part of the call's time
+import argparse  # noqa: E402
+import multiprocessing  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+import torch  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import optim  # noqa: E402
-import riel  # noqa: E402
-import train  # noqa: E402
-from buffer import HardExampleBuffer  # noqa: E402
-from model import ModelConfig, Transformer, tiny_config  # noqa: E402
-from rollout import generate  # noqa: E402
-
-GIB = 2 ** 30
-LLAMA3_STOPS = [128001, 128008, 128009]  # <|end_of_text|>, <|eom_id|>, <|eot_id|>
-COLUMNS = ["part", "model", "setting", "result", "compare", "note"]
-
-
-def id_range(vocab):
-    """Prompt ids that are no stop id: bytes for `tiny`, below Llama 3's special tokens (128000..) otherwise."""
-    return (3, 256) if vocab < 1000 else (3, 128000)
+from experiments.gpu_common import (LLAMA3_STOPS, Part, Table, Waiting, id_range, model_cfg,  # noqa: E402
+                                    random_model, run_parts, sync)
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--all", action="store_true", help="the memory check (gpu_memory.py) first, then the speed checks")
     p.add_argument("--quick", action="store_true", help="CPU, tiny shapes, < 1 minute")
-    p.add_argument("--budget-s", type=float, default=None, help="skip parts that would start later (420; quick 45)")
+    p.add_argument("--budget-s", type=float, default=None, help="parts that would not fit are skipped (520; quick 45)")
     p.add_argument("--no-compile", action="store_true")
-    p.add_argument("--no-plan", action="store_true")
-    p.add_argument("--plan-only", action="store_true", help=argparse.SUPPRESS)  # the plan subprocess
+    p.add_argument("--no-plan", action="store_true", help="--all: no plan.py predictions next to the memory rows")
     a = p.parse_args(argv)
-    a.budget_s = a.budget_s or (45.0 if a.quick else 420.0)
+    a.budget_s = a.budget_s if a.budget_s is not None else (45.0 if a.quick else 520.0)
     return a
-
-
-# ---- shapes, models, the table ---------------------------------------------------------------------------------
-
-def model_cfg(name) -> ModelConfig:
-    """The preset's shapes (model.model_config), offline; `tiny` for --quick."""
-    if name == "tiny":
-        return tiny_config()
-    import model
-    return model.model_config(name)
-
-
-def random_model(mcfg, device, dtype, seed=0) -> Transformer:
-    """normal(0, 0.02) weights made on the device itself (a 3B init on the host would take most of a minute)."""
-    torch.manual_seed(seed)
-    with torch.device(device):
-        m = Transformer(mcfg)
-        with torch.no_grad():
-            for name, p in m.named_parameters():
-                if p.dim() == 2:
-                    p.normal_(std=0.02)
-    return m.to(dtype)
 
 
 def hf_twin(m):
@@ -103,49 +74,7 @@ def hf_twin(m):
     return hf
 
 
-class Table:
-    """One markdown table, printed row by row, and rewritten to $OUT/gpu_check.md after every row."""
-
-    def __init__(self, title):
-        self.lines = [title, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-        print("\n".join(self.lines), flush=True)
-        self.path = os.path.join(os.environ["OUT"], "gpu_check.md") if os.environ.get("OUT") else None
-        self._write()
-
-    def row(self, **cells):
-        line = "| " + " | ".join(str(cells.get(c, "")).replace("|", "/").replace("\n", " ") for c in COLUMNS) + " |"
-        self.lines.append(line)
-        print(line, flush=True)
-        self._write()
-
-    def _write(self):
-        if self.path:
-            with open(self.path, "w") as f:
-                f.write("\n".join(self.lines) + "\n")
-
-
-def guarded(table, t0, budget, part, model, fn):
-    """Run one part; its error (or the budget) becomes a row and the script goes on."""
-    if time.time() - t0 > budget:
-        table.row(part=part, model=model, note=f"skipped: past the {budget:.0f} s budget")
-        return
-    try:
-        fn()
-    except Exception as e:  # noqa: BLE001  (one failure must not cost the other measurements)
-        traceback.print_exc(file=sys.stderr)
-        table.row(part=part, model=model, result="ERROR", note=f"{type(e).__name__}: {str(e)[:200]}")
-    finally:
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-# ---- 1. precision -------------------------------------------------------------------------------------------------
+# ---- precision ----------------------------------------------------------------------------------------------------
 
 def check_precision(table, name, device, quick):
     m = random_model(model_cfg(name), device, torch.float32).eval()
@@ -165,25 +94,43 @@ def check_precision(table, name, device, quick):
               note=f"KL {kl:.2e}, max abs dlogit {(ref - low).abs().max():.3f}, logit std {ref.std():.3f}")
 
 
-# ---- 2. sampling: ours vs transformers ------------------------------------------------------------------------------
+# ---- sampling: ours vs transformers, ours compiled ----------------------------------------------------------------
 
-def check_sampling(table, name, device, quick, rows_list, new_tokens, use_compile, t0, budget):
+def sampling_batch(vocab, n_rows, quick):
+    """(prompts, G): n_rows // G distinct prompts of ~200 tokens (quick ~24), each sampled G times; fixed by n_rows,
+    so the compile part samples the same batch as the eager one."""
+    G = 4 if quick else 8
+    g, plen = torch.Generator().manual_seed(n_rows), (24 if quick else 200)
+    return [torch.randint(*id_range(vocab), (plen - (i % 4) * 4,), generator=g).tolist()
+            for i in range(n_rows // G)], G
+
+
+def sampler(m, prompts, G, stop, new_tokens, n_tok, key, **kw):
+    """Our generate as RIEL calls it (drop_finished), its token count into n_tok[key]."""
+    from rollout import generate  # in the part: rollout failing to import costs only the parts that sample
+
+    def run(n=new_tokens):
+        out = generate(m, prompts, num_samples=G, max_new_tokens=n, seed=0, stop_ids=stop,
+                       vocab_limit=m.cfg.vocab_size, drop_finished=True, **kw)
+        n_tok[key] = sum(len(c) for c in out.completions)
+    return run
+
+
+def setting_of(prompts, G, new_tokens):
+    return f"{len(prompts) * G} rows ({len(prompts)} x {G}), prompt ~{len(prompts[0])}, {new_tokens} new"
+
+
+def check_sampling(ctx, name, rows_list, new_tokens):
     from bench import stopped_len, timed_interleaved  # the same side-by-side timing as bench.py's tables
+    table, device, quick = ctx.table, ctx.device, ctx.quick
     m = random_model(model_cfg(name), device, torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
     hf = hf_twin(m)
-    V, G = m.cfg.vocab_size, 8 if not quick else 4
     stop = [258] if name == "tiny" else LLAMA3_STOPS
-    lo, hi = id_range(V)
-    probe = torch.randint(lo, hi, (1, 16), device=device)
+    probe = torch.randint(*id_range(m.cfg.vocab_size), (1, 16), device=device)
     with torch.no_grad():
         twin = (hf(probe).logits.float() - m(probe).float()).abs().max().item()
     for n_rows in rows_list:
-        if time.time() - t0 > budget:
-            table.row(part="sampling", model=name, setting=f"{n_rows} rows", note="skipped: past the budget")
-            continue
-        g = torch.Generator().manual_seed(n_rows)
-        P, plen = n_rows // G, (24 if quick else 200)
-        prompts = [torch.randint(lo, hi, (plen - (i % 4) * 4,), generator=g).tolist() for i in range(P)]
+        prompts, G = sampling_batch(m.cfg.vocab_size, n_rows, quick)
         rows = [p for p in prompts for _ in range(G)]
         Tp = max(map(len, rows))
         ids = torch.tensor([[0] * (Tp - len(p)) + p for p in rows], device=device)
@@ -195,219 +142,112 @@ def check_sampling(table, name, device, quick, rows_list, new_tokens, use_compil
                               max_new_tokens=n, min_new_tokens=0, eos_token_id=stop, pad_token_id=0)[:, Tp:].tolist()
             n_tok["hf"] = sum(stopped_len(r, set(stop)) for r in out)
 
-        def ours(key, n=new_tokens, **kw):
-            def run():
-                out = generate(m, prompts, num_samples=G, max_new_tokens=n, seed=0, stop_ids=stop, vocab_limit=V,
-                               drop_finished=True, **kw)
-                n_tok[key] = sum(len(c) for c in out.completions)
-            return run
-
+        ours = sampler(m, prompts, G, stop, new_tokens, n_tok, "ours")
         with torch.no_grad():
-            hf_run(8), ours("ours", 8)()  # warm-up: kernels, cuBLAS handles
-            t = timed_interleaved({"hf": hf_run, "ours": ours("ours")}, 1)
-        setting = f"{n_rows} rows ({P} x {G}), prompt ~{plen}, {new_tokens} new"
-        hf_tps, ours_tps = n_tok["hf"] / t["hf"], n_tok["ours"] / t["ours"]
-        table.row(part="sampling: ours vs transformers", model=name, setting=setting,
-                  result=f"ours {ours_tps:,.0f} tok/s ({t['ours']:.1f} s)",
-                  compare=f"transformers {hf_tps:,.0f} tok/s ({t['hf']:.1f} s): ours {t['hf'] / t['ours']:.2f}x",
+            hf_run(8), ours(8)  # warm-up: kernels, cuBLAS handles
+            t = timed_interleaved({"hf": hf_run, "ours": ours}, 1)
+        ctx.results[("sampling", name, n_rows)] = (t["ours"], t["hf"])
+        table.row(part="sampling: ours vs transformers", model=name, setting=setting_of(prompts, G, new_tokens),
+                  result=f"ours {n_tok['ours'] / t['ours']:,.0f} tok/s ({t['ours']:.1f} s)",
+                  compare=f"transformers {n_tok['hf'] / t['hf']:,.0f} tok/s ({t['hf']:.1f} s): "
+                          f"ours {t['hf'] / t['ours']:.2f}x",
                   note=f"{str(m.embed_tokens.weight.dtype)[6:]} weights; transformers twin max abs dlogit {twin:.3f}")
-        if not use_compile:
-            table.row(part="sampling: ours + compile", model=name, setting=setting,
-                      note="skipped (--quick or --no-compile)")
-            continue
-        if time.time() - t0 > budget:
-            table.row(part="sampling: ours + compile", model=name, setting=setting, note="skipped: past the budget")
-            continue
-        tc = time.time()
-        with torch.no_grad():
-            ours("compiled", 16, compile=True)()  # compiles (dynamic shapes: once for every row count)
-            build_s = time.time() - tc
-            tcomp = timed_interleaved({"compiled": ours("compiled", compile=True)}, 1)["compiled"]
-        table.row(part="sampling: ours + compile", model=name, setting=setting,
-                  result=f"{n_tok['compiled'] / tcomp:,.0f} tok/s ({tcomp:.1f} s)",
-                  compare=f"{t['ours'] / tcomp:.2f}x ours eager, {t['hf'] / tcomp:.2f}x transformers",
+
+
+def check_compile(ctx, name, n_rows, new_tokens):
+    """Ours with compile=True on the eager part's batch and weights (the same seed): its first call compiles."""
+    from bench import timed_interleaved
+    m = random_model(model_cfg(name), ctx.device, torch.bfloat16).eval()
+    prompts, G = sampling_batch(m.cfg.vocab_size, n_rows, ctx.quick)
+    n_tok, tc = {}, time.time()
+    run = sampler(m, prompts, G, LLAMA3_STOPS, new_tokens, n_tok, "compiled", compile=True)
+    with torch.no_grad():
+        run(16)  # compiles (dynamic shapes: once for every row count)
+        sync(ctx.device)
+        build_s = time.time() - tc
+        t = timed_interleaved({"compiled": run}, 1)["compiled"]
+    eager = ctx.results.get(("sampling", name, n_rows))
+    ctx.table.row(part="sampling: ours + compile", model=name, setting=setting_of(prompts, G, new_tokens),
+                  result=f"{n_tok['compiled'] / t:,.0f} tok/s ({t:.1f} s)",
+                  compare=f"{eager[0] / t:.2f}x ours eager, {eager[1] / t:.2f}x transformers" if eager else
+                          "the eager rows did not run",
                   note=f"first call (compile + 16 tokens) {build_s:.0f} s")
-    del hf, m
 
 
-# ---- 3. one RIEL step at the paper's settings -----------------------------------------------------------------------
+# ---- the parts, the run -------------------------------------------------------------------------------------------
 
-def riel_config(quick) -> "train.Config":
-    """train.py's defaults for a real model (the paper's): on 3B, or scaled down onto `tiny` for --quick."""
-    cfg = train.defaults("llama3.2-3b")
-    if quick:
-        cfg.model = "tiny"
-        cfg.riel.questions_per_step, cfg.riel.group_size, cfg.riel.max_new_tokens = 2, 4, 12
-        cfg.riel.sample_batch_size = 8
-    return cfg
+def speed_parts(a, quick) -> list:
+    big, small = ("tiny", "tiny") if quick else ("llama3.2-3b", "llama3.2-1b")
+    new = 16 if quick else 512
+    rows_big, rows_small = ((8, 16), (8,)) if quick else ((64, 192), (64,))
 
+    def riel(ctx):  # imported in the part: a module that fails to import is that part's ERROR row
+        from experiments import gpu_riel
+        gpu_riel.check_riel_step(ctx.table, ctx.device, ctx.quick, ctx.waiting, ctx.estimate)
 
-class StandInTokenizer:
-    """What a RIEL step asks of a tokenizer, offline: a text becomes ~200 ids (quick: ~24) drawn from its hash."""
+    def decode(ctx):
+        from experiments import gpu_decode
+        gpu_decode.check_decode(ctx.table, ctx.device, ctx.quick)
 
-    def __init__(self, vocab_size, stop, quick):
-        self.vocab_size, self.eos_token_id, self.quick = vocab_size, stop, quick
-
-    def __len__(self):
-        return self.vocab_size
-
-    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
-        return "\n".join(f"{x['role']}: {x['content']}" for x in messages)
-
-    def encode(self, text, add_special_tokens=False):
-        h = zlib.crc32(text.encode())
-        n = (20 if self.quick else 180) + h % (8 if self.quick else 40)
-        return torch.randint(*id_range(self.vocab_size), (n,), generator=torch.Generator().manual_seed(h)).tolist()
-
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(map(str, ids))
-
-    def get_vocab(self):
-        return {}
+    def compile_(ctx):
+        if quick or a.no_compile:  # a CPU's compile takes minutes and measures nothing a GPU would
+            ctx.table.row(part="sampling: ours + compile", model=big, note="skipped (--quick or --no-compile)")
+        else:
+            check_compile(ctx, big, rows_big[-1], new)
+    return [
+        Part("RIEL step", big, 45, 3, riel),
+        Part("decode vs bandwidth floor", big, 25, 2, decode),
+        Part("precision", big, 6, 1, lambda ctx: check_precision(ctx.table, big, ctx.device, quick)),
+        Part("precision", small, 4, 1, lambda ctx: check_precision(ctx.table, small, ctx.device, quick)),
+        Part("sampling", big, 50, 2, lambda ctx: check_sampling(ctx, big, rows_big, new)),
+        Part("sampling", small, 15, 2, lambda ctx: check_sampling(ctx, small, rows_small, new)),
+        Part("sampling: ours + compile", big, 0 if a.no_compile else 100, 0, compile_),
+    ]
 
 
-def start_plan(quick):
-    """plan.plan_memory of the step's config, in a CPU subprocess (it traces on fake tensors for a minute or more)."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--plan-only"] + (["--quick"] if quick else [])
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-
-
-def plan_only(quick):
-    import plan
-    torch.set_num_threads(1 if quick else 4)
-    print(json.dumps(plan.plan_memory(riel_config(quick), world_size=1)))
-
-
-def check_riel_step(table, device, quick, results):
-    cfg = riel_config(quick)
-    rc, name = cfg.riel, cfg.model
-    import data
-    experts = data.experts("gsm8k")
-    m = random_model(model_cfg(name), device, torch.float32)
-    m.gradient_checkpointing = cfg.gradient_checkpointing
-    tok = StandInTokenizer(m.cfg.vocab_size, 258 if quick else LLAMA3_STOPS[-1], quick)
-    records = [SimpleNamespace(id=i, question=f"question {i}: how many apples?", answer="7",
-                               traces={e.name: f"trace {i} of {e.name}" for e in experts})
-               for i in range(rc.questions_per_step)]
-    reward = lambda rec, text: float(zlib.crc32(text.encode()) % 4 == 0)  # noqa: E731  (~25% correct)
-    opt = optim.make_optimizer(m.parameters(), lr=rc.lr, weight_decay=0.0)
-    for p in m.parameters():  # AdamW's moments, as in every step after the first; zero gradients move nothing
-        p.grad = torch.zeros_like(p)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    cuda = device.type == "cuda"
-    at_rest = torch.cuda.memory_allocated(device) / GIB if cuda else float("nan")
-    parts, originals = {}, {}
-
-    def timed(key, fn):
-        def wrapper(*a, **k):
-            sync(device)
-            if cuda:
-                torch.cuda.reset_peak_memory_stats(device)
-            t = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                sync(device)
-                s, peak = parts.get(key, (0.0, 0.0))
-                parts[key] = (s + time.perf_counter() - t,
-                              max(peak, torch.cuda.max_memory_allocated(device) / GIB if cuda else float("nan")))
-        return wrapper
-
-    for key, attr in [("sampling (+ rewards)", "sample_and_score"),
-                      ("policy-gradient backward", "policy_gradient_backward"),
-                      ("transfer backward", "transfer_backward"), ("buffer SFT backward", "sharded_sft_backward"),
-                      ("clip + optimizer step", "clip_and_step")]:
-        originals[attr] = getattr(riel, attr)
-        setattr(riel, attr, timed(key, originals[attr]))
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16)  # fp32 weights + bf16 autocast: train.py on CUDA
-    try:
-        t = time.perf_counter()
-        with autocast:
-            stats = riel.riel_step(m, tok, records, experts, rc, opt, HardExampleBuffer(rc.buffer_size),
-                                   torch.Generator(device=device).manual_seed(0), reward)
-        sync(device)
-        total = time.perf_counter() - t
-    finally:
-        for attr, fn in originals.items():
-            setattr(riel, attr, fn)
-    rows = len(records) * len(experts) * rc.group_size
-    setting = (f"{rc.questions_per_step} q x {len(experts)} experts x {rc.group_size} = {rows} rows, "
-               f"{rc.max_new_tokens} new, micro-batch {rc.micro_batch_size}, sample batch {rc.sample_batch_size}")
-    mem = lambda gib: f"peak {gib:.1f} GiB" if cuda else "peak n/a (CPU)"  # noqa: E731
-    for key, (s, peak) in parts.items():
-        results[key] = peak
-        table.row(part=f"RIEL step: {key}", model=name, setting=setting, result=f"{s:.1f} s, {mem(peak)}",
-                  compare="plan: see the plan rows",
-                  note=f"at rest (weights + AdamW) {at_rest:.1f} GiB" if cuda else "")
-    results["step"] = max(p for _, p in parts.values())
-    note = f"rows trained {stats['trained_rows']}, transfer pairs {stats['transfer_pairs']}"
-    if cuda:
-        note += (f", mean length {stats['completions/mean_length']:.0f}, "
-                 f"max reserved {torch.cuda.max_memory_reserved(device) / GIB:.1f} GiB")
-    table.row(part="RIEL step: whole", model=name, setting=setting, result=f"{total:.1f} s, {mem(results['step'])}",
-              compare=f"sample_s {stats['sample_s']:.1f}, train_s {stats['train_s']:.1f}", note=note)
-    del m, opt
-
-
-def report_plan(table, proc, results, t0, budget, quick):
-    """The plan's stage peaks next to the measured ones (what the plan calls riel_update is the step's backward and
-    optimizer parts)."""
-    model = riel_config(quick).model
-    try:
-        out, err = proc.communicate(timeout=max(5.0, budget + (0 if quick else 60) - (time.time() - t0)))
-        if proc.returncode != 0:
-            raise RuntimeError(err.strip().splitlines()[-1] if err.strip() else f"exit {proc.returncode}")
-        plan = json.loads(out.strip().splitlines()[-1])
-    except Exception as e:  # noqa: BLE001
-        proc.kill()
-        table.row(part="plan.py prediction", model=model, result="n/a", note=f"{type(e).__name__}: {str(e)[:200]}")
-        return
-    update = [results[k] for k in ("policy-gradient backward", "transfer backward", "buffer SFT backward",
-                                   "clip + optimizer step") if k in results]
-    update = max(update) if update else None
-    measured = {"riel_sample": results.get("sampling (+ rewards)"), "riel_update": update, "mef_step": None}
-    alloc = lambda v: f" ({v['allocated_gib']:.1f} allocated)" if "allocated_gib" in v else ""  # noqa: E731
-    for stage, v in plan["stages"].items():
-        parts = ", ".join(f"{k} {g:.1f}" for k, g in sorted(v["parts"].items(), key=lambda kv: -kv[1]))
-        got = measured.get(stage)
-        table.row(part=f"plan.py prediction: {stage}", model=model, result=f"peak {v['peak_gib']:.1f} GiB{alloc(v)}",
-                  compare=f"measured {got:.1f} GiB" if got is not None and got == got else "not measured here",
-                  note=parts)
-    step = results.get("step")
-    table.row(part="plan.py prediction: run", model=model, result=f"peak {plan['peak_gib']:.1f} GiB{alloc(plan)}",
-              compare=f"measured step {step:.1f} GiB" if step is not None and step == step else "",
-              note="measured = torch.cuda.max_memory_allocated, comparable to the plan's `allocated` (no CUDA "
-                   "context, workspaces or allocator slack)")
-
-
-def main(argv=None):
+def main(argv=None, t0=None):
     a = parse(argv)
-    if a.plan_only:
-        return plan_only(a.quick)
-    t0 = time.time()
+    t0 = t0 or time.time()
     device = torch.device("cpu" if a.quick or not torch.cuda.is_available() else "cuda")
     quick = a.quick or device.type == "cpu"
     if quick:  # tiny shapes gain nothing from threads, and on a shared CPU spinning threads cost up to 50x
         torch.set_num_threads(1)
-    proc = None if a.no_plan else start_plan(quick)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    table = Table(f"### gpu_check on {gpu}, torch {torch.__version__}{' (--quick)' if quick else ''}")
-    models = ["tiny"] if quick else ["llama3.2-1b", "llama3.2-3b"]
-    rows_list, new_tokens = ((8, 16), 16) if quick else ((64, 192), 512)
-    results = {}
-    guarded(table, t0, a.budget_s, "RIEL step", riel_config(quick).model,
-            lambda: check_riel_step(table, device, quick, results))
-    for name in models:
-        guarded(table, t0, a.budget_s, "precision", name, lambda: check_precision(table, name, device, quick))
-    for name in reversed(models):  # 3B first: the paper's model
-        guarded(table, t0, a.budget_s, "sampling", name,
-                lambda: check_sampling(table, name, device, quick, rows_list, new_tokens,
-                                       not (quick or a.no_compile), t0, a.budget_s))
-    if proc is not None:
-        report_plan(table, proc, results, t0, a.budget_s, quick)
-    print(f"\ntotal {time.time() - t0:.0f} s", flush=True)
+    ctx = SimpleNamespace(device=device, quick=quick, t0=t0, budget=a.budget_s, results={}, estimate=None)
+    ctx.table = Table(f"### gpu_check{' --all' if a.all else ''} on {gpu}, torch {torch.__version__}"
+                      f"{' (--quick)' if quick else ''}",
+                      {"device": gpu, "torch": torch.__version__, "quick": quick, "budget_s": a.budget_s,
+                       "argv": sys.argv[1:] if argv is None else list(argv)})
+    ctx.waiting = Waiting(ctx.table)
+    # plan.py's memory plans and plan_time's estimate trace the run on fake tensors, minutes of CPU at 3B: CPU
+    # workers compute them while the GPU works (spawn: no worker forks a CUDA-initialised torch)
+    pool = None if a.no_plan else multiprocessing.get_context("spawn").Pool(3 if a.all else 1)
+    parts, memory = speed_parts(a, quick), None
+    try:
+        from experiments import gpu_riel
+        ctx.estimate = pool and pool.apply_async(gpu_riel.estimate, (quick, gpu_riel.gpu_key(gpu)))
+    except Exception:  # noqa: BLE001  (the RIEL part imports it again: its error is that part's row)
+        pass
+    if a.all:
+        try:
+            from experiments import gpu_memory
+            memory = gpu_memory.MemoryRows(ctx.waiting, gpu_memory.plan_jobs(pool, quick))
+            parts = memory.parts(quick) + parts
+        except Exception as e:  # noqa: BLE001  (the speed checks still run; the error is the memory row)
+            ctx.table.row(part="memory", result="ERROR", note=f"{type(e).__name__}: {str(e)[:200]}")
+    run_parts(parts, ctx, after_each=ctx.waiting.settle)
+    ctx.waiting.settle(deadline=max(time.time(), t0 + a.budget_s))  # the CPU workers may take the rest of the budget
+    if pool:
+        pool.terminate()
+    ctx.table.meta["total_s"] = round(time.time() - t0, 1)
+    ctx.table.write()
+    timing = ", ".join(f"{p['part']} {p['model']} {p['s']:.0f}/{p['est_s']:.0f}" for p in ctx.table.parts)
+    print(f"\ntotal {time.time() - t0:.0f} s; seconds measured/estimated: {timing}", flush=True)
+    if memory is not None and memory.failed:
+        print("gradient checks FAILED (the memory rows' notes)", flush=True)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(t0=START))

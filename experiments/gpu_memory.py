@@ -6,8 +6,9 @@ shapes, random weights (no download): full fine-tuning capped at an 80 GB H100's
     python experiments/gpu_memory.py            # CUDA, ~3 min (an estimate, not run yet): give the call >= 4 min
     python experiments/gpu_memory.py --quick    # CPU, tiny shapes, < 1 minute: the same code (tests/test_gpu_memory.py)
     OUT=dir python experiments/gpu_memory.py    # also dir/gpu_memory.md and a memory snapshot per part (*.pickle)
+    python experiments/gpu_check.py --all       # these rows first, in gpu_check's table (MemoryRows), 4 snapshots
 
-train.py's 3B defaults (gpu_check.riel_config): fp32 weights + bf16 autocast, gradient checkpointing, fused AdamW with
+train.py's 3B defaults (gpu_common.riel_config): fp32 weights + bf16 autocast, gradient checkpointing, fused AdamW with
 its moments made beforehand. MEF: one step of 2 micro-batches of 4 x 1024 tokens. RIEL: one riel_step (8 questions x 3
 experts x 8 samples, 512 new tokens, micro-batch 4), sampling and update measured apart; random weights rarely sample a
 stop id, so rows run to 512 tokens (the plan's worst case). Per part: max allocated / reserved (torch.cuda.max_memory_*:
@@ -27,30 +28,31 @@ import pickle
 import sys
 import time
 import traceback
-import zlib
 from dataclasses import replace
 from itertools import accumulate
 from pathlib import Path
-from types import SimpleNamespace
 from unittest.mock import patch
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import data  # noqa: E402
 import dist  # noqa: E402
 import lora  # noqa: E402
 import mef  # noqa: E402
 import optim  # noqa: E402
 import riel  # noqa: E402
 from buffer import HardExampleBuffer  # noqa: E402
-from experiments.gpu_check import (GIB, LLAMA3_STOPS, StandInTokenizer, id_range, model_cfg, random_model,  # noqa
-                                   riel_config, sync)
+from experiments.gpu_common import (GIB, Part, id_range, job_result, model_cfg, random_model, riel_config,  # noqa
+                                    riel_inputs, stand_in_reward, sync)
 
 CAPS = {"full": 80e9, "LoRA": 24 * GIB}  # bytes for the process: an 80 GB H100, a 24 GiB card
 LORA_RANK, PROMPT_TOKENS = 16, 200  # PROMPT_TOKENS: plan.py's, the MEF examples' prompt share as in its plan
 MAX_ENTRIES, SNAPSHOT_BYTES = 60_000, 8 * 2 ** 20  # 6 pickles + the table: under a device call's 64 MiB
+# gpu_check --all keeps 4 (6 files in all with its table and JSON), and records only these parts (recording costs
+# time): full fine-tuning's three (the 80 GB question) and LoRA's update, where LoRA's code differs most (frozen bf16
+# base, the adapters' gradients)
+ALL_SNAPSHOTS = ("full_mef_step", "full_riel_sample", "full_riel_update", "LoRA_riel_update")
 COLUMNS = ["part", "model", "setting", "max allocated", "plan allocated", "max reserved", "device at peak",
            "plan peak", "retries / OOMs", "gradients", "note"]
 STAGES = {"MEF step": "mef_step", "RIEL step: sampling": "riel_sample", "RIEL step: update": "riel_update"}
@@ -81,16 +83,9 @@ def plan_memory(quick, lora_rank) -> dict:
     return plan.plan_memory(run_config(quick, lora_rank), world_size=1)
 
 
-def plan_result(job, timeout=0.0):
-    """A worker's plan (multiprocessing's AsyncResult; None: --no-plan) -> its dict, None while it runs, or "n/a..."."""
-    if job is None:
-        return "n/a (--no-plan)"
-    try:
-        return job.get(timeout)
-    except multiprocessing.TimeoutError:
-        return None
-    except Exception as e:  # noqa: BLE001  (its error, raised again here)
-        return f"n/a: {type(e).__name__}: {e}"
+def plan_jobs(pool, quick) -> dict:
+    """{variant: its plan's AsyncResult in the pool, or None (no pool: --no-plan)}."""
+    return {v: pool and pool.apply_async(plan_memory, (quick, LORA_RANK * (v == "LoRA"))) for v in CAPS}
 
 
 def plan_cells(result, stage) -> dict:
@@ -119,7 +114,7 @@ class Table:
         """Print the rows whose plans are in; with a deadline (time.time()), wait for the plans until then."""
         while self.queue:
             variant, cells = self.queue[0]
-            result = plan_result(self.plans[variant], max(0.0, deadline - time.time()) if deadline else 0.0)
+            result = job_result(self.plans[variant], max(0.0, deadline - time.time()) if deadline else 0.0)
             if result is None and deadline is None:
                 return
             result = result or "n/a: the plan was not done within the budget"
@@ -129,6 +124,43 @@ class Table:
             self.queue.pop(0)
             if self.path:
                 Path(self.path).write_text("\n".join(self.lines) + "\n")
+
+
+class MemoryRows:
+    """The memory rows in gpu_check --all's table (its six columns): each printed when measured, its plan's figures
+    filled in when the plan is in (gpu_common.Waiting)."""
+
+    def __init__(self, waiting, plans):
+        self.waiting, self.plans, self.failed = waiting, plans, False
+
+    def parts(self, quick) -> list:
+        """gpu_common Parts: the full model's check, then LoRA's (estimates: gpu_check's docstring)."""
+        keep = lambda name: name if name in ALL_SNAPSHOTS else None  # noqa: E731
+        model = riel_config(quick).model
+        return [Part(f"memory: {v}", model, 60, 2, lambda ctx, v=v: run_variant(
+            self, v, ctx.device, ctx.quick, ctx.t0, ctx.budget, keep)) for v in CAPS]
+
+    def add(self, variant, **cells):
+        self.failed |= cells.get("gradients", "").startswith("FAILED")
+        r = "n/a (CPU)" if cells["max allocated"].startswith("n/a") else cells["max allocated"]
+        if not r.startswith(("n/a", "not")):
+            r = f"allocated {r}, reserved {cells['max reserved']}, device at peak {cells['device at peak']}"
+        retries = cells["retries / OOMs"]
+        note = [f"gradients {cells['gradients']}" if cells["gradients"] else "",
+                "" if retries.startswith(("n/a", "not")) else f"retries / OOMs {retries}", cells["note"]]
+        self.waiting.row(self.plans[variant], lambda plan: {"compare": plan_compare(plan, STAGES[cells["part"]])},
+                         part=f"memory: {cells['part']}", model=cells["model"], result=r,
+                         setting=f"cap {CAPS[variant] / GIB:.1f} GiB; {cells['setting']}",
+                         note="; ".join(filter(None, note)))
+
+
+def plan_compare(plan, stage) -> str:
+    """The plan's figures for a stage, in one cell ("plan pending" while it runs, "n/a: ..." if it failed)."""
+    if plan == "pending":
+        return "plan pending"
+    c = plan_cells(plan, stage)
+    return c["plan allocated"] if c["plan peak"] == "n/a" else \
+        f"plan: allocated {c['plan allocated']}, peak {c['plan peak']}"
 
 
 def figure_cells(fig, err=None) -> dict:
@@ -178,9 +210,10 @@ def save_snapshot(device, name) -> str:
 
 
 def measure(device, fig, name, fn):
-    """fn() -> its result; fills fig with what it took, also when it raises (an OOM's figures are the point)."""
+    """fn() -> its result; fills fig with what it took, also when it raises (an OOM's figures are the point).
+    name: its snapshot's, or None for none."""
     cuda, t = device.type == "cuda", time.perf_counter()
-    record = cuda and bool(os.environ.get("OUT"))  # the history costs time: only when its snapshot is kept
+    record = cuda and bool(os.environ.get("OUT")) and name is not None  # the history costs time: only when kept
     if cuda:
         sync(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -232,7 +265,7 @@ def optimizer(model, lr, weight_decay, grad_clip):
     return opt
 
 
-def part_mef(model, cfg, device, tag, quick, figs):
+def part_mef(model, cfg, device, tag, quick, figs, keep):
     m, fig = cfg.mef, figs.setdefault("MEF step", {})
     g, prompt = torch.Generator().manual_seed(0), min(PROMPT_TOKENS, m.max_len // 2)
     ids = lambda n: torch.randint(*id_range(model.cfg.vocab_size), (n,), generator=g).tolist()  # noqa: E731
@@ -240,29 +273,25 @@ def part_mef(model, cfg, device, tag, quick, figs):
     fig["setting"] = f"2 micro-batches x {m.micro_batch_size} x {m.max_len} tokens, one AdamW step"
     opt = optimizer(model, m.lr, m.weight_decay, m.grad_clip)
     with patch.object(mef, "clip_and_step", checked(model, fig, mef.clip_and_step)):  # mef_steps calls mef's
-        measure(device, fig, f"{tag}_mef_step", lambda: list(mef.mef_steps(
+        measure(device, fig, keep(f"{tag}_mef_step"), lambda: list(mef.mef_steps(
             model, examples, replace(m, epochs=1, batch_size=len(examples)), opt)))
 
 
-def part_riel(model, cfg, device, tag, quick, figs):
-    rc, experts = cfg.riel, data.experts("gsm8k")
+def part_riel(model, cfg, device, tag, quick, figs, keep):
+    rc = cfg.riel
     sample, update = (figs.setdefault(k, {}) for k in ("RIEL step: sampling", "RIEL step: update"))
-    tok = StandInTokenizer(model.cfg.vocab_size, 258 if quick else LLAMA3_STOPS[-1], quick)
-    records = [SimpleNamespace(id=i, question=f"question {i}: how many apples?", answer="7",
-                               traces={e.name: f"trace {i} of {e.name}" for e in experts})
-               for i in range(rc.questions_per_step)]
-    reward = lambda rec, text: float(zlib.crc32(text.encode()) % 4 == 0)  # noqa: E731  (~25% correct)
+    tok, records, experts = riel_inputs(rc, model.cfg.vocab_size, quick)
     opt = optimizer(model, rc.lr, 0.0, rc.grad_clip)  # MEF's is gone, as in train.py
     sample["setting"] = (f"{rc.questions_per_step} q x {len(experts)} experts x {rc.group_size}, "
                          f"{rc.max_new_tokens} new, {rc.sample_batch_size} rows per call")
 
     def measured(fig, stage, fn):  # riel_step's own call of the part, measured
-        return lambda *a, **k: measure(device, fig, f"{tag}_{stage}", lambda: fn(*a, **k))
+        return lambda *a, **k: measure(device, fig, keep(f"{tag}_{stage}"), lambda: fn(*a, **k))
     with patch.object(riel, "sample_and_score", measured(sample, "riel_sample", riel.sample_and_score)), \
             patch.object(riel, "update_policy", measured(update, "riel_update", riel.update_policy)), \
             patch.object(riel, "clip_and_step", checked(model, update, riel.clip_and_step)):  # riel_step calls these
         stats = riel.riel_step(model, tok, records, experts, rc, opt, HardExampleBuffer(rc.buffer_size),
-                               torch.Generator(device=device).manual_seed(0), reward)
+                               torch.Generator(device=device).manual_seed(0), stand_in_reward)
     sample["setting"] += f", mean length {stats['completions/mean_length']:.0f}"
     update["setting"] = (f"{stats['trained_rows']} rows + {stats['transfer_pairs']} transfer pairs, "
                          f"micro-batch {rc.micro_batch_size}")
@@ -296,8 +325,9 @@ def build(variant, cfg, device):
     return model
 
 
-def run_variant(table, variant, device, quick, t0, budget) -> bool:
-    """One model under its cap: the MEF step, then the RIEL step, their rows. -> whether the gradient checks passed."""
+def run_variant(table, variant, device, quick, t0, budget, keep=lambda name: name) -> bool:
+    """One model under its cap: the MEF step, then the RIEL step, their rows. -> whether the gradient checks passed.
+    keep(snapshot name) -> the name to save it under, or None for no snapshot."""
     cfg, figs, built = run_config(quick, LORA_RANK * (variant == "LoRA")), {}, {}
     name = f"{cfg.model} " + (f"LoRA r{LORA_RANK}" if variant == "LoRA" else "full")
     with torch.autocast(device.type, dtype=torch.bfloat16):  # fp32 weights + bf16 autocast: train.py on CUDA
@@ -308,7 +338,7 @@ def run_variant(table, variant, device, quick, t0, budget) -> bool:
                 if "error" not in built:  # the model, built once (None: no error)
                     built["error"] = attempt(lambda: built.update(model=build(variant, cfg, device)))
                 err = built["error"] and "model not built: " + built["error"] or \
-                    attempt(lambda: fn(built["model"], cfg, device, variant, quick, figs))
+                    attempt(lambda: fn(built["model"], cfg, device, variant, quick, figs, keep))
             for part in parts:
                 fig = figs.get(part, {})
                 table.add(variant, part=part, model=name, setting=fig.get("setting", ""), **figure_cells(fig, err),
@@ -324,7 +354,7 @@ def main(argv=None):
     if quick:  # tiny shapes gain nothing from threads, and on a shared CPU spinning threads cost up to 50x
         torch.set_num_threads(1)
     pool = None if a.no_plan else multiprocessing.get_context("spawn").Pool(len(CAPS))  # spawn: no forked torch
-    plans = {v: pool and pool.apply_async(plan_memory, (quick, LORA_RANK * (v == "LoRA"))) for v in CAPS}
+    plans = plan_jobs(pool, quick)
     gpu = "CPU (--quick)" if quick else (
         f"{torch.cuda.get_device_name(device)}, {torch.cuda.get_device_properties(device).total_memory / GIB:.1f} GiB; "
         f"caps: full {CAPS['full'] / GIB:.1f} GiB (80 GB), LoRA {CAPS['LoRA'] / GIB:.0f} GiB")

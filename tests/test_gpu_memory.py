@@ -6,11 +6,12 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import torch
 
-from experiments import gpu_memory
+from experiments import gpu_common, gpu_memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -101,7 +102,57 @@ def test_cells_put_the_measurement_beside_the_plan():
 
     def running(timeout):
         raise multiprocessing.TimeoutError
-    assert gpu_memory.plan_result(SimpleNamespace(get=failed)) == "n/a: AttributeError: no plan_memory"
-    assert gpu_memory.plan_result(SimpleNamespace(get=running)) is None
-    assert gpu_memory.plan_result(None) == "n/a (--no-plan)"
+    assert gpu_memory.job_result(SimpleNamespace(get=failed)) == "n/a: AttributeError: no plan_memory"
+    assert gpu_memory.job_result(SimpleNamespace(get=running)) is None
+    assert gpu_memory.job_result(None) == "n/a (--no-plan)"
     assert gpu_memory.plan_cells("n/a: AttributeError: x", "mef_step")["plan allocated"] == "n/a: AttributeError: x"
+
+
+def test_in_gpu_check_all_a_row_prints_at_once_and_gets_its_plan_when_the_plan_is_in():
+    printed, updated = [], []
+    table = SimpleNamespace(row=lambda **c: printed.append(c) or len(printed) - 1,
+                            update=lambda i, **c: updated.append((i, c)))
+    plan = {"stages": {"mef_step": {"allocated_gib": 49.2, "peak_gib": 52.4}}}
+    state = {"done": False}
+
+    def get(timeout):
+        if not state["done"]:
+            raise multiprocessing.TimeoutError
+        return plan
+    rows = gpu_memory.MemoryRows(gpu_common.Waiting(table), {"full": SimpleNamespace(get=get), "LoRA": None})
+    fig = {"s": 2.0, "alloc": 50 * 2**30, "reserved": 52 * 2**30, "outside": 2**29, "retries": 0, "ooms": 1}
+    rows.add("full", part="MEF step", model="llama3.2-3b full", setting="2 micro-batches",
+             gradients="ok: 254 trainable finite, nonzero", **gpu_memory.figure_cells(fig))
+    assert printed[0]["compare"] == "plan pending" and printed[0]["part"] == "memory: MEF step"
+    assert printed[0]["result"] == "allocated 50.00 GiB, reserved 52.00 GiB, device at peak 52.50 GiB"
+    assert printed[0]["setting"] == "cap 74.5 GiB; 2 micro-batches"
+    assert printed[0]["note"] == "gradients ok: 254 trainable finite, nonzero; retries / OOMs 0 / 1; 2.0 s; " \
+                                 "outside the allocator 0.50 GiB"
+    rows.waiting.settle()
+    assert updated == [] and not rows.failed  # the plan still runs: the row stays as printed
+    state["done"] = True
+    rows.waiting.settle()
+    assert updated == [(0, {"compare": "plan: allocated 49.20 GiB, peak 52.40 GiB"})] and rows.waiting.items == []
+    rows.add("LoRA", part="RIEL step: update", model="tiny LoRA r16", setting="", gradients="FAILED 1: lora_A",
+             **gpu_memory.figure_cells({"s": 1.0}))
+    assert printed[1]["result"] == "n/a (CPU)" and printed[1]["compare"] == "n/a (--no-plan)" and rows.failed
+
+
+def test_in_gpu_check_all_only_the_four_kept_parts_record_a_snapshot(monkeypatch):
+    asked = []
+
+    def measure(device, fig, name, fn):
+        asked.append(name)
+        return fn()
+    monkeypatch.setattr(gpu_memory, "measure", measure)
+    rows = gpu_memory.MemoryRows(gpu_common.Waiting(SimpleNamespace(row=lambda **c: 0)), {"full": None, "LoRA": None})
+    ctx = SimpleNamespace(device=torch.device("cpu"), quick=True, t0=time.time(), budget=60.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for part in rows.parts(quick=True):
+            part.fn(ctx)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(asked) == 6 and sorted(filter(None, asked)) == sorted(gpu_memory.ALL_SNAPSHOTS)
+    assert len(gpu_memory.ALL_SNAPSHOTS) + 2 <= 6  # with gpu_check.md and .json: a device call's 6 files
