@@ -137,17 +137,18 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 
 def rope_cos_sin(inv_freq, positions, dtype):
-    """positions (B, T) int -> cos, sin (B, T, head_dim), angles in fp32 like transformers."""
+    """positions (B, T) int -> cos, sin (B, T, head_dim), angles in fp32 like transformers. The sine comes with
+    rotate-half's sign folded in, (-sin, sin), so apply_rope rotates with a roll: two fewer kernels per layer."""
     angles = positions.float()[..., None] * inv_freq.float()  # (B, T, d/2)
-    emb = torch.cat([angles, angles], dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([cos, cos], dim=-1).to(dtype), torch.cat([-sin, sin], dim=-1).to(dtype)
 
 
 def apply_rope(x, cos, sin):
-    """Rotate-half RoPE: the pair (x_j, x_{j+d/2}) turns by angle_j. x (B, H, T, d), cos/sin (B, T, d)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
+    """Rotate-half RoPE: the pair (x_j, x_{j+d/2}) turns by angle_j. x (B, H, T, d), cos/sin (B, T, d), sin signed
+    as rope_cos_sin makes it. Rotating half is [-x2, x1] = roll(x, d/2) * [-1, 1]: the same products, bit for bit,
+    as transformers' rotate_half (tests/test_model.py compares logits)."""
+    return x * cos[:, None] + x.roll(x.shape[-1] // 2, dims=-1) * sin[:, None]
 
 
 class RMSNorm(nn.Module):
@@ -157,9 +158,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)  # cast before the weight multiply, as HF and Meta do
+        # x * rsqrt(mean(x^2) + eps) in fp32, one fused op (the same numbers as the six ops written out, on CPU
+        # bit for bit), then cast before the weight multiply, as HF and Meta do
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 @dataclass

@@ -105,6 +105,8 @@ class RIELConfig:
     lr: float = 1e-6  # for the caller's optimizer
     grad_clip: float = 1.0
     compile: bool = False  # torch.compile the sampler's decode step (rollout.generate)
+    cuda_graphs: bool = False  # replay the sampler's decode step from a CUDA graph (rollout.DecodeGraph; off until a
+    #                            GPU check measures it: docs/benchmark.md)
 
     def __post_init__(self):
         if self.advantage not in ADVANTAGE_MODES:
@@ -119,6 +121,8 @@ class RIELConfig:
             raise ValueError(f"transfer_mode must be 'sampled' or 'full_vocab', got {self.transfer_mode!r}")
         if self.group_size < 1 or self.ppo_epochs < 1 or self.micro_batch_size < 1:
             raise ValueError("group_size, ppo_epochs and micro_batch_size must be >= 1")
+        if self.compile and self.cuda_graphs:
+            raise ValueError("compile and cuda_graphs are two ways to speed up the same decode step: choose one")
         if self.sample_batch_size is not None and self.sample_batch_size < self.group_size:
             raise ValueError(f"sample_batch_size {self.sample_batch_size} < group_size {self.group_size}: a sampling "
                              "call holds whole groups (or None for one call)")
@@ -153,7 +157,8 @@ def sample_groups(model, tok, records, experts, cfg, generator, rng_rows=None):
             out = generate(model, prompts[s:s + per_call], num_samples=G, max_new_tokens=cfg.max_new_tokens,
                            temperature=cfg.temperature, top_p=cfg.top_p, stop_ids=stop_token_ids(tok),
                            generator=generator, vocab_limit=len(tok), rng_rows=(offset + s * G, total),
-                           drop_finished=True, compile=cfg.compile, entropy=cfg.temperature > 0)
+                           drop_finished=True, compile=cfg.compile, cuda_graphs=cfg.cuda_graphs,
+                           entropy=cfg.temperature > 0)
             completions += out.completions
             finish += out.finish
             entropy += getattr(out, "entropy", None) or []  # (a stand-in sampler may not measure it)

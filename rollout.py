@@ -98,7 +98,7 @@ def _without_autograd(fn):
 @_without_autograd
 def generate(model, prompts, *, num_samples=1, max_new_tokens=256, temperature=1.0, top_p=1.0, stop_ids=(),
              generator=None, seed=None, vocab_limit=None, pad_id=0, sync_every=8, rng_rows=None, drop_finished=False,
-             static_cache=False, compile=False, entropy=False) -> Rollout:
+             static_cache=False, compile=False, cuda_graphs=False, entropy=False) -> Rollout:
     """prompts: P lists of token ids -> Rollout with P * num_samples rows (prompt-major).
     rng_rows=(offset, total): these rows are rows offset.. of a batch of `total` rows sampled by several processes;
     the uniforms of all `total` rows are drawn and this call's columns used, so its tokens equal the whole batch's
@@ -106,7 +106,8 @@ def generate(model, prompts, *, num_samples=1, max_new_tokens=256, temperature=1
     Speed options, each giving the same tokens as the plain path (tests/test_speed.py):
     drop_finished: at every sync point, rows that have stopped leave the decode batch (cache rows included).
     static_cache: fixed-shape decode steps (KVCache static mode). compile: torch.compile the decode step
-    (implies static_cache)."""
+    (implies static_cache). cuda_graphs: the decode step replayed from a CUDA graph (DecodeGraph; implies
+    static_cache and a fixed batch: finished rows stay in it, frozen, so drop_finished is ignored)."""
     assert prompts and all(len(p) > 0 for p in prompts), "every prompt needs at least one token"
     device = model.embed_tokens.weight.device
     if generator is None and seed is not None:
@@ -141,9 +142,10 @@ def generate(model, prompts, *, num_samples=1, max_new_tokens=256, temperature=1
     key_mask = torch.zeros(P * G, S, dtype=torch.bool, device=device)  # a slot becomes visible once written
     key_mask[:, :Tp] = valid.repeat_interleave(G, dim=0)
     next_pos = lens.repeat_interleave(G)  # (B,) position of the next token of each row
-    if static_cache or compile:
+    if static_cache or compile or cuda_graphs:
         big.slot = torch.tensor([Tp], device=device)  # advanced in place: the step's shapes never change
-    step = _compiled_decode_step() if compile else decode_step
+    drop_finished = drop_finished and not cuda_graphs  # a graph replays on the same buffers: the batch stays whole
+    step = DecodeGraph() if cuda_graphs else _compiled_decode_step() if compile else decode_step
 
     B = P * G
     offset, total = rng_rows or (0, B)
@@ -191,7 +193,7 @@ def generate(model, prompts, *, num_samples=1, max_new_tokens=256, temperature=1
         if big.slot is not None:  # static mode: trunk leaves the fill to us
             big.pos += 1
             big.slot += 1
-        next_pos = next_pos + 1
+        next_pos += 1  # in place: a graph reads the positions from this very tensor
     rollout = _collect(out[:, :t + 1].tolist(), set(stop.tolist()))
     if ent_sum is not None:
         rollout.entropy = [e / max(1, len(c)) for e, c in zip(ent_sum.tolist(), rollout.completions)]
@@ -210,6 +212,47 @@ def decode_step(model, tok, positions, cache, mask):
     With a static cache this is a fixed-shape function of tensors only, which is what torch.compile traces."""
     hidden = model.trunk(tok[:, None], positions[:, None], cache, mask)
     return model.lm_head(hidden[:, -1]).float()
+
+
+class DecodeGraph:
+    """decode_step as a CUDA graph: captured at the first call, then replayed, one launch per token instead of ~40
+    per layer (a 3B decode step is ~1,100 small kernels; launched one by one from Python the GPU waits on the host,
+    ~7-11 ms per token at 96 rows against a ~3.6 ms memory floor on an H100: issue 31).
+    A graph replays fixed addresses, so every input must be the same tensor at every call, changed in place:
+    the static KV cache (its slot advanced in place), the key mask, the positions (generate advances them in
+    place); only `tok` is copied into the graph's own buffer. The weights it reads are autocast's bf16 copies,
+    cast once by the prefill and cached (sampling runs under no_grad, not inference_mode, for that reason): a
+    cache hit launches nothing, so the graph holds no weight cast. The graph replays exactly the kernels of the
+    eager step, so its tokens are the eager path's. Off CUDA the same fixed-buffer step runs eagerly: the CPU
+    tests check that path (tests/test_speed.py)."""
+
+    def __init__(self):
+        self.tok = self.inputs = self.graph = self.logits = None
+
+    def __call__(self, model, tok, positions, cache, mask):
+        if self.tok is None:
+            self.tok, self.inputs = tok.clone(), (positions, cache, mask.data_ptr())
+            if tok.is_cuda:
+                self._capture(model, positions, cache, mask)
+        assert (positions, cache, mask.data_ptr()) == self.inputs, "a graph's inputs must stay the same tensors"
+        self.tok.copy_(tok)
+        if self.graph is None:
+            return decode_step(model, self.tok, positions, cache, mask)
+        self.graph.replay()
+        return self.logits
+
+    def _capture(self, model, positions, cache, mask):
+        # warm-up on a side stream first, as torch.cuda.graphs' docs ask: lazy initialisations (cuBLAS handles and
+        # workspaces) must not happen inside a capture. It writes this step's keys/values, which the step rewrites.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                decode_step(model, self.tok, positions, cache, mask)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = decode_step(model, self.tok, positions, cache, mask)
 
 
 _COMPILED = {}

@@ -305,6 +305,16 @@ MUTATIONS = [
              "positions = (valid.cumsum(dim=1) - 1).clamp(min=0)",
              "positions = torch.arange(Tp, device=device).expand(P, Tp)",
              (ROLL + "test_each_padded_row_equals_its_prompt_decoded_alone",)),
+    Mutation("decode positions rebound each token", "rollout.py", "        next_pos += 1  # in place",
+             "        next_pos = next_pos + 1  # in place",
+             (T + "test_speed.py::test_graph_ready_step_reads_its_inputs_in_place_and_refuses_new_ones",)),
+    Mutation("graph replays its first token", "rollout.py", "        self.tok.copy_(tok)\n", "        pass\n",
+             (T + "test_speed.py::test_speed_options_give_the_plain_paths_tokens",)),
+    # ---- model.py
+    Mutation("RoPE turns the wrong way", "model.py", "torch.cat([-sin, sin], dim=-1)", "torch.cat([sin, -sin], dim=-1)",
+             (T + "test_model.py::test_rmsnorm_and_rope_reference_vectors",)),
+    Mutation("RMSNorm without eps", "model.py", "eps=self.eps).to(x.dtype)", "eps=1.0).to(x.dtype)",
+             (T + "test_model.py::test_rmsnorm_and_rope_reference_vectors",)),
     # ---- verify.py
     Mutation("gsm8k scores the first answer", "verify.py", "value = parse_number(found[-1])",
              "value = parse_number(found[0])", (VERIFY + "test_only_the_last_of_two_answers_counts",)),

@@ -9,7 +9,7 @@ from mutate import MUTATIONS, ROOT, Mutation, apply, check, main, source_files
 
 CORE = {"riel.py", "losses.py", "buffer.py", "mef.py", "mel.py", "eval.py", "rollout.py", "verify.py", "train.py",
         "premise.py", "transfer.py", "data/synthetic.py", "experiments/fair_ablation.py", "lora.py",
-        "plan.py", "guard.py", "optim.py", "checkpoint.py", "runlog.py"}
+        "plan.py", "guard.py", "optim.py", "model.py", "checkpoint.py", "runlog.py"}
 
 
 def test_at_least_forty_mutations_across_the_core():

@@ -187,6 +187,19 @@ def test_compile_reaches_the_sampler(tmp_path, monkeypatch):
     assert calls and [m for m in lines if m["stage"] == "riel"]
 
 
+def test_cuda_graphs_reach_the_sampler_and_exclude_compile(tmp_path, monkeypatch):
+    """--riel.cuda-graphs through train.py samples with rollout.DecodeGraph (eager off CUDA: the same fixed-buffer
+    step a GPU captures); with --riel.compile too it is refused before anything loads."""
+    import rollout
+    calls = []
+    real = rollout.DecodeGraph.__call__
+    monkeypatch.setattr(rollout.DecodeGraph, "__call__", lambda self, *a: calls.append(1) or real(self, *a))
+    out, lines, _ = run_case(tmp_path, monkeypatch, "base", ["--riel.cuda-graphs", "--riel.steps", "1"])
+    assert calls and [m for m in lines if m["stage"] == "riel"]
+    with pytest.raises((SystemExit, ValueError)):
+        train.cli(["--riel.cuda-graphs", "--riel.compile"])
+
+
 def test_plan_prints_the_runs_memory_plan(capsys, monkeypatch):
     """--plan with its options and --riel.kl-beta, on the tiny preset (a plan traces the real code on fake tensors:
     ~4 min at a real model's row counts on one CPU thread); the reference's weights are one of the plan's parts."""
@@ -229,6 +242,7 @@ def test_plan_detail_names_what_fills_each_peak_and_knows_lora(capsys, monkeypat
 # options run by a test of their own elsewhere (file::test): what they need is more than a few RIEL steps
 ELSEWHERE = {
     "riel.compile": "test_options.py::test_compile_reaches_the_sampler",
+    "riel.cuda_graphs": "test_options.py::test_cuda_graphs_reach_the_sampler_and_exclude_compile",
     "model": "test_real_model.py::test_train_run_on_gsm8k_writes_a_checkpoint_transformers_loads",
     "init": "test_train.py::test_mef_then_riel_from_its_checkpoint_equals_one_run",
     "resume": "test_train.py::test_killed_mid_riel_with_a_non_empty_buffer_and_a_reference_resumes_bit_exact",

@@ -33,7 +33,8 @@ def assert_same_rollout_and_logprobs(m, a, b):
 
 
 @pytest.mark.parametrize("option", [{"drop_finished": True}, {"static_cache": True},
-                                    {"drop_finished": True, "static_cache": True}])
+                                    {"drop_finished": True, "static_cache": True},
+                                    {"cuda_graphs": True, "drop_finished": True}])  # the graph-ready path, eager
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_speed_options_give_the_plain_paths_tokens(hf_pair, option, temperature):
     # sampled rows too: every row reads its uniforms by its original id, so dropping others changes nothing
@@ -95,3 +96,23 @@ def test_static_cache_under_autocast_gives_the_plain_paths_tokens(hf_pair):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         plain, fast = generate(m, PROMPTS, **kw), generate(m, PROMPTS, **kw, static_cache=True, drop_finished=True)
     assert plain.completions == fast.completions and plain.finish == fast.finish
+
+
+def test_graph_ready_step_reads_its_inputs_in_place_and_refuses_new_ones(hf_pair, monkeypatch):
+    # DecodeGraph must see the same position, cache and mask tensors at every token (a CUDA graph replays fixed
+    # addresses): a loop that rebound them would decode from stale inputs on a GPU; here it must fail loudly
+    import rollout
+    _, m = hf_pair(kind="llama")
+    seen = []
+    real = rollout.DecodeGraph.__call__
+    monkeypatch.setattr(rollout.DecodeGraph, "__call__",
+                        lambda self, *a: seen.append((id(a[2]), a[4].data_ptr())) or real(self, *a))
+    generate(m, PROMPTS, num_samples=2, max_new_tokens=6, temperature=0, cuda_graphs=True)
+    assert len(seen) == 5 and len(set(seen)) == 1
+    graph = rollout.DecodeGraph()
+    cache = m.new_cache(1, 4)
+    cache.slot = torch.tensor([0])
+    mask = torch.ones(1, 1, 1, 4, dtype=torch.bool)
+    graph(m, torch.tensor([5]), torch.tensor([0]), cache, mask)
+    with pytest.raises(AssertionError, match="same tensors"):
+        graph(m, torch.tensor([5]), torch.tensor([1]), cache, mask)  # a fresh positions tensor
