@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import bench_decode
 import bench_step as bs
 import model as ours
 from presets import resolve_checkpoint
@@ -76,9 +77,8 @@ class Args:
     lora_ranks: tuple[int, ...] = (1, 16)  # section "lora": RIEL step time of these ranks vs full fine-tuning
 
     sections: tuple[str, ...] = ("sampling", "step", "mfu", "memory")  # which tables to run; + "profile": op
-    # tables of both forward+backward passes of the MFU batch (torch.profiler); + "decode": sampling's share in
-    # aten::mm and its weight-streaming rate against a bare matmul's (the CPU's ceiling); + "lora": RIEL step
-    # time of LoRA vs full fine-tuning
+    # tables of both forward+backward passes of the MFU batch (torch.profiler); + "decode": bench_decode.py (the
+    # decode steps' time in aten::mm, kernels per decoded token); + "lora": RIEL step time of LoRA vs full fine-tuning
 
     def real_sizes(self):
         """--model: sizes for a 135M model on a 2-core CPU (a real prompt is ~130 tokens and every token runs all
@@ -341,14 +341,14 @@ def main(a: Args):
         m_step, *setup = bs.riel_setup(bs.step_configs()[name], a.step_questions, a.group, a.new_tokens, a.step_repeats)
         with tempfile.TemporaryDirectory() as d:
             m_step.save_pretrained(d)
-            bs.bench_lora(d, a.lora_ranks, a.step_repeats, *setup, bs.bench_reward,
-                          f"random {name}, synthetic questions")
+            bs.bench_lora(d, a.lora_ranks, a.step_repeats, *setup, bs.bench_reward, f"random {name}, synthetic questions")
     if "mfu" in a.sections:
         bench_mfu(a, hf, m, f"random Llama {m.num_params() / 1e6:.1f}M params, vocab {vocab}")
     if "profile" in a.sections:
         bs.profile_fwd_bwd(hf, m, a.mfu_rows, a.prompt_len, a.new_tokens, a.repeats)
     if "decode" in a.sections:
-        bs.decode_ceiling(m, random_prompts(a, vocab, a.rows[-1]), a.group, a.new_tokens, a.repeats)
+        bench_decode.decode_ceiling(m, random_prompts(a, vocab, a.rows[-1]), a.group, a.new_tokens, a.repeats)
+        bench_decode.decode_kernels(m, random_prompts(a, vocab, a.rows[-1]), a.group, a.new_tokens)
     if "memory" in a.sections and (sys.platform.startswith("linux") or torch.cuda.is_available()):
         bench_memory(a)
 
@@ -389,8 +389,9 @@ def main_real(a: Args):
                       f"{name}, {a.task} questions, reward: checker or parity")
     if "decode" in a.sections:
         P = max(1, a.rows[-1] // a.group)
-        bs.decode_ceiling(m, [render_chat(tok, experts[i % len(experts)].system_prompt, records[i].question)
-                              for i in range(P)], a.group, a.new_tokens, a.repeats)
+        prompts = [render_chat(tok, experts[i % len(experts)].system_prompt, records[i].question) for i in range(P)]
+        bench_decode.decode_ceiling(m, prompts, a.group, a.new_tokens, a.repeats)
+        bench_decode.decode_kernels(m, prompts, a.group, a.new_tokens)
 
 
 if __name__ == "__main__":

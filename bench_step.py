@@ -233,43 +233,6 @@ def profile_fwd_bwd(hf, m, rows, prompt_len, completion_len, repeats, top=15):
         print(p.key_averages().table(sort_by="self_cuda_time_total" if CUDA else "self_cpu_time_total", row_limit=top))
 
 
-def decode_ceiling(m, prompts, group, new_tokens, repeats):
-    """Where decoding's time goes on a CPU: the share of the decode steps' time spent in aten::mm (torch.profiler
-    self time of a generate call minus that of a prefill-only call), the rate at which those matmuls stream the
-    weights (every linear's weights, the head included, once per decode step), and the rate of a bare matmul of the
-    same rows against the model's largest block matrix: the ceiling a decode step of this many rows can reach."""
-    from torch.profiler import ProfilerActivity, profile
-    from rollout import generate
-
-    def self_times(n_new):  # {op: self microseconds} over `repeats` calls
-        run = lambda: generate(m, prompts, num_samples=group, max_new_tokens=n_new, seed=0, stop_ids=())
-        run()
-        with profile(activities=[ProfilerActivity.CPU]) as p:
-            for _ in range(repeats):
-                run()
-        ops = {e.key: e.self_cpu_time_total for e in p.key_averages()}
-        return sum(ops.values()), ops.get("aten::mm", 0.0) + ops.get("aten::addmm", 0.0)
-    (total, mm), (total0, mm0) = self_times(new_tokens), self_times(1)  # max_new_tokens 1: prefill, no decode step
-    rows, steps = len(prompts) * group, new_tokens - 1
-    linears = [mod.weight for mod in m.modules() if isinstance(mod, torch.nn.Linear)]  # the head too (tied or not)
-    weight_bytes = sum(w.numel() * w.element_size() for w in linears)
-    streamed = repeats * steps * weight_bytes / ((mm - mm0) / 1e6)
-    w = max((w for w in linears if w is not m.lm_head.weight), key=lambda w: w.numel())  # the largest block matrix
-    x, times = torch.randn(rows, w.shape[1], dtype=w.dtype), []
-    with torch.no_grad():
-        for _ in range(21):
-            t0 = time.perf_counter()
-            x @ w.T
-            times.append(time.perf_counter() - t0)
-    bare = w.numel() * w.element_size() / statistics.median(times[1:])
-    print(f"\n### Decoding on this CPU: {rows} rows, {steps} decode steps (prefill subtracted), "
-          f"{torch.get_num_threads()} threads, {repeats} calls\n")
-    print("| measure | value |\n|---|---|")
-    print(f"| share of the decode steps' self time in aten::mm | {100 * (mm - mm0) / (total - total0):.0f}% |")
-    print(f"| weights streamed by those matmuls | {streamed / 1e9:.1f} GB/s |")
-    print(f"| a bare {rows}-row matmul against a {tuple(w.shape)} weight (median of 20) | {bare / 1e9:.1f} GB/s |")
-
-
 def bench_lora(model_dir, ranks, repeats, tok, records, experts, rc, reward, what):
     """Section "lora": one RIEL step with full fine-tuning vs LoRA (lora.py) from the same weights, interleaved.
     LoRA's backward skips the base weights' gradients (no dW matmuls) and its optimizer holds the adapters only;

@@ -84,7 +84,7 @@ def test_bench_quick_runs_end_to_end():
                           "memory", "decode", "lora"], cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-2000:]
     for section in ("Sampling", "RIEL step", "MFU", "Where a RIEL step's time goes", "Log-prob peak memory",
-                    "Decoding on this CPU", "ours, + drop + entropy", "full fine-tuning vs LoRA", "| LoRA rank 16 |"):
+                    "Decoding on this CPU", "Kernels per decoded token", "ours, + drop + entropy", "full fine-tuning vs LoRA", "| LoRA rank 16 |"):
         assert section in out.stdout
 
 
@@ -116,3 +116,16 @@ def test_graph_ready_step_reads_its_inputs_in_place_and_refuses_new_ones(hf_pair
     graph(m, torch.tensor([5]), torch.tensor([0]), cache, mask)
     with pytest.raises(AssertionError, match="same tensors"):
         graph(m, torch.tensor([5]), torch.tensor([1]), cache, mask)  # a fresh positions tensor
+
+
+def test_graph_ready_sampler_launches_at_most_half_the_eager_kernels_per_token():
+    # bench.py --sections decode's count: per decoded token, the graph-ready sampler launches one replay plus what
+    # runs outside the decode step; the eager one launches every op of the step from Python
+    import bench_decode
+    from model import Transformer, tiny_config
+    m = Transformer.from_config(tiny_config())
+    rows = bench_decode.decode_kernels(m, PROMPTS, 2, 6)
+    for autocast in (False, True):
+        eager, graph = [r for r in rows if r["autocast"] == autocast]
+        assert eager["step"] > 20 * m.cfg.n_layers / 2 and abs(graph["step"] - eager["step"]) <= 0.05 * eager["step"]
+        assert graph["launches"] <= eager["launches"] / 2, (graph, eager)
