@@ -110,12 +110,14 @@ def test_graph_ready_step_reads_its_inputs_in_place_and_refuses_new_ones(hf_pair
     generate(m, PROMPTS, num_samples=2, max_new_tokens=6, temperature=0, cuda_graphs=True)
     assert len(seen) == 5 and len(set(seen)) == 1
     graph = rollout.DecodeGraph()
-    cache = m.new_cache(1, 4)
+    cache = m.new_cache(2, 4)
     cache.slot = torch.tensor([0])
-    mask = torch.ones(1, 1, 1, 4, dtype=torch.bool)
-    graph(m, torch.tensor([5]), torch.tensor([0]), cache, mask)
+    mask = torch.ones(2, 1, 1, 4, dtype=torch.bool)
+    graph(m, torch.tensor([5, 6]), torch.tensor([0, 0]), cache, mask)
     with pytest.raises(AssertionError, match="same tensors"):
-        graph(m, torch.tensor([5]), torch.tensor([1]), cache, mask)  # a fresh positions tensor
+        graph(m, torch.tensor([5, 6]), torch.tensor([1, 1]), cache, mask)  # a fresh positions tensor
+    with pytest.raises(AssertionError, match="same tensors"):
+        graph(m, torch.tensor([5, 6]), graph.inputs[0], cache, mask.clone())  # a fresh mask
 
 
 def test_graph_ready_sampler_launches_at_most_half_the_eager_kernels_per_token():
