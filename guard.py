@@ -4,7 +4,7 @@ training itself.
 
 - check_options: every option checked BEFORE any model or data loads: ranges, finite learning rates, "0" where a
   user would mean "none" refused with the option's name (--riel.steps 0 does not mean "one epoch"), a group of
-  one sample refused where an advantage needs a group.
+  one sample refused where an advantage needs a group, a --plan-gpu plan_time.py has no figures for.
 - RunLock: a run owns its directory. OUT/run.lock holds the owner's pid and host, created exclusively before
   anything is written and removed at exit; a second run on the same directory stops with a clear error; a lock
   whose pid is dead on this host is stale and taken over with a warning.
@@ -24,7 +24,8 @@ from errors import UserError
 
 # options that change what a run logs or writes, never what it computes: free to change on --resume
 LOGGING = {"resume", "resume_or_start", "resume_allow_change", "log_every", "curves", "report_to", "log_samples_every",
-           "checkpoint_every", "plan", "plan_gpu_gb", "plan_world_size", "plan_detail", "device", "out_dir"}
+           "checkpoint_every", "plan", "plan_gpu", "plan_gpu_gb", "plan_world_size", "plan_detail", "device", "out_dir",
+           "micro_batch"}  # micro_batch: how the sizes were chosen; the sizes themselves are compared
 
 
 def _positive(name, value, allow_none=False):
@@ -83,6 +84,17 @@ def check_options(cfg):
         raise UserError(f"--sft-cross {cfg.sft_cross}: a probability in [0, 1], for --testbed {' or '.join(DISJOINT)} only")
     if cfg.sft_replay is not None and not os.path.isfile(cfg.sft_replay):
         raise UserError(f"--sft-replay {cfg.sft_replay}: no such file (a RIEL run's flushed.jsonl)")
+    _check_plan(cfg)
+
+
+def _check_plan(cfg):
+    if cfg.plan_gpu is not None:
+        from plan_time import GPUS  # the GPUs whose peak FLOP/s and bandwidth plan_time.py knows
+        if cfg.plan_gpu not in GPUS:
+            raise UserError(f"--plan-gpu {cfg.plan_gpu}: not a GPU plan_time.py knows; one of {', '.join(GPUS)}")
+    if cfg.plan_gpu_gb is not None and not (math.isfinite(cfg.plan_gpu_gb) and cfg.plan_gpu_gb > 0):
+        raise UserError(f"--plan-gpu-gb {cfg.plan_gpu_gb}: a GPU's memory in GiB, > 0")
+    _positive("plan-world-size", cfg.plan_world_size)
 
 
 def check_writable(out_dir: str):

@@ -245,11 +245,11 @@ def _autocast(cfg) -> bool:
     return cfg.precision == "autocast" or (cfg.precision == "auto" and (cfg.device or "cuda").startswith("cuda"))
 
 
-def trace_run(cfg, world_size=1, details=None, cuda_backward=None) -> dict:
+def trace_run(cfg, world_size=1, details=None, cuda_backward=None, probe=nullcontext) -> dict:
     """run_steps on fake tensors: {stage: (peak bytes, parts)} on one rank (its share of the rows), before FSDP/DDP
-    accounting and GPU constants. details (a dict): filled with {stage: the largest groups of storages alive at its
-    peak, [(bytes, count, part, op, module, shape, dtype)]} (memtrace's detail mode; a slower trace).
-    cuda_backward: backwards as on CUDA (backward_thread); default: when the plan is for a CUDA run."""
+    accounting and GPU constants. details (a dict): gets {stage: [(bytes, count, part, op, module, shape, dtype)]},
+    the largest groups of storages alive at its peak (memtrace's detail mode, slower). cuda_backward: backwards as on
+    CUDA (backward_thread; default: for a CUDA plan). probe(): a context over the steps, in the trace (plan_time.py)."""
     from model import Transformer, model_config
     use_autocast = _autocast(cfg)
     if cuda_backward is None:
@@ -279,7 +279,7 @@ def trace_run(cfg, world_size=1, details=None, cuda_backward=None) -> dict:
                           base_dtype=torch.bfloat16 if use_autocast or dtype == torch.bfloat16 else None)
         model.gradient_checkpointing = cfg.gradient_checkpointing
         trace.watch(model)
-        with _instrumented(trace, model, cuda_backward), autocast:
+        with _instrumented(trace, model, cuda_backward), autocast, probe():
             for opt in run_steps(cfg, model, mark, world_size, trace.tagged):
                 trace.optimizers = [_tag_step(trace, opt)]
     return stages
@@ -310,13 +310,13 @@ def _per_rank(stages, cfg, world_size, sizes):
     return out
 
 
-def plan_memory(cfg, world_size=1, detail=False) -> dict:
+def plan_memory(cfg, world_size=1, detail=False, probe=nullcontext) -> dict:
     """cfg: a train.Config. Per-GPU memory of its run with `world_size` processes (one: no FSDP/DDP):
     {"stages": {"mef_step" | "riel_sample" | "riel_update": {"peak_gib", "allocated_gib", "parts": {name: GiB}}},
      "peak_gib", "allocated_gib"}. allocated_gib: the traced bytes, what torch.cuda.max_memory_allocated would show;
-    peak_gib adds the GPU constants (what the GPU must have). detail: each stage also gets "largest", the largest
-    groups of storages alive at its peak (one rank's trace, before FSDP/DDP accounting): [(GiB, count, part, op,
-    module, shape, dtype)]."""
+    peak_gib adds the GPU constants (what the GPU must have). detail: each stage also gets "largest", the largest groups
+    of storages alive at its peak (one rank's trace, before FSDP/DDP accounting): [(GiB, count, part, op, module,
+    shape, dtype)]. probe: see trace_run."""
     from model import Transformer, model_config
     with torch.device("meta"):
         m = Transformer(model_config(cfg.model))
@@ -325,7 +325,7 @@ def plan_memory(cfg, world_size=1, detail=False) -> dict:
     sizes = {"all": count(m), "block": count(m.layers[0]), "root": count(m) - len(m.layers) * count(m.layers[0]),
              "compute_bytes": 2 if use_autocast or cfg.precision == "bf16" else 4}
     details = {} if detail else None
-    stages = _per_rank(trace_run(cfg, world_size, details), cfg, world_size, sizes)
+    stages = _per_rank(trace_run(cfg, world_size, details, probe=probe), cfg, world_size, sizes)
     result = {"stages": {}, "params": sizes["all"], "world_size": world_size}
     for name, (n, parts) in stages.items():
         gib = {k: v / GIB for k, v in parts.items() if v}

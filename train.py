@@ -92,9 +92,14 @@ class Config:
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank on every attention/MLP linear, base frozen (lora.py)
     lora_alpha: float = 32.0  # LoRA scale alpha / rank: a fixed alpha keeps the best lr rank-independent (lora.py)
     plan: bool = False  # print this run's GPU memory plan and exit (plan.py: the real code on fake tensors, offline)
-    plan_gpu_gb: float = 80.0  # --plan: the GPU's memory in GiB
+    plan_gpu: str | None = None  # --plan: also a RIEL step's seconds and the run's hours on this GPU, one of h100 h200
+    #                              a100 l40s 4090 (plan_time.py: FLOPs and bytes counted on the plan's fake run)
+    plan_gpu_gb: float | None = None  # --plan: the GPU's memory in GiB (default: --plan-gpu's, else 80)
     plan_world_size: int = 1  # --plan: GPUs (processes) of the run; with --fsdp they share the model
     plan_detail: bool = False  # --plan: also list the largest storages alive at each peak (op, module, shape)
+    # auto: on CUDA (and with --plan), the largest MEF and RIEL micro-batches whose memory plan leaves 10% of the GPU
+    # free (plan_time.choose_micro_batches: 4+ plans, ~1 min each at 3B); kept on --resume; CPU: the defaults
+    micro_batch: Literal["default", "auto"] = "default"
     train_size: int | None = None  # use at most this many training questions
     difficulty: tuple[int, int] = (1, 6)  # synthetic only: question levels for MEF
     rl_difficulty: tuple[int, int] | None = None  # synthetic only: levels for RIEL and eval (default: same)
@@ -195,8 +200,20 @@ def main(cfg: Config):
     t_start = time.time()
     if cfg.plan:  # no GPU, no weights, no data needed
         import plan
-        print(plan.report(cfg, plan.plan_memory(cfg, cfg.plan_world_size, cfg.plan_detail), cfg.plan_gpu_gb,
-                          cfg.plan_world_size))
+        import plan_time
+        guard.check_options(cfg)
+        gpu_gb = cfg.plan_gpu_gb or (plan_time.GPUS[cfg.plan_gpu].gb if cfg.plan_gpu else 80.0)
+        counts = {}  # --plan-gpu: FLOPs and bytes, counted on the memory plan's own trace
+        probe = (lambda: plan_time.counting(counts)) if cfg.plan_gpu else nullcontext
+        if cfg.micro_batch == "auto":
+            choice = plan_time.choose_micro_batches(cfg, gpu_gb, cfg.plan_world_size, probe, cfg.plan_detail)
+            cfg, result = plan_time.with_micro_batches(cfg, choice), choice["plan"]
+            print(plan_time.describe(choice, gpu_gb))
+        else:
+            result = plan.plan_memory(cfg, cfg.plan_world_size, cfg.plan_detail, probe)
+        print(plan.report(cfg, result, gpu_gb, cfg.plan_world_size))
+        if cfg.plan_gpu:
+            print(plan_time.report(cfg, plan_time.estimate_riel_step(cfg, cfg.plan_gpu, cfg.plan_world_size, counts)))
         return
     guard.check_options(cfg)  # before anything loads or is written
     if cfg.fsdp and not dist.launched():
@@ -227,6 +244,7 @@ def run(cfg: Config, device, t_start):
         checkpoint.check(ckpt, cfg.out_dir)  # a damaged one is named, with the one to fall back to
     state = checkpoint.load_state(ckpt) if ckpt else {"gstep": 0, "done": [], "stage": None, "step": 0,
                                                        "evals": {}, "wall_s": 0.0}
+    auto_micro_batches(cfg, state, device)  # before resume_checks: the sizes it compares are the ones that run
     if ckpt:
         resume_checks(cfg, state)
         print(f"resuming from {ckpt}: stage {state['stage']}, step {state['step']}, done {state['done']}")
@@ -345,6 +363,28 @@ def resume_checks(cfg, state):
                             "be a new stage. Start a new run with --init on its last checkpoint instead")
     if changes:
         state.setdefault("changes", []).append({"gstep": state["gstep"], "changes": [list(c) for c in changes]})
+
+
+def auto_micro_batches(cfg, state, device):
+    """--micro-batch auto: MEF's and RIEL's micro-batch sizes from the memory plan on CUDA (rank 0 plans, for this
+    device's memory), written into cfg, so that the checkpoints' and summary.json's config record them; a resumed run
+    keeps the sizes its checkpoint recorded (nothing is planned again, nothing changes under it). Off CUDA: the
+    defaults, which the tests and CPU runs are tuned for."""
+    if cfg.micro_batch != "auto":
+        return
+    if state.get("config"):
+        sizes = {k: state["config"][k]["micro_batch_size"] for k in ("mef", "riel")}
+        print(f"--micro-batch auto: MEF {sizes['mef']}, RIEL {sizes['riel']}, as the run being resumed chose them")
+    elif device.type != "cuda":
+        print("--micro-batch auto: not on a GPU: the default micro-batch sizes")
+        return
+    else:
+        import plan_time
+        gib = torch.cuda.get_device_properties(device).total_memory / 2**30
+        sizes = dist.from_main(lambda: plan_time.choose_micro_batches(cfg, gib, dist.world()))
+        print(plan_time.describe(sizes, gib))
+    for k in ("mef", "riel"):
+        getattr(cfg, k).micro_batch_size = sizes[k]
 
 
 def run_mef(cfg, model, tok, records, experts, state, start, resumed, save, log):
@@ -500,7 +540,13 @@ def cli(argv=None) -> Config:
             value = argv[argv.index(f"--{name}") + 1]
         return value
     import tyro  # only the command line needs it: a bare GPU image without tyro still imports this file
-    return tyro.cli(Config, default=defaults(flag("model") or "tiny", flag("testbed") or "nested"), args=argv)
+    cfg = tyro.cli(Config, default=defaults(flag("model") or "tiny", flag("testbed") or "nested"), args=argv)
+    given = [a.split("=")[0] for a in argv
+             if a.split("=")[0].replace("_", "-") in ("--mef.micro-batch-size", "--riel.micro-batch-size")]
+    if cfg.micro_batch == "auto" and given:  # auto would override it: refused, not silently done
+        raise UserError(f"--micro-batch auto chooses the micro-batch sizes and {given[0]} fixes one: pass one or "
+                        "the other")
+    return cfg
 
 
 def stopped_message(cfg, argv) -> str:
