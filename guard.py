@@ -14,12 +14,20 @@ training itself.
 - non_finite: the first weight holding a NaN or inf, so that no such checkpoint is ever written or resumed.
 - check_writable: the output directory takes a file, checked before the model loads (a read-only or missing
   parent directory would otherwise fail only at the first checkpoint, after minutes of work).
+- resume_checks: a resumed run is the run it continues (config_changes, and no more steps for a finished stage).
+- count_skipped / warn_collapse: a run that diverges (NaN/inf steps in a row) stops and names the lr; one whose
+  policy collapsed (entropy near 0, reward not rising) is warned about once.
+- stopped_message: where an interrupted run stands, and the exact command that continues it.
 """
+import dataclasses
 import math
 import os
 import socket
 import warnings
 
+from tqdm import tqdm
+
+import checkpoint
 from errors import UserError
 
 # options that change what a run logs or writes, never what it computes: free to change on --resume
@@ -196,3 +204,58 @@ def non_finite(named_tensors) -> str | None:
         if t.is_floating_point() and not bool(t.isfinite().all()):
             return name
     return None
+
+
+def resume_checks(cfg, state):
+    """A resumed run is the run it continues: a change of what it computes is refused unless allowed, and an
+    allowed one is recorded with the step it took effect (summary.json's `changes`)."""
+    changes = config_changes(state.get("config") or {}, dataclasses.asdict(cfg), cfg.resume_allow_change)
+    for key, _, _ in changes:
+        stage = key.split(".")[0]
+        if stage in ("mef", "riel") and stage in state["done"] and key.endswith(".steps"):
+            raise UserError(f"--{key.replace('_', '-')}: stage {stage} already finished in this run; more steps would "
+                            "be a new stage. Start a new run with --init on its last checkpoint instead")
+    if changes:
+        state.setdefault("changes", []).append({"gstep": state["gstep"], "changes": [list(c) for c in changes]})
+
+
+SKIP_LIMIT = 5  # non-finite steps in a row that end a run: it is diverging, not unlucky
+COLLAPSE_ENTROPY, COLLAPSE_STEPS = 0.05, 5  # nats per token, steps in a row
+
+
+def count_skipped(state, m, stage, lr):
+    """Count the optimizer steps skipped for a NaN/inf loss or gradient (summary.json's skipped_steps), and stop
+    the run after SKIP_LIMIT in a row, naming the lr, instead of finishing with a model that did not train."""
+    state["skipped_steps"] = state.get("skipped_steps", 0) + int(m["skipped"])
+    state["skip_streak"] = state.get("skip_streak", 0) + 1 if m["skipped"] else 0
+    if state["skip_streak"] >= SKIP_LIMIT:
+        raise UserError(f"{stage}: {SKIP_LIMIT} optimizer steps in a row had a NaN/inf loss or gradient (step "
+                        f"{state['step']}); the run is diverging. Lower --{stage}.lr ({lr:g}) and start again")
+
+
+def warn_collapse(state, m, lr):
+    """Once per run: the policy stopped exploring (token entropy near 0 for several steps) while its reward
+    fell, the usual sign of an RL lr too high for the model."""
+    if state.get("collapse_warned") or "entropy" not in m:
+        return
+    hist = state.setdefault("collapse_hist", [])
+    hist[:] = (hist + [(m["entropy"], m["reward"])])[-COLLAPSE_STEPS:]
+    if len(hist) == COLLAPSE_STEPS and all(e < COLLAPSE_ENTROPY for e, _ in hist) and hist[-1][1] <= hist[0][1]:
+        state["collapse_warned"] = True
+        tqdm.write(f"warning: entropy below {COLLAPSE_ENTROPY} nats for {COLLAPSE_STEPS} steps with the reward not "
+                   f"rising: the policy has collapsed; --riel.lr {lr:g} is likely too high")
+
+
+def stopped_message(cfg, argv) -> str:
+    """Where a stopped run stands: its last complete checkpoint and the exact command that continues it."""
+    if cfg is None:
+        return ""
+    try:
+        last = checkpoint.latest(cfg.out_dir)
+    except (UserError, OSError):
+        last = None
+    if last is None:
+        return f"no checkpoint was written yet in {cfg.out_dir}: run the same command again to start over"
+    args = [a for a in argv if a not in ("--resume", "--resume-or-start")]
+    return f"the last complete checkpoint is {last}; continue with: python train.py {' '.join(args)} --resume".replace(
+        "  ", " ")

@@ -1,9 +1,8 @@
 """
 plan_time.py: how long a run takes on a given GPU, from FLOPs and bytes counted on the same fake-tensor run as the
-memory plan (plan.py), not from hand formulas; and the largest micro-batches a GPU's memory fits.
+memory plan (plan.py), not from hand formulas (the micro-batches a GPU fits: plan_fit.py).
 
     python train.py --model llama3.2-3b --plan --plan-gpu h100         # the memory plan, then the time estimate
-    python train.py --model llama3.2-3b --plan --micro-batch auto      # the micro-batches that fit, then their plan
     plan_time.estimate_riel_step(cfg, "h100")                          # the estimate as a dict (the GPU check's)
 
 Counting: `counting` rides along plan.trace_run (an MEF step, a RIEL update, RIEL's sampling, on fake tensors) as
@@ -18,18 +17,13 @@ printed with every estimate (`assumptions`): the three constants are guesses unt
 decode: plan.py runs the decode step at the first and last plan.DECODE_TRACED steps of a call, and a step's cost is
 linear in the cache length, so their mean stands for each step; attention counts as full matmuls (torch's
 formulas); host work between parts, eval, MEL, the buffer's SFT pass and communication are not counted.
-Micro-batches (`choose_micro_batches`, train.py --micro-batch auto): activations grow linearly with the micro-batch,
-so plans at sizes 1 and 2 draw each training stage's peak as a line; the sizes just above and at the line's largest
-under (1 - SPARE) of the GPU are planned, so the choice fits and one more does not (or it is the stage's batch).
-Four plans or more (~1 min each at 3B on one CPU core): a choice the user makes, not a cost every CUDA start pays.
 """
-import dataclasses
 import functools
 import inspect
 import importlib
 import re
 import sys
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from typing import NamedTuple
 
 import torch
@@ -43,7 +37,6 @@ import plan
 MATMUL_EFFICIENCY = 0.45  # of peak dense bf16: training matmuls at these shapes reach ~40-55% in practice (MFU)
 BANDWIDTH_EFFICIENCY = 0.6  # of peak bandwidth: eager decoding's many small kernels rarely stream at full speed
 HOST_OP_S = 5e-6  # host time per aten op in eager PyTorch (Python, dispatcher, launch): ~3-10 us on a server CPU
-SPARE = 0.10  # --micro-batch auto leaves this share of the GPU's memory free at every stage's planned peak
 
 
 class GPU(NamedTuple):
@@ -339,68 +332,3 @@ def report(cfg, est: dict) -> str:
     lines += [f"  {name:<24} {p['seconds']:9.3g} s  {p['what']:<22} {p['flops'] / 1e12:9.1f} TFLOP "
               f"{p['bytes'] / 1e9:9.1f} GB {p['ops']:9.0f} ops  {p['bound']}-bound" for name, p in est["parts"].items()]
     return "\n".join(lines + ["assumptions:"] + [f"  - {a}" for a in est["assumptions"]])
-
-
-# ---- the micro-batches a GPU fits (train.py --micro-batch auto) ---------------------------------------------
-
-STAGES = {"mef": "mef_step", "riel": "riel_update"}  # whose peak each stage's micro-batch size moves
-MAX_PLANS = 8  # at most; a bracket still open then keeps its largest size known to fit
-
-
-def with_micro_batches(cfg, sizes: dict):  # sizes: {"mef": n, "riel": n}
-    return dataclasses.replace(cfg, **{k: dataclasses.replace(getattr(cfg, k), micro_batch_size=sizes[k])
-                                       for k in STAGES})
-
-
-def _bracket(known: dict, budget, cap) -> tuple:
-    """known: {size: planned peak} -> (largest size known to fit or 0, smallest known not to or cap + 1)."""
-    return (max([n for n, p in known.items() if p <= budget], default=0),
-            min([n for n, p in known.items() if p > budget] + [cap + 1]))
-
-
-def _probe(known: dict, budget, cap):
-    """The next size to plan: one above the largest size the line predicts to fit, inside the bracket (so a linear
-    peak takes two plans: that size plus one, over, then that size); None once the bracket is closed. The line runs
-    through the bracket's ends when both are planned, else through the two largest sizes planned."""
-    lo, hi = _bracket(known, budget, cap)
-    if hi <= lo + 1:
-        return None
-    a, b = (lo, hi) if lo in known and hi in known else sorted(known)[-2:]
-    slope = (known[b] - known[a]) / (b - a)
-    fit = cap if slope <= 0 else a + int((budget - known[a]) // slope)  # p(n) = p(a) + (n - a) * slope <= budget
-    return min(max(fit + 1, lo + 1), hi - 1)
-
-
-def choose_micro_batches(cfg, gpu_gib, world_size=1, probe=None, detail=False, plan_memory=None) -> dict:
-    """The largest MEF and RIEL micro-batches whose memory plan leaves SPARE of gpu_gib free at their training
-    stage's peak, capped at the stage's per-GPU batch (see the docstring): {"mef", "riel", "plan" (plan_memory's
-    result at those sizes), "budget_gib", "fits" (every stage under the budget, sampling included), "plans"}.
-    probe / detail: passed to every plan (the last plan is at the chosen sizes); plan_memory: plan.plan_memory."""
-    plan_memory, budget = plan_memory or plan.plan_memory, (1 - SPARE) * gpu_gib
-    caps = {"mef": -(-cfg.mef.batch_size // world_size),
-            "riel": -(-cfg.riel.questions_per_step // world_size) * _experts(cfg) * cfg.riel.group_size}
-    known, last = {k: {} for k in STAGES}, {}
-
-    def trace(sizes):
-        result = plan_memory(with_micro_batches(cfg, sizes), world_size, detail, probe or nullcontext)
-        for k in STAGES:  # a stage's peak moves with its own micro-batch only
-            known[k][sizes[k]] = result["stages"][STAGES[k]]["peak_gib"]
-        last.update(sizes=dict(sizes), plan=result, plans=last.get("plans", 0) + 1)
-    for n in (1, 2):
-        trace({k: min(n, caps[k]) for k in STAGES})
-    while True:
-        final = {k: max(1, _bracket(known[k], budget, caps[k])[0]) for k in STAGES}
-        probes = {k: _probe(known[k], budget, caps[k]) for k in STAGES}
-        if all(n is None for n in probes.values()) or last["plans"] >= MAX_PLANS - 1:
-            break
-        trace({k: final[k] if probes[k] is None else probes[k] for k in STAGES})
-    if last["sizes"] != final:
-        trace(final)
-    return {**final, "plan": last["plan"], "budget_gib": budget, "plans": last["plans"],
-            "fits": all(s["peak_gib"] <= budget for s in last["plan"]["stages"].values())}
-
-
-def describe(choice: dict, gpu_gib) -> str:
-    return (f"micro-batch auto: MEF {choice['mef']}, RIEL {choice['riel']}: planned peak "
-            f"{choice['plan']['peak_gib']:.1f} GiB of {gpu_gib:g} GiB, {'at least' if choice['fits'] else 'LESS than'} "
-            f"{SPARE:.0%} spare ({choice['plans']} plans)")

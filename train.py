@@ -10,7 +10,8 @@ train.py: MEML-GRPO end to end in one readable loop: MEF (multi-expert SFT), the
 
 Data flows one way: data (records, experts) -> mef.py (stage 1) -> riel.py (stage 2: rollout.py samples,
 verify.py scores, losses.py turns rewards into gradients) -> eval.py. This file only wires them together,
-logs, and checkpoints. Choices:
+logs, and checkpoints; the options and their per-model defaults are in config.py, the checks that keep a run safe in
+guard.py, `--plan` in plan_fit.py. Choices:
 - Defaults depend on --model: the paper's (MEF lr 1e-5 1 epoch, RIEL lr 1e-6 1 epoch, G = 8, GSM8K) for a
   real model; for `tiny`, which starts from random weights, a from-scratch SFT with a larger lr and a
   harder RL task, so that the reward sparsity MEML-GRPO targets is real. `--help` shows the defaults.
@@ -41,8 +42,6 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from tqdm import tqdm
@@ -52,104 +51,19 @@ import data
 import dist
 import guard
 import lora
+import plan_fit
 import runlog
 import verify
 from errors import UserError
+from config import Config, defaults  # noqa: F401  (train.Config: the options, in config.py)
 from eval import EvalConfig, evaluate, format_table
-from mef import MEFConfig, SFTExample, build_sft_examples, encode_target, lr_schedule, mef_steps, num_steps
+from mef import SFTExample, build_sft_examples, encode_target, lr_schedule, mef_steps, num_steps
 from optim import make_optimizer
-from mel import MELConfig
 from model import Transformer, tiny_config
 from buffer import HardExampleBuffer, reference_trace
-from riel import RIELConfig, riel_step
+from riel import riel_step
 from rollout import generate
 from tokenizer import load_tokenizer, render_chat, stop_token_ids
-
-Stage = Literal["mef", "riel", "eval"]
-
-
-@dataclass
-class Config:
-    model: str = "tiny"  # a preset (tiny, llama3.2-3b, qwen2.5-0.5b, smollm2-135m, ...), a directory or a hub id
-    data: str = "synthetic"  # synthetic | gsm8k | mathqa | strategyqa | math500 (eval only)
-    data_dir: str | None = None  # where the task files are (default: data/<task>/ in this project)
-    experts: tuple[str, ...] | None = None  # expert names, in order (default: all); one name = ExpertX baseline
-    sources: tuple[str, ...] = ()  # trace source overrides, e.g. rationale=self program=file (METHOD.md 2)
-    trace_file: str | None = None  # JSONL of teacher traces for experts with source `file`
-    stages: tuple[Stage, ...] = ("mef", "riel", "eval")
-    init: str | None = None  # start from this checkpoint directory instead of --model's weights
-    out_dir: str = "out/run"
-    resume: bool = False  # continue the run in out_dir from its last complete checkpoint (refused when there is none)
-    resume_or_start: bool = False  # with --resume: start afresh when out_dir holds no checkpoint yet
-    resume_allow_change: tuple[str, ...] = ()  # with --resume: options (as riel.lr, seed) the resumed run may change
-    seed: int = 0
-    device: str | None = None  # default: cuda if available, else cpu
-    # auto: autocast on CUDA, fp32 on CPU | autocast: fp32 weights, bf16 autocast, any device (on CPU: tries the
-    # GPU path) | fp32 | bf16: bf16 weights
-    precision: Literal["auto", "autocast", "fp32", "bf16"] = "auto"
-    gradient_checkpointing: bool = False  # recompute activations in backward: memory for ~30% more compute
-    fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state over the ranks (FSDP2, dist.py)
-    lora_rank: int = 0  # > 0: train LoRA adapters of this rank on every attention/MLP linear, base frozen (lora.py)
-    lora_alpha: float = 32.0  # LoRA scale alpha / rank: a fixed alpha keeps the best lr rank-independent (lora.py)
-    plan: bool = False  # print this run's GPU memory plan and exit (plan.py: the real code on fake tensors, offline)
-    plan_gpu: str | None = None  # --plan: also a RIEL step's seconds and the run's hours on this GPU, one of h100 h200
-    #                              a100 l40s 4090 (plan_time.py: FLOPs and bytes counted on the plan's fake run)
-    plan_gpu_gb: float | None = None  # --plan: the GPU's memory in GiB (default: --plan-gpu's, else 80)
-    plan_world_size: int = 1  # --plan: GPUs (processes) of the run; with --fsdp they share the model
-    plan_detail: bool = False  # --plan: also list the largest storages alive at each peak (op, module, shape)
-    # auto: on CUDA (and with --plan), the largest MEF and RIEL micro-batches whose memory plan leaves 10% of the GPU
-    # free (plan_time.choose_micro_batches: 4+ plans, ~1 min each at 3B); kept on --resume; CPU: the defaults
-    micro_batch: Literal["default", "auto"] = "default"
-    train_size: int | None = None  # use at most this many training questions
-    difficulty: tuple[int, int] = (1, 6)  # synthetic only: question levels for MEF
-    rl_difficulty: tuple[int, int] | None = None  # synthetic only: levels for RIEL and eval (default: same)
-    testbed: Literal["nested", "complementary", "placebo", "disjoint", "disjoint_same"] = "nested"  # synthetic only:
-    #                                                                                                data/synthetic.py
-    sft_cross: float | None = None  # disjoint testbeds: MEF keeps a non-owner expert's trace with this probability
-    sft_replay: str | None = None  # MEF on exactly these (question id, expert) entries of a run's flushed.jsonl, in
-    #                                order, with the buffer's reference traces (the content-matched gold-SFT control)
-    eval_splits: tuple[str, ...] = ()  # evaluate on these splits too (synthetic: val), logged as after_<stage>@<split>
-    checkpoint_every: int = 50  # optimizer steps
-    log_every: int | None = None  # a stdout line every N steps (None: ~20 per stage); metrics.jsonl has them all
-    curves: bool = True  # draw curves.png after MEF and at the end (needs matplotlib; 1-5 s of CPU each time)
-    report_to: Literal["none", "tensorboard", "wandb"] = "none"  # a tracker too (optional package; runlog.Tracker)
-    log_samples_every: int = 10  # RIEL: every N steps one question's groups (texts, rewards, advantages) go to
-    #                              samples.jsonl, as do the answers of every eval; 0: off
-    eval_every: int = 0  # RIEL: every N steps, greedy accuracy (each expert, best, vote) on held-out questions; 0: off
-    eval_every_size: int = 100  # ... on the first this many questions of the eval split (a fixed subset)
-    mef: MEFConfig = field(default_factory=MEFConfig)
-    riel: RIELConfig = field(default_factory=RIELConfig)
-    mel: MELConfig = field(default_factory=MELConfig)  # `--mel` turns it on
-    eval: EvalConfig = field(default_factory=EvalConfig)
-
-
-def defaults(model: str, testbed: str = "nested") -> Config:
-    """The defaults of a run, by model: from-scratch settings for `tiny`, the paper's otherwise. The complementary
-    testbed's chain traces run to ~63 tokens: 64 new tokens instead of 48."""
-    if model != "tiny":
-        return Config(model=model, data="gsm8k", gradient_checkpointing=True, mef=MEFConfig(micro_batch_size=4),
-                      eval=EvalConfig(max_new_tokens=512),
-                      # sample 96 of the 192 rows at a time: half the KV cache, the same tokens (README)
-                      riel=RIELConfig(max_new_tokens=512, micro_batch_size=4, questions_per_step=8,
-                                      sample_batch_size=96))
-    # tiny: SFT from scratch on easy sums (levels 1-2) until the best expert solves ~20% of level-2 questions
-    # greedily (the edge of competence, measured every 25 steps: mef.stop_at), then RL on level 2, where most
-    # (question, expert) groups still get no reward spread. lambda1 = 0.1: at these sizes the transfer term
-    # (normalised by its own few tokens) outweighs the GRPO term ~16x per token, and at 1.0 it dominated the
-    # gradient and cost the best expert 8 points in our runs (README).
-    tokens = 64 if testbed == "complementary" else 48
-    disjoint = testbed in data.synthetic.DISJOINT  # at sft_cross 0 an epoch is half the examples, and each expert
-    #   must get strong enough on its own shape to rescue the other (docs/when_meml_helps.md, the go/no-go)
-    return Config(
-        testbed=testbed if testbed in data.synthetic.TESTBEDS else "nested", difficulty=(1, 2), rl_difficulty=(2, 2), train_size=10000, checkpoint_every=100,
-        mef=MEFConfig(epochs=4 if disjoint else 2, lr=3e-3, batch_size=64, micro_batch_size=64, max_len=256,
-                      warmup_steps=20, schedule="cosine", stop_at=0.3 if disjoint else 0.2, check_every=25,
-                      check_size=100),
-        eval_every=50, riel=RIELConfig(steps=250, questions_per_step=16, group_size=8, max_new_tokens=tokens, lr=3e-4, lambda1=0.1,
-                        micro_batch_size=64, buffer_size=32, grad_shares=True),
-        mel=MELConfig(max_analysis_tokens=48),
-        eval=EvalConfig(size=300, max_new_tokens=tokens, batch_size=150))
-
 
 # ---- setup --------------------------------------------------------------------------------------------
 
@@ -199,22 +113,7 @@ def with_traces(cfg, records, experts, model, tok, log):
 def main(cfg: Config):
     t_start = time.time()
     if cfg.plan:  # no GPU, no weights, no data needed
-        import plan
-        import plan_time
-        guard.check_options(cfg)
-        gpu_gb = cfg.plan_gpu_gb or (plan_time.GPUS[cfg.plan_gpu].gb if cfg.plan_gpu else 80.0)
-        counts = {}  # --plan-gpu: FLOPs and bytes, counted on the memory plan's own trace
-        probe = (lambda: plan_time.counting(counts)) if cfg.plan_gpu else nullcontext
-        if cfg.micro_batch == "auto":
-            choice = plan_time.choose_micro_batches(cfg, gpu_gb, cfg.plan_world_size, probe, cfg.plan_detail)
-            cfg, result = plan_time.with_micro_batches(cfg, choice), choice["plan"]
-            print(plan_time.describe(choice, gpu_gb))
-        else:
-            result = plan.plan_memory(cfg, cfg.plan_world_size, cfg.plan_detail, probe)
-        print(plan.report(cfg, result, gpu_gb, cfg.plan_world_size))
-        if cfg.plan_gpu:
-            print(plan_time.report(cfg, plan_time.estimate_riel_step(cfg, cfg.plan_gpu, cfg.plan_world_size, counts)))
-        return
+        return plan_fit.print_plan(cfg)
     guard.check_options(cfg)  # before anything loads or is written
     if cfg.fsdp and not dist.launched():
         raise SystemExit("--fsdp shards the model over torchrun's processes: launch with torchrun (README)")
@@ -244,9 +143,9 @@ def run(cfg: Config, device, t_start):
         checkpoint.check(ckpt, cfg.out_dir)  # a damaged one is named, with the one to fall back to
     state = checkpoint.load_state(ckpt) if ckpt else {"gstep": 0, "done": [], "stage": None, "step": 0,
                                                        "evals": {}, "wall_s": 0.0}
-    auto_micro_batches(cfg, state, device)  # before resume_checks: the sizes it compares are the ones that run
+    plan_fit.auto_micro_batches(cfg, state, device)  # before resume_checks: the sizes it compares are the ones that run
     if ckpt:
-        resume_checks(cfg, state)
+        guard.resume_checks(cfg, state)
         print(f"resuming from {ckpt}: stage {state['stage']}, step {state['step']}, done {state['done']}")
     torch.manual_seed(cfg.seed)
     param_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
@@ -352,41 +251,6 @@ def replay_examples(cfg, tok, experts):
     return examples, {"examples": len(examples), "replayed_from": cfg.sft_replay}
 
 
-def resume_checks(cfg, state):
-    """A resumed run is the run it continues: a change of what it computes is refused unless allowed, and an
-    allowed one is recorded with the step it took effect (summary.json's `changes`)."""
-    changes = guard.config_changes(state.get("config") or {}, dataclasses.asdict(cfg), cfg.resume_allow_change)
-    for key, _, _ in changes:
-        stage = key.split(".")[0]
-        if stage in ("mef", "riel") and stage in state["done"] and key.endswith(".steps"):
-            raise UserError(f"--{key.replace('_', '-')}: stage {stage} already finished in this run; more steps would "
-                            "be a new stage. Start a new run with --init on its last checkpoint instead")
-    if changes:
-        state.setdefault("changes", []).append({"gstep": state["gstep"], "changes": [list(c) for c in changes]})
-
-
-def auto_micro_batches(cfg, state, device):
-    """--micro-batch auto: MEF's and RIEL's micro-batch sizes from the memory plan on CUDA (rank 0 plans, for this
-    device's memory), written into cfg, so that the checkpoints' and summary.json's config record them; a resumed run
-    keeps the sizes its checkpoint recorded (nothing is planned again, nothing changes under it). Off CUDA: the
-    defaults, which the tests and CPU runs are tuned for."""
-    if cfg.micro_batch != "auto":
-        return
-    if state.get("config"):
-        sizes = {k: state["config"][k]["micro_batch_size"] for k in ("mef", "riel")}
-        print(f"--micro-batch auto: MEF {sizes['mef']}, RIEL {sizes['riel']}, as the run being resumed chose them")
-    elif device.type != "cuda":
-        print("--micro-batch auto: not on a GPU: the default micro-batch sizes")
-        return
-    else:
-        import plan_time
-        gib = torch.cuda.get_device_properties(device).total_memory / 2**30
-        sizes = dist.from_main(lambda: plan_time.choose_micro_batches(cfg, gib, dist.world()))
-        print(plan_time.describe(sizes, gib))
-    for k in ("mef", "riel"):
-        getattr(cfg, k).micro_batch_size = sizes[k]
-
-
 def run_mef(cfg, model, tok, records, experts, state, start, resumed, save, log):
     examples, counts = (replay_examples(cfg, tok, experts) if cfg.sft_replay else
                         build_sft_examples(tok, records, experts, cfg.mef.max_len))
@@ -415,7 +279,7 @@ def run_mef(cfg, model, tok, records, experts, state, start, resumed, save, log)
             tqdm.write(f"mef {a['step']:>5}/{total} loss {a['loss']:.4f} lr {a['lr']:.2e} gnorm {a['grad_norm']:.2f} "
                        f"{a['tokens_per_s']:,.0f} tok/s")
         state["step"] = m["step"]
-        count_skipped(state, m, "mef", cfg.mef.lr)
+        guard.count_skipped(state, m, "mef", cfg.mef.lr)
         if cfg.mef.stop_at is not None and m["step"] % cfg.mef.check_every == 0 and m["step"] < total:
             if competent(cfg, model, tok, experts, calibration, state, log):
                 break
@@ -453,33 +317,6 @@ def quick_eval(cfg, model, tok, experts, records, state, log, stage: str) -> dic
     return res
 
 
-SKIP_LIMIT = 5  # non-finite steps in a row that end a run: it is diverging, not unlucky
-COLLAPSE_ENTROPY, COLLAPSE_STEPS = 0.05, 5  # nats per token, steps in a row
-
-
-def count_skipped(state, m, stage, lr):
-    """Count the optimizer steps skipped for a NaN/inf loss or gradient (summary.json's skipped_steps), and stop
-    the run after SKIP_LIMIT in a row, naming the lr, instead of finishing with a model that did not train."""
-    state["skipped_steps"] = state.get("skipped_steps", 0) + int(m["skipped"])
-    state["skip_streak"] = state.get("skip_streak", 0) + 1 if m["skipped"] else 0
-    if state["skip_streak"] >= SKIP_LIMIT:
-        raise UserError(f"{stage}: {SKIP_LIMIT} optimizer steps in a row had a NaN/inf loss or gradient (step "
-                        f"{state['step']}); the run is diverging. Lower --{stage}.lr ({lr:g}) and start again")
-
-
-def warn_collapse(state, m, lr):
-    """Once per run: the policy stopped exploring (token entropy near 0 for several steps) while its reward
-    fell, the usual sign of an RL lr too high for the model."""
-    if state.get("collapse_warned") or "entropy" not in m:
-        return
-    hist = state.setdefault("collapse_hist", [])
-    hist[:] = (hist + [(m["entropy"], m["reward"])])[-COLLAPSE_STEPS:]
-    if len(hist) == COLLAPSE_STEPS and all(e < COLLAPSE_ENTROPY for e, _ in hist) and hist[-1][1] <= hist[0][1]:
-        state["collapse_warned"] = True
-        tqdm.write(f"warning: entropy below {COLLAPSE_ENTROPY} nats for {COLLAPSE_STEPS} steps with the reward not "
-                   f"rising: the policy has collapsed; --riel.lr {lr:g} is likely too high")
-
-
 def run_riel(cfg, model, tok, records, experts, state, start, resumed, save, log):
     rc = cfg.riel
     steps = rc.steps or max(1, len(records) // rc.questions_per_step)  # paper: one epoch
@@ -515,8 +352,8 @@ def run_riel(cfg, model, tok, records, experts, state, start, resumed, save, log
         if keep:
             log.samples({"stage": "riel", "step": step + 1, "gstep": state["gstep"], "groups": m.pop("samples")})
         log.write({"stage": "riel", "step": step + 1, "gstep": state["gstep"], **m})
-        count_skipped(state, m, "riel", rc.lr)
-        warn_collapse(state, m, rc.lr)
+        guard.count_skipped(state, m, "riel", rc.lr)
+        guard.warn_collapse(state, m, rc.lr)
         zero_streak = zero_streak + 1 if m["reward"] == 0 else 0
         if zero_streak in (10, 50, 250) and cfg.log_samples_every > 0:  # the commonest GRPO complaint: look first
             tqdm.write(f"riel {step + 1}: reward 0 for {zero_streak} steps: what the model writes is in "
@@ -549,21 +386,6 @@ def cli(argv=None) -> Config:
     return cfg
 
 
-def stopped_message(cfg, argv) -> str:
-    """Where a stopped run stands: its last complete checkpoint and the exact command that continues it."""
-    if cfg is None:
-        return ""
-    try:
-        last = checkpoint.latest(cfg.out_dir)
-    except (UserError, OSError):
-        last = None
-    if last is None:
-        return f"no checkpoint was written yet in {cfg.out_dir}: run the same command again to start over"
-    args = [a for a in argv if a not in ("--resume", "--resume-or-start")]
-    return f"the last complete checkpoint is {last}; continue with: python train.py {' '.join(args)} --resume".replace(
-        "  ", " ")
-
-
 if __name__ == "__main__":
     config = None
     try:
@@ -573,12 +395,12 @@ if __name__ == "__main__":
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; 130 is the shell's code for SIGINT
-        print(f"\ninterrupted: {stopped_message(config, sys.argv[1:])}", file=sys.stderr)
+        print(f"\ninterrupted: {guard.stopped_message(config, sys.argv[1:])}", file=sys.stderr)
         sys.exit(130)
     except OSError as e:  # a full disk, a read-only or vanished directory mid-run: what is safe, and how to go on
         if e.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
             raise
-        print(f"error: {e.strerror} writing {e.filename or config.out_dir}; {stopped_message(config, sys.argv[1:])}",
+        print(f"error: {e.strerror} writing {e.filename or config.out_dir}; {guard.stopped_message(config, sys.argv[1:])}",
               file=sys.stderr)
         sys.exit(2)
     except SystemExit as e:

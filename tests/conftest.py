@@ -18,7 +18,8 @@ torch.set_num_threads(int(os.environ.get("TEST_THREADS", 0)) or
 # 16 files take 50 together): the workers take whole files in this order (pytest.ini: --dist loadfile
 # --no-loadscope-reorder), so the short files fill in at the end instead of a long one running alone.
 LONGEST_FIRST = ("test_real_model.py", "test_dist.py", "test_fsdp.py", "test_options.py", "test_speed.py", "test_plan.py", "test_cli.py",
-                 "test_ablation.py", "test_verify_math500.py", "test_train.py", "test_gpu_check.py", "test_mel.py")
+                 "test_ablation.py", "test_plan_time.py", "test_verify_math500.py", "test_train.py", "test_gpu_check.py",
+                 "test_mel.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -177,7 +177,7 @@ def test_skipped_steps_are_counted_and_a_streak_stops_the_run_naming_the_lr(tmp_
 def test_an_entropy_collapse_with_falling_reward_warns_once_naming_the_lr(capsys):
     state = {}
     for reward in (0.5, 0.4, 0.3, 0.3, 0.2, 0.1, 0.1):
-        train.warn_collapse(state, {"entropy": 0.01, "reward": reward}, 0.5)
+        guard.warn_collapse(state, {"entropy": 0.01, "reward": reward}, 0.5)
     assert capsys.readouterr().out.count("--riel.lr 0.5") == 1
 
 

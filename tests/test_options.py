@@ -243,6 +243,8 @@ def test_plan_detail_names_what_fills_each_peak_and_knows_lora(capsys, monkeypat
 ELSEWHERE = {
     "riel.compile": "test_options.py::test_compile_reaches_the_sampler",
     "riel.cuda_graphs": "test_options.py::test_cuda_graphs_reach_the_sampler_and_exclude_compile",
+    "plan_gpu": "test_plan_time.py::test_plan_gpu_through_train_py_prints_the_estimate_with_its_assumptions",
+    "micro_batch": "test_plan_time.py::test_micro_batch_auto_through_train_py_fits_and_one_more_does_not",
     "model": "test_real_model.py::test_train_run_on_gsm8k_writes_a_checkpoint_transformers_loads",
     "init": "test_train.py::test_mef_then_riel_from_its_checkpoint_equals_one_run",
     "resume": "test_train.py::test_killed_mid_riel_with_a_non_empty_buffer_and_a_reference_resumes_bit_exact",

@@ -19,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import guard
 import plan
+import plan_fit
 import plan_time
 import train
 from errors import UserError
@@ -174,17 +175,17 @@ def test_the_largest_micro_batch_that_leaves_10_percent_and_a_larger_gpu_never_g
     caps = {"mef": 32, "riel": 192}
     chosen = {}
     for gib in (17, 24, 40, 80, 1000):
-        c = plan_time.choose_micro_batches(cfg, gib, plan_memory=bent_plan)
+        c = plan_fit.choose_micro_batches(cfg, gib, plan_memory=bent_plan)
         chosen[gib] = c
-        assert c["plans"] <= plan_time.MAX_PLANS and c["fits"]
-        for k, stage in plan_time.STAGES.items():
-            at = lambda n: bent_plan(plan_time.with_micro_batches(cfg, {**caps, k: n}))["stages"][stage]["peak_gib"]
+        assert c["plans"] <= plan_fit.MAX_PLANS and c["fits"]
+        for k, stage in plan_fit.STAGES.items():
+            at = lambda n: bent_plan(plan_fit.with_micro_batches(cfg, {**caps, k: n}))["stages"][stage]["peak_gib"]
             assert at(c[k]) <= 0.9 * gib
             assert c[k] == caps[k] or at(c[k] + 1) > 0.9 * gib, (gib, k, c[k])
-    for k in plan_time.STAGES:
+    for k in plan_fit.STAGES:
         assert chosen[17][k] <= chosen[24][k] <= chosen[40][k] <= chosen[80][k] <= chosen[1000][k] == caps[k]
     assert chosen[24]["mef"] < chosen[80]["mef"] and chosen[24]["riel"] < chosen[80]["riel"]
-    tight = plan_time.choose_micro_batches(cfg, 14.0, plan_memory=bent_plan)  # even 1 leaves less than 10%
+    tight = plan_fit.choose_micro_batches(cfg, 14.0, plan_memory=bent_plan)  # even 1 leaves less than 10%
     assert (tight["mef"], tight["riel"], tight["fits"]) == (1, 1, False)
 
 
@@ -197,7 +198,7 @@ def test_micro_batch_auto_through_train_py_fits_and_one_more_does_not(tmp_path, 
     monkeypatch.setattr(plan, "plan_memory", memoized(plans))
     path = model_dir(tmp_path)
     base = train.cli(["--model", path, *SIZES])
-    one, two = (plan.plan_memory(plan_time.with_micro_batches(base, {"mef": n, "riel": n}))["stages"]["riel_update"]
+    one, two = (plan.plan_memory(plan_fit.with_micro_batches(base, {"mef": n, "riel": n}))["stages"]["riel_update"]
                 ["peak_gib"] for n in (1, 2))
     gib = (one + 5.5 * (two - one)) / 0.9
     train.main(train.cli(["--model", path, *SIZES, "--plan", "--micro-batch", "auto", "--plan-gpu-gb", str(gib)]))
@@ -208,11 +209,11 @@ def test_micro_batch_auto_through_train_py_fits_and_one_more_does_not(tmp_path, 
     assert re.search(r"peak [0-9.]+ GiB of [0-9.]+ GiB: fits", out)
     caps = {"mef": 16, "riel": 12}
     for i, (k, n) in enumerate((("mef", mef), ("riel", riel))):
-        stage = plan_time.STAGES[k]
+        stage = plan_fit.STAGES[k]
         assert plans[(mef, riel)]["stages"][stage]["peak_gib"] <= 0.9 * gib
         # one more: any plan made with it (a stage's peak moves with its own micro-batch only), else a new one
         bigger = next((p for sizes, p in plans.items() if sizes[i] == n + 1), None) or plan.plan_memory(
-            plan_time.with_micro_batches(base, {"mef": mef, "riel": riel, k: n + 1}))
+            plan_fit.with_micro_batches(base, {"mef": mef, "riel": riel, k: n + 1}))
         assert n == caps[k] or bigger["stages"][stage]["peak_gib"] > 0.9 * gib
 
 
@@ -223,23 +224,23 @@ def test_micro_batch_auto_is_refused_beside_an_explicit_size():
 
 
 def test_auto_on_cuda_writes_the_choice_into_the_config_and_a_resume_keeps_it(monkeypatch, capsys):
-    """train.auto_micro_batches: on CPU the defaults stay (CPU runs and tests are tuned for them); on CUDA the
+    """plan_fit.auto_micro_batches: on CPU the defaults stay (CPU runs and tests are tuned for them); on CUDA the
     choice for the device's memory goes into cfg (so checkpoints and summary.json record it); a resumed run takes
     the sizes its checkpoint recorded without planning again, and its config then shows no change."""
     cfg = train.cli(["--micro-batch", "auto"])
-    train.auto_micro_batches(cfg, {}, torch.device("cpu"))
+    plan_fit.auto_micro_batches(cfg, {}, torch.device("cpu"))
     assert (cfg.mef.micro_batch_size, cfg.riel.micro_batch_size) == (64, 64)
     asked = []
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=24 * 2**30))
-    monkeypatch.setattr(plan_time, "choose_micro_batches", lambda c, gib, ws: asked.append((gib, ws)) or {
+    monkeypatch.setattr(plan_fit, "choose_micro_batches", lambda c, gib, ws: asked.append((gib, ws)) or {
         "mef": 8, "riel": 12, "plan": {"peak_gib": 20.0}, "fits": True, "plans": 4})
     cuda = SimpleNamespace(type="cuda")
-    train.auto_micro_batches(cfg, {}, cuda)
+    plan_fit.auto_micro_batches(cfg, {}, cuda)
     assert asked == [(24.0, 1)] and (cfg.mef.micro_batch_size, cfg.riel.micro_batch_size) == (8, 12)
     assert "micro-batch auto: MEF 8, RIEL 12: planned peak 20.0 GiB of 24 GiB" in capsys.readouterr().out
     state = {"config": dataclasses.asdict(cfg)}
     resumed = train.cli(["--micro-batch", "auto"])
-    train.auto_micro_batches(resumed, state, cuda)
+    plan_fit.auto_micro_batches(resumed, state, cuda)
     assert len(asked) == 1 and (resumed.mef.micro_batch_size, resumed.riel.micro_batch_size) == (8, 12)
     assert guard.config_changes(state["config"], dataclasses.asdict(resumed)) == []
     with pytest.raises(UserError, match="micro-batch-size"):  # resumed without auto: the defaults would change it

@@ -13,6 +13,7 @@ import torch
 
 import train
 from conftest import wait_for_checkpoint
+from mef import MEFConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 # a run of a few seconds: 8 MEF steps, 4 RIEL steps, 8 eval questions; no curves.png (1-5 s of CPU each: the
@@ -187,13 +188,13 @@ def test_placebo_testbed_with_a_validation_eval_rl_warmup_and_every_fairness_swi
 
 
 def test_lr_schedule_warms_up_peaks_and_decays_to_its_floor():
-    cfg = train.MEFConfig(lr=2.0, warmup_steps=4, schedule="cosine")
+    cfg = MEFConfig(lr=2.0, warmup_steps=4, schedule="cosine")
     lr = train.lr_schedule(cfg, total=14)
     assert [lr(s) for s in range(4)] == [0.5, 1.0, 1.5, 2.0]  # linear: (step + 1) / warmup of the peak
     assert lr(4) == 2.0  # cosine starts at the peak
     assert lr(9) == pytest.approx(2.0 * (0.1 + 0.9 * 0.5))  # half way: the mean of peak and floor
     assert lr(14) == pytest.approx(0.2) and lr(100) == pytest.approx(0.2)  # the floor: 10% of the peak
-    constant = train.lr_schedule(train.MEFConfig(lr=2.0, warmup_steps=2), total=14)
+    constant = train.lr_schedule(MEFConfig(lr=2.0, warmup_steps=2), total=14)
     assert [constant(s) for s in (0, 1, 2, 13)] == [1.0, 2.0, 2.0, 2.0]
 
 
