@@ -222,7 +222,9 @@ class DecodeGraph:
     the static KV cache (its slot advanced in place), the key mask, the positions (generate advances them in
     place); only `tok` is copied into the graph's own buffer. The weights it reads are autocast's bf16 copies,
     cast once by the prefill and cached (sampling runs under no_grad, not inference_mode, for that reason): a
-    cache hit launches nothing, so the graph holds no weight cast. The graph replays exactly the kernels of the
+    cache hit launches nothing, so the graph holds no weight cast (PyTorch's CUDA-graph notes advise autocast with
+    cache_enabled=False around a capture, because a cast first cached DURING a capture lives in the graph's private
+    pool; here every weight is cast and cached before it, by the prefill). The graph replays exactly the kernels of the
     eager step, so its tokens are the eager path's. Off CUDA the same fixed-buffer step runs eagerly: the CPU
     tests check that path (tests/test_speed.py)."""
 
