@@ -53,7 +53,7 @@ class Config(fa.Config):
     testbed: str = "disjoint"  # or disjoint_same (one trace format under two names)
     doses: tuple[float, ...] = (0.0, 1.0, 0.3)  # sft_cross p, run in this order (each dose to the end)
     full_doses: tuple[float, ...] = (0.0, 1.0)  # these get every seed; the others seeds[:mid_seeds]
-    mid_seeds: int = 1
+    mid_seeds: int = 3  # all three since session 14 (the committed grid); 1 was the first pass
     rows: tuple[str, ...] = ROWS + (CONTROL,)
     lrs: tuple[float, ...] = (3e-5, 1e-4, 3e-4)
     edge_steps: int = 1
