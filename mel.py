@@ -165,5 +165,5 @@ def nll_backward(model, examples, micro_batch_size, weight=1.0) -> float:
     for mb in dist.lockstep(model, mbs):  # FSDP: as many passes as the busiest rank
         loss = nll_loss(model, [mine[i][0] for i in mb], [mine[i][1] for i in mb], len(examples))
         micro_backward(weight * loss)
-        losses.append(loss)
+        losses.append(loss.detach())  # not the graph: its nodes die with the backward
     return dist.sum_floats([read_sum(losses)])[0]

@@ -68,7 +68,7 @@ def sft_backward(model, prompts, targets, micro_batch_size, weight=1.0) -> float
     for mb in dist.lockstep(model, mbs):  # FSDP: as many passes as the busiest rank
         loss = sft_loss(model, [prompts[i] for i in mb], [targets[i] for i in mb], n_tokens)
         micro_backward(weight * loss)
-        losses.append(loss)
+        losses.append(loss.detach())  # not the graph: its nodes die with the backward
     return read_sum(losses)
 
 

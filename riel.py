@@ -215,7 +215,7 @@ def policy_gradient_backward(model, prompts, completions, adv, rows, cfg, counts
             kls.append((kl.detach() * mask).sum())
         loss = aggregate(per_token, mask, cfg.loss_aggregation(), **counts)
         micro_backward(loss)
-        losses.append(loss)
+        losses.append(loss.detach())  # not the graph: its nodes die with the backward
         if not on_policy:  # the ratio is exactly 1 on the samples' own epoch: nothing can be clipped there
             clipped.append(clipped_tokens(logp, old, a, mask, cfg.clip_eps, cfg.clip_eps_high))
     n_fwd = sum(len(completions[r]) for r in rows) or 1
@@ -241,7 +241,7 @@ def transfer_backward(model, pairs, cfg, n_tokens=None) -> float:
             student = completion_logits(model, student_prompt, o)
             loss = full_vocab_kl(teacher[None], student[None], torch.ones(1, len(o), device=student.device), n_tokens)
             micro_backward(cfg.lambda1 * loss)
-            losses.append(loss)
+            losses.append(loss.detach())  # not the graph: its nodes die with the backward
         return read_sum(losses)
     mbs = length_sorted_micro_batches([len(s) + len(o) for _, s, o in pairs], cfg.micro_batch_size)
     for mb in dist.lockstep(model, mbs, no_grad_first=True):
@@ -252,7 +252,7 @@ def transfer_backward(model, pairs, cfg, n_tokens=None) -> float:
         student, mask = token_logprobs(model, [pairs[i][1] for i in mb], outs)
         loss = transfer_loss(student, teacher, mask, n_tokens)
         micro_backward(cfg.lambda1 * loss)
-        losses.append(loss)
+        losses.append(loss.detach())  # not the graph: its nodes die with the backward
     return read_sum(losses)
 
 
