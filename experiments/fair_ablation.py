@@ -34,6 +34,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -105,9 +106,11 @@ def riel_lines(out):
     with open(os.path.join(out, "metrics.jsonl")) as f:
         lines = [{k: v for k, v in m.items() if k in CURVE_KEYS or k.startswith(CURVE_PREFIXES)}
                  for m in map(json.loads, f) if m.get("stage") == "riel"]
-    if done(out):
-        with open(path, "w") as f:
+    if done(out):  # written aside, then renamed: another thread reading the same run never sees it half-written
+        tmp = f"{path}.{threading.get_ident()}.tmp"
+        with open(tmp, "w") as f:
             json.dump(lines, f)
+        os.replace(tmp, path)
     return lines
 
 
