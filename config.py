@@ -4,7 +4,7 @@ that depend on --model (`defaults`): from-scratch settings for the `tiny` preset
 train.py parses the command line into a Config with the chosen model's defaults, so --help shows the right ones;
 guard.check_options validates it before anything loads.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import data
@@ -71,29 +71,47 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+# ---- presets: how a run's defaults differ from the dataclasses' (the paper's), as data -----------------
+# A real model (any --model but tiny): GSM8K, longer answers, micro-batches that fit one GPU at 3B;
+# sampling 96 of the 192 rows at a time halves the KV cache and gives the same tokens (README).
+REAL_MODEL = {"data": "gsm8k", "gradient_checkpointing": True, "mef.micro_batch_size": 4,
+              "eval.max_new_tokens": 512, "riel.max_new_tokens": 512, "riel.micro_batch_size": 4,
+              "riel.questions_per_step": 8, "riel.sample_batch_size": 96}
+# tiny, from random weights: SFT on easy sums (levels 1-2) until the best expert solves ~20% of level-2
+# questions greedily (mef.stop_at: the edge of competence), then RL on level 2, where most groups still
+# get no reward spread. lambda1 0.1: at 1.0 the transfer (its own few tokens' mean) dominated the
+# gradient and cost the best expert 8 points in our runs (README).
+TINY = {"difficulty": (1, 2), "rl_difficulty": (2, 2), "train_size": 10000, "checkpoint_every": 100,
+        "eval_every": 50, "mef.epochs": 2, "mef.lr": 3e-3, "mef.batch_size": 64,
+        "mef.micro_batch_size": 64, "mef.max_len": 256, "mef.warmup_steps": 20,
+        "mef.schedule": "cosine", "mef.stop_at": 0.2, "mef.check_every": 25, "mef.check_size": 100,
+        "riel.steps": 250, "riel.questions_per_step": 16, "riel.group_size": 8,
+        "riel.max_new_tokens": 48, "riel.lr": 3e-4, "riel.lambda1": 0.1, "riel.micro_batch_size": 64,
+        "riel.buffer_size": 32, "riel.grad_shares": True, "mel.max_analysis_tokens": 48,
+        "eval.size": 300, "eval.max_new_tokens": 48, "eval.batch_size": 150}
+# tiny, per --testbed (data/synthetic.py): the chain traces run to ~63 tokens; on a disjoint testbed an
+# epoch is half the examples, and each expert must get strong on its own shape to rescue the other
+TINY_TESTBEDS = {
+    "complementary": {"riel.max_new_tokens": 64, "eval.max_new_tokens": 64},
+    "disjoint": {"mef.epochs": 4, "mef.stop_at": 0.3},
+    "disjoint_same": {"mef.epochs": 4, "mef.stop_at": 0.3},
+}
+
+
+def with_options(cfg: Config, options: dict) -> Config:
+    """cfg with options ({"riel.lr": 1e-4, "seed": 1, ...}) set; a stage's dataclass is rebuilt."""
+    top = {k: v for k, v in options.items() if "." not in k}
+    stages = {}
+    for key, value in options.items():
+        if "." in key:
+            stage, name = key.split(".", 1)
+            stages.setdefault(stage, {})[name] = value
+    return replace(cfg, **top, **{s: replace(getattr(cfg, s), **kw) for s, kw in stages.items()})
+
+
 def defaults(model: str, testbed: str = "nested") -> Config:
-    """The defaults of a run, by model: from-scratch settings for `tiny`, the paper's otherwise. The complementary
-    testbed's chain traces run to ~63 tokens: 64 new tokens instead of 48."""
+    """The defaults of a run, by model (and, for tiny, by testbed): the tables above."""
     if model != "tiny":
-        return Config(model=model, data="gsm8k", gradient_checkpointing=True, mef=MEFConfig(micro_batch_size=4),
-                      eval=EvalConfig(max_new_tokens=512),
-                      # sample 96 of the 192 rows at a time: half the KV cache, the same tokens (README)
-                      riel=RIELConfig(max_new_tokens=512, micro_batch_size=4, questions_per_step=8,
-                                      sample_batch_size=96))
-    # tiny: SFT from scratch on easy sums (levels 1-2) until the best expert solves ~20% of level-2 questions
-    # greedily (the edge of competence, measured every 25 steps: mef.stop_at), then RL on level 2, where most
-    # (question, expert) groups still get no reward spread. lambda1 = 0.1: at these sizes the transfer term
-    # (normalised by its own few tokens) outweighs the GRPO term ~16x per token, and at 1.0 it dominated the
-    # gradient and cost the best expert 8 points in our runs (README).
-    tokens = 64 if testbed == "complementary" else 48
-    disjoint = testbed in data.synthetic.DISJOINT  # at sft_cross 0 an epoch is half the examples, and each expert
-    #   must get strong enough on its own shape to rescue the other (docs/when_meml_helps.md, the go/no-go)
-    return Config(
-        testbed=testbed if testbed in data.synthetic.TESTBEDS else "nested", difficulty=(1, 2), rl_difficulty=(2, 2), train_size=10000, checkpoint_every=100,
-        mef=MEFConfig(epochs=4 if disjoint else 2, lr=3e-3, batch_size=64, micro_batch_size=64, max_len=256,
-                      warmup_steps=20, schedule="cosine", stop_at=0.3 if disjoint else 0.2, check_every=25,
-                      check_size=100),
-        eval_every=50, riel=RIELConfig(steps=250, questions_per_step=16, group_size=8, max_new_tokens=tokens, lr=3e-4, lambda1=0.1,
-                        micro_batch_size=64, buffer_size=32, grad_shares=True),
-        mel=MELConfig(max_analysis_tokens=48),
-        eval=EvalConfig(size=300, max_new_tokens=tokens, batch_size=150))
+        return with_options(Config(model=model), REAL_MODEL)
+    testbed = testbed if testbed in data.synthetic.TESTBEDS else "nested"
+    return with_options(Config(testbed=testbed), {**TINY, **TINY_TESTBEDS.get(testbed, {})})

@@ -35,14 +35,14 @@ from typing import Annotated, Literal
 import torch
 from tqdm import tqdm
 
-import checkpoint
+from plumbing import checkpoint
 import data
-import dist
+from plumbing import dist
 import verify
-from errors import UserError
+from plumbing.errors import UserError
 from model import Transformer, default_device
 from rollout import generate
-from tokenizer import load_tokenizer, render_chat, stop_token_ids
+from plumbing.tokenizer import load_tokenizer, render_chat, stop_token_ids
 
 
 @dataclass

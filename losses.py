@@ -2,8 +2,8 @@
 The loss math of RIEL (METHOD.md section 4) as small pure functions on plain tensors.
 
 riel.py decides *what* to score (which rows, which prompts); this file only turns log-probs, rewards
-and masks into numbers. Nothing here knows about models, tokenizers or experts, except TermNorms at the end, which
-measures what each weighted term adds to the gradient (--riel.grad-shares).
+and masks into numbers, and rewards into decisions: who teaches whom (d), which groups the buffer
+admits (e). Nothing here knows about models, tokenizers or experts.
 
 Notation: one group = the G responses of one expert to one question, rewards r_1..r_G in {0, 1}.
 logp (B, T) = log pi(token) of each completion token, right-padded; mask (B, T) = 1 on real tokens
@@ -32,8 +32,16 @@ micro-batch by its own token count is the bug GRPO-Zero fixed in 8ca8b08 (REFERE
 Inter-expert transfer, METHOD.md 4(d) (our reading: the stated intent, teacher side stop-gradient):
     sampled     L_KL = sum_t mask * (sg[logp(o_t | P+)] - logp(o_t | P-)) / N_tokens
     full_vocab  L_KL = sum_t mask * KL(sg[pi(. | P+, o_<t)] || pi(. | P-, o_<t)) / N_tokens
+Who teaches whom (METHOD.md 4(d)), per question: E+ = the expert with the highest mean reward, E- =
+the lowest (ties: the lowest index, or at random); nothing moves when all means are equal or E+ has no
+correct answer. O+ = one correct response of E+ drawn from the step's generator (or all of them).
+
+Hard examples (METHOD.md 4(e)): expert i with more than K of its G answers wrong on a question is
+admitted to the buffer with probability K/G.
 """
 import torch
+
+from verify import CORRECT
 
 ADVANTAGE_MODES = ("meml", "grpo", "dr_grpo")
 AGGREGATIONS = ("token", "seq", "dr_grpo")
@@ -116,23 +124,65 @@ def full_vocab_kl(teacher_logits, student_logits, mask, n_tokens=None):
     return aggregate(kl, mask, "token", n_tokens)
 
 
-class TermNorms:
-    """Each loss term's gradient norm (the weighted term, as it enters the sum), from the gradient it adds to
-    .grad: one copy of the gradients kept between terms. Off (no copy, no metrics) unless enabled."""
+# ---- (d) who teaches whom -------------------------------------------------------------------------
 
-    def __init__(self, model, enabled):
-        self.model, self.enabled, self.norms, self.last = model, enabled, {}, None
+def rng_device(generator):
+    """Where a generator draws: a CUDA generator fills only CUDA tensors (None: torch's global CPU stream)."""
+    return generator.device if generator is not None else "cpu"
 
-    def mark(self, term):
-        if not self.enabled:
-            return
-        now = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in self.model.parameters()
-               if p.requires_grad]  # LoRA: the adapters only
-        delta = now if self.last is None else [a - b for a, b in zip(now, self.last)]
-        self.norms[term] = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d) for d in delta])).item()
-        self.last = now
 
-    def metrics(self) -> dict:
-        total = sum(self.norms.values()) or 1.0
-        return {**{f"grad_norm/{t}": n for t, n in self.norms.items()},
-                **{f"grad_share/{t}": n / total for t, n in self.norms.items()}}
+def uniform(generator) -> float:
+    """One draw in [0, 1) from the generator (on its device): the step's random decisions share its stream."""
+    return torch.rand((), generator=generator, device=rng_device(generator)).item()
+
+
+def pick(items: list, generator=None):
+    """One of items, uniformly, from the step's generator."""
+    return items[min(int(uniform(generator) * len(items)), len(items) - 1)]
+
+
+def choose_transfer(rewards, generator=None, random_ties=False):
+    """rewards (N, G) of one question -> (E+, E-) expert indices, or None when there is nothing to move.
+    Ties go to the lowest index on both sides, or (random_ties) to one of the tied experts at random."""
+    means = rewards.mean(-1).tolist()
+    plus = min(range(len(means)), key=lambda i: (-means[i], i))
+    minus = min(range(len(means)), key=lambda i: (means[i], i))
+    if means[plus] == means[minus] or not bool((rewards[plus] >= CORRECT).any()):
+        return None
+    if random_ties:  # otherwise expert 0 would be E- of every question that all but one expert fails alike
+        plus = pick([i for i, m in enumerate(means) if m == means[plus]], generator)
+        minus = pick([i for i, m in enumerate(means) if m == means[minus]], generator)
+    return plus, minus
+
+
+def choose_teacher_samples(rewards_plus, generator=None, all_correct=False) -> list:
+    """rewards_plus (G,) of E+ -> indices of the O+ to transfer: one correct response at random, or all."""
+    correct = (rewards_plus >= CORRECT).nonzero().flatten().tolist()
+    if all_correct or not correct:
+        return correct
+    return [pick(correct, generator)]
+
+
+def transfer_pairs(rewards, prompts, completions, generator=None, all_correct=False, random_ties=False):
+    """rewards (Q, N, G) -> ([(P+ prompt, P- prompt, O+ ids)], [(E+, E-) per question with a transfer])."""
+    Q, N, G = rewards.shape
+    pairs, chosen = [], []
+    for q in range(Q):
+        choice = choose_transfer(rewards[q], generator, random_ties)
+        if choice is None:
+            continue
+        plus, minus = choice
+        chosen.append(choice)
+        for g in choose_teacher_samples(rewards[q, plus], generator, all_correct):
+            pairs.append((prompts[q * N + plus], prompts[q * N + minus], completions[(q * N + plus) * G + g]))
+    return pairs, chosen
+
+
+# ---- (e) which groups the buffer admits ----------------------------------------------------------
+
+def admit_hard_example(group_rewards, k, generator=None) -> bool:
+    """group_rewards (G,): more than k wrong -> admit with probability k / G."""
+    G = group_rewards.numel()
+    if int((group_rewards < CORRECT).sum()) <= k:
+        return False
+    return uniform(generator) < k / G

@@ -32,8 +32,8 @@ from typing import Literal
 
 import torch
 
-from optim import clip_and_step, sharded_sft_backward
-from tokenizer import end_of_turn_id, render_chat
+from plumbing.optim import clip_and_step, sharded_sft_backward
+from plumbing.tokenizer import end_of_turn_id, render_chat
 
 
 @dataclass

@@ -38,11 +38,11 @@ from dataclasses import dataclass
 
 import torch
 
-import dist
-from buffer import rng_device
-from optim import length_sorted_micro_batches, micro_backward, read_sum
+from plumbing import dist
+from losses import rng_device
+from plumbing.optim import length_sorted_micro_batches, micro_backward, read_sum
 from rollout import generate, token_logprobs
-from tokenizer import render_chat, stop_token_ids
+from plumbing.tokenizer import render_chat, stop_token_ids
 from verify import CORRECT
 
 

@@ -35,7 +35,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from presets import PRESET_CONFIGS, PRESETS, resolve_checkpoint  # noqa: F401  (names and hub: presets.py)
+from plumbing.dist import default_device
+from plumbing.presets import PRESET_CONFIGS, PRESETS, resolve_checkpoint  # noqa: F401  (names and hub: presets.py)
 
 
 def model_config(name_or_path: str) -> "ModelConfig":
@@ -391,12 +392,6 @@ def read_safetensors(file, device, dtype) -> dict:
             t = f.get_tensor(key)
             out[name] = t.to(dtype) if t.is_floating_point() else t
     return out
-
-
-def default_device(device=None):
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def default_dtype(device=None, dtype=None):

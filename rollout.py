@@ -278,6 +278,12 @@ def _collect(rows, stop):
     return Rollout(completions, finish)
 
 
+def completion_logits(model, prompt, completion):
+    """(C, V) logits that predict each completion token, from one forward of prompt + completion."""
+    ids = torch.tensor([prompt + completion], device=next(model.parameters()).device)
+    return model(ids)[0, len(prompt) - 1:-1]
+
+
 def token_logprobs(model, prompts, completions, temperature=1.0, chunk_size=256, pad_id=0):
     """Per-token log-probs of completions given prompts.
 

@@ -46,27 +46,20 @@ from contextlib import nullcontext
 import torch
 from tqdm import tqdm
 
-import checkpoint
 import data
-import dist
-import guard
-import lora
-import plan_fit
-import runlog
 import verify
-from errors import UserError
 from config import Config, defaults  # noqa: F401  (train.Config: the options, in config.py)
 from eval import EvalConfig, evaluate, format_table
 from mef import SFTExample, build_sft_examples, encode_target, lr_schedule, mef_steps, num_steps
-from optim import make_optimizer
 from model import Transformer, tiny_config
-from buffer import HardExampleBuffer, reference_trace
-from riel import riel_step
+from plumbing import checkpoint, dist, guard, lora, runlog
+from plumbing.errors import UserError
+from plumbing.optim import drop_cast_weights, make_optimizer
+from plumbing.tokenizer import load_tokenizer, render_chat, stop_token_ids
+from riel import HardExampleBuffer, reference_trace, riel_step
 from rollout import generate
-from tokenizer import load_tokenizer, render_chat, stop_token_ids
 
 # ---- setup --------------------------------------------------------------------------------------------
-
 
 def load_records(cfg: Config, split: str, stage: str) -> list:
     options = {}
@@ -80,7 +73,6 @@ def load_records(cfg: Config, split: str, stage: str) -> list:
     records = data.load(cfg.data, split, cfg.data_dir, **options)
     return records[:cfg.train_size] if split != data.SPLITS[cfg.data].eval and cfg.train_size else records
 
-
 def load_experts(cfg: Config) -> list:
     experts = data.experts(cfg.data, list(cfg.experts) if cfg.experts is not None else None,
                            **({"testbed": cfg.testbed} if cfg.data == "synthetic" else {}))
@@ -92,7 +84,6 @@ def load_experts(cfg: Config) -> list:
             raise UserError(f"--sources {item!r}: expected <expert>=gold|file|self with an expert of {cfg.data}")
         experts = [dataclasses.replace(e, source=source) if e.name == name else e for e in experts]
     return experts
-
 
 def with_traces(cfg, records, experts, model, tok, log):
     """Swap in `file` / `self` traces where an expert asks for them (data/traces.py); log the kept fraction."""
@@ -106,13 +97,12 @@ def with_traces(cfg, records, experts, model, tok, log):
         log.write({"stage": "traces", **dataclasses.asdict(s)})
     return records
 
-
 # ---- the run ------------------------------------------------------------------------------------------
-
 
 def main(cfg: Config):
     t_start = time.time()
     if cfg.plan:  # no GPU, no weights, no data needed
+        from tools import plan_fit  # a tool: loaded only when asked for (tests/test_imports.py)
         return plan_fit.print_plan(cfg)
     guard.check_options(cfg)  # before anything loads or is written
     if cfg.fsdp and not dist.launched():
@@ -130,7 +120,6 @@ def main(cfg: Config):
         if lock is not None:
             lock.release()
 
-
 def run(cfg: Config, device, t_start):
     ckpt = dist.from_main(lambda: checkpoint.latest(cfg.out_dir))  # rank 0 sweeps half-written ones
     if ckpt and not cfg.resume:
@@ -143,7 +132,9 @@ def run(cfg: Config, device, t_start):
         checkpoint.check(ckpt, cfg.out_dir)  # a damaged one is named, with the one to fall back to
     state = checkpoint.load_state(ckpt) if ckpt else {"gstep": 0, "done": [], "stage": None, "step": 0,
                                                        "evals": {}, "wall_s": 0.0}
-    plan_fit.auto_micro_batches(cfg, state, device)  # before resume_checks: the sizes it compares are the ones that run
+    if cfg.micro_batch == "auto":  # before resume_checks: the sizes it compares are the ones that run
+        from tools import plan_fit  # --micro-batch auto plans: the planner loads only then
+        plan_fit.auto_micro_batches(cfg, state, device)
     if ckpt:
         guard.resume_checks(cfg, state)
         print(f"resuming from {ckpt}: stage {state['stage']}, step {state['step']}, done {state['done']}")
@@ -232,7 +223,6 @@ def run(cfg: Config, device, t_start):
         runlog.write_summary(cfg, state, log, time.time() - save.t0)
         log.close()
 
-
 def replay_examples(cfg, tok, experts):
     """--sft-replay: the (question id, expert) entries a RIEL run's buffer flushed (its flushed.jsonl), in flush
     order, each with the reference trace the buffer used (buffer.reference_trace) on the RL-level training records
@@ -249,7 +239,6 @@ def replay_examples(cfg, tok, experts):
         examples.append(SFTExample(rec.id, ex.name, render_chat(tok, ex.system_prompt, rec.question),
                                    encode_target(tok, reference_trace(rec, ex))))
     return examples, {"examples": len(examples), "replayed_from": cfg.sft_replay}
-
 
 def run_mef(cfg, model, tok, records, experts, state, start, resumed, save, log):
     examples, counts = (replay_examples(cfg, tok, experts) if cfg.sft_replay else
@@ -287,7 +276,6 @@ def run_mef(cfg, model, tok, records, experts, state, start, resumed, save, log)
             save("mef", m["step"], opt)
     bar.close()
 
-
 def competent(cfg, model, tok, experts, records, state, log) -> bool:
     """MEF's early stop (TINY_RL.md 4A): RL teaches best from the edge of competence, and how many SFT steps reach
     it swings with seed and machine (a phase change: 3% to 70% within a few hundred steps). So measure instead of
@@ -297,7 +285,6 @@ def competent(cfg, model, tok, experts, records, state, log) -> bool:
         tqdm.write(f"mef check: best >= {100 * cfg.mef.stop_at:.0f}%: stop MEF here")
     return done
 
-
 def quick_eval(cfg, model, tok, experts, records, state, log, stage: str) -> dict:
     """Greedy accuracy of each expert, the best one and the vote on a fixed subset, logged as a `stage` line
     (metrics.jsonl, the tracker, curves.png): mef_check (MEF's early stop, on RL-level training questions) or
@@ -306,7 +293,7 @@ def quick_eval(cfg, model, tok, experts, records, state, log, stage: str) -> dic
     res = evaluate(model, tok, cfg.data, records, experts,
                    EvalConfig(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size), seed=cfg.seed,
                    keep_texts=stage == "eval_riel" and cfg.log_samples_every > 0)
-    torch.clear_autocast_cache()  # its no_grad casts would give the next step no gradient: pytorch/pytorch#112583
+    drop_cast_weights()  # its casts were made under no_grad
     model.train()
     if "samples" in res:
         log.samples({"stage": stage, "step": state["step"], "gstep": state["gstep"], "answers": res.pop("samples")})
@@ -315,7 +302,6 @@ def quick_eval(cfg, model, tok, experts, records, state, log, stage: str) -> dic
                + " ".join(f"{k} {100 * v:.1f}%" for k, v in res["accuracy"].items())
                + f", vote {100 * res['majority_vote']:.1f}%")
     return res
-
 
 def run_riel(cfg, model, tok, records, experts, state, start, resumed, save, log):
     rc = cfg.riel
@@ -365,7 +351,6 @@ def run_riel(cfg, model, tok, records, experts, state, start, resumed, save, log
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
             save("riel", step + 1, opt, generator, buffer)
 
-
 def cli(argv=None) -> Config:
     """Parse the command line with the defaults of the chosen --model (so --help shows the right ones)."""
     argv = sys.argv[1:] if argv is None else argv
@@ -384,7 +369,6 @@ def cli(argv=None) -> Config:
         raise UserError(f"--micro-batch auto chooses the micro-batch sizes and {given[0]} fixes one: pass one or "
                         "the other")
     return cfg
-
 
 if __name__ == "__main__":
     config = None

@@ -26,7 +26,7 @@ import sys
 import urllib.request
 from dataclasses import dataclass, field
 
-from errors import UserError
+from plumbing.errors import UserError
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 

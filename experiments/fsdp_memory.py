@@ -24,8 +24,8 @@ import torch
 import tyro
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import dist  # noqa: E402
-import optim  # noqa: E402
+from plumbing import dist# noqa: E402
+from plumbing import optim# noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from rollout import generate  # noqa: E402
 

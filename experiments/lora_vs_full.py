@@ -57,7 +57,7 @@ def sweep(cfg, rank, edge_steps=2):
 
 def trainable(rank) -> int:
     """Parameters RIEL trains: all of tiny's, or its adapters."""
-    import lora
+    from plumbing import lora
     from model import Transformer, tiny_config
     model = Transformer.from_config(tiny_config())
     return sum(p.numel() for p in (lora.add_lora(model, rank, 32.0) if rank else model).parameters() if p.requires_grad)

@@ -12,7 +12,7 @@ here for the scripts that take them from this file (experiments/ablation.py, fai
 import argparse
 import os
 
-from curves import curves, figure, plot_runs, pyplot, read_metrics, save, smooth  # noqa: F401
+from plumbing.curves import curves, figure, plot_runs, pyplot, read_metrics, save, smooth  # noqa: F401
 
 
 def main(argv=None):

@@ -25,12 +25,12 @@ import tyro
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
-import premise  # noqa: E402
+from plumbing import premise# noqa: E402
 import verify  # noqa: E402
 from model import Transformer  # noqa: E402
 from riel import RIELConfig, sample_and_score  # noqa: E402
-from transfer import choose_transfer  # noqa: E402
-from tokenizer import load_tokenizer  # noqa: E402
+from losses import choose_transfer  # noqa: E402
+from plumbing.tokenizer import load_tokenizer  # noqa: E402
 
 
 @dataclass

@@ -49,14 +49,14 @@ import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import checkpoint  # noqa: E402
+from plumbing import checkpoint# noqa: E402
 import data  # noqa: E402
 import train  # noqa: E402
 import verify  # noqa: E402
 from experiments.group_stats import coverage_stats, expert_stats, mean  # noqa: E402
 from model import Transformer  # noqa: E402
 from rollout import generate  # noqa: E402
-from tokenizer import load_tokenizer, render_chat, stop_token_ids  # noqa: E402
+from plumbing.tokenizer import load_tokenizer, render_chat, stop_token_ids  # noqa: E402
 
 MARKER = "####"
 

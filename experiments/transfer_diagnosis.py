@@ -32,12 +32,12 @@ sys.path.insert(0, ROOT)
 import data  # noqa: E402
 import riel  # noqa: E402
 import verify  # noqa: E402
-from buffer import HardExampleBuffer  # noqa: E402
+from riel import HardExampleBuffer  # noqa: E402
 from eval import EvalConfig, evaluate  # noqa: E402
-from optim import make_optimizer  # noqa: E402
+from plumbing.optim import make_optimizer  # noqa: E402
 from model import Transformer  # noqa: E402
 from rollout import token_logprobs  # noqa: E402
-from tokenizer import load_tokenizer  # noqa: E402
+from plumbing.tokenizer import load_tokenizer  # noqa: E402
 
 
 @dataclass

@@ -50,7 +50,7 @@ def hf_tiny(kind="llama", tied=True, scaling=True, n_kv=2, vocab=128, seed=0):
 
 
 GGUF_FILE = SHARED / "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
-CONVERT_SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "convert_gguf.py"
+CONVERT_SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "convert_gguf.py"
 CONVERSION_ENV = "SMOLLM2_CONVERSION_DIR"  # where the background conversion writes; inherited by xdist's workers
 _conversion = {}  # the background conversion this process started: its process and directory
 
@@ -63,7 +63,7 @@ def _may_use_smollm2(config) -> bool:
 
 
 def pytest_configure(config):
-    """Start de-quantising the GGUF (experiments/convert_gguf.py, ~25 s of one core) in a
+    """Start de-quantising the GGUF (tools/convert_gguf.py, ~25 s of one core) in a
     background process when the run starts, so that it overlaps the tests before test_real_model*. Only the main
     process does: under pytest-xdist the workers find its directory in the environment and wait for its `rc` file."""
     import importlib.util
@@ -99,7 +99,7 @@ def pytest_unconfigure(config):
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """The real SmolLM2-135M-Instruct: ../shared/data's GGUF de-quantised ONCE per run into a Hugging Face
-    directory (experiments/convert_gguf.py, started in the background by pytest_configure). Skips without the
+    directory (tools/convert_gguf.py, started in the background by pytest_configure). Skips without the
     file or the gguf/accelerate packages."""
     import time
     if not GGUF_FILE.is_file():

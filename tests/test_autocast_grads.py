@@ -18,10 +18,10 @@ import pytest
 import torch
 
 import riel
-from buffer import HardExampleBuffer
+from riel import HardExampleBuffer
 from model import Transformer, tiny_config
 from test_mef import Expert, Rec
-from tokenizer import load_tokenizer
+from plumbing.tokenizer import load_tokenizer
 
 EXPERTS = [Expert("terse", "Answer only."), Expert("steps", "Think step by step.")]
 RECORDS = [Rec(0, "3+4?", "7"), Rec(1, "9*9?", "81")]

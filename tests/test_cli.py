@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import runlog
+from plumbing import runlog
 import train
 from test_train import SMALL
 
@@ -80,6 +80,6 @@ def test_log_every_prints_a_few_lines_keeps_every_step_and_draws_the_curves(tmp_
 
 
 def test_a_directory_that_is_not_a_checkpoint_is_a_user_error(tmp_path):
-    import presets
+    from plumbing import presets
     with pytest.raises(presets.UserError, match="no config.json"):
         presets.resolve_checkpoint(str(tmp_path))

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import data
-import premise
+from plumbing import premise
 import train
 from data.synthetic import OWNERS, cross_kept
-from errors import UserError
+from plumbing.errors import UserError
 from test_mef import Expert
 
 ROOT = Path(__file__).resolve().parents[1]

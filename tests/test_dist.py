@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoint
-import dist
+from plumbing import checkpoint
+from plumbing import dist
 import train as train_py
 from conftest import free_port, wait_for_checkpoint
 from model import Transformer, tiny_config
@@ -326,8 +326,8 @@ def _write_once_rank(rank, port, out):
     barrier is counted."""
     from datetime import timedelta
     import torch.distributed as td
-    import checkpoint as ck
-    import lora
+    from plumbing import checkpoint as ck
+    from plumbing import lora
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     td.init_process_group("gloo", timeout=timedelta(seconds=30))  # a rank left waiting fails instead of hanging

@@ -7,7 +7,7 @@ import data
 import pytest
 from eval import EvalConfig, evaluate, format_table, majority_vote, pass_at_k
 from model import Transformer
-from tokenizer import load_tokenizer
+from plumbing.tokenizer import load_tokenizer
 
 
 def brute_force_pass_at_k(n, c, k):

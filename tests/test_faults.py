@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoint
-import guard
+from plumbing import checkpoint
+from plumbing import guard
 import train
 from conftest import wait_for_checkpoint
-from errors import UserError
+from plumbing.errors import UserError
 from test_train import SMALL, run, weights
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import dist
-import optim
+from plumbing import dist
+from plumbing import optim
 from conftest import free_port
 import mel
 import riel

@@ -1,4 +1,4 @@
-"""experiments/gpu_check.py --all --quick: the one call a session lent a GPU makes runs end to end on a CPU at tiny
+"""tools/gpu_check.py --all --quick: the one call a session lent a GPU makes runs end to end on a CPU at tiny
 shapes (~10 s), without tyro, so it does not fail on something a CPU could have caught; and what only a GPU or a
 short budget reaches is checked on stand-ins: the runner's budget, interruption and error rows, the decode rows'
 floor and CUDA-graph branch, the plan_time row."""
@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from experiments import gpu_check, gpu_common, gpu_decode, gpu_riel
+from tools import gpu_check, gpu_common, gpu_decode, gpu_riel
 from model import Transformer, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,7 +35,7 @@ def test_all_quick_runs_every_part_in_order_and_one_failing_part_stops_nothing(t
     env = {**os.environ, "OUT": str(out), "PYTHONPATH": str(tmp_path / "notyro")}
     # the first of the two precision parts fails; --no-plan: plan.py's traces take ~30 s of CPU at tiny shapes
     # (test_plan covers them; test_gpu_memory the rows made of their result)
-    code = ("import sys\nfrom experiments import gpu_check as g\nreal, calls = g.check_precision, []\n"
+    code = ("import sys\nfrom tools import gpu_check as g\nreal, calls = g.check_precision, []\n"
             "def flaky(*a, **k):\n    calls.append(1)\n"
             "    if len(calls) == 1:\n        raise RuntimeError('injected fault')\n    return real(*a, **k)\n"
             "g.check_precision = flaky\nsys.exit(g.main(['--all', '--quick', '--no-plan']))\n")
@@ -166,11 +166,13 @@ def test_the_plan_time_row_puts_the_estimate_next_to_the_measurement_when_the_wo
         asked.append((cfg.model, gpu))
         return {"sample_s": 5.0, "train_s": 8.0, "step_s": 13.0, "run_h": 2.5,
                 "assumptions": ["matmuls at 45% of the peak", "worst case"]}
-    monkeypatch.setitem(sys.modules, "plan_time", SimpleNamespace(estimate_riel_step=estimate_riel_step))
+    import tools
+    monkeypatch.setattr(tools, "plan_time", SimpleNamespace(estimate_riel_step=estimate_riel_step),
+                        raising=False)
     threads = torch.get_num_threads()
     try:
         est = gpu_riel.estimate(True, "h200")  # what the CPU worker runs
-        monkeypatch.setitem(sys.modules, "plan_time", SimpleNamespace())  # the module, not yet the function
+        monkeypatch.setattr(tools, "plan_time", SimpleNamespace())  # the module, not yet the function
         with pytest.raises(AttributeError):
             gpu_riel.estimate(True, "h100")
     finally:

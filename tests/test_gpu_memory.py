@@ -1,4 +1,4 @@
-"""experiments/gpu_memory.py: --quick runs the GPU memory check's code end to end on a CPU at tiny shapes (the
+"""tools/gpu_memory.py: --quick runs the GPU memory check's code end to end on a CPU at tiny shapes (the
 gradient checks included), and the parts only a GPU runs (the snapshot's pickle, the cells, the plan's) are checked on
 made-up inputs, so the one call a session lent a GPU makes does not fail on something a CPU could have caught."""
 import multiprocessing
@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import torch
 
-from experiments import gpu_common, gpu_memory
+from tools import gpu_common, gpu_memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,7 +24,7 @@ def test_quick_run_measures_both_models_and_their_gradients_pass(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "PYTHONPATH": str(tmp_path / "notyro")}
     # --no-plan: plan.py's two traces take ~25 s of CPU even at tiny shapes (test_plan covers it; the cells made of
     # its result are checked below)
-    r = subprocess.run([sys.executable, "experiments/gpu_memory.py", "--quick", "--no-plan"], cwd=ROOT, env=env,
+    r = subprocess.run([sys.executable, "tools/gpu_memory.py", "--quick", "--no-plan"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     table = (tmp_path / "gpu_memory.md").read_text()

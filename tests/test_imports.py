@@ -1,6 +1,7 @@
-"""The core's import graph: no circle among the core modules, and the core never imports experiments/.
+"""The import graph: no circle, and the training path never stands on a tool or an experiment.
 
-The core is every *.py at the repository root and data/*.py; experiments/ may import the core, never the reverse.
+The training path is every *.py at the repository root, data/ and plumbing/; tools/ and experiments/ may
+import it, never the reverse (train.py loads tools/plan_fit.py only inside --plan / --micro-batch auto).
 Imports are read from the source (ast), not by importing: every `import` and `from ... import`, including those
 inside functions (a lazy import still ties two files together), relative ones resolved, and
 importlib.import_module / __import__ of a constant name. A circle is reported as the path that closes it.
@@ -11,11 +12,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def core_modules(root=ROOT) -> dict:
-    """{dotted module name: path} of the core under root."""
+def core_modules(root=ROOT, packages=("data", "plumbing")) -> dict:
+    """{dotted module name: path} of the training path under root (with tools: packages + ("tools",))."""
     mods = {p.stem: p for p in root.glob("*.py")}
-    for p in (root / "data").glob("*.py"):
-        mods["data" if p.stem == "__init__" else f"data.{p.stem}"] = p
+    for pkg in packages:
+        for p in (root / pkg).glob("*.py"):
+            mods[pkg if p.stem == "__init__" else f"{pkg}.{p.stem}"] = p
     return mods
 
 
@@ -105,15 +107,62 @@ def test_lazy_relative_and_dynamic_imports_are_edges(tmp_path):
 
 # ---- the repository ---------------------------------------------------------------------------------------
 
-def test_no_circle_among_core_modules():
-    graph = import_graph(core_modules())
-    assert {"rollout", "plan_fit"} <= graph["train"] and "plan" in graph["plan_fit"] and "rollout" in graph["riel"]  # the graph is read at all
+LAZY_TOOLS = {("train", "tools.plan_fit")}  # inside `if cfg.plan` / `micro_batch == "auto"` only
+
+
+def test_no_circle_among_the_training_path_and_the_tools():
+    graph = import_graph(core_modules(packages=("data", "plumbing", "tools")))
+    assert {"rollout", "plumbing.dist"} <= graph["riel"] and "tools.plan" in graph["tools.plan_fit"]  # read
     cycle = find_cycle(graph)
-    assert cycle is None, "import circle in the core: " + " -> ".join(cycle)
+    assert cycle is None, "import circle: " + " -> ".join(cycle)
 
 
-def test_core_never_imports_experiments():
-    offenders = {name: sorted(n for n in imported_names(path.read_text(), name, path.name == "__init__.py")
-                              if n == "experiments" or n.startswith("experiments."))
-                 for name, path in core_modules().items()}
-    assert not {k: v for k, v in offenders.items() if v}, "the core imports experiments/ (move the code to the core)"
+def test_the_training_path_never_imports_tools_or_experiments():
+    offenders = {(name, n) for name, path in core_modules().items()
+                 for n in imported_names(path.read_text(), name, path.name == "__init__.py")
+                 if n.split(".")[0] in ("tools", "experiments") and n != "tools"}
+    assert offenders == LAZY_TOOLS, "the training path imports a tool or an experiment"
+    top = [n for n in ast.parse((ROOT / "train.py").read_text()).body if isinstance(n, ast.ImportFrom)]
+    assert not [n for n in top if n.module == "tools"], "train.py imports the planner at load time"
+
+
+def room(module: str) -> str:
+    """A folder is one room (data/, plumbing/, tools/): its files may import each other freely."""
+    return module.split(".")[0]
+
+
+def room_graph(packages=("data", "plumbing", "tools")) -> dict:
+    graph = {}
+    for name, targets in import_graph(core_modules(packages=packages)).items():
+        graph.setdefault(room(name), set()).update(room(t) for t in targets if room(t) != room(name))
+    return graph
+
+
+def test_the_rooms_form_layers_and_train_stands_at_most_5_deep():
+    """Between rooms no circle (so no arrow runs back up a layer), and train.py's longest chain of project
+    imports, with the lazy planner left out, is at most 5 rooms deep."""
+    graph = room_graph()
+    assert find_cycle(graph) is None, "rooms import each other: " + " -> ".join(find_cycle(graph))
+    assert "rollout" in graph["plumbing"] and "plumbing" in graph["model"]  # the graph is read at all
+    graph["train"] = graph["train"] - {"tools"}
+
+    def depth(node):
+        return max((1 + depth(n) for n in graph[node]), default=0)
+    assert depth("train") <= 5, "train.py stands on a chain of more than 5 rooms"
+
+
+def test_import_train_loads_no_tool_or_experiment():
+    import subprocess
+    import sys
+    code = "import sys, train; print(sorted(m for m in sys.modules if m.split('.')[0] in ('tools', 'experiments')))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_top_level_holds_at_most_10_python_files_and_no_source_file_runs_past_400_lines():
+    top = sorted(p.name for p in ROOT.glob("*.py"))
+    assert len(top) <= 10 and {"train.py", "mef.py", "riel.py", "model.py", "rollout.py", "verify.py"} <= set(top)
+    long = {str(p.relative_to(ROOT)): n for p in ROOT.rglob("*.py")
+            if p.relative_to(ROOT).parts[0] not in ("tests", "experiments", ".git")
+            and (n := len(p.read_text().splitlines())) > 400}
+    assert not long, f"files over 400 lines: {long}"

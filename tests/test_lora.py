@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-import dist
-import lora
+from plumbing import dist
+from plumbing import lora
 import train
-from optim import make_optimizer
+from plumbing.optim import make_optimizer
 from model import Transformer, tiny_config
 from rollout import token_logprobs
 from test_train import SMALL, killed_after_checkpoint

@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 
 import mef
-import optim
-from tokenizer import end_of_turn_id, load_tokenizer, render_chat
+from plumbing import optim
+from plumbing.tokenizer import end_of_turn_id, load_tokenizer, render_chat
 
 
 class StandIn(nn.Module):

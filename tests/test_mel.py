@@ -9,12 +9,13 @@ import pytest
 import torch
 
 import mel
-from buffer import HardExampleBuffer
+from riel import HardExampleBuffer
 import riel
+from rollout import Rollout
 from conftest import requires_shared
 from test_mef import StandIn, naive_nll
 from test_riel import EXPERTS, RECORDS, TABLE, fake_generate_for, reward_fn, sgd_delta
-from tokenizer import load_tokenizer, render_chat
+from plumbing.tokenizer import load_tokenizer, render_chat
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,7 @@ def scripted_policy(tok, verdicts, calls):
         else:
             outs = ["yes 7" if "good lesson" in t else "no 3" for t in texts]
         comps = [tok.encode(o, add_special_tokens=False) + [stop_ids[0]] for o in outs]
-        return SimpleNamespace(completions=comps, finish=["stop"] * len(comps))
+        return Rollout(comps, ["stop"] * len(comps))
     return fake
 
 
@@ -143,7 +144,7 @@ def test_each_replay_is_checked_against_its_own_questions_answer(tok, monkeypatc
         analysis = mel.ANALYSIS_INSTRUCTION.splitlines()[0] in texts[0]
         outs = ["lesson" if analysis else f"yes {answer_of(t)}" for t in texts]
         comps = [tok.encode(o, add_special_tokens=False) + [stop_ids[0]] for o in outs]
-        return SimpleNamespace(completions=comps, finish=["stop"] * len(comps))
+        return Rollout(comps, ["stop"] * len(comps))
     monkeypatch.setattr(mel, "generate", fake)
     exact = lambda rec, text: float(text.strip() == f"yes {rec.answer}")  # noqa: E731  (answers differ: 7, 81)
     cfg = mel.MELConfig(enabled=True, pairs_per_question=2)

@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
-import optim
+from plumbing import optim
 import riel
-from buffer import HardExampleBuffer
+from riel import HardExampleBuffer
 from model import Transformer, tiny_config
 from test_mef import Expert, Rec
-from tokenizer import load_tokenizer
+from plumbing.tokenizer import load_tokenizer
 
 # system prompts of different lengths: chunks pad their prompts to different lengths than the whole batch does
 EXPERTS = [Expert("terse", "Answer only."), Expert("steps", "Think step by step, then answer."),

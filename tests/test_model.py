@@ -7,8 +7,7 @@ import torch
 from conftest import hf_tiny
 
 import model as ours
-import presets
-
+from plumbing import presets
 CONFIGS = {
     "llama_gqa_llama3rope32_tied": dict(kind="llama", tied=True, scaling=True, n_kv=2),
     "llama_mha_noscaling_untied": dict(kind="llama", tied=False, scaling=False, n_kv=4),

@@ -3,7 +3,7 @@ term, however many micro-batches it has, and the clip fraction is only computed 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import optim
+from plumbing import optim
 import riel
 import rollout
 from test_mef import StandIn
@@ -56,8 +56,8 @@ def test_policy_gradient_backward_syncs_per_term_not_per_micro_batch_and_skips_o
 
     def run(mbs, old_cache):
         cfg = riel.RIELConfig(group_size=G, micro_batch_size=mbs, clip_eps=0.01)
-        return reads_of(lambda: riel.policy_gradient_backward(StandIn(), prompts, completions, adv, [0, 1, 2, 3],
-                                                              cfg, counts, old_cache))
+        step = riel.Batch(prompts, completions, adv, [0, 1, 2, 3], counts)
+        return reads_of(lambda: riel.policy_gradient_backward(StandIn(), step, cfg, old_cache))
 
     one, first = run(4, {})
     cache = {}

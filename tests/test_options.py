@@ -203,7 +203,7 @@ def test_cuda_graphs_reach_the_sampler_and_exclude_compile(tmp_path, monkeypatch
 def test_plan_prints_the_runs_memory_plan(capsys, monkeypatch):
     """--plan with its options and --riel.kl-beta, on the tiny preset (a plan traces the real code on fake tensors:
     ~4 min at a real model's row counts on one CPU thread); the reference's weights are one of the plan's parts."""
-    import plan
+    from tools import plan
     results, report = [], plan.report
     monkeypatch.setattr(plan, "report", lambda cfg, result, *a: results.append(result) or report(cfg, result, *a))
     train.main(train.cli(["--plan", "--plan-gpu-gb", "24", "--plan-world-size", "2", "--riel.kl-beta", "0.05"]))
@@ -218,7 +218,7 @@ def test_plan_detail_names_what_fills_each_peak_and_knows_lora(capsys, monkeypat
     """--plan-detail: the storages alive at each peak, grouped (op, module, shape), add up to the traced peak; with
     --lora-rank the AdamW state is the adapters' only, the wrapped linears are bf16 (the GPU run computes in bf16)
     and --riel.kl-beta's reference is the base with adapters off: no reference model among the parts."""
-    import plan
+    from tools import plan
     results, report = [], plan.report
     monkeypatch.setattr(plan, "report", lambda cfg, result, *a: results.append(result) or report(cfg, result, *a))
     train.main(train.cli(["--plan", "--plan-detail", "--lora-rank", "2", "--riel.kl-beta", "0.05",

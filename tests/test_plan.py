@@ -16,8 +16,8 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import lora
-import plan
+from plumbing import lora
+from tools import plan
 import train
 from model import ModelConfig, Transformer, model_config
 
@@ -144,7 +144,7 @@ def test_cuda_backward_frees_the_forwards_bf16_copies_and_lowers_the_training_pe
 
 def test_every_preset_has_offline_shapes():
     """Every hub preset can be planned offline; the shapes give the parameter counts of REFERENCES.md 4.5."""
-    from presets import PRESET_CONFIGS, PRESETS
+    from plumbing.presets import PRESET_CONFIGS, PRESETS
     assert set(PRESETS) - {"tiny"} <= set(PRESET_CONFIGS)
     with torch.device("meta"):
         counts = {n: Transformer(model_config(n)).num_params() for n in ("llama3.2-1b", "llama3.2-3b",

@@ -17,14 +17,14 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import guard
-import plan
-import plan_fit
-import plan_time
+from plumbing import guard
+from tools import plan
+from tools import plan_fit
+from tools import plan_time
 import train
-from errors import UserError
+from plumbing.errors import UserError
 from model import ModelConfig, Transformer
-from plan_time import Cost
+from tools.plan_time import Cost
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = dict(vocab_size=264, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128)

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import data
-import runlog
+from plumbing import runlog
 from experiments import plot
-from premise import step_metrics
+from plumbing.premise import step_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERTS = data.experts("synthetic")  # chain, columns, reverse

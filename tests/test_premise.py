@@ -7,16 +7,16 @@ import math
 import pytest
 import torch
 
-import buffer as buffer_module
-import premise
+import losses as buffer_module  # admission draws from losses.uniform
+from plumbing import premise
 import riel
-import transfer
-from buffer import HardExample, HardExampleBuffer
+import losses as transfer
+from riel import HardExample, HardExampleBuffer
 from test_mef import Expert, StandIn
 from test_riel_reference import (ALL_WRONG, MIXED, answering_sampler, completions_of, rendered_prompts,
                                  step)
 from test_riel import naive_logp
-from tokenizer import load_tokenizer
+from plumbing.tokenizer import load_tokenizer
 
 THREE = [Expert("a", "A."), Expert("b", "B."), Expert("c", "C.")]
 

@@ -20,7 +20,7 @@ import torch
 
 import data
 import model as ours
-import tokenizer
+from plumbing import tokenizer
 import train
 from conftest import SHARED
 from rollout import generate, token_logprobs

@@ -9,10 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from buffer import HardExample, HardExampleBuffer, admit_hard_example, reference_trace
+from losses import admit_hard_example
+from riel import HardExample, HardExampleBuffer, reference_trace
 import riel
-import transfer
-from tokenizer import load_tokenizer
+from rollout import Rollout
+import losses as transfer
+from plumbing.tokenizer import load_tokenizer
 from test_mef import Expert, Rec, StandIn
 
 # ---- (d) transfer rules ---------------------------------------------------------------------------
@@ -117,7 +119,7 @@ def fake_generate_for(tok, table):
                 ok = table[p // N][p % N][g]
                 comps.append(tok.encode(("yes" if ok else "no") + "x" * ((p + 2 * g) % 4), add_special_tokens=False)
                              + [stop_ids[0]])
-        return SimpleNamespace(completions=comps, finish=["stop"] * len(comps))
+        return Rollout(comps, ["stop"] * len(comps))
     return fake
 
 
@@ -325,8 +327,9 @@ def test_full_vocab_transfer_gradient_is_lambda1_times_the_naive_kl_gradient(tok
 def test_the_buffer_admits_each_expert_on_its_own_groups_rewards(tok, monkeypatch):
     """An expert is admitted for ITS group's failures, never another expert's (issue 30: a mutation reading the
     next expert's rewards passed the whole suite)."""
-    import buffer as buffer_module
-    monkeypatch.setattr(buffer_module, "uniform", lambda generator=None: 0.0)  # every eligible group admitted
+    import losses
+    import riel
+    monkeypatch.setattr(losses, "uniform", lambda generator=None: 0.0)  # every eligible group admitted
     experts = [Expert("a", "A."), Expert("b", "B."), Expert("c", "C.")]
     records = [Rec(i, f"q{i}", "1", {"a": "x", "b": "y", "c": "z"}) for i in range(3)]
     wrong, right = [0.0] * 4, [1.0] * 4
@@ -335,6 +338,6 @@ def test_the_buffer_admits_each_expert_on_its_own_groups_rewards(tok, monkeypatc
                             [right, right, wrong]])  # q2: c fails
     prompts = [[i, j] for i in range(3) for j in range(3)]
     buf = HardExampleBuffer(capacity=99)
-    n = buffer_module.admit_hard_examples(buf, tok, records, experts, prompts, rewards, 2)
+    n = riel.admit_hard_examples(buf, tok, records, experts, prompts, rewards, 2)
     assert n == 3 and [(e.question_id, e.expert) for e in buf.entries] == [(0, "a"), (1, "b"), (2, "c")]
     assert [e.prompt_ids for e in buf.entries] == [[0, 0], [1, 1], [2, 2]]

@@ -7,12 +7,13 @@ import copy
 import pytest
 import torch
 
-import buffer as buffer_module
+import losses as buffer_module  # admission draws from losses.uniform
 import riel
-from buffer import HardExampleBuffer
+from rollout import Rollout
+from riel import HardExampleBuffer
 from test_mef import StandIn
 from test_riel import EXPERTS, naive_logp, sgd_delta
-from tokenizer import load_tokenizer, render_chat
+from plumbing.tokenizer import load_tokenizer, render_chat
 from test_mef import Rec
 
 # answers differ per record, and so do the two experts' traces: a row scored against another record, or an
@@ -38,7 +39,7 @@ def answering_sampler(tok, table):
             for g in range(num_samples):
                 ans = RECORDS[q].answer if table[q][p % N][g] else WRONG[RECORDS[q].answer]
                 comps.append(tok.encode("ans " * (g % 3) + ans, add_special_tokens=False) + [stop_ids[0]])
-        return type("Out", (), {"completions": comps, "finish": ["stop"] * len(comps)})
+        return Rollout(comps, ["stop"] * len(comps))
     return fake
 
 

@@ -80,7 +80,7 @@ def test_compiled_decode_gives_the_plain_paths_tokens(hf_pair):
 
 def test_bench_quick_runs_end_to_end():
     # one thread: a smoke test must not stall when other processes load the cores (OpenMP barriers spin)
-    out = subprocess.run([sys.executable, "bench.py", "--quick", "--threads", "1", "--sections", "sampling", "step", "mfu",
+    out = subprocess.run([sys.executable, "tools/bench.py", "--quick", "--threads", "1", "--sections", "sampling", "step", "mfu",
                           "memory", "decode", "lora"], cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-2000:]
     for section in ("Sampling", "RIEL step", "MFU", "Where a RIEL step's time goes", "Log-prob peak memory",
@@ -123,7 +123,7 @@ def test_graph_ready_step_reads_its_inputs_in_place_and_refuses_new_ones(hf_pair
 def test_graph_ready_sampler_launches_at_most_half_the_eager_kernels_per_token():
     # bench.py --sections decode's count: per decoded token, the graph-ready sampler launches one replay plus what
     # runs outside the decode step; the eager one launches every op of the step from Python
-    import bench_decode
+    from tools import bench_decode
     from model import Transformer, tiny_config
     m = Transformer.from_config(tiny_config())
     rows = bench_decode.decode_kernels(m, PROMPTS, 2, 6)

@@ -10,7 +10,7 @@ import torch
 from conftest import SHARED, requires_shared
 
 import model as ours
-import tokenizer
+from plumbing import tokenizer
 from rollout import generate
 
 EXPERT = "You are Expert 1. Solve step by step and end with '#### <number>'."

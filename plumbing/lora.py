@@ -43,8 +43,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import dist
-from errors import UserError
+from plumbing import dist
+from plumbing.errors import UserError
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # model.py's names
 ADAPTER_FILE = "adapters.safetensors"

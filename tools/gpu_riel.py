@@ -1,6 +1,6 @@
 """
-experiments/gpu_riel.py: one RIEL step at the paper's settings, timed part by part, and plan_time's estimate of it
-(a part of `python experiments/gpu_check.py`, which runs it on a lent H100/H200; --quick: tiny shapes on a CPU).
+tools/gpu_riel.py: one RIEL step at the paper's settings, timed part by part, and plan_time's estimate of it
+(a part of `python tools/gpu_check.py`, which runs it on a lent H100/H200; --quick: tiny shapes on a CPU).
 
 The step: train.defaults("llama3.2-3b") (8 questions x 3 GSM8K experts x 8 samples, 512 new tokens, micro-batch 4,
 gradient checkpointing, fp32 weights + bf16 autocast, fused AdamW, sample batch 96) on 3B with random weights, the
@@ -18,10 +18,10 @@ import time
 
 import torch
 
-import optim
+from plumbing import optim
 import riel
-from buffer import HardExampleBuffer
-from experiments.gpu_common import GIB, model_cfg, random_model, riel_config, riel_inputs, stand_in_reward, sync
+from riel import HardExampleBuffer
+from tools.gpu_common import GIB, model_cfg, random_model, riel_config, riel_inputs, stand_in_reward, sync
 
 PARTS = [("sampling (+ rewards)", "sample_and_score"), ("policy-gradient backward", "policy_gradient_backward"),
          ("transfer backward", "transfer_backward"), ("buffer SFT backward", "sharded_sft_backward"),
@@ -102,7 +102,7 @@ def check_riel_step(table, device, quick, waiting=None, estimate_job=None):
 def estimate(quick, gpu) -> dict:
     """plan_time.estimate_riel_step of the step's config, run in a CPU worker: it traces the run on fake tensors,
     a minute or more of CPU at 3B that would otherwise stall the GPU's queue."""
-    import plan_time
+    from tools import plan_time
     torch.set_num_threads(1 if quick else 4)
     return plan_time.estimate_riel_step(riel_config(quick), gpu)
 

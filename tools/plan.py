@@ -2,14 +2,13 @@
 plan.py: how much GPU memory a run needs, found by running the real training code on fake tensors.
 
     python train.py --model llama3.2-3b --plan [--plan-gpu-gb 80] [--plan-world-size 8 --fsdp]
-    python experiments/plan_table.py --all --gpu-gb 24 40 80    # docs/training.md's table: every preset
-
+    python tools/plan_table.py --all --gpu-gb 24 40 80    # docs/training.md's table: every preset
 Nothing here is a formula for memory. The plan builds the model at its real shapes on PyTorch's fake tensors
 (`FakeTensorMode`: shapes, dtypes and storages, no data, no GPU) and runs the code a run runs: an MEF optimizer
 step (mef.mef_steps), RIEL's update (riel.update_policy) and its sampling call (riel.sample_groups), each after a
 first optimizer step that makes AdamW's state (optim.clip_and_step on zero gradients), as train.py runs them, under
 memtrace.MemoryTrace, which counts every storage from the op that makes it to its death: its maximum per stage is
-the stage's peak, as a caching allocator's `memory_allocated` would show it. When the code changes, the plan follows.
+the stage's peak, as a caching allocator's `memory_allocated` would show it. The plan follows the code.
 
 What the peak is made of (the parts, classified at the moment of the peak): weights (the parameters), grads (the
 parameters' .grad), AdamW state (the optimizers' state), bf16 weight copies (autocast's cached casts of fp32
@@ -19,15 +18,13 @@ logits), optimizer step (temporaries of optimizer.step), activations (everything
 Choices and limits, stated:
 - Fake CPU tensors under CPU bf16 autocast stand for CUDA ones (this CPU build cannot fake a CUDA device). CPU and
   CUDA autocast cast the same ops that matter here (linear, matmul, attention) to bf16. The optimizer is built as
-  the CUDA run builds it (foreach or fused AdamW, `_optimizer`), since AdamW's temporaries differ by kernel.
+  the CUDA run builds it (foreach or fused AdamW, `_optimizer`): AdamW's temporaries differ by kernel.
 - Autocast's cache lifetime follows CUDA's too (`backward_thread`): there backward runs on autograd's device
   thread, whose autocast exits (checkpoint recompute, custom_bwd) clear the process-global cache, so the forward's
   bf16 weight copies do not live through the backward as they do in a CPU run. The test of the plan runs both.
-- Host reads of tensor values (`.item()`, `bool(t)`) cannot be answered from fake tensors: memtrace.py answers
-  exactly where it can (small index tensors have real shadows) and with the worst case for memory elsewhere.
 - Worst-case inputs: every MEF example is mef.max_len tokens; every prompt is PROMPT_TOKENS tokens; every rollout
-  reaches max_new_tokens; every rollout has a positive advantage and every question a transfer pair. Two micro-
-  batches per optimizer step: later ones add to .grad in place, so they add no memory, only time.
+  reaches max_new_tokens; every rollout has a positive advantage and every question a transfer pair; two
+  micro-batches per step (later ones add to .grad in place: time, not memory).
 - What a GPU adds on top of the traced bytes, as constants: each allocation rounded up to 512 B (exact, the CUDA
   caching allocator's rule), CUDA_CONTEXT_GIB, WORKSPACE_GIB and FRAGMENTATION of the peak (reserved minus allocated).
 - FSDP (`world_size` > 1 with cfg.fsdp) is accounted, not traced: one rank's share of the rows is traced, then the
@@ -42,7 +39,7 @@ from types import SimpleNamespace
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from memtrace import MemoryTrace
+from tools.memtrace import MemoryTrace
 
 GIB = 2 ** 30
 CUDA_CONTEXT_GIB = 0.5  # CUDA context + loaded kernels of a torch process (lazy loading), H100/H200, CUDA 12
@@ -77,7 +74,7 @@ class _PlanTokenizer:
 
 def _optimizer(params, lr, weight_decay, cuda):
     """The AdamW train.py builds (optim.make_optimizer), as it would on the run's device: fused on CUDA."""
-    import optim
+    from plumbing import optim
     return optim.make_optimizer(params, lr, weight_decay, fused=True if cuda else None)
 
 
@@ -196,7 +193,7 @@ def run_steps(cfg, model, mark, world_size=1, tagged=lambda tag: nullcontext()):
     del opt  # run_mef returns: its optimizer goes
     ref = None
     if rc.kl_beta > 0 and getattr(cfg, "lora_rank", 0):
-        import lora
+        from plumbing import lora
         ref = lora.BaseModel(model)  # the base with its adapters off: no second model
     elif rc.kl_beta > 0:  # checkpoint.reference_model: a frozen copy for all of RIEL, bf16 under autocast
         default = torch.get_default_dtype()
@@ -214,8 +211,8 @@ def run_steps(cfg, model, mark, world_size=1, tagged=lambda tag: nullcontext()):
     adv = torch.ones(len(completions))  # every row trained (with max(A, 0) about half are, in a real step)
     counts = {"n_tokens": sum(map(len, completions)), "n_seqs": len(completions), "max_len": rc.max_new_tokens}
     pairs = [(prompts[0], prompts[1], completions[0])] * rc.micro_batch_size if rc.transfer and N > 1 else []
-    update = lambda rows, pairs: riel.update_policy(model, opt, rc, prompts, completions, adv, rows, counts, pairs, [],
-                                                    ref_model=ref)
+    update = lambda rows, pairs: riel.update_policy(
+        model, opt, rc, riel.Batch(prompts, completions, adv, rows, counts, pairs), ref_model=ref)
     mark(None)
     _make_state(model, opt, rc.grad_clip)
     update(rows, pairs)
@@ -229,7 +226,7 @@ def run_steps(cfg, model, mark, world_size=1, tagged=lambda tag: nullcontext()):
 def _make_state(model, opt, grad_clip):
     """AdamW makes its moments at its first step: one clip_and_step on zero gradients makes them (and moves no
     weight), so the traced step is a later one, as almost every step of a run is."""
-    import optim
+    from plumbing import optim
     for p in model.parameters():
         if p.requires_grad:
             p.grad = torch.zeros_like(p)
@@ -274,7 +271,7 @@ def trace_run(cfg, world_size=1, details=None, cuda_backward=None, probe=nullcon
         finally:
             torch.set_default_dtype(default)
         if getattr(cfg, "lora_rank", 0):  # as train.py wraps it: bf16 frozen base linears when computing in bf16
-            import lora
+            from plumbing import lora
             lora.add_lora(model, cfg.lora_rank, cfg.lora_alpha,
                           base_dtype=torch.bfloat16 if use_autocast or dtype == torch.bfloat16 else None)
         model.gradient_checkpointing = cfg.gradient_checkpointing

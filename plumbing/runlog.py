@@ -20,8 +20,8 @@ import statistics
 import sys
 import zlib
 
-import checkpoint
-from errors import UserError
+from plumbing import checkpoint
+from plumbing.errors import UserError
 
 
 class NullLog:
@@ -229,10 +229,40 @@ def write_curves(out_dir: str):
     """curves.png in the run directory (curves.py). A picture is never worth a failed run: any
     error becomes a warning; without matplotlib, plot_runs says in one line how to get it."""
     try:
-        from curves import plot_runs
+        from plumbing.curves import plot_runs
         path = plot_runs([out_dir], os.path.join(out_dir, "curves.png"))
     except Exception as e:  # noqa: BLE001 (deliberately broad, see above)
         print(f"warning: curves.png not written ({type(e).__name__}: {e})", file=sys.stderr)
         return
     if path:
         print(f"curves -> {path}")
+
+
+# ---- what one RIEL step logs (riel.riel_step) ----------------------------------------------------
+
+def batch_metrics(batch, out, sample_s: float, train_s: float) -> dict:
+    """riel.py: a step's rows, tokens, lengths (TRL's names; clipped = cut at max_new_tokens), entropy and speed."""
+    lengths = [len(c) for c in batch.completions]
+    n, total = max(1, len(lengths)), sum(lengths)
+    trained = sum(lengths[r] for r in batch.rows) + sum(len(o) for *_, o in batch.pairs)
+    return {"sampled_rows": len(lengths), "trained_rows": len(batch.rows), "trained_tokens": trained,
+            "transfer_pairs": len(batch.pairs), "flushed": len(batch.flushed),
+            "flushed_entries": [(e.question_id, e.expert) for e in batch.flushed],
+            "completions/mean_length": total / n, "completions/min_length": min(lengths, default=0),
+            "completions/max_length": max(lengths, default=0),
+            "completions/clipped_ratio": sum(f == "length" for f in out.finish) / n,
+            **({"entropy": sum(e * k for e, k in zip(out.entropy, lengths)) / max(1, total)}
+               if out.entropy else {}),  # token mean, nats
+            "sample_s": sample_s, "train_s": train_s, "tokens_per_s": total / max(sample_s, 1e-9),
+            "train_tokens_per_s": trained / max(train_s, 1e-9)}
+
+
+def group_samples(tok, records, experts, completions, rewards, adv, G) -> list:
+    """What the model wrote: one dict per (question, expert) group of the given first questions."""
+    N = len(experts)
+    return [{"question": rec.question, "answer": rec.answer, "expert": ex.name,
+             "completions": [tok.decode(completions[(q * N + i) * G + g], skip_special_tokens=True)
+                             for g in range(G)],
+             "rewards": rewards[q, i].tolist(),
+             "advantages": adv[(q * N + i) * G:(q * N + i + 1) * G].tolist()}
+            for q, rec in enumerate(records) for i, ex in enumerate(experts)]

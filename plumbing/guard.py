@@ -27,8 +27,8 @@ import warnings
 
 from tqdm import tqdm
 
-import checkpoint
-from errors import UserError
+from plumbing import checkpoint
+from plumbing.errors import UserError
 
 # options that change what a run logs or writes, never what it computes: free to change on --resume
 LOGGING = {"resume", "resume_or_start", "resume_allow_change", "log_every", "curves", "report_to", "log_samples_every",
@@ -75,7 +75,7 @@ def check_options(cfg):
     if r.group_size < 2:
         raise UserError(f"--riel.group-size {r.group_size}: a group advantage (r - mean of the group) needs >= 2 "
                         "samples; with one every advantage is 0 and nothing is learned")
-    if not 0 <= r.buffer_k < r.group_size:
+    if r.buffer_k is not None and not 0 <= r.buffer_k < r.group_size:
         raise UserError(f"--riel.buffer-k {r.buffer_k}: must be in [0, group size {r.group_size})")
     if m.stop_at is not None and not (math.isfinite(m.stop_at) and m.stop_at >= 0):
         raise UserError(f"--mef.stop-at {m.stop_at}: a share of questions >= 0 (above 1: never), or None")
@@ -86,20 +86,17 @@ def check_options(cfg):
         raise UserError(f"--rl-difficulty {cfg.rl_difficulty[0]} {cfg.rl_difficulty[1]}: levels are >= 1, low first")
     if cfg.trace_file is not None and not os.path.isfile(cfg.trace_file):
         raise UserError(f"--trace-file {cfg.trace_file}: no such file")
-    from data.synthetic import DISJOINT
-    if cfg.sft_cross is not None and (cfg.data != "synthetic" or cfg.testbed not in DISJOINT
-                                      or not 0.0 <= cfg.sft_cross <= 1.0):
-        raise UserError(f"--sft-cross {cfg.sft_cross}: a probability in [0, 1], for --testbed {' or '.join(DISJOINT)} only")
+    if cfg.sft_cross is not None and (cfg.data != "synthetic" or not cfg.testbed.startswith("disjoint")
+                                      or not 0.0 <= cfg.sft_cross <= 1.0):  # data/synthetic.py's DISJOINT
+        raise UserError(f"--sft-cross {cfg.sft_cross}: a probability in [0, 1], for a --testbed disjoint* only")
     if cfg.sft_replay is not None and not os.path.isfile(cfg.sft_replay):
         raise UserError(f"--sft-replay {cfg.sft_replay}: no such file (a RIEL run's flushed.jsonl)")
     _check_plan(cfg)
 
 
 def _check_plan(cfg):
-    if cfg.plan_gpu is not None:
-        from plan_time import GPUS  # the GPUs whose peak FLOP/s and bandwidth plan_time.py knows
-        if cfg.plan_gpu not in GPUS:
-            raise UserError(f"--plan-gpu {cfg.plan_gpu}: not a GPU plan_time.py knows; one of {', '.join(GPUS)}")
+    if cfg.plan_gpu is not None and not cfg.plan:
+        raise UserError(f"--plan-gpu {cfg.plan_gpu}: an estimate of --plan's; pass --plan too")
     if cfg.plan_gpu_gb is not None and not (math.isfinite(cfg.plan_gpu_gb) and cfg.plan_gpu_gb > 0):
         raise UserError(f"--plan-gpu-gb {cfg.plan_gpu_gb}: a GPU's memory in GiB, > 0")
     _positive("plan-world-size", cfg.plan_world_size)

@@ -49,9 +49,15 @@ import torch
 import torch.distributed as td
 from torch.nn.parallel import DistributedDataParallel
 
-from model import default_device
 
 _WRAPPED = {}  # id(module) -> its DDP wrapper, or the module itself under FSDP: one process trains one model
+
+
+def default_device(device=None) -> torch.device:
+    """The device asked for, else CUDA when there is one, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def launched() -> bool:
@@ -293,7 +299,7 @@ def parameters(model):
 
 def check_world(questions_per_step: int, eval_batch_size: int):
     """Under torchrun every rank needs a share of each RL step's questions and of each eval batch."""
-    from errors import UserError
+    from plumbing.errors import UserError
     w = world()
     if w > 1 and questions_per_step < w:
         raise UserError(f"--riel.questions-per-step {questions_per_step} < {w} processes: each needs a question")

@@ -1,15 +1,13 @@
 """
-experiments/plan_table.py: the memory table of docs/training.md: every preset at its train.py defaults, planned.
+tools/plan_table.py: the memory table of docs/training.md: every preset at its train.py defaults, planned.
 
-    python experiments/plan_table.py --all --gpu-gb 24 40 80     # every preset (~6 min on 2 cores)
-    python experiments/plan_table.py --models llama3.2-1b qwen2.5-3b
-    python experiments/plan_table.py --models llama3.2-3b qwen2.5-1.5b llama3.2-1b --lora-rank 16 --gpu-gb 24
+    python tools/plan_table.py --all --gpu-gb 24 40 80     # every preset (~6 min on 2 cores)
+    python tools/plan_table.py --models llama3.2-1b qwen2.5-3b
+    python tools/plan_table.py --models llama3.2-3b qwen2.5-1.5b llama3.2-1b --lora-rank 16 --gpu-gb 24
 
-Each row is plan.plan_memory of train.defaults(model) on one GPU: the stage peaks (GiB, GPU constants included),
+Each row is plan.plan_memory of config.defaults(model) on one GPU: the stage peaks (GiB, GPU constants included),
 the three largest parts at the highest peak, whether it fits each GPU size, and the wall seconds the plan took.
-It lives here, not in plan.py, because it needs train.py's defaults and train.py imports plan.py for --plan: the
-core never imports experiments/, so no import circle. `python train.py --model X --plan` plans one run with any
-options.
+`python train.py --model X --plan` plans one run with any options.
 """
 import argparse
 import dataclasses
@@ -19,8 +17,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import plan  # noqa: E402
-import train  # noqa: E402  (the per-model defaults planned)
+from tools import plan# noqa: E402
+import config  # noqa: E402  (the per-model defaults planned)
 
 
 def table(models, gpus, world_size=1, lora_rank=0) -> str:
@@ -29,7 +27,7 @@ def table(models, gpus, world_size=1, lora_rank=0) -> str:
             + " | ".join(f"{g:g} GiB" for g in gpus) + " | plan s |", "|" + "---|" * (8 + len(gpus))]
     for name in models:
         t0 = time.time()
-        r = plan.plan_memory(dataclasses.replace(train.defaults(name), lora_rank=lora_rank), world_size)
+        r = plan.plan_memory(dataclasses.replace(config.defaults(name), lora_rank=lora_rank), world_size)
         s = r["stages"]
         top = sorted(max(s.values(), key=lambda v: v["peak_gib"])["parts"].items(), key=lambda kv: -kv[1])[:3]
         rows.append(f"| {name}{f' + LoRA {lora_rank}' if lora_rank else ''} | {r['params'] / 1e9:.2f}B | " + " | ".join(f"{s[k]['peak_gib']:.1f}" for k in
@@ -49,7 +47,7 @@ def main(argv=None):
     p.add_argument("--lora-rank", type=int, default=0, help="plan with LoRA adapters of this rank (train.py's "
                    "--lora-rank; the paper's other defaults unchanged)")
     a = p.parse_args(argv)
-    from presets import PRESETS
+    from plumbing.presets import PRESETS
     t0 = time.time()
     print(table([m for m in PRESETS if m != "tiny"] if a.all else a.models, a.gpu_gb, lora_rank=a.lora_rank))
     print(f"({time.time() - t0:.0f} s)")

@@ -31,7 +31,7 @@ import torch
 
 import model as ours
 import riel
-from buffer import HardExampleBuffer
+from riel import HardExampleBuffer
 
 CUDA = torch.cuda.is_available()
 
@@ -59,7 +59,7 @@ def bench_reward(record, text):
 
 def riel_setup(mcfg, questions, group, new_tokens, steps):
     import data
-    from tokenizer import tiny_tokenizer
+    from plumbing.tokenizer import tiny_tokenizer
     tok = tiny_tokenizer()
     model = ours.Transformer.from_config(mcfg)
     records = data.load("synthetic", "train", n=questions * (steps + 1), difficulty=(2, 2), seed=0)
@@ -77,7 +77,7 @@ def real_setup(model_dir, task, data_dir, questions, group, new_tokens, steps):
     reward (no parity term: sparse rewards are part of what is measured). The model is loaded by the caller."""
     import data
     import verify
-    from tokenizer import load_tokenizer
+    from plumbing.tokenizer import load_tokenizer
     tok = load_tokenizer(model_dir)
     records = data.load(task, data_dir=data_dir)[:questions * (steps + 1)]
     experts = data.experts(task)[:1]
@@ -237,7 +237,7 @@ def bench_lora(model_dir, ranks, repeats, tok, records, experts, rc, reward, wha
     """Section "lora": one RIEL step with full fine-tuning vs LoRA (lora.py) from the same weights, interleaved.
     LoRA's backward skips the base weights' gradients (no dW matmuls) and its optimizer holds the adapters only;
     its forward (sampling included) adds two thin matmuls per linear, unmerged."""
-    import lora
+    from plumbing import lora
     models = {"full fine-tuning": ours.Transformer.from_pretrained(model_dir)}
     for r in ranks:
         models[f"LoRA rank {r}"] = lora.add_lora(ours.Transformer.from_pretrained(model_dir), r, 32.0)

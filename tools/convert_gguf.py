@@ -1,8 +1,8 @@
 """
-experiments/convert_gguf.py: a GGUF chat model -> a Hugging Face directory that train.py, model.py and transformers
+tools/convert_gguf.py: a GGUF chat model -> a Hugging Face directory that train.py, model.py and transformers
 load, offline. Made for SmolLM2-135M-Instruct (the GGUF in ../shared/data/models, README "Real model").
 
-    python experiments/convert_gguf.py out/smollm2-135m          # ~25 s on one CPU core, 514 MB of fp32
+    python tools/convert_gguf.py out/smollm2-135m          # ~25 s on one CPU core, 514 MB of fp32
     python train.py --model out/smollm2-135m --data gsm8k --data-dir ../shared/data
 
 How: transformers reads GGUF itself and de-quantises it to fp32 (it needs the `gguf` and `accelerate` packages,
@@ -69,7 +69,7 @@ def convert(gguf_file: str, out_dir: str) -> str:
 
 if __name__ == "__main__":
     if len(sys.argv) not in (2, 3) or sys.argv[1].startswith("-"):
-        raise SystemExit(f"usage: python experiments/convert_gguf.py OUT_DIR [GGUF_FILE] (default: {DEFAULT_GGUF})")
+        raise SystemExit(f"usage: python tools/convert_gguf.py OUT_DIR [GGUF_FILE] (default: {DEFAULT_GGUF})")
     t0 = time.time()
     out = convert(sys.argv[2] if len(sys.argv) == 3 else DEFAULT_GGUF, sys.argv[1])
     print(f"{out}: converted in {time.time() - t0:.0f}s")

@@ -1,5 +1,5 @@
 """
-experiments/gpu_common.py: what the one-call GPU checks share (gpu_check.py, gpu_riel.py, gpu_decode.py,
+tools/gpu_common.py: what the one-call GPU checks share (gpu_check.py, gpu_riel.py, gpu_decode.py,
 gpu_memory.py): models at the real shapes of Llama-3.2-1B/-3B with random weights made on the device, the inputs of
 a RIEL step without a tokenizer or data, and the runner that a session lent a GPU for one call depends on.
 
@@ -72,9 +72,9 @@ def sync(device):
 
 
 def riel_config(quick):
-    """train.Config: train.py's defaults for a real model (the paper's): on 3B, or scaled onto `tiny` for --quick."""
-    import train
-    cfg = train.defaults("llama3.2-3b")
+    """config.Config: train.py's defaults for a real model (the paper's): on 3B, or scaled onto `tiny` for --quick."""
+    import config
+    cfg = config.defaults("llama3.2-3b")
     if quick:
         cfg.model = "tiny"
         cfg.riel.questions_per_step, cfg.riel.group_size, cfg.riel.max_new_tokens = 2, 4, 12

@@ -13,7 +13,7 @@ policy-gradient passes (per row), transfer passes (per pair), MEF's SFT passes (
 Seconds, per part: the largest of FLOPs / (peak dense bf16 x MATMUL_EFFICIENCY), bytes / (bandwidth x
 BANDWIDTH_EFFICIENCY) and ops x HOST_OP_S (a GPU whose kernels are shorter than the host's launches waits). Choices,
 printed with every estimate (`assumptions`): the three constants are guesses until a GPU measures them
-(experiments/gpu_check.py); plan.py's worst-case inputs (full-length rollouts, every row trained): an upper bound;
+(tools/gpu_check.py); plan.py's worst-case inputs (full-length rollouts, every row trained): an upper bound;
 decode: plan.py runs the decode step at the first and last plan.DECODE_TRACED steps of a call, and a step's cost is
 linear in the cache length, so their mean stands for each step; attention counts as full matmuls (torch's
 formulas); host work between parts, eval, MEL, the buffer's SFT pass and communication are not counted.
@@ -32,8 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import data
-import plan
-
+from tools import plan
 MATMUL_EFFICIENCY = 0.45  # of peak dense bf16: training matmuls at these shapes reach ~40-55% in practice (MFU)
 BANDWIDTH_EFFICIENCY = 0.6  # of peak bandwidth: eager decoding's many small kernels rarely stream at full speed
 HOST_OP_S = 5e-6  # host time per aten op in eager PyTorch (Python, dispatcher, launch): ~3-10 us on a server CPU
@@ -139,10 +138,10 @@ class Counter(TorchDispatchMode):
 
 # the functions whose calls are a step's parts: {name: (record key, its units from the call's arguments)}
 PARTS = {"sft_backward": ("sft", lambda a: len(a["prompts"])),  # MEF's SFT passes: examples
-         "policy_gradient_backward": ("pg", lambda a: len(a["rows"])),  # RIEL's log-prob passes: rows
+         "policy_gradient_backward": ("pg", lambda a: len(a["batch"].rows)),  # RIEL log-prob passes: rows
          "transfer_backward": ("transfer", lambda a: len(a["pairs"])),  # teacher + student passes: pairs
          "clip_and_step": ("step", lambda a: 1)}  # clip + AdamW
-_HOMES = ("optim", "mef", "riel", "mel", "plan")  # where the code binds them (they move: mef.py -> optim.py)
+_HOMES = ("plumbing.optim", "mef", "riel", "mel", "tools.plan")  # where the code binds them
 
 
 def _rebind(name, make):
@@ -280,7 +279,7 @@ def count_steps(cfg) -> tuple:
 def assumptions(cfg) -> list:
     return [f"matmuls at {MATMUL_EFFICIENCY:.0%} of the peak, memory at {BANDWIDTH_EFFICIENCY:.0%} of the bandwidth, "
             f"{HOST_OP_S * 1e6:g} us of host time per op; a part takes the slowest of the three (guesses until "
-            "experiments/gpu_check.py measures them)",
+            "tools/gpu_check.py measures them)",
             f"worst case, as the memory plan's: every rollout runs to {cfg.riel.max_new_tokens} tokens, every row is "
             f"trained, every question has a transfer pair, every MEF example is {cfg.mef.max_len} tokens",
             "bytes: each op's inputs read and outputs written, no reuse between ops; decode: the mean of each call's "

@@ -1,6 +1,6 @@
 """
-experiments/gpu_decode.py: decoding speed next to the card's memory-bandwidth floor (a part of
-`python experiments/gpu_check.py`; --quick: tiny shapes on a CPU, where the floor is the host's copy bandwidth).
+tools/gpu_decode.py: decoding speed next to the card's memory-bandwidth floor (a part of
+`python tools/gpu_check.py`; --quick: tiny shapes on a CPU, where the floor is the host's copy bandwidth).
 
 A decode step of a batch reads every weight once and each row's KV cache up to its length, and at RIEL's batch
 (96 rows) does little arithmetic per byte: its floor is bytes / bandwidth. So:
@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from experiments.gpu_common import GIB, id_range, model_cfg, random_model, sync
+from tools.gpu_common import GIB, id_range, model_cfg, random_model, sync
 from rollout import generate
 
 

@@ -17,7 +17,7 @@ tokenizer.py: the tokenizer next to the model: load it, render chat prompts, kno
   row for nothing the model has to learn.
 """
 
-from presets import resolve_checkpoint
+from plumbing.presets import resolve_checkpoint
 
 # Every id that ends an assistant turn, by token text (REFERENCES.md 4.8). The first one present is the
 # end-of-turn token an SFT target ends with; all present ones stop sampling.

@@ -15,11 +15,10 @@ from contextlib import nullcontext
 
 import torch
 
-import dist
-import guard
-import plan
-import plan_time
-
+from plumbing import dist
+from plumbing import guard
+from tools import plan
+from tools import plan_time
 SPARE = 0.10  # --micro-batch auto leaves this share of the GPU's memory free at every stage's planned peak
 
 
@@ -27,6 +26,9 @@ def print_plan(cfg):
     """train.py --plan: the memory plan (at --micro-batch auto's sizes when asked), and with --plan-gpu the time
     estimate, from FLOPs and bytes counted on the memory plan's own trace. No GPU, weights or data needed."""
     guard.check_options(cfg)
+    if cfg.plan_gpu is not None and cfg.plan_gpu not in plan_time.GPUS:
+        raise guard.UserError(f"--plan-gpu {cfg.plan_gpu}: not a GPU plan_time.py knows; one of "
+                              f"{', '.join(plan_time.GPUS)}")
     gpu_gb = cfg.plan_gpu_gb or (plan_time.GPUS[cfg.plan_gpu].gb if cfg.plan_gpu else 80.0)
     counts = {}  # --plan-gpu: FLOPs and bytes, counted on the memory plan's own trace
     probe = (lambda: plan_time.counting(counts)) if cfg.plan_gpu else nullcontext

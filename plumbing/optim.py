@@ -14,15 +14,22 @@ lands in one place. Choices:
 - Token means use ONE token count per optimizer step, counted before the micro-batch loop, so the micro-batch
   losses (and gradients) add up to the full-batch loss; under torchrun each rank's share is weighted by its share
   of the tokens, so the ranks' gradients sum to the one-process gradient (dist.py).
-- Memory (README "Precision and memory"): AdamW is fused on CUDA; the bf16 weight copies autocast caches are
-  dropped around every backward and before the optimizer step; gradients are set to None, not zeroed, after a step.
+- Memory (README "Precision and memory"): AdamW is fused on CUDA; gradients are set to None, not zeroed.
+
+The autocast cache, told once here (every stage calls drop_cast_weights): autocast keeps the bf16 copy of
+each fp32 weight it cast until the cache is cleared, keyed by the tensor, not its version. Three ways that
+bites, so the copies are dropped (1) between a no_grad pass and a grad-enabled one: a copy cast under no_grad
+has no grad history, and before torch 2.11 later forwards reused it, so that weight got no gradient, silently
+(pytorch/pytorch#112583); (2) before the optimizer step: copies of the old weights would serve every later
+forward, and the step's peak would hold them too (6.4 GB at 3B); (3) around each micro-batch's backward
+(micro_backward says why).
 """
 import math
 import warnings
 
 import torch
 
-import dist
+from plumbing import dist
 from rollout import token_logprobs
 
 
@@ -38,6 +45,11 @@ def read_sum(values) -> float:
     return float(torch.stack([v.detach().double() for v in values]).sum()) if values else 0.0
 
 
+def drop_cast_weights():
+    """Forget autocast's cached bf16 weight copies (the module docstring says when and why)."""
+    torch.clear_autocast_cache()
+
+
 def micro_backward(loss):
     """loss.backward() for one micro-batch, with autocast's cached bf16 weight copies dropped before and after it.
     After: a copy cached by an EARLIER micro-batch's forward carries an older autograd node (the cast's
@@ -47,9 +59,9 @@ def micro_backward(loss):
     no copy the graph does not hold itself (without checkpointing the matmuls saved theirs; with it, a recomputed
     block casts its own), so the forward's copies (6 GiB at 3B) need not stay alive through the backward's first,
     largest moment, the head's. Re-casting costs one read of the weights per micro-batch (~6 ms at 3B on an H100)."""
-    torch.clear_autocast_cache()
+    drop_cast_weights()
     loss.backward()
-    torch.clear_autocast_cache()
+    drop_cast_weights()
 
 
 def sft_loss(model, prompts, targets, n_tokens):
@@ -102,12 +114,7 @@ def clip_and_step(model, optimizer, grad_clip, loss_value):
     Under torchrun the gradients are summed over the ranks first, so every rank sees the same (global) norm and
     loss_value must be the global loss: all ranks then take the same decision. Returns (grad norm, skipped)."""
     dist.sync_grads(model)  # under DDP a zero-weighted pass: it runs before the cache is dropped below
-    # autocast caches the bf16 copy of each fp32 weight until its region ends, keyed by the tensor, not its
-    # version; train.py runs a whole stage in one region, so without this every later forward would still
-    # compute with the weights of before this step (CUDA; CPU autocast caches alike). Dropped here, after the
-    # last backward and BEFORE the step, which does not need them: the step's peak (weights + grads + AdamW
-    # moments) then does not also hold a bf16 copy of every weight (6.4 GB at 3B)
-    torch.clear_autocast_cache()
+    drop_cast_weights()  # (2): stale after the step, and the step's peak need not hold them
     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))  # the step's one other sync
     if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
         warnings.warn(f"skipping optimizer step: loss {loss_value}, grad norm {grad_norm}")
@@ -116,3 +123,25 @@ def clip_and_step(model, optimizer, grad_clip, loss_value):
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)  # None, not zeros: no gradient memory between steps (RIEL samples there)
     return grad_norm, False
+
+
+class TermNorms:
+    """Each loss term's gradient norm (the weighted term, as it enters the sum), from the gradient it adds to
+    .grad: one copy of the gradients kept between terms. Off (no copy, no metrics) unless enabled."""
+
+    def __init__(self, model, enabled):
+        self.model, self.enabled, self.norms, self.last = model, enabled, {}, None
+
+    def mark(self, term):
+        if not self.enabled:
+            return
+        now = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in self.model.parameters()
+               if p.requires_grad]  # LoRA: the adapters only
+        delta = now if self.last is None else [a - b for a, b in zip(now, self.last)]
+        self.norms[term] = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d) for d in delta])).item()
+        self.last = now
+
+    def metrics(self) -> dict:
+        total = sum(self.norms.values()) or 1.0
+        return {**{f"grad_norm/{t}": n for t, n in self.norms.items()},
+                **{f"grad_share/{t}": n / total for t, n in self.norms.items()}}

@@ -1,10 +1,10 @@
 """
-experiments/gpu_check.py: what a session lent one H100/H200 runs in its one call, on the real shapes of
+tools/gpu_check.py: what a session lent one H100/H200 runs in its one call, on the real shapes of
 Llama-3.2-1B and -3B with random weights (no download, no tokenizer, no tyro): one table, printed row by row.
 
-    OUT=dir python experiments/gpu_check.py --all    # the memory check, then the speed checks: < 540 s (call: 560-600)
-    python experiments/gpu_check.py                  # the speed checks only
-    python experiments/gpu_check.py --all --quick --no-plan   # CPU, tiny shapes, ~10 s: the same code (the tests)
+    OUT=dir python tools/gpu_check.py --all    # the memory check, then the speed checks: < 540 s (call: 560-600)
+    python tools/gpu_check.py                  # the speed checks only
+    python tools/gpu_check.py --all --quick --no-plan   # CPU, tiny shapes, ~10 s: the same code (the tests)
 
 (--quick with the plans: ~1 minute of CPU for them, more than its 45 s budget on a busy 2-core machine.)
 With OUT: dir/gpu_check.md (the table), dir/gpu_check.json (its rows, each part's estimated and measured seconds)
@@ -46,7 +46,7 @@ import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from experiments.gpu_common import (LLAMA3_STOPS, Part, Table, Waiting, id_range, model_cfg,  # noqa: E402
+from tools.gpu_common import (LLAMA3_STOPS, Part, Table, Waiting, id_range, model_cfg,  # noqa: E402
                                     random_model, run_parts, sync)
 
 
@@ -121,7 +121,7 @@ def setting_of(prompts, G, new_tokens):
 
 
 def check_sampling(ctx, name, rows_list, new_tokens):
-    from bench import stopped_len, timed_interleaved  # the same side-by-side timing as bench.py's tables
+    from tools.bench import stopped_len, timed_interleaved  # the same side-by-side timing as bench.py's tables
     table, device, quick = ctx.table, ctx.device, ctx.quick
     m = random_model(model_cfg(name), device, torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
     hf = hf_twin(m)
@@ -156,7 +156,7 @@ def check_sampling(ctx, name, rows_list, new_tokens):
 
 def check_compile(ctx, name, n_rows, new_tokens):
     """Ours with compile=True on the eager part's batch and weights (the same seed): its first call compiles."""
-    from bench import timed_interleaved
+    from tools.bench import timed_interleaved
     m = random_model(model_cfg(name), ctx.device, torch.bfloat16).eval()
     prompts, G = sampling_batch(m.cfg.vocab_size, n_rows, ctx.quick)
     n_tok, tc = {}, time.time()
@@ -182,11 +182,11 @@ def speed_parts(a, quick) -> list:
     rows_big, rows_small = ((8, 16), (8,)) if quick else ((64, 192), (64,))
 
     def riel(ctx):  # imported in the part: a module that fails to import is that part's ERROR row
-        from experiments import gpu_riel
+        from tools import gpu_riel
         gpu_riel.check_riel_step(ctx.table, ctx.device, ctx.quick, ctx.waiting, ctx.estimate)
 
     def decode(ctx):
-        from experiments import gpu_decode
+        from tools import gpu_decode
         gpu_decode.check_decode(ctx.table, ctx.device, ctx.quick)
 
     def compile_(ctx):
@@ -224,13 +224,13 @@ def main(argv=None, t0=None):
     pool = None if a.no_plan else multiprocessing.get_context("spawn").Pool(3 if a.all else 1)
     parts, memory = speed_parts(a, quick), None
     try:
-        from experiments import gpu_riel
+        from tools import gpu_riel
         ctx.estimate = pool and pool.apply_async(gpu_riel.estimate, (quick, gpu_riel.gpu_key(gpu)))
     except Exception:  # noqa: BLE001  (the RIEL part imports it again: its error is that part's row)
         pass
     if a.all:
         try:
-            from experiments import gpu_memory
+            from tools import gpu_memory
             memory = gpu_memory.MemoryRows(ctx.waiting, gpu_memory.plan_jobs(pool, quick))
             parts = memory.parts(quick) + parts
         except Exception as e:  # noqa: BLE001  (the speed checks still run; the error is the memory row)

@@ -12,7 +12,7 @@ is a UserError whose message says what to do, so train.py ends with that message
 """
 import os
 
-from errors import UserError
+from plumbing.errors import UserError
 
 # Instruct checkpoints on the Hugging Face hub. Llama repos are gated: accept the license on the hub first.
 PRESETS = {
@@ -23,7 +23,7 @@ PRESETS = {
     "qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B-Instruct",
     "qwen2.5-math-1.5b": "Qwen/Qwen2.5-Math-1.5B-Instruct",
     # SmolLM2: Llama architecture, ChatML; ungated. The 135M one runs offline from ../shared/data's GGUF
-    # (experiments/convert_gguf.py, README "Real model")
+    # (tools/convert_gguf.py, README "Real model")
     "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
     "smollm2-360m": "HuggingFaceTB/SmolLM2-360M-Instruct",
     "smollm2-1.7b": "HuggingFaceTB/SmolLM2-1.7B-Instruct",

@@ -41,10 +41,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-import bench_decode
-import bench_step as bs
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+from tools import bench_decode  # noqa: E402
+from tools import bench_step as bs
 import model as ours
-from presets import resolve_checkpoint
+from plumbing.presets import resolve_checkpoint
 from rollout import generate, token_logprobs
 
 
@@ -208,8 +209,8 @@ def bench_riel_step(a: Args, what="one expert"):
 
 def step_row(a: Args, name, tok, records, experts, rc, reward, model_dir):
     """One row of the RIEL step table: TRL's step, ours, ours compiled. Returns our median parts."""
-    from bench_trl import trl_step_times
-    from tokenizer import stop_token_ids
+    from tools.bench_trl import trl_step_times
+    from plumbing.tokenizer import stop_token_ids
     t_trl, trl_signal = float("nan"), []
     if a.trl:
         times, trl_signal = trl_step_times(
@@ -357,7 +358,7 @@ def main_real(a: Args):
     """Sections 1-4 on a real checkpoint with real prompts (no memory section: it is about a 128k vocabulary)."""
     import data
     from transformers import AutoModelForCausalLM
-    from tokenizer import load_tokenizer, render_chat, stop_token_ids
+    from plumbing.tokenizer import load_tokenizer, render_chat, stop_token_ids
     a.real_sizes()
     tok = load_tokenizer(a.model)
     hf = AutoModelForCausalLM.from_pretrained(resolve_checkpoint(a.model), dtype=torch.float32).eval()

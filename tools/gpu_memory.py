@@ -1,12 +1,12 @@
 """
-experiments/gpu_memory.py: a GPU's memory under the paper's run, next to plan.py's prediction. Llama-3.2-3B at its real
+tools/gpu_memory.py: a GPU's memory under the paper's run, next to plan.py's prediction. Llama-3.2-3B at its real
 shapes, random weights (no download): full fine-tuning capped at an 80 GB H100's share of the device, then LoRA rank 16
 (lora.add_lora, alpha 32, bf16 frozen base as train.py under autocast) capped at 24 GiB.
 
-    python experiments/gpu_memory.py            # CUDA, ~3 min (an estimate, not run yet): give the call >= 4 min
-    python experiments/gpu_memory.py --quick    # CPU, tiny shapes, < 1 minute: the same code (tests/test_gpu_memory.py)
-    OUT=dir python experiments/gpu_memory.py    # also dir/gpu_memory.md and a memory snapshot per part (*.pickle)
-    python experiments/gpu_check.py --all       # these rows first, in gpu_check's table (MemoryRows), 4 snapshots
+    python tools/gpu_memory.py            # CUDA, ~3 min (an estimate, not run yet): give the call >= 4 min
+    python tools/gpu_memory.py --quick    # CPU, tiny shapes, < 1 minute: the same code (tests/test_gpu_memory.py)
+    OUT=dir python tools/gpu_memory.py    # also dir/gpu_memory.md and a memory snapshot per part (*.pickle)
+    python tools/gpu_check.py --all       # these rows first, in gpu_check's table (MemoryRows), 4 snapshots
 
 train.py's 3B defaults (gpu_common.riel_config): fp32 weights + bf16 autocast, gradient checkpointing, fused AdamW with
 its moments made beforehand. MEF: one step of 2 micro-batches of 4 x 1024 tokens. RIEL: one riel_step (8 questions x 3
@@ -37,13 +37,13 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import dist  # noqa: E402
-import lora  # noqa: E402
+from plumbing import dist# noqa: E402
+from plumbing import lora# noqa: E402
 import mef  # noqa: E402
-import optim  # noqa: E402
+from plumbing import optim# noqa: E402
 import riel  # noqa: E402
-from buffer import HardExampleBuffer  # noqa: E402
-from experiments.gpu_common import (GIB, Part, id_range, job_result, model_cfg, random_model, riel_config,  # noqa
+from riel import HardExampleBuffer  # noqa: E402
+from tools.gpu_common import (GIB, Part, id_range, job_result, model_cfg, random_model, riel_config,  # noqa
                                     riel_inputs, stand_in_reward, sync)
 
 CAPS = {"full": 80e9, "LoRA": 24 * GIB}  # bytes for the process: an 80 GB H100, a 24 GiB card
@@ -78,7 +78,7 @@ def run_config(quick, lora_rank=0):
 
 def plan_memory(quick, lora_rank) -> dict:
     """plan.plan_memory of a variant's config; a pool's worker runs it (a minute or more of CPU at 3B)."""
-    import plan
+    from tools import plan
     torch.set_num_threads(1 if quick else 4)
     return plan.plan_memory(run_config(quick, lora_rank), world_size=1)
 

@@ -15,7 +15,7 @@ Why a run killed at ANY moment loses nothing:
 A kill before step 3 leaves `latest` naming the previous complete checkpoint, and the half-written
 `.tmp` directory is swept away on the next start.
 
-Reading weights back is model.Transformer.from_pretrained's (model.py), which this file imports: never the reverse.
+Reading weights back is model.Transformer.from_pretrained's (model.py); this file never imports model.py.
 """
 
 import glob
@@ -24,9 +24,8 @@ import shutil
 
 import torch
 
-import dist
-from errors import UserError
-from model import Transformer
+from plumbing import dist
+from plumbing.errors import UserError
 
 STATE_FILE = "trainer_state.pt"
 
@@ -184,5 +183,6 @@ def reference_model(out_dir: str, model, dtype=None):
             model.save_pretrained(path + ".tmp", state=weights)
             os.rename(path + ".tmp", path)
         dist.barrier()
-    ref = Transformer.from_pretrained(path, model.embed_tokens.weight.device, dtype or model.embed_tokens.weight.dtype)
+    w = model.embed_tokens.weight
+    ref = type(model).from_pretrained(path, w.device, dtype or w.dtype)  # the policy's class
     return ref.eval().requires_grad_(False)
