@@ -1,24 +1,26 @@
 """
 eval.py: held-out accuracy of a model under each expert prompt, their majority vote, and pass@k.
 
-    python eval.py --model out/run/ckpt-000750                    # what that run evaluated: its own tables
-    python eval.py --model out/run/ckpt-000750 --eval.size 1000 --difficulty 3 3    # ... changed
+    python eval.py --model out/run/ckpt-000750                                  # its run's tables
+    python eval.py --model out/run/ckpt-000750 --eval.size 1000 --difficulty 3 3  # ... changed
     python eval.py --model qwen2.5-1.5b --data gsm8k --eval.size 200 --eval.pass-k 4
 
 What it measures (METHOD.md section 5):
-- **Greedy accuracy per expert prompt**: the paper deploys ONE model with ONE expert prompt, decoded
-  greedily, and reports every expert prompt separately; `best` is the best of them.
-- **Majority vote across experts**: each expert's greedy answer is one vote (parsed by verify.check);
-  the most common answer wins, ties going to the lowest expert index. The paper compares MEML's single
-  prompt against this vote on a baseline model.
+- **Greedy accuracy per expert prompt**: the paper deploys ONE model with ONE expert prompt,
+  decoded greedily, and reports every expert prompt separately; `best` is the best of them.
+- **Majority vote across experts**: each expert's greedy answer is one vote (parsed by
+  verify.check); the most common answer wins, ties going to the lowest expert index. The paper
+  compares MEML's single prompt against this vote on a baseline model.
 - **pass@k** (optional): n samples per (question, expert) at a temperature, unbiased estimator
   pass@k = 1 - C(n - c, k) / C(n, k) (Chen et al. 2021), averaged over questions and experts.
-Prints what it evaluates (task, testbed, levels, split, questions, experts) and a table per split; writes the
-results as JSON when asked. A train.py checkpoint holds its run's Config (trainer_state.pt): the run's task,
-testbed, eval levels, splits, experts, --eval.* settings, seed and precision are the defaults (options with
-train.py's names change them), so its own tables come back exactly. Other models: Args' defaults, and a note.
-Under torchrun (dist.py) each rank decodes its share of every batch and the texts are gathered, so every
-rank gets the table one process would compute (pass@k too: the uniforms of the whole batch are drawn).
+Prints what it evaluates (task, testbed, levels, split, questions, experts) and a table per split;
+writes the results as JSON when asked. A train.py checkpoint holds its run's Config
+(trainer_state.pt): the run's task, testbed, eval levels, splits, experts, --eval.* settings, seed
+and precision are the defaults (options with train.py's names change them), so its own tables come
+back exactly. Other models: Args' defaults, and a note.
+Under torchrun (plumbing/dist.py) each rank decodes its share of every batch and the texts are
+gathered, so every rank gets the table one process would compute (pass@k too: the uniforms of the
+whole batch are drawn).
 """
 
 import glob
@@ -55,22 +57,26 @@ class EvalConfig:
     temperature: float = 1.0  # for pass@k sampling only; accuracy is always greedy
 
 
-def complete(model, tok, prompts, cfg: EvalConfig, num_samples=1, temperature=0.0, seed=0, desc="eval",
-             return_lengths=False):
-    """Decode the completions of many prompts in batches; returns texts, num_samples per prompt, prompt-major
-    (return_lengths: and each completion's length in tokens).
-    Under torchrun every rank decodes a share of each batch (it then needs batch_size >= world size, so that
-    only the last batch can leave a rank without prompts) and every rank returns all the texts."""
+def complete(model, tok, prompts, cfg: EvalConfig, num_samples=1, temperature=0.0, seed=0,
+             desc="eval", return_lengths=False):
+    """Decode the completions of many prompts in batches; returns texts, num_samples per prompt,
+    prompt-major (return_lengths: and each completion's length in tokens).
+    Under torchrun every rank decodes a share of each batch (it then needs batch_size >= world
+    size, so that only the last batch can leave a rank without prompts) and every rank returns
+    all the texts."""
     texts, stops = [], stop_token_ids(tok)
     gen = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed)
-    with dist.unsharded(model):  # FSDP: decoding runs on the whole weights, gathered once for all batches
-        for s in tqdm(range(0, len(prompts), cfg.batch_size), desc=desc, leave=False, disable=not dist.is_main()):
+    # FSDP: decoding runs on the whole weights, gathered once for all batches
+    with dist.unsharded(model):
+        batches = range(0, len(prompts), cfg.batch_size)
+        for s in tqdm(batches, desc=desc, leave=False, disable=not dist.is_main()):
             batch = prompts[s:s + cfg.batch_size]
             lo, hi = dist.shard_range(len(batch))
             mine = []
             if hi > lo:
-                out = generate(model, batch[lo:hi], num_samples=num_samples, max_new_tokens=cfg.max_new_tokens,
-                               temperature=temperature, stop_ids=stops, generator=gen, vocab_limit=len(tok),
+                out = generate(model, batch[lo:hi], num_samples=num_samples,
+                               max_new_tokens=cfg.max_new_tokens, temperature=temperature,
+                               stop_ids=stops, generator=gen, vocab_limit=len(tok),
                                rng_rows=(lo * num_samples, len(batch) * num_samples))
                 mine = [(tok.decode(c, skip_special_tokens=True), len(c)) for c in out.completions]
             texts += dist.gather(mine)
@@ -79,12 +85,13 @@ def complete(model, tok, prompts, cfg: EvalConfig, num_samples=1, temperature=0.
 
 
 def majority_vote(parsed: list, rewards: list) -> float:
-    """One question: each expert's parsed answer is a vote; the reward of the winning answer (0 if none)."""
+    """One question: each expert's parsed answer is a vote; the winner's reward (0 if none)."""
     votes = Counter(p for p in parsed if p is not None)
     if not votes:
         return 0.0
     top = max(votes.values())
-    winner = next(p for p in parsed if p is not None and votes[p] == top)  # ties: lowest expert index
+    # ties: the lowest expert index
+    winner = next(p for p in parsed if p is not None and votes[p] == top)
     return rewards[parsed.index(winner)]
 
 
@@ -94,8 +101,8 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def evaluate(model, tok, task, records, experts, cfg: EvalConfig, seed=0, keep_texts=False) -> dict:
-    """Greedy accuracy per expert, best expert, majority vote, optional pass@k, on `records`. keep_texts: also
-    "samples", every answer with its question, expert and verdict."""
+    """Greedy accuracy per expert, best expert, majority vote, optional pass@k, on `records`.
+    keep_texts: also "samples", every answer with its question, expert and verdict."""
     model.eval()
     records = records[:cfg.size] if cfg.size else records
     N = len(experts)
@@ -104,28 +111,34 @@ def evaluate(model, tok, task, records, experts, cfg: EvalConfig, seed=0, keep_t
     checks = [verify.check(task, t, records[i // N].answer) for i, t in enumerate(texts)]
     acc = {e.name: sum(checks[q * N + i][0] for q in range(len(records))) / len(records)
            for i, e in enumerate(experts)}
-    vote = sum(majority_vote([checks[q * N + i][1] for i in range(N)], [checks[q * N + i][0] for i in range(N)])
+    vote = sum(majority_vote([checks[q * N + i][1] for i in range(N)],
+                             [checks[q * N + i][0] for i in range(N)])
                for q in range(len(records))) / len(records)
     best = max(acc, key=acc.get)
+    mean_length = sum(lengths) / max(1, len(lengths))  # tokens, as in RIEL's lines
     out = {"task": task, "questions": len(records), "accuracy": acc, "best_expert": best,
            "best_accuracy": acc[best], "majority_vote": vote,
-           "completions/mean_length": sum(lengths) / max(1, len(lengths))}  # tokens, as in RIEL's lines
+           "completions/mean_length": mean_length}
     shapes = sorted({getattr(r, "meta", {}).get("shape") for r in records} - {None, "nested"})
     if shapes:  # the synthetic testbeds with two question shapes: what each prompt solves of each
-        out["accuracy_by_shape"] = {s: {e.name: statistics.mean(checks[q * N + i][0] for q, r in enumerate(records)
-                                                                if r.meta.get("shape") == s)
-                                        for i, e in enumerate(experts)} for s in shapes}
+        out["accuracy_by_shape"] = {
+            s: {e.name: statistics.mean(checks[q * N + i][0] for q, r in enumerate(records)
+                                        if r.meta.get("shape") == s)
+                for i, e in enumerate(experts)}
+            for s in shapes}
     if keep_texts:  # what the model wrote, for samples.jsonl (not kept in the run's state)
-        out["samples"] = [{"question": rec.question, "answer": rec.answer, "expert": experts[p % N].name,
-                           "completion": t, "correct": checks[p][0]}
-                          for p, (t, rec) in enumerate(zip(texts, (r for r in records for _ in experts)))]
+        recs = (r for r in records for _ in experts)
+        out["samples"] = [{"question": rec.question, "answer": rec.answer,
+                           "expert": experts[p % N].name, "completion": t, "correct": checks[p][0]}
+                          for p, (t, rec) in enumerate(zip(texts, recs))]
     if cfg.pass_k:
         n, k = cfg.pass_samples, cfg.pass_k
-        samples = complete(model, tok, prompts, cfg, num_samples=n, temperature=cfg.temperature, seed=seed,
-                           desc="pass@k")
+        samples = complete(model, tok, prompts, cfg, num_samples=n, temperature=cfg.temperature,
+                           seed=seed, desc="pass@k")
         scores = []
         for p in range(len(prompts)):
-            c = sum(verify.reward(task, t, records[p // N].answer) for t in samples[p * n:(p + 1) * n])
+            answer = records[p // N].answer
+            c = sum(verify.reward(task, t, answer) for t in samples[p * n:(p + 1) * n])
             scores.append(pass_at_k(n, int(c), k))
         out[f"pass@{k}"] = sum(scores) / len(scores)
     return out
@@ -136,13 +149,16 @@ def format_table(results: dict) -> str:
     lines = [f"{results['task']}: {results['questions']} held-out questions, greedy", "",
              "| prompt | accuracy |", "|---|---|"]
     for name, a in results["accuracy"].items():
-        lines.append(f"| {name}{' (best)' if name == results['best_expert'] else ''} | {100 * a:.1f}% |")
+        best = " (best)" if name == results["best_expert"] else ""
+        lines.append(f"| {name}{best} | {100 * a:.1f}% |")
     lines.append(f"| majority vote across experts | {100 * results['majority_vote']:.1f}% |")
-    lines += [f"| {k} (sampled) | {100 * v:.1f}% |" for k, v in results.items() if k.startswith("pass@")]
+    lines += [f"| {k} (sampled) | {100 * v:.1f}% |"
+              for k, v in results.items() if k.startswith("pass@")]
     return "\n".join(lines)
 
 
-try:  # only the command line needs tyro: a bare GPU image without it still imports eval (gpu_check does)
+# only the command line needs tyro: a bare GPU image without it still imports eval (gpu_check does)
+try:
     import tyro
     RL_DIFFICULTY_ALIAS = tyro.conf.arg(aliases=("--rl-difficulty",))
 except ImportError:
@@ -151,39 +167,46 @@ except ImportError:
 
 @dataclass
 class Args:
-    """Options with train.py's names. For a train.py checkpoint the defaults are its run's settings (shown here
-    when --model names one), so that the run's own tables come back."""
+    """Options with train.py's names. For a train.py checkpoint the defaults are its run's
+    settings (shown here when --model names one), so that the run's own tables come back."""
     model: str  # a checkpoint directory (e.g. out/run/ckpt-000750), a preset or a hub id
     data: str = "synthetic"  # the task
     data_dir: str | None = None  # where the task files are (default: data/<task>/ in this project)
     experts: tuple[str, ...] | None = None  # default: all of the task's experts
-    # synthetic only: the levels evaluated (a run's eval levels: its --rl-difficulty, else --difficulty; None: 1-3)
+    # synthetic only: the levels evaluated (a run's eval levels: its --rl-difficulty,
+    # else --difficulty; None: 1-3)
     difficulty: Annotated[tuple[int, int] | None, RL_DIFFICULTY_ALIAS] = None
-    testbed: Literal["nested", "complementary", "placebo", "disjoint", "disjoint_same"] = "nested"  # synthetic only
+    # synthetic only
+    testbed: Literal["nested", "complementary", "placebo", "disjoint", "disjoint_same"] = "nested"
     split: str | None = None  # default: the task's held-out split
     eval_splits: tuple[str, ...] = ()  # evaluate on these splits too, a table each (synthetic: val)
     train_size: int | None = None  # caps the splits other than the held-out one, as in train.py
     seed: int = 0  # the synthetic questions' seed, and pass@k's
     device: str | None = None  # default: cuda if available, else cpu
-    precision: Literal["auto", "autocast", "fp32", "bf16"] | None = None  # train.py's; None: bf16 on CUDA, else fp32
+    # train.py's; None: bf16 on CUDA, else fp32
+    precision: Literal["auto", "autocast", "fp32", "bf16"] | None = None
     out: str | None = None  # write the results as JSON here (several splits: {split: results})
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def run_defaults(model: str, task: str | None) -> Args | None:
-    """Args that evaluate what the eval stage of the train.py run that wrote checkpoint directory `model`
-    evaluated (train.py saves its Config in every checkpoint's trainer state); None for any other model."""
+    """Args that evaluate what the eval stage of the train.py run that wrote checkpoint directory
+    `model` evaluated (train.py saves its Config in every checkpoint's trainer state); None for any
+    other model."""
     path = os.path.join(model, checkpoint.STATE_FILE)
+    if not os.path.isfile(path):
+        return None
     # mmap: a mid-run checkpoint's optimizer state can take gigabytes; only the small config is read
-    cfg = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("config") \
-        if os.path.isfile(path) else None
+    cfg = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("config")
     if not cfg:
         return None
-    same = task in (None, cfg["data"])  # --data names another task: the run's experts, levels, splits are not its
+    # --data names another task: the run's experts, levels and splits are not its
+    same = task in (None, cfg["data"])
     keep = ("data", "data_dir", "experts", "testbed", "eval_splits", "train_size") if same else ()
     ev = {f.name: cfg["eval"][f.name] for f in fields(EvalConfig) if f.name in cfg.get("eval", {})}
-    return Args(model=model, **{k: cfg[k] for k in (*keep, "seed", "precision") if k in cfg}, eval=EvalConfig(**ev),
-                difficulty=(cfg.get("rl_difficulty") or cfg.get("difficulty")) if same else None)
+    run = {k: cfg[k] for k in (*keep, "seed", "precision") if k in cfg}
+    difficulty = (cfg.get("rl_difficulty") or cfg.get("difficulty")) if same else None
+    return Args(model=model, **run, eval=EvalConfig(**ev), difficulty=difficulty)
 
 
 def cli(argv=None) -> Args:
@@ -192,24 +215,28 @@ def cli(argv=None) -> Args:
 
     def flag(name):
         value = next((a.split("=", 1)[1] for a in argv if a.startswith(f"--{name}=")), None)
-        return argv[argv.index(f"--{name}") + 1] if value is None and f"--{name}" in argv[:-1] else value
+        if value is None and f"--{name}" in argv[:-1]:
+            return argv[argv.index(f"--{name}") + 1]
+        return value
     model = flag("model")
     if model and os.path.isdir(model):
-        if os.path.exists(os.path.join(model, "latest")) or glob.glob(os.path.join(model, "ckpt-*")):
-            last = checkpoint.latest(model) or (sorted(glob.glob(os.path.join(model, "ckpt-*"))) or [None])[-1]
-            raise UserError(f"{model} is a train.py run directory, not a checkpoint: evaluate one of its checkpoints, "
-                            f"e.g. --model {last}")
+        ckpts = sorted(glob.glob(os.path.join(model, "ckpt-*")))
+        if os.path.exists(os.path.join(model, "latest")) or ckpts:
+            last = checkpoint.latest(model) or (ckpts or [None])[-1]
+            raise UserError(f"{model} is a train.py run directory, not a checkpoint: evaluate one "
+                            f"of its checkpoints, e.g. --model {last}")
         checkpoint.check(model)  # a damaged checkpoint: which file, before minutes of loading
     default = run_defaults(model, flag("data")) if model else None
     if model and not default and os.path.isdir(model):
-        print(f"note: {model} holds no train.py trainer state (trainer_state.pt): evaluating with eval.py's defaults, "
-              "which may not be the levels, testbed or experts its run used (set --data, --testbed, --difficulty)")
+        print(f"note: {model} holds no train.py trainer state (trainer_state.pt): evaluating with "
+              "eval.py's defaults, which may not be the levels, testbed or experts its run used "
+              "(set --data, --testbed, --difficulty)")
     return tyro.cli(Args, args=argv, **({"default": default} if default else {}))
 
 
 def load_records(a: Args, split: str) -> list:
-    """The records train.py's eval stage reads (its load_records): synthetic ones from (levels, seed, testbed);
-    splits other than the held-out one capped at --train-size."""
+    """The records train.py's eval stage reads (its load_records): synthetic ones from (levels,
+    seed, testbed); splits other than the held-out one capped at --train-size."""
     options = {"seed": a.seed, "testbed": a.testbed} if a.data == "synthetic" else {}
     if a.data == "synthetic" and a.difficulty:
         options["difficulty"] = tuple(a.difficulty)
@@ -218,7 +245,8 @@ def load_records(a: Args, split: str) -> list:
 
 
 def main(a: Args) -> dict:
-    """Evaluate on --split and --eval-splits; print what is evaluated and a table per split; {split: results}."""
+    """Evaluate on --split and --eval-splits; print what is evaluated and a table per split.
+    Returns {split: results}."""
     experts = data.experts(a.data, list(a.experts) if a.experts else None,
                            **({"testbed": a.testbed} if a.data == "synthetic" else {}))
     device = default_device(a.device)
@@ -229,9 +257,11 @@ def main(a: Args) -> dict:
     tables = {}
     for split in (main_split, *[s for s in a.eval_splits if s != main_split]):
         records = load_records(a, split)
-        levels = f"levels {a.difficulty[0]}-{a.difficulty[1]}" if a.difficulty else "the task's default levels"
-        print(f"eval: {a.data}" + (f", testbed {a.testbed}, {levels}" if a.data == "synthetic" else "")
-              + f", split {split}, {len(records[:a.eval.size] if a.eval.size else records)} questions, "
+        levels = (f"levels {a.difficulty[0]}-{a.difficulty[1]}" if a.difficulty
+                  else "the task's default levels")
+        where = f", testbed {a.testbed}, {levels}" if a.data == "synthetic" else ""
+        shown = len(records[:a.eval.size] if a.eval.size else records)
+        print(f"eval: {a.data}{where}, split {split}, {shown} questions, "
               f"experts {', '.join(e.name for e in experts)}")
         with torch.autocast(device.type, dtype=torch.bfloat16) if use_autocast else nullcontext():
             tables[split] = evaluate(model, tok, a.data, records, experts, a.eval, a.seed)

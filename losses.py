@@ -10,21 +10,21 @@ logp (B, T) = log pi(token) of each completion token, right-padded; mask (B, T) 
 (including the stop token).
 
 Group advantage (one number per response, broadcast to its tokens), METHOD.md 4(b)/(c):
-    meml     A = max(r - mean(r), 0)              the paper: only above-mean responses get gradient
-    grpo     A = (r - mean(r)) / (std(r) + 1e-4)  baseline; Bessel std and eps as TRL scale_rewards="group"
+    meml     A = max(r - mean(r), 0)              the paper: only above-mean ones get gradient
+    grpo     A = (r - mean(r)) / (std(r) + 1e-4)  baseline; Bessel std, eps as TRL "group" scaling
     dr_grpo  A = r - mean(r)                      baseline (Dr.GRPO): both signs, no std
 
 Per-token policy-gradient loss (TRL's clipped surrogate; no clamp on the log-ratio):
     ratio = exp(logp - logp_old)
     l     = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)   [+ beta * k3]
-    k3    = exp(d) - d - 1,  d = logp_ref - logp                           (Schulman's estimator, >= 0)
+    k3    = exp(d) - d - 1,  d = logp_ref - logp        (Schulman's estimator, >= 0)
 On-policy (the default, one update per batch) logp_old = logp.detach(): ratio == 1, the clip is
 inactive, l = -A and dl/dlogp = -A.
 
 Aggregation over the tokens of a whole optimizer step (S_i = sum_t mask*l, n_i = sum_t mask):
     token    sum_i S_i / N_tokens           N_tokens counted over the WHOLE step (TRL "dapo")
     seq      sum_i (S_i / n_i) / N_seqs     each response weighs the same (TRL "grpo")
-    dr_grpo  sum_i S_i / (N_seqs * L_max)   constant normaliser, L_max = max_new_tokens (Dr.GRPO paper)
+    dr_grpo  sum_i S_i / (N_seqs * L_max)   constant normaliser, L_max = max_new_tokens (Dr.GRPO)
 Every normaliser is a count for the whole step, passed in by the caller, so the losses of the
 micro-batches simply add up to the full-batch loss (and so do their gradients). Normalising each
 micro-batch by its own token count is the bug GRPO-Zero fixed in 8ca8b08 (REFERENCES 5.3).
@@ -32,16 +32,16 @@ micro-batch by its own token count is the bug GRPO-Zero fixed in 8ca8b08 (REFERE
 Inter-expert transfer, METHOD.md 4(d) (our reading: the stated intent, teacher side stop-gradient):
     sampled     L_KL = sum_t mask * (sg[logp(o_t | P+)] - logp(o_t | P-)) / N_tokens
     full_vocab  L_KL = sum_t mask * KL(sg[pi(. | P+, o_<t)] || pi(. | P-, o_<t)) / N_tokens
-Who teaches whom (METHOD.md 4(d)), per question: E+ = the expert with the highest mean reward, E- =
-the lowest (ties: the lowest index, or at random); nothing moves when all means are equal or E+ has no
-correct answer. O+ = one correct response of E+ drawn from the step's generator (or all of them).
+Who teaches whom (METHOD.md 4(d)), per question: E+ = the expert with the highest mean reward,
+E- = the lowest (ties: the lowest index, or at random); nothing moves when all means are equal or
+E+ has no correct answer. O+ = one correct response of E+ drawn from the step's generator (or all).
 
 Hard examples (METHOD.md 4(e)): expert i with more than K of its G answers wrong on a question is
 admitted to the buffer with probability K/G.
 """
 import torch
 
-from verify import CORRECT
+CORRECT = 1.0  # a reward this high is a right answer (verify.py's checkers give 1.0 or 0.0)
 
 ADVANTAGE_MODES = ("meml", "grpo", "dr_grpo")
 AGGREGATIONS = ("token", "seq", "dr_grpo")
@@ -66,7 +66,7 @@ def group_advantages(rewards: torch.Tensor, mode: str = "meml", eps: float = 1e-
 
 
 def policy_gradient_loss(logp, adv, old_logp=None, eps_low=0.2, eps_high=None):
-    """Per-token clipped surrogate. logp, old_logp (B, T); adv (B,) -> loss (B, T), not yet masked."""
+    """Per-token clipped surrogate: logp, old_logp (B, T); adv (B,) -> loss (B, T), unmasked."""
     old_logp = logp.detach() if old_logp is None else old_logp
     eps_high = eps_low if eps_high is None else eps_high
     ratio = torch.exp(logp - old_logp)  # (B, T)
@@ -75,7 +75,7 @@ def policy_gradient_loss(logp, adv, old_logp=None, eps_low=0.2, eps_high=None):
 
 
 def clipped_tokens(logp, old_logp, adv, mask, eps_low=0.2, eps_high=None):
-    """How many real tokens have the clipped term active, as a 0-dim device tensor (read once per step)."""
+    """How many real tokens have the clipped term active, as a 0-dim tensor (read once a step)."""
     eps_high = eps_low if eps_high is None else eps_high
     ratio = torch.exp(logp - old_logp).detach()
     adv = adv.unsqueeze(-1)
@@ -85,11 +85,12 @@ def clipped_tokens(logp, old_logp, adv, mask, eps_low=0.2, eps_high=None):
 
 def clip_fraction(logp, old_logp, adv, mask, eps_low=0.2, eps_high=None) -> float:
     """Fraction of real tokens where the clipped term is the active one (verl's pg_clipfrac)."""
-    return float(clipped_tokens(logp, old_logp, adv, mask, eps_low, eps_high) / mask.sum().clamp(min=1))
+    clipped = clipped_tokens(logp, old_logp, adv, mask, eps_low, eps_high)
+    return float(clipped / mask.sum().clamp(min=1))
 
 
 def k3_kl(logp, ref_logp):
-    """Per-token k3 estimate of KL(pi || pi_ref), (B, T) -> (B, T); d/dlogp = 1 - exp(ref - logp)."""
+    """Per-token k3 estimate of KL(pi || pi_ref), (B, T) -> (B, T); d/dlogp = 1 - exp(ref-logp)."""
     d = ref_logp - logp
     return torch.exp(d) - d - 1
 
@@ -124,15 +125,15 @@ def full_vocab_kl(teacher_logits, student_logits, mask, n_tokens=None):
     return aggregate(kl, mask, "token", n_tokens)
 
 
-# ---- (d) who teaches whom -------------------------------------------------------------------------
+# ---- (d) who teaches whom ------------------------------------------------------------------------
 
 def rng_device(generator):
-    """Where a generator draws: a CUDA generator fills only CUDA tensors (None: torch's global CPU stream)."""
+    """Where a generator draws: a CUDA one fills only CUDA tensors (None: the global CPU stream)."""
     return generator.device if generator is not None else "cpu"
 
 
 def uniform(generator) -> float:
-    """One draw in [0, 1) from the generator (on its device): the step's random decisions share its stream."""
+    """One draw in [0, 1) on the generator's device: the step's random choices share one stream."""
     return torch.rand((), generator=generator, device=rng_device(generator)).item()
 
 
@@ -142,29 +143,31 @@ def pick(items: list, generator=None):
 
 
 def choose_transfer(rewards, generator=None, random_ties=False):
-    """rewards (N, G) of one question -> (E+, E-) expert indices, or None when there is nothing to move.
-    Ties go to the lowest index on both sides, or (random_ties) to one of the tied experts at random."""
+    """rewards (N, G) of one question -> (E+, E-) expert indices, or None when nothing moves.
+    Ties go to the lowest index on both sides, or (random_ties) to a tied expert at random."""
     means = rewards.mean(-1).tolist()
     plus = min(range(len(means)), key=lambda i: (-means[i], i))
     minus = min(range(len(means)), key=lambda i: (means[i], i))
     if means[plus] == means[minus] or not bool((rewards[plus] >= CORRECT).any()):
         return None
-    if random_ties:  # otherwise expert 0 would be E- of every question that all but one expert fails alike
+    # otherwise expert 0 would be E- of every question that all but one expert fails alike
+    if random_ties:
         plus = pick([i for i, m in enumerate(means) if m == means[plus]], generator)
         minus = pick([i for i, m in enumerate(means) if m == means[minus]], generator)
     return plus, minus
 
 
 def choose_teacher_samples(rewards_plus, generator=None, all_correct=False) -> list:
-    """rewards_plus (G,) of E+ -> indices of the O+ to transfer: one correct response at random, or all."""
+    """rewards_plus (G,) of E+ -> indices of the O+ to move: one correct one at random, or all."""
     correct = (rewards_plus >= CORRECT).nonzero().flatten().tolist()
     if all_correct or not correct:
         return correct
     return [pick(correct, generator)]
 
 
-def transfer_pairs(rewards, prompts, completions, generator=None, all_correct=False, random_ties=False):
-    """rewards (Q, N, G) -> ([(P+ prompt, P- prompt, O+ ids)], [(E+, E-) per question with a transfer])."""
+def transfer_pairs(rewards, prompts, completions, generator=None, all_correct=False,
+                   random_ties=False):
+    """rewards (Q, N, G) -> ([(P+ prompt, P- prompt, O+ ids)], [(E+, E-) per moving question])."""
     Q, N, G = rewards.shape
     pairs, chosen = [], []
     for q in range(Q):
@@ -174,7 +177,8 @@ def transfer_pairs(rewards, prompts, completions, generator=None, all_correct=Fa
         plus, minus = choice
         chosen.append(choice)
         for g in choose_teacher_samples(rewards[q, plus], generator, all_correct):
-            pairs.append((prompts[q * N + plus], prompts[q * N + minus], completions[(q * N + plus) * G + g]))
+            pairs.append((prompts[q * N + plus], prompts[q * N + minus],
+                          completions[(q * N + plus) * G + g]))
     return pairs, chosen
 
 

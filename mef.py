@@ -2,7 +2,7 @@
 mef.py: Multi-Expert Fine-Tuning, stage 1 of MEML-GRPO (METHOD.md section 3).
 
 Every (question Q_j, expert i) pair that has a reference trace A_j^(i) becomes one chat example:
-system = P_i (the expert's prompt), user = Q_j, assistant = A_j^(i) followed by the end-of-turn token.
+system = P_i (the expert's prompt), user = Q_j, assistant = A_j^(i) then the end-of-turn token.
 The loss is the NLL of the assistant tokens only:
 
     L_MEF = - sum_{j,i} sum_t log p(A_t | Q_j, P_i, A_<t) / N_tokens
@@ -20,11 +20,12 @@ Choices:
 - Records with no trace for an expert are skipped and counted; so are examples longer than max_len
   (cut short, a target would lose its end-of-turn token).
 - The log-probs come from rollout.token_logprobs, the same function RIEL trains with.
-- Under torchrun (dist.py) each rank backpropagates a contiguous share of every optimizer batch, weighted by
-  its share of the batch's tokens, so the ranks' gradients sum to the one-process gradient of the same batch.
-- The mechanics of a step (micro-batches, the SFT backward, AdamW, clip-and-step, what they do for memory and
-  host syncs) live in optim.py, shared with RIEL, whose hard-example buffer reuses `sharded_sft_backward` for its
-  SFT step (METHOD.md 4(e)).
+- Under torchrun (plumbing/dist.py) each rank backpropagates a contiguous share of every optimizer
+  batch, weighted by its share of the batch's tokens, so the ranks' gradients sum to the
+  one-process gradient of the same batch.
+- The mechanics of a step (micro-batches, the SFT backward, AdamW, clip-and-step, what they do for
+  memory and host syncs) live in plumbing/optim.py, shared with RIEL, whose hard-example buffer
+  reuses `sharded_sft_backward` for its SFT step (METHOD.md 4(e)).
 """
 import math
 from dataclasses import dataclass
@@ -47,8 +48,8 @@ class MEFConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0  # linear warmup (train.py's schedule)
     schedule: Literal["constant", "cosine"] = "constant"  # after warmup; cosine decays to 10% of lr
-    # Stop early at the edge of competence (train.py): every check_every steps, greedy accuracy of each expert on
-    # check_size RL-level training questions; stop once the best expert reaches stop_at (None: never check).
+    # Stop early at the edge of competence (train.py): every check_every steps, each expert's greedy
+    # accuracy on check_size RL-level training questions; stop once any reaches stop_at (None: off)
     stop_at: float | None = None
     check_every: int = 25
     check_size: int = 100
@@ -86,17 +87,20 @@ def build_sft_examples(tok, records, experts, max_len=None):
     return examples, counts
 
 
-def mef_steps(model, examples, cfg: MEFConfig, optimizer, seed=0, start_step=0, lr_at=None, shuffle=True):
+def mef_steps(model, examples, cfg: MEFConfig, optimizer, seed=0, start_step=0, lr_at=None,
+              shuffle=True):
     """Run cfg.epochs passes over the examples; yield one metrics dict per optimizer step.
 
-    The order of epoch e is a permutation drawn from seed + e alone (or the given order: shuffle=False), so a run
-    resumed at `start_step` (the steps already taken) sees exactly the batches the uninterrupted run would.
+    The order of epoch e is a permutation drawn from seed + e alone (or the given order:
+    shuffle=False), so a run resumed at `start_step` (the steps already taken) sees exactly the
+    batches the uninterrupted run would.
     lr_at(step) -> lr sets a schedule (None: the optimizer's lr throughout)."""
     model.train()
     step = 0
     for epoch in range(cfg.epochs):
-        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + epoch)).tolist() \
-            if shuffle else list(range(len(examples)))
+        gen = torch.Generator().manual_seed(seed + epoch)
+        order = (torch.randperm(len(examples), generator=gen).tolist() if shuffle
+                 else list(range(len(examples))))
         for s in range(0, len(order), cfg.batch_size):
             step += 1
             if step <= start_step:
@@ -110,8 +114,9 @@ def mef_steps(model, examples, cfg: MEFConfig, optimizer, seed=0, start_step=0, 
             loss = sharded_sft_backward(model, prompts, targets, cfg.micro_batch_size)
             lr = optimizer.param_groups[0]["lr"]  # read before the step: the lr this step used
             grad_norm, skipped = clip_and_step(model, optimizer, cfg.grad_clip, loss)
-            yield {"step": step, "epoch": epoch, "loss": loss, "tokens": sum(len(t) for t in targets),
-                   "examples": len(batch), "lr": lr, "grad_norm": grad_norm, "skipped": skipped}
+            yield {"step": step, "epoch": epoch, "loss": loss,
+                   "tokens": sum(len(t) for t in targets), "examples": len(batch), "lr": lr,
+                   "grad_norm": grad_norm, "skipped": skipped}
 
 
 def num_steps(n_examples, cfg: MEFConfig) -> int:

@@ -1,28 +1,28 @@
 """
-model.py: one decoder-only transformer that runs Llama 3.x and Qwen2/2.5 checkpoints, plus the tokenizer.
+model.py: one decoder-only transformer that runs Llama 3.x and Qwen2/2.5 checkpoints.
 
 The two families differ in four config values only, so one module covers both:
 
     block:  h = x + o_proj(attn(rope(q_proj(n1(x))), rope(k_proj(n1(x))), v_proj(n1(x))))
             y = h + down_proj(silu(gate_proj(n2(h))) * up_proj(n2(h)))
-    llama:  no biases; RoPE theta 5e5 with `llama3` frequency scaling (factor 8 for 3.1, 32 for 3.2)
+    llama:  no biases; RoPE theta 5e5, `llama3` frequency scaling (factor 8 for 3.1, 32 for 3.2)
     qwen2:  bias on q/k/v only; RoPE theta 1e6, no scaling
-    both:   RMSNorm, rotate-half RoPE (HF layout), grouped-query attention, SwiGLU, tied or untied head
+    both:   RMSNorm, rotate-half RoPE (HF layout), grouped-query attention, SwiGLU, tied/untied head
 
 Choices (see REFERENCES.md section 4 for every fact used here):
-- Parameter names mirror the Hugging Face ones minus the `model.` prefix, so loading is a key rename, not a
+- Parameter names mirror the Hugging Face ones minus `model.`, so loading is a key rename, not a
   conversion. Weights load onto a meta-device model with `assign=True`: never allocated twice.
-- A tied head shares the embedding Parameter (a copy would double ~394M params on Llama-3.2-3B and drift).
-- RoPE angles are computed in fp32 and cast afterwards, RMSNorm normalises in fp32 and casts before the
-  weight multiply, exactly as transformers does, so logits match it to ~1e-6 in fp32.
-- Attention is `F.scaled_dot_product_attention(enable_gqa=True)`. Training runs right-padded rows with a plain
-  causal mask (pads sit after the real tokens and cannot affect them). Decoding uses a preallocated KV cache
-  and an explicit key mask, with per-row positions (see rollout.py).
+- A tied head shares the embedding Parameter: a copy would double ~394M params (3.2-3B) and drift.
+- RoPE angles are computed in fp32 and cast afterwards, RMSNorm normalises in fp32 and casts before
+  the weight multiply, exactly as transformers does, so logits match it to ~1e-6 in fp32.
+- Attention is `F.scaled_dot_product_attention(enable_gqa=True)`. Training runs right-padded rows
+  with a plain causal mask (pads sit after the real tokens and cannot affect them). Decoding uses
+  a preallocated KV cache and an explicit key mask, with per-row positions (see rollout.py).
 - bf16 on CUDA, fp32 on CPU unless asked otherwise.
 
 Which checkpoint a name like `llama3.2-3b` means, and fetching it, is presets.py's job.
-The `tiny` preset is a random-init Llama (its byte-level tokenizer is in tokenizer.py), so the whole pipeline
-runs on a laptop CPU through exactly the same code path as a 3B model.
+The `tiny` preset is a random-init Llama (its byte-level tokenizer is in tokenizer.py), so the
+whole pipeline runs on a laptop CPU through exactly the same code path as a 3B model.
 """
 
 import json
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from plumbing.dist import default_device
-from plumbing.presets import PRESET_CONFIGS, PRESETS, resolve_checkpoint  # noqa: F401  (names and hub: presets.py)
+from plumbing.presets import PRESET_CONFIGS, PRESETS, resolve_checkpoint  # noqa: F401 (re-export)
 
 
 def model_config(name_or_path: str) -> "ModelConfig":
@@ -49,9 +49,7 @@ def model_config(name_or_path: str) -> "ModelConfig":
         return ModelConfig.from_hf(json.load(f))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# config
-
+# ---- config --------------------------------------------------------------------------------------
 
 @dataclass
 class ModelConfig:
@@ -64,46 +62,49 @@ class ModelConfig:
     ffn_dim: int = 384  # intermediate_size
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # HF `rope_scaling`, e.g. {"rope_type": "llama3", "factor": 32.0, ...}
+    rope_scaling: dict | None = None  # HF's, e.g. {"rope_type": "llama3", "factor": 32.0, ...}
     qkv_bias: bool = False  # True for Qwen2
     tie_embeddings: bool = True
     max_seq_len: int = 2048
     model_type: str = "llama"  # "llama" or "qwen2": only used to write config.json back
-    extra: dict = field(default_factory=dict)  # other config.json keys (token ids...), written back untouched
+    extra: dict = field(default_factory=dict)  # other config.json keys (token ids...), kept as-is
 
     @classmethod
     def from_hf(cls, d: dict) -> "ModelConfig":
         if d.get("model_type") not in ("llama", "qwen2"):
-            raise ValueError(f"model_type {d.get('model_type')!r} is not supported: only 'llama' and 'qwen2'")
-        # transformers >= 5 nests theta and scaling in `rope_parameters`; older configs (and the hub) use
-        # top-level `rope_theta` + `rope_scaling`. Accept both.
+            raise ValueError(f"model_type {d.get('model_type')!r} is not supported: "
+                             "only 'llama' and 'qwen2'")
+        # transformers >= 5 nests theta and scaling in `rope_parameters`; older configs (and the
+        # hub) use top-level `rope_theta` + `rope_scaling`. Accept both.
         rope = dict(d.get("rope_parameters") or {})
         theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
-        scaling = d.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        nested = rope if rope.get("rope_type", "default") != "default" else None
+        scaling = d.get("rope_scaling") or nested
         if scaling and scaling.get("rope_type", scaling.get("type")) not in ("llama3", "default"):
             raise ValueError(f"rope scaling {scaling} is not supported (only 'llama3')")
         n_heads = d["num_attention_heads"]
-        known = {"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                 "head_dim", "intermediate_size", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
-                 "attention_bias", "tie_word_embeddings", "max_position_embeddings", "model_type", "architectures",
+        known = {"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "intermediate_size", "rms_norm_eps",
+                 "rope_theta", "rope_scaling", "rope_parameters", "attention_bias",
+                 "tie_word_embeddings", "max_position_embeddings", "model_type", "architectures",
                  "torch_dtype", "dtype", "transformers_version"}
         return cls(
-            vocab_size=d["vocab_size"], dim=d["hidden_size"], n_layers=d["num_hidden_layers"], n_heads=n_heads,
-            n_kv_heads=d.get("num_key_value_heads", n_heads),
-            head_dim=d.get("head_dim") or d["hidden_size"] // n_heads,
+            vocab_size=d["vocab_size"], dim=d["hidden_size"], n_layers=d["num_hidden_layers"],
+            n_heads=n_heads, n_kv_heads=d.get("num_key_value_heads", n_heads),
+            head_dim=d.get("head_dim") or d["hidden_size"] // n_heads, rope_scaling=scaling,
             ffn_dim=d["intermediate_size"], norm_eps=d["rms_norm_eps"], rope_theta=float(theta),
-            rope_scaling=scaling, qkv_bias=d["model_type"] == "qwen2" or d.get("attention_bias", False),
+            qkv_bias=d["model_type"] == "qwen2" or d.get("attention_bias", False),
             tie_embeddings=d.get("tie_word_embeddings", False),
             max_seq_len=d.get("max_position_embeddings", 2048), model_type=d["model_type"],
             extra={k: v for k, v in d.items() if k not in known})
 
     def to_hf(self) -> dict:
         arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[self.model_type]
-        d = dict(self.extra)
-        d.update(architectures=[arch], model_type=self.model_type, vocab_size=self.vocab_size,
-                 hidden_size=self.dim, num_hidden_layers=self.n_layers, num_attention_heads=self.n_heads,
-                 num_key_value_heads=self.n_kv_heads, head_dim=self.head_dim, intermediate_size=self.ffn_dim,
-                 rms_norm_eps=self.norm_eps, rope_theta=self.rope_theta, rope_scaling=self.rope_scaling,
+        d = dict(self.extra, architectures=[arch], model_type=self.model_type,
+                 vocab_size=self.vocab_size, hidden_size=self.dim, num_hidden_layers=self.n_layers,
+                 num_attention_heads=self.n_heads, num_key_value_heads=self.n_kv_heads,
+                 head_dim=self.head_dim, intermediate_size=self.ffn_dim, rms_norm_eps=self.norm_eps,
+                 rope_theta=self.rope_theta, rope_scaling=self.rope_scaling,
                  tie_word_embeddings=self.tie_embeddings, max_position_embeddings=self.max_seq_len,
                  hidden_act="silu")
         if self.model_type == "llama":
@@ -112,43 +113,41 @@ class ModelConfig:
 
 
 def tiny_config() -> ModelConfig:
-    """The `tiny` preset: ~0.8M params, byte-level vocab (256 bytes, 4 specials, 3 chat roles, 1 reserved: 264),
-    learns the synthetic task on a CPU."""
+    """The `tiny` preset: ~0.8M params, byte-level vocab (256 bytes, 4 specials, 3 chat roles,
+    1 reserved: 264), learns the synthetic task on a CPU."""
     return ModelConfig(extra={"bos_token_id": 256, "eos_token_id": 258, "pad_token_id": 257})
 
 
-# ----------------------------------------------------------------------------------------------------------
-# building blocks
-
+# ---- building blocks -----------------------------------------------------------------------------
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """inv_freq_j = theta^(-2j/d), with Llama 3's piecewise scaling when configured. (head_dim/2,) fp32."""
+    """inv_freq_j = theta^(-2j/d), with Llama 3's piecewise scaling when set; (head_dim/2,) fp32."""
     d = cfg.head_dim
     inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
     s = cfg.rope_scaling
     if not s or s.get("rope_type", s.get("type")) != "llama3":
         return inv
-    # llama3 scaling: keep high frequencies, divide low frequencies by `factor`, blend the band between.
+    # llama3 scaling: keep high frequencies, divide low ones by `factor`, blend the band between.
     factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
     ctx = s["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv
     alpha = ((ctx / wavelen - lo) / (hi - lo)).clamp(0, 1)  # 0 = low band, 1 = high band
-    scaled = (1 - alpha) * inv / factor + alpha * inv
-    return torch.where(wavelen < ctx / hi, inv, torch.where(wavelen > ctx / lo, inv / factor, scaled))
+    mid = (1 - alpha) * inv / factor + alpha * inv
+    return torch.where(wavelen < ctx / hi, inv, torch.where(wavelen > ctx / lo, inv / factor, mid))
 
 
 def rope_cos_sin(inv_freq, positions, dtype):
-    """positions (B, T) int -> cos, sin (B, T, head_dim), angles in fp32 like transformers. The sine comes with
-    rotate-half's sign folded in, (-sin, sin), so apply_rope rotates with a roll: two fewer kernels per layer."""
+    """positions (B, T) int -> cos, sin (B, T, head_dim), fp32 angles as in transformers. sin has
+    rotate-half's sign folded in, (-sin, sin), so apply_rope rotates by a roll: 2 fewer kernels."""
     angles = positions.float()[..., None] * inv_freq.float()  # (B, T, d/2)
     cos, sin = angles.cos(), angles.sin()
     return torch.cat([cos, cos], dim=-1).to(dtype), torch.cat([-sin, sin], dim=-1).to(dtype)
 
 
 def apply_rope(x, cos, sin):
-    """Rotate-half RoPE: the pair (x_j, x_{j+d/2}) turns by angle_j. x (B, H, T, d), cos/sin (B, T, d), sin signed
-    as rope_cos_sin makes it. Rotating half is [-x2, x1] = roll(x, d/2) * [-1, 1]: the same products, bit for bit,
-    as transformers' rotate_half (tests/test_model.py compares logits)."""
+    """Rotate-half RoPE: the pair (x_j, x_{j+d/2}) turns by angle_j. x (B, H, T, d), cos/sin
+    (B, T, d), sin signed by rope_cos_sin. Rotating half is [-x2, x1] = roll(x, d/2) * [-1, 1]: bit
+    for bit transformers' rotate_half products (tests/test_model.py compares logits)."""
     return x * cos[:, None] + x.roll(x.shape[-1] // 2, dims=-1) * sin[:, None]
 
 
@@ -159,27 +158,27 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # x * rsqrt(mean(x^2) + eps) in fp32, one fused op (the same numbers as the six ops written out, on CPU
-        # bit for bit), then cast before the weight multiply, as HF and Meta do
+        # x * rsqrt(mean(x^2) + eps) in fp32, one fused op (bit for bit the six ops written out, on
+        # CPU), then cast before the weight multiply, as HF and Meta do
         return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 @dataclass
 class KVCache:
-    """Preallocated keys/values, one (B, n_kv_heads, max_len, head_dim) pair per layer; `pos` = slots filled.
-    All rows write the same slot each step (prompts are left-padded), so one integer tracks the fill.
-    Static mode (`slot` set, a (T,) long tensor): new keys go to those slots and attention sees the whole
-    buffer (the caller's key mask hides unfilled slots), so every decode step has the same shapes and no
-    Python int changes between steps: what torch.compile needs to trace the step once (gpt-fast's cache)."""
+    """Preallocated keys/values, one (B, n_kv_heads, max_len, head_dim) pair per layer; `pos` =
+    slots filled. All rows write the same slot each step (prompts are left-padded): one int tracks
+    it. Static mode (`slot` set, a (T,) long tensor): new keys go to those slots and attention sees
+    the whole buffer (the caller's key mask hides unfilled slots): every decode step has the same
+    shapes and Python ints, so torch.compile traces it once (gpt-fast's cache)."""
     k: list
     v: list
     pos: int = 0
-    slot: torch.Tensor | None = None  # static mode; the caller advances it, trunk leaves `pos` alone
+    slot: torch.Tensor | None = None  # static mode: the caller advances it; trunk leaves pos alone
 
     def update(self, layer, k, v):
-        """Store k/v (B, Hkv, T, d) of this call; return the keys/values to attend over, (B, Hkv, S, d)."""
+        """Store k/v (B, Hkv, T, d); return the keys/values to attend over, (B, Hkv, S, d)."""
         if self.slot is not None:
-            # under autocast RoPE's fp32 cos/sin promote k to fp32; index_copy_ casts nothing (slicing below does)
+            # autocast: RoPE's fp32 cos/sin make k fp32; index_copy_ casts nothing (slicing does)
             self.k[layer].index_copy_(2, self.slot, k.to(self.k[layer].dtype))
             self.v[layer].index_copy_(2, self.slot, v.to(self.v[layer].dtype))
             return self.k[layer], self.v[layer]
@@ -208,21 +207,21 @@ class Attention(nn.Module):
             k, v = cache.update(layer, k, v)
         if T == 1 and mask is not None:  # one decoding step
             y = decode_attention(q, k, v, mask)
-        else:  # mask None means plain causal self-attention over exactly these T tokens (training, scoring)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+        else:  # mask None: causal self-attention over exactly these T tokens (training, scoring)
+            y = F.scaled_dot_product_attention(q, k, v, mask, is_causal=mask is None and T > 1,
                                                enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 
 
 def decode_attention(q, k, v, mask):
-    """Attention of ONE new query per row over the cache, as a grouped matmul: the query heads that share a
-    KV head are batched against it, so K/V are never repeated. (SDPA's CPU kernel is ~1.7x slower for a
-    single query.) q (B, H, 1, d), k/v (B, Hkv, S, d), mask (B, 1, 1, S) bool -> (B, H, 1, d)."""
+    """Attention of ONE new query per row over the cache, as a grouped matmul: the query heads that
+    share a KV head are batched against it, so K/V are never repeated (SDPA's CPU kernel: ~1.7x
+    slower). q (B, H, 1, d), k/v (B, Hkv, S, d), mask (B, 1, 1, S) bool -> (B, H, 1, d)."""
     B, H, _, d = q.shape
     n_kv = k.shape[1]
     scores = (q.view(B, n_kv, H // n_kv, d) @ k.transpose(-1, -2)) * d ** -0.5  # (B, Hkv, H/Hkv, S)
     scores = scores.masked_fill(~mask.view(B, 1, 1, -1), float("-inf"))
-    return (scores.float().softmax(dim=-1).to(v.dtype) @ v).view(B, H, 1, d)  # softmax in fp32 under bf16
+    return (scores.float().softmax(dim=-1).to(v.dtype) @ v).view(B, H, 1, d)  # softmax in fp32
 
 
 class MLP(nn.Module):
@@ -249,9 +248,7 @@ class Block(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# the model
-
+# ---- the model -----------------------------------------------------------------------------------
 
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -264,10 +261,10 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
-        self.gradient_checkpointing = False  # recompute each block in backward: memory for ~30% more compute
+        self.gradient_checkpointing = False  # recompute in backward: memory for ~30% more compute
 
     def trunk(self, ids, positions=None, cache=None, mask=None):
-        """ids (B, T) -> final-normed hidden states (B, T, dim). positions default to 0..T-1 (+ cache fill)."""
+        """ids (B, T) -> final-normed hidden states (B, T, dim); positions: 0..T-1 (+ cache.pos)."""
         B, T = ids.shape
         if positions is None:
             start = cache.pos if cache is not None else 0
@@ -284,22 +281,24 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def forward(self, ids, positions=None, cache=None, mask=None, hidden_only=False):
-        """ids (B, T) -> logits (B, T, vocab); hidden_only: the trunk's (B, T, dim), for callers that apply
-        lm_head.weight themselves (rollout.token_logprobs, chunk by chunk). Training passes go through here, not
-        through trunk(): under per-layer FSDP the root's forward hooks gather the embedding and head (dist.py)."""
+        """ids (B, T) -> logits (B, T, vocab); hidden_only: the trunk's (B, T, dim), for callers
+        that apply lm_head.weight themselves (rollout.token_logprobs, in chunks). Training goes
+        through here, not trunk(): under per-layer FSDP the root's forward hooks gather the
+        embedding and head (dist.py)."""
         hidden = self.trunk(ids, positions, cache, mask)
         return hidden if hidden_only else self.lm_head(hidden)
 
     def new_cache(self, batch, max_len) -> KVCache:
         c, p = self.cfg, self.embed_tokens.weight
-        # under autocast (fp32 master weights, bf16 compute) keys and values come out in the autocast dtype
-        dtype = torch.get_autocast_dtype(p.device.type) if torch.is_autocast_enabled(p.device.type) else p.dtype
+        # under autocast (fp32 master weights, bf16 compute) k and v come out in the autocast dtype
+        autocast = torch.is_autocast_enabled(p.device.type)
+        dtype = torch.get_autocast_dtype(p.device.type) if autocast else p.dtype
         shape = (batch, c.n_kv_heads, max_len, c.head_dim)
-        return KVCache([torch.zeros(shape, device=p.device, dtype=dtype) for _ in range(c.n_layers)],
-                       [torch.zeros(shape, device=p.device, dtype=dtype) for _ in range(c.n_layers)])
+        zeros = [torch.zeros(shape, device=p.device, dtype=dtype) for _ in range(2 * c.n_layers)]
+        return KVCache(zeros[:c.n_layers], zeros[c.n_layers:])
 
     def _apply(self, fn, *args, **kwargs):
-        # .to(bf16) / .half() would round the RoPE frequencies too (0.05 rad off by position 256): rebuild them fp32
+        # .to(bf16) / .half() would round RoPE frequencies (0.05 rad off at position 256): redo fp32
         super()._apply(fn, *args, **kwargs)
         if self.inv_freq.device.type != "meta":
             self.inv_freq = rope_inv_freq(self.cfg).to(self.inv_freq.device)
@@ -308,7 +307,7 @@ class Transformer(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # parameters() counts a tied weight once
 
-    # -- loading and saving (Hugging Face format) ----------------------------------------------------------
+    # -- loading and saving (Hugging Face format) ---------------------------------------------
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, device=None, dtype=None, seed=0) -> "Transformer":
@@ -339,20 +338,20 @@ class Transformer(nn.Module):
         for file in safetensors_files(path):
             state.update(read_safetensors(file, device, dtype))
         if cfg.tie_embeddings:
-            state.pop("lm_head.weight", None)  # some tied checkpoints still store a copy: the embedding rules
+            state.pop("lm_head.weight", None)  # a tied checkpoint may keep a copy: embedding rules
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
         missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
         if missing or unexpected:
-            raise ValueError(f"{path}: checkpoint does not match the config: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
+            raise ValueError(f"{path}: checkpoint does not match the config: "
+                             f"missing {missing[:5]}, unexpected {unexpected[:5]}")
         if cfg.tie_embeddings:
-            model.lm_head.weight = model.embed_tokens.weight  # assign=True broke the tie: restore it
+            model.lm_head.weight = model.embed_tokens.weight  # assign=True broke the tie: restore
         model.inv_freq = rope_inv_freq(cfg).to(device)  # buffers were built on meta
         return model
 
     def save_pretrained(self, out_dir: str, dtype=None, state=None):
-        """Write config.json + model.safetensors that transformers' AutoModelForCausalLM loads as-is.
-        state: the weights to write instead of self.state_dict() (whole ones, gathered from FSDP shards)."""
+        """Write config.json + model.safetensors, which transformers' AutoModelForCausalLM loads.
+        state: weights to write instead of self.state_dict() (whole, gathered from FSDP shards)."""
         from safetensors.torch import save_file
         os.makedirs(out_dir, exist_ok=True)
         tensors = {}
@@ -368,7 +367,7 @@ class Transformer(nn.Module):
             json.dump(cfg, f, indent=2)
 
 
-# ---- reading Hugging Face weight files (from_pretrained) ----------------------------------------------------
+# ---- reading Hugging Face weight files (from_pretrained) -----------------------------------------
 
 def safetensors_files(path: str) -> list:
     index = os.path.join(path, "model.safetensors.index.json")
@@ -378,7 +377,8 @@ def safetensors_files(path: str) -> list:
         return [os.path.join(path, s) for s in shards]
     single = os.path.join(path, "model.safetensors")
     if not os.path.exists(single):
-        raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
+        raise FileNotFoundError(f"{path}: neither model.safetensors nor "
+                                "model.safetensors.index.json found")
     return [single]
 
 

@@ -1,18 +1,18 @@
 """
-riel.py: Reinforced Inter-Expert Learning, stage 2 of MEML-GRPO (METHOD.md section 4): one RL step.
+riel.py: Reinforced Inter-Expert Learning, stage 2 of MEML-GRPO (METHOD.md 4): one RL step.
 
 An "expert" is the same policy under its own system prompt P_i (i = 0..N-1). One step, for a batch
 of Q questions (riel_step below runs (a)-(f) in this order):
 
   (a) sample G responses per (question, expert), N*G per question; reward r in {0, 1} (verify.py).
-  (b) advantages within each expert's own group:       A = r - mean_g(r)
-  (c) policy loss with non-negative truncation:        L_GRPO = - sum_tokens logp * max(A, 0) / N_tokens
-  (d) inter-expert transfer, per question: E+ = expert with the highest mean reward, E- = the lowest;
-      O+ = a correct response of E+:                   L_KL = sg[logp(O+|Q,P+)] - logp(O+|Q,P-)
-  (e) hard-example buffer: expert i with more than K of G wrong on Q -> push (Q, P_i, reference) with
-      probability K/G; once it holds B entries:        L_SFT = - sum logp(O_gt|Q,P_i) / N_tokens
+  (b) advantages within each expert's own group:  A = r - mean_g(r)
+  (c) policy loss with non-negative truncation:   L_GRPO = - sum_tokens logp * max(A, 0) / N_tokens
+  (d) inter-expert transfer, per question: E+ = expert with the highest mean reward, E- = lowest;
+      O+ = a correct response of E+:              L_KL = sg[logp(O+|Q,P+)] - logp(O+|Q,P-)
+  (e) hard-example buffer: expert i with more than K of G wrong on Q -> push (Q, P_i, reference)
+      w.p. K/G; once it holds B entries:          L_SFT = - sum logp(O_gt|Q,P_i) / N_tokens
   (f) L = L_GRPO + lambda1 * L_KL + lambda2 * L_SFT, one optimizer step (grad clip 1.0, lr 1e-6).
-      Optional: + weight * L_NLL of MEL's self-written analyses of the same rollouts (mel.py, --mel).
+      Optional: + weight * L_NLL of MEL's self-written analyses of these rollouts (mel.py, --mel).
 The math of (b)-(e) lives in losses.py; this file chooses what to score and runs the step.
 
 Our choices where the paper is open (RIELConfig options; METHOD.md 4 says why):
@@ -38,8 +38,8 @@ from losses import (ADVANTAGE_MODES, AGGREGATIONS, admit_hard_example, aggregate
                     transfer_pairs)
 from mef import SFTExample, encode_target
 from plumbing import dist
-from plumbing.optim import (TermNorms, clip_and_step, drop_cast_weights, length_sorted_micro_batches,
-                            micro_backward, read_sum, sharded_sft_backward)
+from plumbing.optim import (TermNorms, clip_and_step, drop_cast_weights, micro_backward, read_sum,
+                            length_sorted_micro_batches, sharded_sft_backward)
 from plumbing.premise import step_metrics
 from plumbing.runlog import batch_metrics, group_samples
 from plumbing.tokenizer import render_chat, stop_token_ids
@@ -66,14 +66,14 @@ class RIELConfig:
     transfer_mode: Literal["sampled", "full_vocab"] = "sampled"  # sg[logp+] - logp- | KL(p+ || p-)
     transfer_all_correct: bool = False  # use every correct O+ of E+, not one at random
     buffer: bool = True  # (e) hard-example buffer
-    buffer_k: int | None = None  # admit when more than K of G are wrong, w.p. K/G; None: 3G/4 (6 of 8)
+    buffer_k: int | None = None  # admit if over K of G are wrong, w.p. K/G; None: 3G/4 (6 of 8)
     buffer_size: int = 64  # B: SFT step and clear when it holds this many
     lambda2: float = 1.0
-    # all: a full buffer empties (it may hold up to B + Q*N - 1) | exact: the first B go, the rest wait
+    # all: a full buffer empties (up to B + Q*N - 1 entries) | exact: the first B go, the rest wait
     buffer_flush: Literal["all", "exact"] = "all"
     transfer_ties: Literal["lowest", "random"] = "lowest"  # E+/E- among tied experts
-    # own: each term its own token mean (GRPO / all sampled tokens, transfer / O+ tokens, SFT / target
-    # tokens), as METHOD.md writes them | step: every term / the step's sampled tokens
+    # own: each term its own token mean (GRPO / all sampled tokens, transfer / O+ tokens, SFT /
+    # target tokens), as METHOD.md writes them | step: every term / the step's sampled tokens
     term_scale: Literal["own", "step"] = "own"
     mask_truncated: bool = False  # rows cut at max_new_tokens get no policy-gradient loss (DAPO)
     warmup_steps: int = 0  # RL lr warmup: linear over the first steps (train.py)
@@ -86,9 +86,10 @@ class RIELConfig:
     cuda_graphs: bool = False  # replay the decode step from a CUDA graph (docs/benchmark.md)
 
     def __post_init__(self):
-        for name, allowed in (("advantage", ADVANTAGE_MODES), ("aggregation", AGGREGATIONS + (None,)),
-                              ("buffer_flush", ("all", "exact")), ("transfer_ties", ("lowest", "random")),
-                              ("term_scale", ("own", "step")), ("transfer_mode", ("sampled", "full_vocab"))):
+        choices = (("advantage", ADVANTAGE_MODES), ("aggregation", AGGREGATIONS + (None,)),
+                   ("buffer_flush", ("all", "exact")), ("transfer_ties", ("lowest", "random")),
+                   ("term_scale", ("own", "step")), ("transfer_mode", ("sampled", "full_vocab")))
+        for name, allowed in choices:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.group_size < 1 or self.ppo_epochs < 1 or self.micro_batch_size < 1:
@@ -125,34 +126,35 @@ class Batch:
 def riel_step(model, tok, records, experts, cfg: RIELConfig, optimizer, buffer, generator,
               reward_fn, ref_model=None, mel_cfg=None, samples: int = 0) -> dict:
     """One RIEL step on a batch of records; reward_fn(record, completion_text) -> float in {0, 1}.
-    The generator drives sampling, the O+ draw, buffer admission and MEL (drawn last). Returns a flat
-    dict of metrics; with samples=k also the groups of the first k questions, for samples.jsonl."""
+    The generator drives sampling, the O+ draw, buffer admission and MEL (drawn last). Returns a
+    flat dict of metrics; with samples=k also the first k questions' groups, for samples.jsonl."""
     if cfg.kl_beta > 0 and ref_model is None:
         raise ValueError("kl_beta > 0 needs a frozen ref_model")
     t0 = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)  # nothing of training stays alive while sampling
     drop_cast_weights()
-    prompts, out, rewards = sample_and_score(model, tok, records, experts, cfg, generator, reward_fn)  # (a)
+    prompts, out, rewards = sample_and_score(model, tok, records, experts, cfg, generator,  # (a)
+                                             reward_fn)
     sample_s = time.perf_counter() - t0
     adv = group_advantages(rewards, cfg.advantage).flatten()  # (b), (Q*N*G,) in row order
     batch = Batch(prompts, out.completions, adv, *signal_rows(adv, out, cfg))
-    batch.pairs, chosen = transfer_pairs(rewards, prompts, out.completions, generator,  # (d)
-                                         cfg.transfer_all_correct, cfg.transfer_ties == "random"
-                                         ) if cfg.transfer and len(experts) > 1 else ([], [])
+    batch.pairs, chosen = transfer_pairs(  # (d)
+        rewards, prompts, out.completions, generator, cfg.transfer_all_correct,
+        cfg.transfer_ties == "random") if cfg.transfer and len(experts) > 1 else ([], [])
     admitted = admit_hard_examples(buffer, tok, records, experts, prompts, rewards,  # (e)
                                    cfg.hard_k(), generator) if cfg.buffer else 0
     if cfg.buffer and buffer.is_full():
         batch.flushed = buffer.take_all(cfg.buffer_size if cfg.buffer_flush == "exact" else None)
     use_mel, mel_m = mel_cfg is not None and mel_cfg.enabled, {}
     if use_mel:  # MEL: an extra loss from the same rollouts (mel.py)
-        batch.mel_examples, mel_m = mel.collect(model, tok, records, experts, out.completions, rewards,
-                                                mel_cfg, cfg.max_new_tokens, cfg.top_p, generator,
-                                                reward_fn)
-
+        batch.mel_examples, mel_m = mel.collect(model, tok, records, experts, out.completions,
+                                                rewards, mel_cfg, cfg.max_new_tokens, cfg.top_p,
+                                                generator, reward_fn)
     drop_cast_weights()  # sampling cast under no_grad
-    m = update_policy(model, optimizer, cfg, batch, ref_model, mel_cfg.weight if use_mel else 0.0)  # (f)
+    mel_weight = mel_cfg.weight if use_mel else 0.0
+    m = update_policy(model, optimizer, cfg, batch, ref_model, mel_weight)  # (f)
     l_mel, nll_s = m.pop("loss_mel"), m.pop("mel_nll_s")
-    mel_m.update({"mel/loss_nll": l_mel, "mel_s": mel_m["mel/collect_s"] + nll_s} if use_mel else {})
+    mel_m |= {"mel/loss_nll": l_mel, "mel_s": mel_m["mel/collect_s"] + nll_s} if use_mel else {}
     train_s = time.perf_counter() - t0 - sample_s - mel_m.get("mel/collect_s", 0.0)
     m.update(step_metrics(rewards, experts, chosen), **mel_m, buffer_admitted=admitted,
              buffer_size=len(buffer.entries), buffer_flushes=buffer.flushes,
@@ -177,7 +179,8 @@ def update_policy(model, optimizer, cfg, batch: Batch, ref_model=None, mel_weigh
         norms.mark("grpo")
         loss = l_pg
         if epoch == 0:
-            l_kl = transfer_backward(model, dist.shard(batch.pairs), cfg, n_kl) if batch.pairs else 0.0
+            l_kl = (transfer_backward(model, dist.shard(batch.pairs), cfg, n_kl)
+                    if batch.pairs else 0.0)
             l_kl = dist.sum_floats([l_kl])[0]
             norms.mark("transfer")
             l_sft = sft_scale * buffer_backward(model, batch.flushed, cfg, sft_scale)
@@ -187,8 +190,8 @@ def update_policy(model, optimizer, cfg, batch: Batch, ref_model=None, mel_weigh
                                      mel_weight) if batch.mel_examples else 0.0
             norms.mark("mel")
             loss = l_pg + cfg.lambda1 * l_kl + cfg.lambda2 * l_sft + mel_weight * l_mel
-            out.update(loss=loss, loss_grpo=l_pg, loss_transfer=l_kl, loss_sft=l_sft, loss_mel=l_mel,
-                       **({"kl": kl_ref} if cfg.kl_beta > 0 else {}),  # TRL's `kl`
+            out.update(loss=loss, loss_grpo=l_pg, loss_transfer=l_kl, loss_sft=l_sft,
+                       loss_mel=l_mel, **({"kl": kl_ref} if cfg.kl_beta > 0 else {}),  # TRL's `kl`
                        lr=optimizer.param_groups[0]["lr"], mel_nll_s=time.perf_counter() - t_mel,
                        **norms.metrics())
         else:  # ratio != 1 only from the second epoch on
@@ -201,7 +204,7 @@ def update_policy(model, optimizer, cfg, batch: Batch, ref_model=None, mel_weigh
 
 def signal_rows(adv, out: Rollout, cfg) -> tuple:
     """The rows that carry a policy gradient, and the step's counts (the normalisers of every term).
-    mask_truncated: a cut row is neither trained nor counted; its reward still counts in its group."""
+    mask_truncated: a cut row is neither trained nor counted, but its reward counts in its group."""
     counted = [0 if cfg.mask_truncated and f == "length" else len(c)
                for c, f in zip(out.completions, out.finish)]
     counts = {"n_tokens": max(1, sum(counted)), "n_seqs": len(out.completions),
@@ -222,18 +225,16 @@ def term_scales(cfg, batch: Batch) -> tuple:
 # ---- (a) sampling and scoring -----------------------------------------------------------------
 
 def sample_groups(model, tok, records, experts, cfg, generator, rng_rows=None):
-    """Prompt q*N + i = (question q, expert i); completion row (q*N + i)*G + g. rng_rows: generate's.
+    """Prompt q*N + i = (question q, expert i), completions (q*N + i)*G + g; rng_rows: generate's.
     sample_batch_size: at most that many rows (whole groups) per call, so the KV cache holds that
-    many; every call replays the generator's state and draws all rows' uniforms: one call's tokens."""
-    prompts = [render_chat(tok, ex.system_prompt, rec.question) for rec in records for ex in experts]
+    many; every call replays the generator state and draws all rows' uniforms: one call's tokens."""
+    prompts = [render_chat(tok, e.system_prompt, r.question) for r in records for e in experts]
     G = cfg.group_size
     offset, total = rng_rows or (0, len(prompts) * G)
     per_call = len(prompts) if cfg.sample_batch_size is None else max(1, cfg.sample_batch_size // G)
-    state = None
-    if per_call < len(prompts):
-        if generator is None:
-            raise ValueError("sample_batch_size needs a generator: every sampling call replays its draw")
-        state = generator.get_state()
+    if per_call < len(prompts) and generator is None:
+        raise ValueError("sample_batch_size needs a generator: every call replays its draw")
+    state = generator.get_state() if per_call < len(prompts) else None
     completions, finish, entropy = [], [], []
     model.eval()
     with torch.no_grad(), dist.unsharded(model):  # FSDP: decoding runs on the whole weights
@@ -243,8 +244,8 @@ def sample_groups(model, tok, records, experts, cfg, generator, rng_rows=None):
             out = generate(model, prompts[s:s + per_call], num_samples=G,
                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                            top_p=cfg.top_p, stop_ids=stop_token_ids(tok), generator=generator,
-                           vocab_limit=len(tok), rng_rows=(offset + s * G, total), drop_finished=True,
-                           compile=cfg.compile, cuda_graphs=cfg.cuda_graphs,
+                           vocab_limit=len(tok), rng_rows=(offset + s * G, total),
+                           drop_finished=True, compile=cfg.compile, cuda_graphs=cfg.cuda_graphs,
                            entropy=cfg.temperature > 0)
             completions += out.completions
             finish += out.finish
@@ -294,7 +295,7 @@ class HardExampleBuffer:
         return len(self.entries) >= self.capacity
 
     def take_all(self, n: int | None = None) -> list:
-        """Empty the buffer for its SFT step (n: only the n oldest; the rest wait); count the flush."""
+        """Empty the buffer for its SFT step (n: the n oldest; the rest wait); count the flush."""
         out, self.entries = self.entries[:n], self.entries[len(self.entries) if n is None else n:]
         self.flushes += 1
         return out
@@ -309,7 +310,7 @@ class HardExampleBuffer:
 
 
 def reference_trace(record, expert):
-    """O_gt for the buffer: the expert's own stage-1 trace, else the record's first (our reading)."""
+    """The buffer's O_gt: the expert's own stage-1 trace, else the record's first (our reading)."""
     return record.traces.get(expert.name) or next((t for t in record.traces.values() if t), None)
 
 
@@ -330,12 +331,12 @@ def admit_hard_examples(buffer, tok, records, experts, prompts, rewards, k, gene
 # ---- the loss terms, each backpropagated micro-batch by micro-batch ---------------------------
 
 def policy_gradient_backward(model, batch: Batch, cfg, old_cache, ref_model=None):
-    """Backprop L_GRPO over this rank's share of batch.rows. old_cache: micro-batch -> old log-probs,
-    filled by the first epoch. Returns the whole step's (loss, mean k3 to the reference, clip
-    fraction), each read from the device once."""
+    """Backprop L_GRPO over this rank's share of batch.rows. old_cache: micro-batch -> old
+    log-probs, filled by the first epoch. Returns the whole step's (loss, mean k3 to the
+    reference, clip fraction), each read from the device once."""
     G, rows, completions = cfg.group_size, dist.shard(batch.rows), batch.completions
-    mbs = length_sorted_micro_batches([len(batch.prompts[r // G]) + len(completions[r]) for r in rows],
-                                      cfg.micro_batch_size)
+    lengths = [len(batch.prompts[r // G]) + len(completions[r]) for r in rows]
+    mbs = length_sorted_micro_batches(lengths, cfg.micro_batch_size)
     losses, kls, clipped = [], [], []
     for j, mb in enumerate(dist.lockstep(model, mbs)):  # FSDP: as many passes as the busiest rank
         idx = [rows[i] for i in mb]
@@ -365,8 +366,7 @@ def policy_gradient_backward(model, batch: Batch, cfg, old_cache, ref_model=None
 def transfer_backward(model, pairs, cfg, n_tokens=None) -> float:
     """Backprop lambda1 * L_KL over every (P+, P-, O+) pair; one token mean over all O+ tokens of
     the step (n_tokens; default: these pairs' own, i.e. all of them in one process)."""
-    n_tokens = n_tokens or sum(len(o) for _, _, o in pairs)
-    losses = []
+    n_tokens, losses = n_tokens or sum(len(o) for _, _, o in pairs), []
     if cfg.transfer_mode == "full_vocab":  # one pair at a time: (C, V) logits under both prompts
         for teacher_prompt, student_prompt, o in dist.lockstep(model, pairs, no_grad_first=True):
             with torch.no_grad():

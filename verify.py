@@ -6,20 +6,21 @@
 Every expert prompt (data/) asks for the final answer behind a fixed *marker*, so a checker only has
 to find markers, parse what follows and compare it with the gold answer:
 
-| task       | marker                     | comparison                                                |
-|------------|----------------------------|-----------------------------------------------------------|
-| gsm8k      | `#### x`                   | numeric: `1,000.50` = `1000.5`, `$18.00` = `18`, `50%` = `50` |
-| mathqa     | `Answer: (c)`              | the letter; else the option text behind it (gold `(c) 625`) |
-| strategyqa | `Answer: yes` / `no`       | yes/no (gold may also be true/false)                      |
-| math500    | `\\boxed{x}`               | light LaTeX normalisation, then string or numeric equality |
-| synthetic  | `#### x`                   | exact string                                              |
+| task       | marker               | comparison                                                  |
+|------------|----------------------|-------------------------------------------------------------|
+| gsm8k      | `#### x`             | numeric: `$1,000.50` = `1000.5`, `50%` = `50`               |
+| mathqa     | `Answer: (c)`        | the letter; else the option text behind it (gold `(c) 625`) |
+| strategyqa | `Answer: yes` / `no` | yes/no (gold may also be true/false)                        |
+| math500    | `\\boxed{x}`         | light LaTeX normalisation, then string or numeric equality  |
+| synthetic  | `#### x`             | exact string                                                |
 
 Choices (see ../shared/docs/REFERENCES.md section 6 for what others do):
-- **The last marker is the answer.** A model that corrects itself (`#### 17 ... wait ... #### 18`) is scored
-  on its final answer, as verl's strict GSM8K rule and MATH's `last_boxed_only_string` do (REFERENCES.md 6;
-  the official GSM8K script takes the first). Hedging stays worthless: listing `#### 1 #### 2 #### 3` earns
-  exactly what writing `#### 3` alone earns, since only one answer counts. A last marker with nothing
-  parseable behind it (output cut at `####`) scores 0 even when an earlier marker was right.
+- **The last marker is the answer.** A model that corrects itself (`#### 17 ... wait ... #### 18`)
+  is scored on its final answer, as verl's strict GSM8K rule and MATH's `last_boxed_only_string` do
+  (REFERENCES.md 6; the official GSM8K script takes the first). Hedging stays worthless: listing
+  `#### 1 #### 2 #### 3` earns exactly what writing `#### 3` alone earns, since only one answer
+  counts. A last marker with nothing parseable behind it (output cut at `####`) scores 0 even when
+  an earlier marker was right.
 - **Strict by default.** With no marker the reward is 0, which also covers empty output and output
   cut at max length before the answer. `flexible=True` falls back to the last number (gsm8k), the
   last `(x)` letter (mathqa) or the last yes/no word (strategyqa); log it as a separate score.
@@ -36,7 +37,6 @@ import re
 from fractions import Fraction
 
 TASKS = ("synthetic", "gsm8k", "mathqa", "strategyqa", "math500")
-CORRECT = 1.0  # a response counts as correct when its reward reaches this
 
 
 def reward(task: str, completion: str, gold: str) -> float:
@@ -44,7 +44,8 @@ def reward(task: str, completion: str, gold: str) -> float:
     return check(task, completion, gold)[0]
 
 
-def check(task: str, completion: str, gold: str, flexible: bool = False) -> tuple[float, str | None]:
+def check(task: str, completion: str, gold: str,
+          flexible: bool = False) -> tuple[float, str | None]:
     """(reward, parsed answer as written in the completion, or None when no single answer)."""
     if task not in _CHECKERS:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
@@ -52,7 +53,7 @@ def check(task: str, completion: str, gold: str, flexible: bool = False) -> tupl
         return 0.0, None
     try:
         return _CHECKERS[task](completion, gold, flexible)
-    except Exception:  # a last guard: the rules below are written not to raise, a reward must never crash RL
+    except Exception:  # a last guard: the rules are written not to raise; a reward never crashes RL
         return 0.0, None
 
 
@@ -68,7 +69,7 @@ _THOUSANDS = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d*)?")
 
 
 def parse_number(text: str) -> Fraction | None:
-    """The number at the start of text: `-$1,000.50`, `18.00`, `50%`, `7.`, `3/4`; None if there is none.
+    """The number at the start of text: `-$1,000.50`, `18.00`, `50%`, `7.`, `3/4`; else None.
 
     Commas must be thousands separators (`1,5` is not a number); a trailing `.`/`%` is dropped."""
     m = _NUM.match(text.strip())
@@ -132,7 +133,8 @@ def _check_synthetic(completion: str, gold: str, flexible: bool) -> tuple[float,
 
 # ----------------------------------------------------------------------------- mathqa
 
-# "Answer: (c)", "answer is c.", "the answer : c"; a bare letter must not run into a word ("answer is a prime")
+# "Answer: (c)", "answer is c.", "the answer : c";
+# a bare letter must not run into a word ("answer is a prime")
 _LETTER_MARKER = re.compile(
     r"\banswer\b\s*(?:is\s*)?[:=]?\s*(?:\(\s*([a-e])\s*\)|\b([a-e])\b(?!\s*[\w(]))", re.IGNORECASE
 )
@@ -185,8 +187,10 @@ def _check_strategyqa(completion: str, gold: str, flexible: bool) -> tuple[float
 # ----------------------------------------------------------------------------- math500
 
 def boxed_contents(text: str) -> list[str]:
-    """Contents of every complete `\\boxed{...}` / `\\fbox{...}`, braces balanced; an unclosed one is dropped."""
-    closing, stack = {}, []  # one pass pairs every `{` with its `}`, so 10k unclosed boxes stay linear
+    """Contents of every complete `\\boxed{...}` / `\\fbox{...}`, braces balanced;
+    an unclosed one is dropped."""
+    # one pass pairs every `{` with its `}`, so 10k unclosed boxes stay linear
+    closing, stack = {}, []
     for i, ch in enumerate(text):
         if ch == "{":
             stack.append(i)
@@ -209,10 +213,12 @@ def normalize_latex(s: str) -> str:
     """Light normalisation: the forms in which equal MATH answers most often differ."""
     s = s.strip().strip("$").strip()
     s = re.sub(r"^\\text\{([^{}]*)\}$", r"\1", s)
-    s = re.sub(r"(\d)\s*\\(?:text|mbox|mathrm)\{[a-zA-Z ]+\}$", r"\1", s)  # `5.4 \text{ cents}` -> 5.4
+    # `5.4 \text{ cents}` -> 5.4
+    s = re.sub(r"(\d)\s*\\(?:text|mbox|mathrm)\{[a-zA-Z ]+\}$", r"\1", s)
     for command in ("text", "textbf", "mbox", "mathrm", "mathbf"):
         s = _unwrap(s, command)
-    s = re.sub(r"\\(?:left|right)(?=[()\[\]{}|.\\])", "", s)  # \left( \right\} but never \rightarrow
+    # \left( \right\} but never \rightarrow
+    s = re.sub(r"\\(?:left|right)(?=[()\[\]{}|.\\])", "", s)
     s = re.sub(r"\^\s*\{?\\circ\}?|\\circ|\\degree", "", s)
     s = s.replace("\\%", "").replace("%", "").replace("\\$", "")
     s = re.sub(r"\\[dt]frac", r"\\frac", s)
@@ -234,7 +240,9 @@ def _latex_number(s: str) -> Fraction | None:
     m = re.fullmatch(r"(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}", s)
     if m:
         den = int(m.group(3))
-        return None if den == 0 or len(s) > 60 else (-1 if m.group(1) else 1) * Fraction(int(m.group(2)), den)
+        if den == 0 or len(s) > 60:
+            return None
+        return (-1 if m.group(1) else 1) * Fraction(int(m.group(2)), den)
     if re.fullmatch(r"-?(\d+(\.\d*)?|\.\d+)(/\d+)?", s):
         return parse_number(s)
     return None

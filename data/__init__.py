@@ -1,20 +1,20 @@
 """data: the tasks, their experts and reference traces, behind one small interface.
 
     import data
-    records = data.load("gsm8k", "train", data_dir=None)  # list[Record]: id, question, answer, traces, meta
-    experts = data.experts("gsm8k")                       # list[Expert]: name, system_prompt, source
-    train_split, eval_split = data.SPLITS["gsm8k"]        # ("train", "test")
-    data.download("gsm8k", data_dir)                      # on a machine with internet access
-    python -m data download gsm8k --data-dir data         # the same from the shell
+    records = data.load("gsm8k", "train", data_dir)  # [Record]: id, question, answer, traces, meta
+    experts = data.experts("gsm8k")                  # [Expert]: name, system_prompt, source
+    train_split, eval_split = data.SPLITS["gsm8k"]   # ("train", "test")
+    data.download("gsm8k", data_dir)                 # on a machine with internet access
+    python -m data download gsm8k --data-dir data    # the same from the shell
 
-| task       | module             | splits (train / eval)              | experts                        |
-|------------|--------------------|------------------------------------|--------------------------------|
-| synthetic  | data/synthetic.py  | train / test (generated, default)  | chain, columns, reverse        |
-|            | (and `val`; testbeds nested / complementary / placebo: see the module)                |
-| gsm8k      | data/gsm8k.py      | train / test                       | rationale, equations, program  |
-| mathqa     | data/mathqa.py     | dev / test (dev has rationales)    | rationale, program, formula    |
-| strategyqa | data/strategyqa.py | train / dev (test labels hidden)   | facts, decompose, term         |
-| math500    | data/math500.py    | - / test (evaluation only)         | solution, concise, check       |
+| task       | module (data/)  | splits (train / eval)             | experts                       |
+|------------|-----------------|-----------------------------------|-------------------------------|
+| synthetic  | synthetic.py    | train / test (generated, default) | chain, columns, reverse       |
+|            | (and `val`; testbeds nested / complementary / placebo: see the module)          |
+| gsm8k      | gsm8k.py        | train / test                      | rationale, equations, program |
+| mathqa     | mathqa.py       | dev / test (dev has rationales)   | rationale, program, formula   |
+| strategyqa | strategyqa.py   | train / dev (test labels hidden)  | facts, decompose, term        |
+| math500    | math500.py      | - / test (evaluation only)        | solution, concise, check      |
 
 Every trace ends with its expert's final-answer form, so verify.reward(task, trace, record.answer)
 is 1.0 for each of them (tests/test_data.py checks every record of the real files). The first expert
@@ -28,10 +28,12 @@ import torch
 
 from . import gsm8k, math500, mathqa, strategyqa, synthetic
 from .common import DataError, Expert, MissingDataError, Record, UserError, reference_trace
-from .traces import KeepStats, collect_traces, file_traces, read_teacher_traces, replace_traces, self_traces
+from .traces import (KeepStats, collect_traces, file_traces, read_teacher_traces, replace_traces,
+                     self_traces)
 
 TASKS = ("synthetic", "gsm8k", "mathqa", "strategyqa", "math500")
-_MODULES = {"synthetic": synthetic, "gsm8k": gsm8k, "mathqa": mathqa, "strategyqa": strategyqa, "math500": math500}
+_MODULES = {"synthetic": synthetic, "gsm8k": gsm8k, "mathqa": mathqa, "strategyqa": strategyqa,
+            "math500": math500}
 
 
 class Splits(NamedTuple):
@@ -54,7 +56,8 @@ def _module(task: str):
     return _MODULES[task]
 
 
-def load(task: str, split: str | None = None, data_dir: str | None = None, **options) -> list[Record]:
+def load(task: str, split: str | None = None, data_dir: str | None = None,
+         **options) -> list[Record]:
     """Records of one split (default: the task's training split). options go to the task's loader
     (synthetic: n, seed, difficulty, testbed)."""
     module = _module(task)
@@ -68,7 +71,8 @@ def experts(task: str, names: list[str] | None = None, **options) -> list[Expert
     """The task's experts, or the named subset in the given order (e.g. one expert: ExpertX-SFT).
     options go to the task's `experts` (synthetic: testbed)."""
     module = _module(task)
-    pool = {e.name: e for e in (module.experts(**options) if hasattr(module, "experts") else module.EXPERTS)}
+    pool = {e.name: e for e in (module.experts(**options) if hasattr(module, "experts")
+                                else module.EXPERTS)}
     if names is None:
         return list(pool.values())
     unknown = [n for n in names if n not in pool]
@@ -87,14 +91,14 @@ def download(task: str, data_dir: str | None = None) -> list[str]:
     return fetch(task, list(module.SOURCES.values()), data_dir)
 
 
-__all__ = ["TASKS", "SPLITS", "Splits", "Record", "Expert", "DataError", "MissingDataError", "KeepStats", "load",
-           "experts", "download", "reference_trace", "read_teacher_traces", "file_traces", "self_traces",
-           "replace_traces", "collect_traces"]
+__all__ = ["TASKS", "SPLITS", "Splits", "Record", "Expert", "DataError", "MissingDataError",
+           "KeepStats", "load", "experts", "download", "reference_trace", "read_teacher_traces",
+           "file_traces", "self_traces", "replace_traces", "collect_traces"]
 
 
 def question_batch(n: int, size: int, step: int, seed: int) -> list:
-    """Indices of the questions of RL step `step`: consecutive slices of per-epoch permutations drawn from
-    (seed, epoch) alone, so that a resumed run sees the same batches."""
+    """Indices of the questions of RL step `step`: consecutive slices of per-epoch permutations
+    drawn from (seed, epoch) alone, so that a resumed run sees the same batches."""
     out, pos = [], step * size
     while len(out) < size:
         epoch, i = divmod(pos, n)

@@ -1,5 +1,6 @@
 """python -m data download <task|all> [--data-dir DIR]: fetch dataset files (needs internet).
-python -m data show <task> [--split S] [--data-dir DIR]: print one record with its experts' traces."""
+python -m data show <task> [--split S] [--data-dir DIR]: print one record with its experts'
+traces."""
 
 import argparse
 
@@ -29,7 +30,8 @@ def run(args) -> None:
         record = load(task, args.split or SPLITS[task].eval, args.data_dir)[0]
         print(f"[{record.id}] {record.question}\ngold: {record.answer}")
         for ex in experts(task):
-            print(f"\n--- {ex.name}: {ex.system_prompt}\n{record.traces.get(ex.name, '(no trace)')}")
+            print(f"\n--- {ex.name}: {ex.system_prompt}\n"
+                  f"{record.traces.get(ex.name, '(no trace)')}")
 
 
 if __name__ == "__main__":

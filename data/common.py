@@ -2,20 +2,23 @@
 errors that say what to do, and the download helper.
 
 Choices:
-- A **Record** is one question with its gold answer and the reference traces its experts have for it.
-  `answer` is already in the form verify.py compares against (GSM8K `72`, MathQA `(c) 625`,
-  StrategyQA `yes`), so `verify.reward(task, record.traces[e], record.answer) == 1.0` for every trace.
+- A **Record** is one question with its gold answer and the reference traces its experts have for
+  it. `answer` is already in the form verify.py compares against (GSM8K `72`, MathQA `(c) 625`,
+  StrategyQA `yes`), so `verify.reward(task, record.traces[e], record.answer) == 1.0` for every
+  trace.
 - `traces` holds only the experts whose style could be built for this record (e.g. a GSM8K solution
-  without `<<a*b=c>>` annotations has no equation chain). Where a trace is missing, consumers fall back
-  to the first expert's trace (METHOD.md 4(e): "else the dataset rationale"); see `reference_trace`.
-- An **Expert** is `(name, system_prompt, source)` as in METHOD.md section 2. `source` says where its
-  stage-1 traces come from: "gold" (built from the dataset, the default), "file" (teacher JSONL) or
-  "self" (rejection-sampled from a model); data/traces.py implements the last two.
+  without `<<a*b=c>>` annotations has no equation chain). Where a trace is missing, consumers fall
+  back to the first expert's trace (METHOD.md 4(e): "else the dataset rationale"); see
+  `reference_trace`.
+- An **Expert** is `(name, system_prompt, source)` as in METHOD.md section 2. `source` says where
+  its stage-1 traces come from: "gold" (built from the dataset, the default), "file" (teacher JSONL)
+  or "self" (rejection-sampled from a model); data/traces.py implements the last two.
 - Files live in `data_dir/<task>/<file>`, with `data_dir` defaulting to this package's folder (the
   `data/<task>/` folders are gitignored). The layout is the one of ../shared/data, so tests point
-  `data_dir` there. A missing file raises MissingDataError naming the file, its source and the exact
-  command that fetches it; a malformed one raises DataError with file and line (or record index). Both
-  are UserErrors (errors.py): the command line prints their message alone, without a traceback.
+  `data_dir` there. A missing file raises MissingDataError naming the file, its source and the
+  exact command that fetches it; a malformed one raises DataError with file and line (or record
+  index). Both are UserErrors (errors.py): the command line prints their message alone, without a
+  traceback.
 """
 
 import hashlib
@@ -49,7 +52,8 @@ class Expert:
 
 
 def reference_trace(record: Record, expert: str, fallback: str) -> str | None:
-    """The expert's own trace, else the fallback expert's (usually the dataset rationale), else None."""
+    """The expert's own trace, else the fallback expert's (usually the dataset rationale), else
+    None."""
     return record.traces.get(expert, record.traces.get(fallback))
 
 
@@ -86,7 +90,8 @@ def require(task: str, source: Source, data_dir: str | None) -> str:
     if source.zip_member is None:
         manual = f"mkdir -p {os.path.dirname(path)} && curl -L -o {path} {source.url}"
     else:
-        manual = f"curl -L -o /tmp/{task}.zip {source.url} && unzip -j -o /tmp/{task}.zip '*{source.zip_member}' -x '__MACOSX/*' -d {os.path.dirname(path)}"
+        manual = (f"curl -L -o /tmp/{task}.zip {source.url} && unzip -j -o /tmp/{task}.zip "
+                  f"'*{source.zip_member}' -x '__MACOSX/*' -d {os.path.dirname(path)}")
     raise MissingDataError(
         f"missing data file {path}\n"
         f"  it is {source.what or source.file}, from {source.url}\n"
@@ -95,10 +100,12 @@ def require(task: str, source: Source, data_dir: str | None) -> str:
     )
 
 
-def read_jsonl(path: str, keys: tuple[str, ...], check=None, types: dict | None = None) -> list[dict]:
-    """One JSON object per non-empty line, each with all `keys` (of the given `types`); errors name file:line, and
-    a file with no record at all is an error too (it would fail much later, as a division by zero).
-    check(row, where), when given, replaces the key check (it raises DataError itself)."""
+def read_jsonl(path: str, keys: tuple[str, ...], check=None,
+               types: dict | None = None) -> list[dict]:
+    """One JSON object per non-empty line, each with all `keys` (of the given `types`); errors name
+    file:line, and a file with no record at all is an error too (it would fail much later, as a
+    division by zero). check(row, where), when given, replaces the key check (it raises DataError
+    itself)."""
     check = check or (lambda row, where: _check_keys(row, keys, where, types))
     rows = []
     with open(path, "rb") as f:
@@ -106,7 +113,8 @@ def read_jsonl(path: str, keys: tuple[str, ...], check=None, types: dict | None 
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})")
+                raise DataError(f"{path}:{lineno}: not UTF-8 text "
+                                f"(byte {raw[e.start]:#04x} at column {e.start + 1})")
             if not line.strip():
                 continue
             try:
@@ -121,8 +129,8 @@ def read_jsonl(path: str, keys: tuple[str, ...], check=None, types: dict | None 
 
 
 def read_json_array(path: str, keys: tuple[str, ...], types: dict | None = None) -> list[dict]:
-    """A file holding one JSON array of objects, each with all `keys` (of the given `types`); errors name file:line
-    or [index]."""
+    """A file holding one JSON array of objects, each with all `keys` (of the given `types`);
+    errors name file:line or [index]."""
     try:
         with open(path, encoding="utf-8") as f:
             rows = json.load(f)
@@ -148,7 +156,8 @@ def _check_keys(row, keys: tuple[str, ...], where: str, types: dict | None = Non
     for key, kind in (types or {}).items():
         if key in row and not isinstance(row[key], kind):
             want = " or ".join(t.__name__ for t in (kind if isinstance(kind, tuple) else (kind,)))
-            raise DataError(f"{where}: field {key!r} should be {want}, got {type(row[key]).__name__} {row[key]!r:.40}")
+            raise DataError(f"{where}: field {key!r} should be {want}, "
+                            f"got {type(row[key]).__name__} {row[key]!r:.40}")
 
 
 def download(task: str, sources: list[Source], data_dir: str | None = None) -> list[str]:
@@ -188,7 +197,8 @@ def _extract(archive: str, member: str, path: str) -> None:
     import zipfile
 
     with zipfile.ZipFile(archive) as z:
-        names = [n for n in z.namelist() if os.path.basename(n) == member and not n.startswith("__MACOSX")]
+        names = [n for n in z.namelist()
+                 if os.path.basename(n) == member and not n.startswith("__MACOSX")]
         if not names:
             raise MissingDataError(f"{member} not found in {archive}; members: {z.namelist()[:20]}")
         with z.open(names[0]) as src, open(path, "wb") as dst:
@@ -200,5 +210,6 @@ def _check_sha256(path: str, expected: str | None) -> None:
         return
     with open(path, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
-    if digest != expected:  # a warning, not an error: a re-release may differ from the copy we tested
-        print(f"warning: {path} has sha256 {digest}, the tested copy has {expected}", file=sys.stderr)
+    if digest != expected:  # a warning, not an error: a re-release may differ from our tested copy
+        print(f"warning: {path} has sha256 {digest}, the tested copy has {expected}",
+              file=sys.stderr)

@@ -10,12 +10,12 @@ A program is a nested call over numbers from the problem and named constants:
     138 - 100 = 38
 and `infix` prints it as one formula (the `formula` expert): (100 + 31.1) * 100 / (100 - 5) - 100.
 
-The operations are the ones in the dataset's operation_list.txt (plus `choose`, which the programs use
-for `combination`); their meaning follows the MathQA authors' definitions as re-implemented in
+The operations are the ones in the dataset's operation_list.txt (plus `choose`, which the programs
+use for `combination`); their meaning follows the MathQA authors' definitions as re-implemented in
 google/trax `trax/data/tf_inputs.py` (compute_single_result), written out again here. Constants are
 `const_<number>` with `_` for the decimal point (`const_0_25` = 0.25), plus `const_pi` and
-`const_deg_to_rad`. An operation that fails (division by zero, overflow, complex root) makes the whole
-program fail: `evaluate` returns None and the record simply gets no program trace.
+`const_deg_to_rad`. An operation that fails (division by zero, overflow, complex root) makes the
+whole program fail: `evaluate` returns None and the record simply gets no program trace.
 """
 
 import math
@@ -39,7 +39,8 @@ OPS = {  # name -> function over floats; arity is the function's
     "power": lambda a, b: a**b,
     "log": lambda a: math.log(a),
     "sqrt": lambda a: math.sqrt(a),
-    "factorial": lambda a: float(math.factorial(int(a))) if 0 <= a <= 170 and a == int(a) else math.nan,
+    "factorial": lambda a: (float(math.factorial(int(a))) if 0 <= a <= 170 and a == int(a)
+                            else math.nan),
     "gcd": lambda a, b: float(math.gcd(int(a), int(b))),
     "lcm": lambda a, b: float(math.lcm(int(a), int(b))),
     "max": lambda a, b: max(a, b),
@@ -112,7 +113,8 @@ OPS = {  # name -> function over floats; arity is the function's
     "speed_in_still_water": lambda down, up: (down + up) / 2,
     "stream_speed": lambda down, up: (down - up) / 2,
 }
-INFIX = {"add": ("+", 1), "subtract": ("-", 1), "multiply": ("*", 2), "divide": ("/", 2), "power": ("^", 3)}
+INFIX = {"add": ("+", 1), "subtract": ("-", 1), "multiply": ("*", 2), "divide": ("/", 2),
+         "power": ("^", 3)}
 
 
 def _heron(a: float, b: float, c: float) -> float:

@@ -10,9 +10,10 @@ Both keep a response only where verify.py accepts its final answer against the r
 accepted response per (record, expert). A kept trace replaces that expert's gold trace.
 
 This module never imports model.py or rollout.py: the sampler comes in as arguments,
-    generate(prompts: list[list[int]], num_samples=..., max_new_tokens=..., temperature=...) -> rollout
-with `rollout.completions` (P * num_samples rows, prompt-major) and `rollout.finish` ("stop"/"length"),
-and render_chat(tok, system, user) -> prompt ids; in train.py these are
+    generate(prompts: list[list[int]], num_samples=..., max_new_tokens=..., temperature=...)
+        -> rollout
+with `rollout.completions` (P * num_samples rows, prompt-major) and `rollout.finish`
+("stop"/"length"), and render_chat(tok, system, user) -> prompt ids; in train.py these are
 `functools.partial(rollout.generate, model)` and `model.render_chat`.
 """
 
@@ -56,11 +57,14 @@ def read_teacher_traces(path: str) -> list[TeacherTrace]:
 
 
 def _check_teacher_row(row, where: str) -> None:
-    if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("id", "expert", "response")):
-        raise DataError(f"{where}: expected an object with string fields 'id', 'expert', 'response'")
+    if not isinstance(row, dict) or not all(isinstance(row.get(k), str)
+                                            for k in ("id", "expert", "response")):
+        raise DataError(f"{where}: expected an object with string fields "
+                        "'id', 'expert', 'response'")
 
 
-def file_traces(task: str, records: list[Record], expert: str, path: str) -> tuple[dict[str, str], KeepStats]:
+def file_traces(task: str, records: list[Record], expert: str,
+                path: str) -> tuple[dict[str, str], KeepStats]:
     """{record id: response} for `expert` from a teacher file, checker-filtered."""
     gold = {r.id: r.answer for r in records}
     stats, found = KeepStats(expert, records=len(records)), {}
@@ -78,8 +82,9 @@ def file_traces(task: str, records: list[Record], expert: str, path: str) -> tup
     return found, stats
 
 
-def self_traces(task: str, records: list[Record], expert: Expert, generate: Callable, tok, render_chat: Callable,
-                num_samples: int = 4, batch_size: int = 16, max_new_tokens: int = 256, temperature: float = 1.0,
+def self_traces(task: str, records: list[Record], expert: Expert, generate: Callable, tok,
+                render_chat: Callable, num_samples: int = 4, batch_size: int = 16,
+                max_new_tokens: int = 256, temperature: float = 1.0,
                 **generate_kwargs) -> tuple[dict[str, str], KeepStats]:
     """{record id: response} sampled under the expert's prompt; a response is kept if it stopped by
     itself (not cut at max_new_tokens) and the checker accepts it."""
@@ -87,7 +92,8 @@ def self_traces(task: str, records: list[Record], expert: Expert, generate: Call
     for start in range(0, len(records), batch_size):
         batch = records[start : start + batch_size]
         prompts = [render_chat(tok, expert.system_prompt, r.question) for r in batch]
-        out = generate(prompts, num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature, **generate_kwargs)
+        out = generate(prompts, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                       temperature=temperature, **generate_kwargs)
         for row, (ids, finish) in enumerate(zip(out.completions, out.finish)):
             record = batch[row // num_samples]  # prompt-major rows: p * num_samples + g
             stats.candidates += 1
@@ -100,7 +106,8 @@ def self_traces(task: str, records: list[Record], expert: Expert, generate: Call
 
 
 def replace_traces(records: list[Record], expert: str, found: dict[str, str]) -> list[Record]:
-    """Copies of the records whose `expert` trace is the found one (or absent where none was found)."""
+    """Copies of the records whose `expert` trace is the found one (or absent where none was
+    found)."""
     out = []
     for r in records:
         traces = {k: v for k, v in r.traces.items() if k != expert}
@@ -110,7 +117,8 @@ def replace_traces(records: list[Record], expert: str, found: dict[str, str]) ->
     return out
 
 
-def collect_traces(task: str, records: list[Record], experts: list[Expert], trace_file: str | None = None,
+def collect_traces(task: str, records: list[Record], experts: list[Expert],
+                   trace_file: str | None = None,
                    **self_kwargs) -> tuple[list[Record], list[KeepStats]]:
     """Apply every expert's source: "gold" keeps the dataset traces, "file" reads `trace_file`,
     "self" samples with self_kwargs (generate, tok, render_chat, ...). Returns (records, stats)."""
@@ -125,7 +133,8 @@ def collect_traces(task: str, records: list[Record], experts: list[Expert], trac
         elif ex.source == "self":
             found, stats = self_traces(task, records, ex, **self_kwargs)
         else:
-            raise UserError(f"expert {ex.name!r}: unknown trace source {ex.source!r} (gold, file, self)")
+            raise UserError(f"expert {ex.name!r}: unknown trace source {ex.source!r} "
+                            "(gold, file, self)")
         records = replace_traces(records, ex.name, found)
         all_stats.append(stats)
     return records, all_stats

@@ -1,19 +1,22 @@
 """
-experiments/demo_seeds.py: the README's default-run table, reproduced: `python train.py` over seeds and threads.
+experiments/demo_seeds.py: the README's default-run table, reproduced: `python train.py` over seeds
+and threads.
 
-    python -m experiments.demo_seeds                     # seeds 0 1 2 with 2 threads, then seed 0 with 1 thread
+    python -m experiments.demo_seeds    # seeds 0 1 2 with 2 threads, then seed 0 with 1 thread
     python -m experiments.demo_seeds --seeds 0 --threads 2 --extra --riel.lr 1e-4   # try a variant
 
-Every run is exactly the default `python train.py --seed S` (plus --extra), one after another, so that each has the
-machine to itself: its wall time is a user's, and its thread count is the one named (the tiny model's numbers move
-with the thread count: float sums in another order). Finished runs are read back, interrupted ones resumed.
+Every run is exactly the default `python train.py --seed S` (plus --extra), one after another, so
+that each has the machine to itself: its wall time is a user's, and its thread count is the one
+named (the tiny model's numbers move with the thread count: float sums in another order). Finished
+runs are read back, interrupted ones resumed.
 
-It prints and writes (out_dir/demo_seeds.md, .json), per run: where MEF stopped, the best expert's greedy accuracy on
-the held-out questions after MEF and after RIEL and their difference, the majority vote, the share of zero-spread
-(question, expert) groups in the first and last 10% of RIEL, and the wall time; then the issue-14 targets, each
-marked met or not: gain >= 15 points in every run, mean >= 20 over the seeds, >= 50% zero-spread at RIEL's start
-and falling, <= 10 minutes for the runs with the first thread count (the others
-show that the result holds; their wall time is not a user's).
+It prints and writes (out_dir/demo_seeds.md, .json), per run: where MEF stopped, the best expert's
+greedy accuracy on the held-out questions after MEF and after RIEL and their difference, the
+majority vote, the share of zero-spread (question, expert) groups in the first and last 10% of RIEL,
+and the wall time; then the issue-14 targets, each marked met or not: gain >= 15 points in every
+run, mean >= 20 over the seeds, >= 50% zero-spread at RIEL's start and falling, <= 10 minutes for
+the runs with the first thread count (the others show that the result holds; their wall time is not
+a user's).
 """
 import json
 import os
@@ -32,13 +35,14 @@ from experiments.ablation import launch  # noqa: E402  (a train.py run in a subp
 class Config:
     out_dir: str = "out/demo"
     seeds: tuple[int, ...] = (0, 1, 2)
-    threads: tuple[int, ...] = (2, 1)  # the first for every seed; the others for the first seed only
+    threads: tuple[int, ...] = (2, 1)  # the first for every seed; the others for the first seed
     extra: tuple[str, ...] = ()  # more train.py arguments for every run
 
 
 def runs(cfg: Config) -> list[tuple[int, int]]:
     """(seed, threads) of every run, in order."""
-    return [(s, cfg.threads[0]) for s in cfg.seeds] + [(cfg.seeds[0], t) for t in cfg.threads[1:]]
+    return ([(s, cfg.threads[0]) for s in cfg.seeds]
+            + [(cfg.seeds[0], t) for t in cfg.threads[1:]])
 
 
 def run_dir(cfg: Config, seed: int, threads: int) -> str:
@@ -55,31 +59,36 @@ def numbers(out: str) -> dict:
     return {"mef_steps": sum(m.get("stage") == "mef" for m in records),
             "mef_best": f"{mef['best_expert']} {100 * mef['best_accuracy']:.1f}",
             "riel_best": f"{after['best_expert']} {100 * after['best_accuracy']:.1f}",
-            "gain": 100 * (after["best_accuracy"] - mef["best_accuracy"]), "vote": 100 * after["majority_vote"],
-            "zero_start": zero["first_10pct"], "zero_end": zero["last_10pct"], "wall_min": summary["wall_s"] / 60}
+            "gain": 100 * (after["best_accuracy"] - mef["best_accuracy"]),
+            "vote": 100 * after["majority_vote"],
+            "zero_start": zero["first_10pct"], "zero_end": zero["last_10pct"],
+            "wall_min": summary["wall_s"] / 60}
 
 
 def targets(rows: list[dict], first_threads: int) -> list[tuple[str, bool]]:
     """Issue 14's targets, each with whether these runs meet it."""
     main = [r for r in rows if r["threads"] == first_threads]
     return [("RIEL gain >= 15 points in every run", all(r["gain"] >= 15 for r in rows)),
-            (f"mean gain >= 20 over the {first_threads}-thread seeds", statistics.mean(r["gain"] for r in main) >= 20),
-            (">= 50% zero-spread groups at RIEL's start, falling", all(r["zero_start"] >= 0.5 > 0 and
-                                                                       r["zero_end"] < r["zero_start"] for r in rows)),
-            (f"<= 10 minutes per {first_threads}-thread run (a user's `python train.py`: every core)",
+            (f"mean gain >= 20 over the {first_threads}-thread seeds",
+             statistics.mean(r["gain"] for r in main) >= 20),
+            (">= 50% zero-spread groups at RIEL's start, falling",
+             all(r["zero_start"] >= 0.5 > 0 and r["zero_end"] < r["zero_start"] for r in rows)),
+            (f"<= 10 minutes per {first_threads}-thread run (a user's `python train.py`: "
+             "every core)",
              all(r["wall_min"] <= 10 for r in main))]
 
 
 def table(rows: list[dict], marks: list) -> str:
-    lines = ["| seed | threads | MEF steps | best expert after MEF | after RIEL | gain (points) | vote after RIEL | "
-             "zero-spread start -> end | wall |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| seed | threads | MEF steps | best expert after MEF | after RIEL | gain (points) "
+             "| vote after RIEL | zero-spread start -> end | wall |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['seed']} | {r['threads']} | {r['mef_steps']} | {r['mef_best']}% | {r['riel_best']}% | "
-                     f"{r['gain']:+.1f} | {r['vote']:.1f}% | {r['zero_start']:.2f} -> {r['zero_end']:.2f} | "
-                     f"{r['wall_min']:.1f} min |")
+        lines.append(f"| {r['seed']} | {r['threads']} | {r['mef_steps']} | {r['mef_best']}% "
+                     f"| {r['riel_best']}% | {r['gain']:+.1f} | {r['vote']:.1f}% "
+                     f"| {r['zero_start']:.2f} -> {r['zero_end']:.2f} | {r['wall_min']:.1f} min |")
     gains = [r["gain"] for r in rows if r["threads"] == rows[0]["threads"]]
-    lines += ["", f"Gain over the {rows[0]['threads']}-thread seeds: mean {statistics.mean(gains):+.1f}, "
-                  f"min {min(gains):+.1f}.", ""]
+    lines += ["", f"Gain over the {rows[0]['threads']}-thread seeds: "
+                  f"mean {statistics.mean(gains):+.1f}, min {min(gains):+.1f}.", ""]
     lines += [f"- [{'x' if ok else ' '}] {name}" for name, ok in marks]
     return "\n".join(lines) + "\n"
 
@@ -90,7 +99,8 @@ def main(cfg: Config):
         out = run_dir(cfg, seed, threads)
         if not os.path.exists(os.path.join(out, "summary.json")):
             print(f"running seed {seed} with {threads} thread(s) -> {out}", flush=True)
-            launch(["--seed", str(seed), "--out-dir", out, *cfg.extra], out, threads, f"seed {seed}")
+            launch(["--seed", str(seed), "--out-dir", out, *cfg.extra], out, threads,
+                   f"seed {seed}")
         rows.append({"seed": seed, "threads": threads, **numbers(out)})
     marks = targets(rows, cfg.threads[0])
     text = table(rows, marks)

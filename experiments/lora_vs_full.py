@@ -1,22 +1,26 @@
 """
-experiments/lora_vs_full.py: does LoRA RL match full fine-tuning RL here? The tiny default run's RIEL stage with
-full fine-tuning against LoRA ranks 1 and 8 (lora.py), each at its own lr, from the same MEF start.
+experiments/lora_vs_full.py: does LoRA RL match full fine-tuning RL here? The tiny default run's
+RIEL stage with full fine-tuning against LoRA ranks 1 and 8 (lora.py), each at its own lr, from the
+same MEF start.
 
-    python experiments/lora_vs_full.py             # 3 seeds x 3 rows (+ the lr sweeps): ~2 h on 2 cores, resumable
-    python experiments/lora_vs_full.py --report    # the table and picture from finished runs
-    python experiments/lora_vs_full.py --quick     # a smoke test (tests/test_lora_vs_full.py)
+    python experiments/lora_vs_full.py           # 3 x 3 runs + lr sweeps: 2 h on 2 cores, resumable
+    python experiments/lora_vs_full.py --report  # the table and picture from finished runs
+    python experiments/lora_vs_full.py --quick   # a smoke test (tests/test_lora_vs_full.py)
 
-The question comes from "LoRA Without Regret" (Schulman et al., Thinking Machines 2025): rank-1 LoRA matched full
-fine-tuning in policy-gradient RL on math, at ~10x full's best lr. What makes the comparison fair:
-- one start per seed: the nested testbed's MoE-SFT checkpoint of experiments/fair_ablation.py (the default run's
-  MEF, stopped at the edge of competence; made or hash-checked by fair_ablation.run_sft), shared by every row;
-- every row at its own lr: a 3-point sweep on the first seed (full: 1e-4, 3e-4, 1e-3 around the default 3e-4; LoRA
-  ~10x: 1e-3, 3e-3, 1e-2; a sweep whose best is its smallest lr grows downwards by 3x, twice at most), chosen on
-  the VALIDATION split; the other seeds run at the chosen lr;
-- the deployed prompt chosen on validation; its TEST accuracy is reported, with the paired difference to full
-  fine-tuning per seed (95% t-CI); everything else is the default RIEL (250 steps, one thread per run).
-Writes out_dir/lora_vs_full.json, docs-ready markdown (lora_vs_full.md) and a picture (reward per step, mean over
-seeds) next to it.
+The question comes from "LoRA Without Regret" (Schulman et al., Thinking Machines 2025): rank-1 LoRA
+matched full fine-tuning in policy-gradient RL on math, at ~10x full's best lr. What makes the
+comparison fair:
+- one start per seed: the nested testbed's MoE-SFT checkpoint of experiments/fair_ablation.py (the
+  default run's MEF, stopped at the edge of competence; made or hash-checked by
+  fair_ablation.run_sft), shared by every row;
+- every row at its own lr: a 3-point sweep on the first seed (full: 1e-4, 3e-4, 1e-3 around the
+  default 3e-4; LoRA ~10x: 1e-3, 3e-3, 1e-2; a sweep whose best is its smallest lr grows downwards
+  by 3x, twice at most), chosen on the VALIDATION split; the other seeds run at the chosen lr;
+- the deployed prompt chosen on validation; its TEST accuracy is reported, with the paired
+  difference to full fine-tuning per seed (95% t-CI); everything else is the default RIEL (250
+  steps, one thread per run).
+Writes out_dir/lora_vs_full.json, docs-ready markdown (lora_vs_full.md) and a picture (reward per
+step, mean over seeds) next to it.
 """
 import json
 import os
@@ -29,11 +33,13 @@ import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from experiments import fair_ablation as fa  # noqa: E402  (the shared start, run helpers, paired CIs)
+# fair_ablation: the shared start, the run helpers, the paired CIs
+from experiments import fair_ablation as fa  # noqa: E402
 from experiments.ablation import launch  # noqa: E402
 from experiments.plot import pyplot, save, smooth  # noqa: E402
 
-SWEEPS = {0: (1e-4, 3e-4, 1e-3), 1: (1e-3, 3e-3, 1e-2), 8: (1e-3, 3e-3, 1e-2)}  # rank (0: full) -> lrs
+# rank (0: full) -> lrs
+SWEEPS = {0: (1e-4, 3e-4, 1e-3), 1: (1e-3, 3e-3, 1e-2), 8: (1e-3, 3e-3, 1e-2)}
 QUICK_SWEEPS = {0: (1e-4, 3e-4), 1: (1e-3, 3e-3)}
 
 
@@ -49,7 +55,8 @@ class Config:
 
 
 def sweep(cfg, rank, edge_steps=2):
-    """The rank's lrs, grown downwards on validation by fair_ablation's rule (twice at most; never in --quick)."""
+    """The rank's lrs, grown downwards on validation by fair_ablation's rule (twice at most; never
+    in --quick)."""
     lrs = (QUICK_SWEEPS if cfg.quick else SWEEPS)[rank]
     return fa.grown_sweep(lrs, lambda lr: run_dir(cfg, rank, cfg.seeds[0], lr), val_score,
                           0 if cfg.quick else edge_steps)
@@ -60,7 +67,8 @@ def trainable(rank) -> int:
     from plumbing import lora
     from model import Transformer, tiny_config
     model = Transformer.from_config(tiny_config())
-    return sum(p.numel() for p in (lora.add_lora(model, rank, 32.0) if rank else model).parameters() if p.requires_grad)
+    return sum(p.numel() for p in (lora.add_lora(model, rank, 32.0) if rank else model).parameters()
+               if p.requires_grad)
 
 
 def row_name(rank):
@@ -68,11 +76,13 @@ def row_name(rank):
 
 
 def run_dir(cfg, rank, seed, lr):
-    return os.path.join(cfg.out_dir, "full" if rank == 0 else f"lora{rank}", f"lr{lr:g}", f"seed{seed}")
+    return os.path.join(cfg.out_dir, "full" if rank == 0 else f"lora{rank}", f"lr{lr:g}",
+                        f"seed{seed}")
 
 
 def start(cfg, seed):
-    """The seed's MEF checkpoint (fair_ablation's nested MoE-SFT: trained once, then hash-checked)."""
+    """The seed's MEF checkpoint (fair_ablation's nested MoE-SFT: trained once, then
+    hash-checked)."""
     fcfg = fa.Config(out_dir=cfg.starts, quick=cfg.quick)
     fa.run_sft(fcfg, "nested", seed)
     return fa.final_ckpt(fa.run_dir(fcfg, "nested", fa.SFT, seed))
@@ -95,27 +105,33 @@ def val_score(out):
 
 
 def chosen_lr(cfg, rank):
-    """The sweep's lr with the best validation accuracy on the first seed (ties: the smaller); None until done."""
-    return fa.best_lr({lr: run_dir(cfg, rank, cfg.seeds[0], lr) for lr in sweep(cfg, rank)}, val_score)
+    """The sweep's lr with the best validation accuracy on the first seed (ties: the smaller);
+    None until done."""
+    return fa.best_lr({lr: run_dir(cfg, rank, cfg.seeds[0], lr) for lr in sweep(cfg, rank)},
+                      val_score)
 
 
 def run_all(cfg):
-    init = {seed: start(cfg, seed) for seed in cfg.seeds}  # before the pool: one process makes or checks each start
+    # before the pool: one process makes or checks each start
+    init = {seed: start(cfg, seed) for seed in cfg.seeds}
     with ThreadPoolExecutor(cfg.jobs) as pool:
         for _ in range(3):  # the sweeps, then their downward extensions (see sweep)
-            for f in [pool.submit(run, cfg, r, cfg.seeds[0], lr, init[cfg.seeds[0]]) for r in cfg.ranks
-                      for lr in sweep(cfg, r)]:
+            for f in [pool.submit(run, cfg, r, cfg.seeds[0], lr, init[cfg.seeds[0]])
+                      for r in cfg.ranks for lr in sweep(cfg, r)]:
                 f.result()
-        for f in [pool.submit(run, cfg, r, s, chosen_lr(cfg, r), init[s]) for r in cfg.ranks for s in cfg.seeds[1:]]:
+        for f in [pool.submit(run, cfg, r, s, chosen_lr(cfg, r), init[s])
+                  for r in cfg.ranks for s in cfg.seeds[1:]]:
             f.result()
 
 
 def numbers(out):
-    """One run: test accuracy of the prompt chosen on validation, the vote, the reward per RL step."""
+    """One run: test accuracy of the prompt chosen on validation, the vote, the reward per RL
+    step."""
     s = fa.load(out)
     prompt = fa.val_choice(s["evals"])
     return {"deployed": prompt, "test": s["evals"]["after_riel"]["accuracy"][prompt],
-            "val": s["evals"]["after_riel@val"]["accuracy"][prompt], "vote": s["evals"]["after_riel"]["majority_vote"],
+            "val": s["evals"]["after_riel@val"]["accuracy"][prompt],
+            "vote": s["evals"]["after_riel"]["majority_vote"],
             "reward": [m["reward"] for m in fa.riel_lines(out)]}
 
 
@@ -127,25 +143,29 @@ def collect(cfg) -> dict:
                if fa.done(run_dir(cfg, rank, cfg.seeds[0], x))}
         seeds = {s: numbers(run_dir(cfg, rank, s, lr)) for s in cfg.seeds
                  if lr is not None and fa.done(run_dir(cfg, rank, s, lr))}
-        res[row_name(rank)] = {"rank": rank, "lr": lr, "lr_sweep_val": val, "trainable": trainable(rank),
-                               "seeds": seeds}
+        res[row_name(rank)] = {"rank": rank, "lr": lr, "lr_sweep_val": val,
+                               "trainable": trainable(rank), "seeds": seeds}
     return res
 
 
 def markdown(cfg, res) -> str:
     full = res.get(row_name(0), {}).get("seeds", {})
-    lines = ["| RIEL trains | trained parameters | lr (validation accuracy % of the sweep) | test accuracy, mean ± sd "
-             "(%) | per seed | minus full, paired (points) | vote (%) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| RIEL trains | trained parameters | lr (validation accuracy % of the sweep) "
+             "| test accuracy, mean ± sd (%) | per seed | minus full, paired (points) | vote (%) |",
+             "|---|---|---|---|---|---|---|"]
     for name, r in res.items():
         seeds = r["seeds"]
         tests = [100 * v["test"] for v in seeds.values()]
-        acc = f"{statistics.mean(tests):.1f} ± {statistics.stdev(tests) if len(tests) > 1 else 0:.1f}" if tests else "-"
+        acc = (f"{statistics.mean(tests):.1f} ± "
+               f"{statistics.stdev(tests) if len(tests) > 1 else 0:.1f}" if tests else "-")
         per = " / ".join(f"{t:.1f}" for t in tests) or "-"
         diff = fa.fmt(fa.paired(seeds, full)) if name != row_name(0) else "0"
-        mean = lambda k: statistics.mean(v[k] for v in seeds.values()) if seeds else float("nan")  # noqa: E731
+        mean = lambda k: (statistics.mean(v[k] for v in seeds.values())  # noqa: E731
+                          if seeds else float("nan"))
         val = ", ".join(f"{k}: {100 * v:.0f}" for k, v in r["lr_sweep_val"].items())
-        lines.append(f"| {name} | {r['trainable'] / 1e3:.1f}k | {r['lr'] if r['lr'] is not None else '-'} ({val}) | "
-                     f"{acc} | {per} | {diff} | {100 * mean('vote'):.1f} |")
+        lines.append(f"| {name} | {r['trainable'] / 1e3:.1f}k "
+                     f"| {r['lr'] if r['lr'] is not None else '-'} ({val}) "
+                     f"| {acc} | {per} | {diff} | {100 * mean('vote'):.1f} |")
     return "\n".join(lines)
 
 
@@ -159,7 +179,8 @@ def picture(res, path):
         if curves:
             n = min(map(len, curves))
             ax.plot(smooth([statistics.mean(c[i] for c in curves) for i in range(n)]), label=name)
-    ax.set(xlabel="RIEL step", ylabel="reward (mean over seeds, smoothed)", title="LoRA vs full fine-tuning, RIEL")
+    ax.set(xlabel="RIEL step", ylabel="reward (mean over seeds, smoothed)",
+           title="LoRA vs full fine-tuning, RIEL")
     ax.legend()
     return bool(save(plt, fig, path, dpi=110))
 
@@ -172,8 +193,8 @@ def main(cfg: Config):
     res = collect(cfg)
     os.makedirs(cfg.out_dir, exist_ok=True)
     with open(os.path.join(cfg.out_dir, "lora_vs_full.json"), "w") as f:
-        json.dump({"config": vars(cfg), "sweeps": {row_name(r): sweep(cfg, r) for r in cfg.ranks}, "results": res},
-                  f, indent=1)
+        json.dump({"config": vars(cfg), "sweeps": {row_name(r): sweep(cfg, r) for r in cfg.ranks},
+                   "results": res}, f, indent=1)
     table = markdown(cfg, res)
     with open(os.path.join(cfg.out_dir, "lora_vs_full.md"), "w") as f:
         f.write(table + "\n")

@@ -1,18 +1,21 @@
 """
-experiments/transfer_diagnosis.py: why does the transfer alone make the model worse? (issue 29, item 0)
+experiments/transfer_diagnosis.py: why does the transfer alone make the model worse? (issue 29,
+item 0)
 
-    python experiments/transfer_diagnosis.py CKPT --testbed disjoint                # a MoE-SFT checkpoint
+    python experiments/transfer_diagnosis.py CKPT --testbed disjoint   # a MoE-SFT checkpoint
     python experiments/transfer_diagnosis.py CKPT --arms none own:0.1 own:1 own:10 step:1 --steps 40
 
-Each arm starts from the same checkpoint and runs `--steps` RIEL steps of "MEML w/o buffer" (max(A, 0) policy
-gradient + the transfer, no buffer; E+/E- ties at random, the fair grids' 10-step warmup), at one lr. An arm is
-`none` (no transfer: "MEML max(A,0) only") or `<term_scale>:<x>`: the transfer normalised as `own` (its own token
-mean, the paper's) or `step` (over the step's sampled tokens, as the GRPO term), at lambda1 = x times the tiny
-default (0.1). Per step it records, through a wrapper of riel.update_policy (the code under test runs unchanged):
-- every transfer pair: E+, E-, the question's shape, O+'s token-mean log-prob under P+ and under P-, before and
-  after the update (did the student learn O+? did the teacher keep it?);
-- what each expert writes on each shape: the share of its samples in chain format, columns format or neither
-  (`fmt`: the first line's left-hand side against each trace of the question), and its reward;
+Each arm starts from the same checkpoint and runs `--steps` RIEL steps of "MEML w/o buffer"
+(max(A, 0) policy gradient + the transfer, no buffer; E+/E- ties at random, the fair grids' 10-step
+warmup), at one lr. An arm is `none` (no transfer: "MEML max(A,0) only") or `<term_scale>:<x>`:
+the transfer normalised as `own` (its own token mean, the paper's) or `step` (over the step's
+sampled tokens, as the GRPO term), at lambda1 = x times the tiny default (0.1). Per step it
+records, through a wrapper of riel.update_policy (the code under test runs unchanged):
+- every transfer pair: E+, E-, the question's shape, O+'s token-mean log-prob under P+ and under P-,
+  before and after the update (did the student learn O+? did the teacher keep it?);
+- what each expert writes on each shape: the share of its samples in chain format, columns format or
+  neither (`fmt`: the first line's left-hand side against each trace of the question), and its
+  reward;
 - each term's gradient norm (--riel.grad-shares).
 Then greedy test accuracy per expert and shape. Writes --out (JSON) and prints a table per arm.
 """
@@ -54,8 +57,9 @@ class Args:
 
 
 def fmt(text: str, record, experts) -> str:
-    """Which expert's format a completion is in: its first line's left-hand side against each trace's (the
-    formats differ there: chain `61+96`, columns `1+6` on a pair; chain `4+7`, columns `4+7+4+8+6` on many terms)."""
+    """Which expert's format a completion is in: its first line's left-hand side against each
+    trace's (the formats differ there: chain `61+96`, columns `1+6` on a pair; chain `4+7`, columns
+    `4+7+4+8+6` on many terms)."""
     lhs = text.strip().split("\n")[0].split("=")[0]
     for ex in experts:
         trace = data.synthetic.chain_trace(record.meta["terms"]) if ex.name == "chain" else \
@@ -73,15 +77,19 @@ def mean_logp(model, prompts, outs) -> list:
 
 def instrumented(original, log):
     """riel.update_policy, with O+'s log-probs under P+ and P- measured before and after it."""
-    def update_policy(model, optimizer, cfg, prompts, completions, adv, rows, counts, pairs, flushed, *a, **k):
-        before = (mean_logp(model, [p for p, _, _ in pairs], [o for *_, o in pairs]),
-                  mean_logp(model, [s for _, s, _ in pairs], [o for *_, o in pairs])) if pairs else ([], [])
-        out = original(model, optimizer, cfg, prompts, completions, adv, rows, counts, pairs, flushed, *a, **k)
-        after = (mean_logp(model, [p for p, _, _ in pairs], [o for *_, o in pairs]),
-                 mean_logp(model, [s for _, s, _ in pairs], [o for *_, o in pairs])) if pairs else ([], [])
+    def update_policy(model, optimizer, cfg, prompts, completions, adv, rows, counts, pairs,
+                      flushed, *a, **k):
+        before = ((mean_logp(model, [p for p, _, _ in pairs], [o for *_, o in pairs]),
+                   mean_logp(model, [s for _, s, _ in pairs], [o for *_, o in pairs]))
+                  if pairs else ([], []))
+        out = original(model, optimizer, cfg, prompts, completions, adv, rows, counts, pairs,
+                       flushed, *a, **k)
+        after = ((mean_logp(model, [p for p, _, _ in pairs], [o for *_, o in pairs]),
+                  mean_logp(model, [s for _, s, _ in pairs], [o for *_, o in pairs]))
+                 if pairs else ([], []))
         model.train()
-        log.append({"teacher_before": before[0], "student_before": before[1], "teacher_after": after[0],
-                    "student_after": after[1]})
+        log.append({"teacher_before": before[0], "student_before": before[1],
+                    "teacher_after": after[0], "student_after": after[1]})
         return out
     return update_policy
 
@@ -89,8 +97,9 @@ def instrumented(original, log):
 def run_arm(args, arm, base, tok, records, experts, test) -> dict:
     model = copy.deepcopy(base)
     scale, _, x = arm.partition(":")
-    d = dict(advantage="meml", buffer=False, transfer=arm != "none", transfer_ties="random", group_size=8,
-             questions_per_step=16, max_new_tokens=48, micro_batch_size=64, grad_shares=True)
+    d = dict(advantage="meml", buffer=False, transfer=arm != "none", transfer_ties="random",
+             group_size=8, questions_per_step=16, max_new_tokens=48, micro_batch_size=64,
+             grad_shares=True)
     if arm != "none":
         d.update(term_scale=scale, lambda1=0.1 * float(x))
     cfg = riel.RIELConfig(**d)
@@ -101,38 +110,42 @@ def run_arm(args, arm, base, tok, records, experts, test) -> dict:
     pair_log, steps = [], []
     riel.update_policy, original = instrumented(riel.update_policy, pair_log), riel.update_policy
     chosen_log = []
-    riel.transfer_pairs, original_tp = (lambda *a, **k: chosen_log.append(r := original_tp(*a, **k)) or r), \
-        riel.transfer_pairs
+    riel.transfer_pairs, original_tp = (
+        lambda *a, **k: chosen_log.append(r := original_tp(*a, **k)) or r), riel.transfer_pairs
     try:
         for step in range(args.steps):
             batch = [records[i] for i in data.question_batch(len(records), 16, step, args.seed)]
             for g in opt.param_groups:
                 g["lr"] = args.lr * min(1.0, (step + 1) / 10)
-            m = riel.riel_step(model, tok, batch, experts, cfg, opt, buf, gen, reward_fn, samples=len(batch))
+            m = riel.riel_step(model, tok, batch, experts, cfg, opt, buf, gen, reward_fn,
+                               samples=len(batch))
             shape_of = {r.question: r for r in batch}
             cell = {}
             for grp in m.pop("samples"):
                 rec = shape_of[grp["question"]]
-                c = cell.setdefault(f"{grp['expert']}/{rec.meta['shape']}", {"reward": [], "chain": 0, "columns": 0,
-                                                                             "other": 0})
+                c = cell.setdefault(f"{grp['expert']}/{rec.meta['shape']}",
+                                    {"reward": [], "chain": 0, "columns": 0, "other": 0})
                 c["reward"] += grp["rewards"]
                 for t in grp["completions"]:
                     c[fmt(t, rec, experts)] += 1
             for c in cell.values():
                 n = len(c["reward"])
-                c.update(reward=sum(c["reward"]) / n, chain=c["chain"] / n, columns=c["columns"] / n,
-                         other=c["other"] / n)
+                c.update(reward=sum(c["reward"]) / n, chain=c["chain"] / n,
+                         columns=c["columns"] / n, other=c["other"] / n)
             pairs, chosen = chosen_log[-1] if arm != "none" else ([], [])
             p = pair_log[-1]
             steps.append({"step": step + 1, "reward": m["reward"], "cells": cell,
                           "grad_norm": {t: m.get(f"grad_norm/{t}") for t in ("grpo", "transfer")},
-                          "pairs": [{"plus": experts[a].name, "minus": experts[b].name} for a, b in chosen],
+                          "pairs": [{"plus": experts[a].name, "minus": experts[b].name}
+                                    for a, b in chosen],
                           "n_pair_tokens": sum(len(o) for *_, o in pairs), **p})
     finally:
         riel.update_policy, riel.transfer_pairs = original, original_tp
-    res = evaluate(model, tok, "synthetic", test, experts, EvalConfig(size=args.test_size, max_new_tokens=48,
-                                                                       batch_size=150), keep_texts=True)
-    return {"arm": arm, "steps": steps, "test": res["accuracy"], "test_by_shape": res.get("accuracy_by_shape"),
+    res = evaluate(model, tok, "synthetic", test, experts,
+                   EvalConfig(size=args.test_size, max_new_tokens=48, batch_size=150),
+                   keep_texts=True)
+    return {"arm": arm, "steps": steps, "test": res["accuracy"],
+            "test_by_shape": res.get("accuracy_by_shape"),
             "examples": examples(res["samples"], test, args.show)}
 
 
@@ -157,9 +170,10 @@ def mean_of(xs):
 def report(arm_res, experts) -> str:
     s = arm_res["steps"]
     lines = [f"### {arm_res['arm']}", "",
-             "| steps | reward | pairs/step | logp O+ under P- before -> after | under P+ before -> after | "
-             "grad norm grpo / transfer | " + " | ".join(f"{e.name}: reward, chain/columns/other on many; on long"
-                                                         for e in experts) + " |",
+             "| steps | reward | pairs/step | logp O+ under P- before -> after "
+             "| under P+ before -> after | grad norm grpo / transfer | "
+             + " | ".join(f"{e.name}: reward, chain/columns/other on many; on long"
+                          for e in experts) + " |",
              "|---|---|---|---|---|---|" + "---|" * len(experts)]
     for lo in range(0, len(s), 10):
         part = s[lo:lo + 10]
@@ -175,15 +189,20 @@ def report(arm_res, experts) -> str:
             cells.append("; ".join(txt))
         lines.append(f"| {lo + 1}-{lo + len(part)} | {mean_of(x['reward'] for x in part):.3f} | "
                      f"{mean_of(len(x['pairs']) for x in part):.1f} | "
-                     f"{mean_of(flat('student_before')):.2f} -> {mean_of(flat('student_after')):.2f} | "
-                     f"{mean_of(flat('teacher_before')):.2f} -> {mean_of(flat('teacher_after')):.2f} | "
+                     f"{mean_of(flat('student_before')):.2f} -> "
+                     f"{mean_of(flat('student_after')):.2f} | "
+                     f"{mean_of(flat('teacher_before')):.2f} -> "
+                     f"{mean_of(flat('teacher_after')):.2f} | "
                      f"{mean_of(x['grad_norm']['grpo'] for x in part):.3f} / "
-                     f"{mean_of(x['grad_norm']['transfer'] for x in part):.3f} | " + " | ".join(cells) + " |")
+                     f"{mean_of(x['grad_norm']['transfer'] for x in part):.3f} | "
+                     + " | ".join(cells) + " |")
     by = arm_res["test_by_shape"] or {}
     lines += ["", "greedy answers after (expert, shape, question -> answer):"] + [
-        f"    {x['expert']} {x['shape']} {x['question']} -> {x['completion'].strip()!r}" for x in arm_res["examples"]]
+        f"    {x['expert']} {x['shape']} {x['question']} -> {x['completion'].strip()!r}"
+        for x in arm_res["examples"]]
     lines += ["", "greedy test accuracy after: " + ", ".join(
-        f"{e.name} {100 * arm_res['test'][e.name]:.1f}% (" + " / ".join(f"{k} {100 * by[k][e.name]:.1f}%" for k in by)
+        f"{e.name} {100 * arm_res['test'][e.name]:.1f}% ("
+        + " / ".join(f"{k} {100 * by[k][e.name]:.1f}%" for k in by)
         + ")" for e in experts), ""]
     return "\n".join(lines)
 
@@ -193,14 +212,18 @@ def main(args: Args):
     torch.manual_seed(args.seed)
     base, tok = Transformer.from_pretrained(args.model), load_tokenizer(args.model)
     experts = data.experts("synthetic", testbed=args.testbed)
-    records = data.load("synthetic", "train", n=10000, seed=args.seed, difficulty=(2, 2), testbed=args.testbed)
+    records = data.load("synthetic", "train", n=10000, seed=args.seed, difficulty=(2, 2),
+                        testbed=args.testbed)
     test = data.load("synthetic", "test", seed=args.seed, difficulty=(2, 2), testbed=args.testbed)
-    before = evaluate(base, tok, "synthetic", test, experts, EvalConfig(size=args.test_size, max_new_tokens=48,
-                                                                          batch_size=150), keep_texts=True)
-    out = {"args": vars(args), "before": before["accuracy"], "before_by_shape": before.get("accuracy_by_shape"),
+    before = evaluate(base, tok, "synthetic", test, experts,
+                      EvalConfig(size=args.test_size, max_new_tokens=48, batch_size=150),
+                      keep_texts=True)
+    out = {"args": vars(args), "before": before["accuracy"],
+           "before_by_shape": before.get("accuracy_by_shape"),
            "before_examples": examples(before["samples"], test, args.show), "arms": []}
     print(f"before RL: {before['accuracy']} {before.get('accuracy_by_shape')}\n" + "\n".join(
-        f"    {x['expert']} {x['shape']} {x['question']} -> {x['completion'].strip()!r}" for x in out["before_examples"]))
+        f"    {x['expert']} {x['shape']} {x['question']} -> {x['completion'].strip()!r}"
+        for x in out["before_examples"]))
     for arm in args.arms:
         res = run_arm(args, arm, base, tok, records, experts, test)
         out["arms"].append(res)

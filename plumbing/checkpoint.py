@@ -1,26 +1,32 @@
 """
-checkpoint.py: atomic checkpoints that transformers can load, and resuming from the last complete one.
+checkpoint.py: atomic checkpoints that transformers can load; resuming from the last complete one.
 
 A checkpoint is a directory `out_dir/ckpt-<global step>` holding
-    config.json, model.safetensors, tokenizer files   Hugging Face format: AutoModelForCausalLM loads it
+    config.json, model.safetensors, tokenizer files   Hugging Face format (AutoModelForCausalLM)
     trainer_state.pt                                  stage, step, optimizer, RNG and buffer state
-    adapters.safetensors                              --lora-rank only: the adapters (lora.py; the weights
-                                                      above are then base + adapters merged)
+    adapters.safetensors                              --lora-rank only: the adapters (lora.py; the
+                                                      weights above are then base + adapters merged)
 
 Why a run killed at ANY moment loses nothing:
 1. everything is written into `ckpt-<step>.tmp` first, files fsynced;
 2. the finished directory is renamed to `ckpt-<step>` (a rename is atomic on POSIX file systems);
-3. the small file `latest` is replaced atomically (write `latest.tmp`, fsync, os.replace) to name it;
+3. the small file `latest` that names it is replaced atomically (`latest.tmp`, fsync, os.replace);
 4. only then are older checkpoints deleted.
-A kill before step 3 leaves `latest` naming the previous complete checkpoint, and the half-written
-`.tmp` directory is swept away on the next start.
+A kill before step 3 leaves `latest` naming the previous complete checkpoint (before the first
+one's `latest`, no `latest`: the newest complete checkpoint is the latest), and the half-written
+`.tmp` directory is swept away on the next start. A write the file system refuses (a full disk) is
+an OSError, whichever library wrote. Evaluations run after a checkpoint are added to its
+trainer_state.pt (record_evals, atomically), so that a resume does not run them again.
 
-Reading weights back is model.Transformer.from_pretrained's (model.py); this file never imports model.py.
+Reading weights back is model.Transformer.from_pretrained's (model.py); this file never imports it.
 """
 
+import errno
 import glob
 import os
+import re
 import shutil
+from contextlib import contextmanager
 
 import torch
 
@@ -40,23 +46,26 @@ def _fsync(path):
 
 def save(out_dir: str, model, tok, state: dict, weights: dict | None = None, keep: int = 1,
          files: dict | None = None) -> str:
-    """Write a checkpoint for state['gstep'] atomically and make it the latest. Returns its directory.
-    weights: the model's state dict when model.state_dict() does not hold it whole (FSDP, dist.full_state) or is
-    not what Hugging Face loads (LoRA: the merged weights). files: {name: tensors} written beside it as safetensors
-    (LoRA's adapters)."""
+    """Write a checkpoint for state['gstep'] atomically, make it the latest; returns its directory.
+    weights: the model's state dict when model.state_dict() does not hold it whole (FSDP,
+    dist.full_state) or is not what Hugging Face loads (LoRA: the merged weights).
+    files: {name: tensors} written beside it as safetensors (LoRA's adapters)."""
     from safetensors.torch import save_file
     name = f"ckpt-{state['gstep']:06d}"
     final, tmp = os.path.join(out_dir, name), os.path.join(out_dir, name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state=weights)  # in the parameters' own dtype: a resumed run continues bit for bit
-    tok.save_pretrained(tmp)
-    torch.save(state, os.path.join(tmp, STATE_FILE))
-    for file, tensors in (files or {}).items():
-        save_file(tensors, os.path.join(tmp, file))
+    with _writing(out_dir):
+        # in the parameters' own dtype: a resumed run continues bit for bit
+        model.save_pretrained(tmp, state=weights)
+        tok.save_pretrained(tmp)
+        torch.save(state, os.path.join(tmp, STATE_FILE))
+        for file, tensors in (files or {}).items():
+            save_file(tensors, os.path.join(tmp, file))
     for f in os.listdir(tmp):
         _fsync(os.path.join(tmp, f))
-    if os.path.exists(final):  # the same step saved twice (a resume with fewer steps, the end of a stage right
-        #                          after a periodic save): the old one is set aside, not deleted, until the new is in place
+    if os.path.exists(final):
+        # the same step saved twice (a resume with fewer steps, a stage ending right after a
+        # periodic save): the old one is set aside, not deleted, until the new one is in place
         shutil.rmtree(final + ".prev", ignore_errors=True)
         os.rename(final, final + ".prev")
     os.rename(tmp, final)
@@ -72,10 +81,47 @@ def save(out_dir: str, model, tok, state: dict, weights: dict | None = None, kee
     return final
 
 
+@contextmanager
+def _writing(out_dir: str):
+    """A write that fails for the file system is an OSError, which train.py's command line ends
+    with one line (process.py): safetensors reports a full disk as SafetensorError('... (os error
+    28)'), torch.save as RuntimeError('... unexpected pos ...'), without an errno."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as err:
+        code = re.search(r"\(os error (\d+)\)", str(err))
+        n = int(code.group(1)) if code else None
+        if n is None and shutil.disk_usage(out_dir).free < 1 << 20:  # under 1 MiB left
+            n = errno.ENOSPC
+        if n is None:
+            raise
+        raise OSError(n, os.strerror(n), out_dir) from err
+
+
+def record_evals(out_dir: str, evals: dict):
+    """Evaluations run after the latest checkpoint, added to it (its trainer_state.pt replaced
+    atomically): a resume then neither runs them again nor logs them twice. Rank 0 writes; no
+    checkpoint (an eval-only run): nothing to add to."""
+    path = latest(out_dir) if dist.is_main() else None
+    if path is None:
+        return
+    state = load_state(path)
+    state["evals"] = dict(evals)
+    tmp = os.path.join(path, STATE_FILE + ".tmp")
+    with _writing(out_dir):
+        torch.save(state, tmp)
+    _fsync(tmp)
+    os.replace(tmp, os.path.join(path, STATE_FILE))
+    _fsync(path)
+
+
 def complete_checkpoints(out_dir: str) -> list:
     """The run's complete checkpoint directories, oldest first."""
     return sorted(d for d in glob.glob(os.path.join(out_dir, "ckpt-*"))
-                  if not d.endswith((".tmp", ".prev")) and os.path.exists(os.path.join(d, STATE_FILE)))
+                  if not d.endswith((".tmp", ".prev"))
+                  and os.path.exists(os.path.join(d, STATE_FILE)))
 
 
 def prune(out_dir: str, keep: int, current: str):
@@ -86,8 +132,9 @@ def prune(out_dir: str, keep: int, current: str):
 
 
 def latest(out_dir: str) -> str | None:
-    """The last complete checkpoint directory of a run, or None. Sweeps half-written ones away and puts back a
-    checkpoint set aside by a save of the same step that was killed before its replacement was in place."""
+    """The last complete checkpoint directory of a run, or None. Sweeps half-written ones away and
+    puts back a checkpoint set aside by a save of the same step that was killed before its
+    replacement was in place."""
     for tmp in glob.glob(os.path.join(out_dir, "ckpt-*.tmp")):
         shutil.rmtree(tmp, ignore_errors=True)
     for prev in glob.glob(os.path.join(out_dir, "ckpt-*.prev")):
@@ -97,20 +144,24 @@ def latest(out_dir: str) -> str | None:
             shutil.rmtree(prev[:-5], ignore_errors=True)
             os.rename(prev, prev[:-5])
     pointer = os.path.join(out_dir, "latest")
-    if not os.path.exists(pointer):
-        return None
+    if not os.path.exists(pointer):  # none, or a kill between the rename of the first checkpoint
+        done = complete_checkpoints(out_dir)  # and `latest` (save, step 3): it is complete
+        return done[-1] if done else None
     with open(pointer, "rb") as f:
         name = f.read().decode(errors="replace").strip()
     path = os.path.join(out_dir, name)
-    if not name.startswith("ckpt-") or "/" in name or not os.path.exists(os.path.join(path, STATE_FILE)):
-        raise UserError(f"{pointer} names {name!r}, which is not a complete checkpoint of this run. "
-                        + fallback_hint(out_dir, path))
+    if (not name.startswith("ckpt-") or "/" in name
+            or not os.path.exists(os.path.join(path, STATE_FILE))):
+        raise UserError(f"{pointer} names {name!r}, which is not a complete checkpoint of this "
+                        "run. " + fallback_hint(out_dir, path))
     return path
 
 
 def fallback_hint(out_dir: str, bad: str) -> str:
-    """What to do when `bad` cannot be used: the newest other complete checkpoint, and how to point `latest` at it."""
-    others = [d for d in complete_checkpoints(out_dir) if os.path.abspath(d) != os.path.abspath(bad)]
+    """What to do when `bad` cannot be used: the newest other complete checkpoint, and how to point
+    `latest` at it."""
+    others = [d for d in complete_checkpoints(out_dir)
+              if os.path.abspath(d) != os.path.abspath(bad)]
     if not others:
         return "No other complete checkpoint is kept: start the run again in a new --out-dir."
     name = os.path.basename(others[-1])
@@ -119,9 +170,10 @@ def fallback_hint(out_dir: str, bad: str) -> str:
 
 
 def check(path: str, out_dir: str | None = None):
-    """Refuse a damaged checkpoint with a message naming the file, what is wrong and the checkpoint to fall back to
-    (out_dir: the run's directory; None: a checkpoint on its own). Checks what a resume reads: config.json,
-    the safetensors headers and sizes, trainer_state.pt (when the directory is a train.py checkpoint), tokenizer."""
+    """Refuse a damaged checkpoint with a message naming the file, what is wrong and the checkpoint
+    to fall back to (out_dir: the run's directory; None: a checkpoint on its own). Checks what a
+    resume reads: config.json, the safetensors headers and sizes, trainer_state.pt (when the
+    directory is a train.py checkpoint), tokenizer."""
     from safetensors import safe_open
     hint = fallback_hint(out_dir, path) if out_dir else ""
 
@@ -141,7 +193,8 @@ def check(path: str, out_dir: str | None = None):
             damaged(os.path.basename(w), f"cannot be read ({type(err).__name__}: {err})")
         if not whole:
             damaged(os.path.basename(w), "is shorter than its header says (truncated)")
-    if not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model")):
+    tokenizers = ("tokenizer.json", "tokenizer.model")
+    if not any(os.path.exists(os.path.join(path, f)) for f in tokenizers):
         damaged("tokenizer.json", "is missing")
     state = os.path.join(path, STATE_FILE)
     if out_dir is not None or os.path.exists(state):
@@ -152,7 +205,8 @@ def check(path: str, out_dir: str | None = None):
 
 
 def _sizes_match(file: str) -> bool:
-    """A safetensors file is 8 bytes of header length, the JSON header, then the data its offsets promise."""
+    """A safetensors file is 8 bytes of header length, the JSON header, then the data its offsets
+    promise."""
     import json
     import struct
     size = os.path.getsize(file)
@@ -164,23 +218,25 @@ def _sizes_match(file: str) -> bool:
 
 
 def load_state(path: str) -> dict:
-    # weights_only=False: the state holds plain Python containers (RNG states, buffer entries) we wrote ourselves
+    # weights_only=False: the state holds Python containers (RNG states, buffer entries) we wrote
     return torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
 
 
 def reference_model(out_dir: str, model, dtype=None):
-    """--riel.kl-beta's frozen pi_ref: the policy as RIEL starts (after MEF, or --init), written once to
-    out_dir/reference (atomically: a .tmp directory, then a rename) so that a resumed run compares with the same
-    weights, not with its resumed ones. Under torchrun every rank calls it; rank 0 writes. dtype: what it is held
-    in (default: the policy's); under autocast bf16, which is what autocast would cast fp32 weights to anyway, at
-    half the memory (plan.py counts it)."""
+    """--riel.kl-beta's frozen pi_ref: the policy as RIEL starts (after MEF, or --init), written
+    once to out_dir/reference (atomically: .tmp, then a rename) so that a resumed run compares with
+    the same weights, not its resumed ones. Under torchrun every rank calls it; rank 0 writes.
+    dtype: what it is held in (default: the policy's); under autocast bf16, what autocast would cast
+    fp32 weights to anyway, at half the memory (plan.py counts it)."""
     path = os.path.join(out_dir, "reference")
-    # rank 0 decides for all: a rank that looked after rank 0 had written would skip the collectives below (hang)
+    # rank 0 decides for all: a rank that looked after rank 0 wrote would skip the collectives
+    # below (a hang)
     if dist.from_main(lambda: not os.path.exists(os.path.join(path, "config.json"))):
         weights, _ = dist.full_state(model)  # under FSDP every rank gathers, rank 0 gets them
         if dist.is_main():
             shutil.rmtree(path + ".tmp", ignore_errors=True)
-            model.save_pretrained(path + ".tmp", state=weights)
+            with _writing(out_dir):
+                model.save_pretrained(path + ".tmp", state=weights)
             os.rename(path + ".tmp", path)
         dist.barrier()
     w = model.embed_tokens.weight

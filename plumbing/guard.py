@@ -1,39 +1,40 @@
 """
-guard.py: what keeps a run from losing its work or silently lying. train.py calls these; they decide nothing about
-training itself.
+guard.py: what keeps a run from losing its work or silently lying. train.py calls these; they decide
+nothing about training itself (the process, its lock and its signals: process.py).
 
-- check_options: every option checked BEFORE any model or data loads: ranges, finite learning rates, "0" where a
-  user would mean "none" refused with the option's name (--riel.steps 0 does not mean "one epoch"), a group of
-  one sample refused where an advantage needs a group, a --plan-gpu plan_time.py has no figures for.
-- RunLock: a run owns its directory. OUT/run.lock holds the owner's pid and host, created exclusively before
-  anything is written and removed at exit; a second run on the same directory stops with a clear error; a lock
-  whose pid is dead on this host is stale and taken over with a warning.
-- config_changes: on --resume, the saved config against the new one. A change to anything that alters what the
-  run computes (data, experts, testbed, seed, model, LoRA, group size, advantage, lrs, steps, ...) is refused
-  unless --resume-allow-change names its key; options that only change logging and output pass (LOGGING).
-- non_finite: the first weight holding a NaN or inf, so that no such checkpoint is ever written or resumed.
-- check_writable: the output directory takes a file, checked before the model loads (a read-only or missing
-  parent directory would otherwise fail only at the first checkpoint, after minutes of work).
-- resume_checks: a resumed run is the run it continues (config_changes, and no more steps for a finished stage).
-- count_skipped / warn_collapse: a run that diverges (NaN/inf steps in a row) stops and names the lr; one whose
-  policy collapsed (entropy near 0, reward not rising) is warned about once.
-- stopped_message: where an interrupted run stands, and the exact command that continues it.
+- check_options: every option checked BEFORE any model or data loads: ranges, finite learning
+  rates, "0" where a user would mean "none" refused with the option's name (--riel.steps 0 does
+  not mean "one epoch"), a group of one sample refused where an advantage needs a group, a
+  --plan-gpu plan_time.py has no figures for.
+- config_changes: on --resume, the saved config against the new one. A change to anything that
+  alters what the run computes (data, experts, testbed, seed, model, LoRA, group size, advantage,
+  lrs, ...) is refused unless --resume-allow-change names its key; logging options pass.
+- resume_checks: a resumed run is the run it continues (config_changes on the values the run
+  uses: an unset --riel.buffer-k is the K it derives; an option the checkpoint lacks, its
+  default), except that a larger --riel.steps or --mef.epochs extends its stage, finished or not
+  (extend). A checkpoint that records no options is refused.
+- non_finite: the first weight holding a NaN or inf: no such checkpoint is written or resumed.
+- check_writable: the output directory takes a file, checked before the model loads (a read-only
+  or missing parent directory would otherwise fail only at the first checkpoint, minutes in); a
+  file is not a directory; --resume does not make a mistyped one.
+- count_skipped / warn_collapse: a run that diverges (NaN/inf steps in a row) stops and names the
+  lr; one whose policy collapsed (entropy near 0, reward not rising) is warned about once.
 """
 import dataclasses
 import math
 import os
-import socket
-import warnings
 
 from tqdm import tqdm
 
-from plumbing import checkpoint
+from plumbing import dist
 from plumbing.errors import UserError
 
 # options that change what a run logs or writes, never what it computes: free to change on --resume
-LOGGING = {"resume", "resume_or_start", "resume_allow_change", "log_every", "curves", "report_to", "log_samples_every",
-           "checkpoint_every", "plan", "plan_gpu", "plan_gpu_gb", "plan_world_size", "plan_detail", "device", "out_dir",
-           "micro_batch"}  # micro_batch: how the sizes were chosen; the sizes themselves are compared
+LOGGING = {"resume", "resume_or_start", "resume_allow_change", "log_every", "curves", "report_to",
+           "log_samples_every", "checkpoint_every", "plan", "plan_gpu", "plan_gpu_gb",
+           "plan_world_size", "plan_detail", "device", "out_dir",
+           "micro_batch"}  # micro_batch: how the sizes were chosen; the sizes are compared
+EXTENDS = {"riel.steps": "riel", "mef.epochs": "mef"}  # on --resume, more extends its stage
 
 
 def _positive(name, value, allow_none=False):
@@ -51,47 +52,60 @@ def _lr(name, value):
 def check_options(cfg):
     """Raise UserError for the first option no run could mean. cfg: train.Config."""
     r, m, e = cfg.riel, cfg.mef, cfg.eval
-    for name, value, none_ok in (("riel.steps", r.steps, True), ("riel.questions-per-step", r.questions_per_step, False),
-                                 ("riel.max-new-tokens", r.max_new_tokens, False),
-                                 ("riel.micro-batch-size", r.micro_batch_size, False),
-                                 ("riel.buffer-size", r.buffer_size, False), ("mef.epochs", m.epochs, False),
-                                 ("mef.batch-size", m.batch_size, False), ("mef.micro-batch-size", m.micro_batch_size, False),
-                                 ("mef.check-every", m.check_every, False), ("mef.check-size", m.check_size, False),
-                                 ("mef.max-len", m.max_len, False), ("eval.size", e.size, True),
-                                 ("eval.batch-size", e.batch_size, False), ("eval.max-new-tokens", e.max_new_tokens, False),
-                                 ("train-size", cfg.train_size, True), ("checkpoint-every", cfg.checkpoint_every, False),
-                                 ("eval-every-size", cfg.eval_every_size, False), ("log-every", cfg.log_every, True)):
+    for name, value, none_ok in (
+            ("riel.steps", r.steps, True), ("riel.questions-per-step", r.questions_per_step, False),
+            ("riel.max-new-tokens", r.max_new_tokens, False),
+            ("riel.micro-batch-size", r.micro_batch_size, False),
+            ("riel.buffer-size", r.buffer_size, False), ("mef.epochs", m.epochs, False),
+            ("mef.batch-size", m.batch_size, False),
+            ("mef.micro-batch-size", m.micro_batch_size, False),
+            ("mef.check-every", m.check_every, False), ("mef.check-size", m.check_size, False),
+            ("mef.max-len", m.max_len, False), ("eval.size", e.size, True),
+            ("eval.batch-size", e.batch_size, False),
+            ("eval.max-new-tokens", e.max_new_tokens, False),
+            ("train-size", cfg.train_size, True), ("checkpoint-every", cfg.checkpoint_every, False),
+            ("eval-every-size", cfg.eval_every_size, False), ("log-every", cfg.log_every, True)):
         _positive(name, value, none_ok)
     _lr("mef.lr", m.lr)
     _lr("riel.lr", r.lr)
-    for name, value in (("riel.grad-clip", r.grad_clip), ("mef.grad-clip", m.grad_clip), ("riel.lambda1", r.lambda1),
-                        ("riel.lambda2", r.lambda2), ("riel.kl-beta", r.kl_beta), ("riel.temperature", r.temperature),
-                        ("eval-every", cfg.eval_every), ("log-samples-every", cfg.log_samples_every),
+    for name, value in (("riel.grad-clip", r.grad_clip), ("mef.grad-clip", m.grad_clip),
+                        ("riel.lambda1", r.lambda1), ("riel.lambda2", r.lambda2),
+                        ("riel.kl-beta", r.kl_beta), ("riel.temperature", r.temperature),
+                        ("eval-every", cfg.eval_every),
+                        ("log-samples-every", cfg.log_samples_every),
                         ("lora-rank", cfg.lora_rank), ("mef.weight-decay", m.weight_decay)):
         if not (math.isfinite(value) and value >= 0):
             raise UserError(f"--{name} {value}: must be a finite number >= 0")
     if r.temperature == 0:
-        raise UserError("--riel.temperature 0: RL samples; greedy decoding gives a group no spread (use > 0)")
+        raise UserError("--riel.temperature 0: RL samples; greedy decoding gives a group no spread "
+                        "(use > 0)")
     if r.group_size < 2:
-        raise UserError(f"--riel.group-size {r.group_size}: a group advantage (r - mean of the group) needs >= 2 "
-                        "samples; with one every advantage is 0 and nothing is learned")
+        raise UserError(f"--riel.group-size {r.group_size}: a group advantage (r - mean of the "
+                        "group) needs >= 2 samples; with one every advantage is 0 and nothing is "
+                        "learned")
     if r.buffer_k is not None and not 0 <= r.buffer_k < r.group_size:
         raise UserError(f"--riel.buffer-k {r.buffer_k}: must be in [0, group size {r.group_size})")
     if m.stop_at is not None and not (math.isfinite(m.stop_at) and m.stop_at >= 0):
-        raise UserError(f"--mef.stop-at {m.stop_at}: a share of questions >= 0 (above 1: never), or None")
+        raise UserError(f"--mef.stop-at {m.stop_at}: a share of questions >= 0 (above 1: never), "
+                        "or None")
     lo, hi = cfg.difficulty
     if not 1 <= lo <= hi:
         raise UserError(f"--difficulty {lo} {hi}: levels are >= 1, low first")
     if cfg.rl_difficulty is not None and not 1 <= cfg.rl_difficulty[0] <= cfg.rl_difficulty[1]:
-        raise UserError(f"--rl-difficulty {cfg.rl_difficulty[0]} {cfg.rl_difficulty[1]}: levels are >= 1, low first")
+        lo, hi = cfg.rl_difficulty
+        raise UserError(f"--rl-difficulty {lo} {hi}: levels are >= 1, low first")
     if cfg.trace_file is not None and not os.path.isfile(cfg.trace_file):
         raise UserError(f"--trace-file {cfg.trace_file}: no such file")
-    if cfg.sft_cross is not None and (cfg.data != "synthetic" or not cfg.testbed.startswith("disjoint")
-                                      or not 0.0 <= cfg.sft_cross <= 1.0):  # data/synthetic.py's DISJOINT
-        raise UserError(f"--sft-cross {cfg.sft_cross}: a probability in [0, 1], for a --testbed disjoint* only")
+    disjoint = cfg.data == "synthetic" and cfg.testbed.startswith("disjoint")  # synthetic.DISJOINT
+    if cfg.sft_cross is not None and not (disjoint and 0.0 <= cfg.sft_cross <= 1.0):
+        raise UserError(f"--sft-cross {cfg.sft_cross}: a probability in [0, 1], for a --testbed "
+                        "disjoint* only")
     if cfg.sft_replay is not None and not os.path.isfile(cfg.sft_replay):
         raise UserError(f"--sft-replay {cfg.sft_replay}: no such file (a RIEL run's flushed.jsonl)")
     _check_plan(cfg)
+    if cfg.fsdp and not dist.launched():
+        raise UserError("--fsdp shards the model over torchrun's processes: launch with torchrun "
+                        "(README)")
 
 
 def _check_plan(cfg):
@@ -102,8 +116,14 @@ def _check_plan(cfg):
     _positive("plan-world-size", cfg.plan_world_size)
 
 
-def check_writable(out_dir: str):
-    """Make out_dir and prove it takes a file; a clear error instead of an OSError minutes into the run."""
+def check_writable(out_dir: str, resume: bool = False):
+    """Make out_dir and prove it takes a file: a clear error, not an OSError minutes in. resume
+    (--resume alone): out_dir must exist, and a mistyped one is not made."""
+    if resume and not os.path.isdir(out_dir):
+        raise UserError(f"--resume: {out_dir} does not exist: nothing to resume. Check --out-dir, "
+                        "or pass --resume-or-start to start a new run there")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out-dir {out_dir} is a file, not a directory: choose a directory")
     probe = os.path.join(out_dir, ".write_probe")
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -111,62 +131,11 @@ def check_writable(out_dir: str):
             f.write("ok")
         os.remove(probe)
     except OSError as err:
-        raise UserError(f"--out-dir {out_dir} cannot be written ({err.strerror}): choose a writable directory")
+        raise UserError(f"--out-dir {out_dir} cannot be written ({err.strerror}): choose a "
+                        "writable directory")
 
 
-# ---- the lock -------------------------------------------------------------------------------------------------
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
-        return True
-    return True
-
-
-class RunLock:
-    """OUT/run.lock, held from before the first write until exit. A second run on the directory is refused; a
-    lock left by a dead process of this host is taken over with a warning."""
-
-    def __init__(self, out_dir: str):
-        self.path, self.held = os.path.join(out_dir, "run.lock"), False
-
-    def acquire(self):
-        me = f"{os.getpid()} {socket.gethostname()}"
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                pid, host = self.owner()
-                if host == socket.gethostname() and pid is not None and not _alive(pid):
-                    warnings.warn(f"{self.path}: taking over the lock of process {pid}, which is no longer running")
-                    os.remove(self.path)
-                    continue
-                raise UserError(f"{os.path.dirname(self.path)} is in use by process {pid} on {host} "
-                                f"({self.path}): wait for it, or choose another --out-dir. If that process is gone "
-                                "(another machine), delete the lock file by hand.")
-            with os.fdopen(fd, "w") as f:
-                f.write(me)
-            self.held = True
-            return self
-        raise UserError(f"{self.path}: could not take the lock")
-
-    def owner(self):
-        try:
-            pid, host = open(self.path).read().split()
-            return int(pid), host
-        except (OSError, ValueError):
-            return None, "?"
-
-    def release(self):
-        if self.held and self.owner()[0] == os.getpid():
-            os.remove(self.path)
-        self.held = False
-
-
-# ---- resume ---------------------------------------------------------------------------------------------------
+# ---- resume -------------------------------------------------------------------------------------
 
 def flat(d: dict, prefix="") -> dict:
     out = {}
@@ -179,41 +148,96 @@ def flat(d: dict, prefix="") -> dict:
 
 
 def config_changes(saved: dict, new: dict, allowed=()) -> list:
-    """[(key, saved value, new value)] of every option the resumed run would change, logging ones excepted.
-    Raises UserError for a change not in `allowed` (keys as in summary.json's config: riel.lr, seed, ...)."""
+    """[(key, saved value, new value)] of every option the resumed run would change, logging ones
+    excepted. Raises UserError for a change not in `allowed` (keys as in summary.json's config)."""
     old, now = flat(saved), flat(new)
     changes = [(k, old.get(k), now.get(k)) for k in sorted(set(old) | set(now))
                if k.split(".")[0] not in LOGGING and old.get(k) != now.get(k) and k in old]
-    allowed = {a.lstrip("-").replace("-", "_") for a in allowed}  # riel.lr, --riel.lr, riel.kl-beta: all the same
+    allowed = {a.lstrip("-").replace("-", "_") for a in allowed}  # riel.lr, --riel.lr, riel.kl-beta
     refused = [c for c in changes if c[0] not in allowed]
     flag = lambda key: key.replace("_", "-")  # noqa: E731  (as the command line spells it)
     if refused:
         lines = ", ".join(f"--{flag(k)} {a!r} -> {b!r}" for k, a, b in refused)
-        raise UserError(f"--resume would change what this run computes ({lines}); a resumed run must be the run it "
-                        "continues. Pass --resume-allow-change " + " ".join(flag(k) for k, *_ in refused)
-                        + " to change it anyway (recorded in summary.json), or start a new --out-dir")
+        raise UserError(f"--resume would change what this run computes ({lines}); a resumed run "
+                        "must be the run it continues. Pass --resume-allow-change "
+                        + " ".join(flag(k) for k, *_ in refused)
+                        + " to change it anyway (recorded in summary.json), or start a new "
+                        "--out-dir")
     return changes
 
 
 def non_finite(named_tensors) -> str | None:
-    """The name of the first tensor with a NaN or inf, or None. named_tensors: (name, tensor) pairs."""
+    """The name of the first tensor with a NaN or inf, or None. named_tensors: (name, tensor)."""
     for name, t in named_tensors:
         if t.is_floating_point() and not bool(t.isfinite().all()):
             return name
     return None
 
 
-def resume_checks(cfg, state):
-    """A resumed run is the run it continues: a change of what it computes is refused unless allowed, and an
-    allowed one is recorded with the step it took effect (summary.json's `changes`)."""
-    changes = config_changes(state.get("config") or {}, dataclasses.asdict(cfg), cfg.resume_allow_change)
-    for key, _, _ in changes:
-        stage = key.split(".")[0]
-        if stage in ("mef", "riel") and stage in state["done"] and key.endswith(".steps"):
-            raise UserError(f"--{key.replace('_', '-')}: stage {stage} already finished in this run; more steps would "
-                            "be a new stage. Start a new run with --init on its last checkpoint instead")
+def _as_run(config: dict, riel) -> dict:
+    """config with riel.buffer_k as the K the run uses: unset (None) is riel.hard_k()'s 3G/4, so a
+    checkpoint that saved the former default 6 resumes under the default None at G = 8."""
+    r = config.get("riel")
+    if not r or "buffer_k" not in r or r.get("group_size") != riel.group_size:
+        return config  # another group size: refused as such
+    k = dataclasses.replace(riel, buffer_k=r["buffer_k"]).hard_k()
+    return {**config, "riel": {**r, "buffer_k": k}}
+
+
+def _longer(old, new, state, stage) -> bool:
+    """Whether new (riel.steps, mef.epochs) lengthens its stage. riel.steps None (one epoch) ran
+    state["step"] steps once RIEL finished; before that its length is unknown here."""
+    if new is None or old == new:
+        return False
+    if old is None:
+        return state["stage"] == stage and stage in state["done"] and new > state["step"]
+    return new > old
+
+
+def extend(state, stage: str, key: str):
+    """A finished stage asked for more steps goes on: it leaves `done`, its step count continues
+    where it ended, and its after-stage evaluations run again at the new end. Not once a later
+    stage has begun."""
+    if stage not in state["done"]:
+        return  # unfinished: it runs on to the new end
+    if state["stage"] != stage:
+        raise UserError(f"--{key.replace('_', '-')}: stage {stage} is done and {state['stage']} "
+                        "has trained on its result in this run; more steps would come after RL. "
+                        "Start a new run with --init on its last checkpoint instead")
+    state["done"].remove(stage)
+    for name in [k for k in state["evals"] if k.split("@")[0] == f"after_{stage}"]:
+        del state["evals"][name]
+
+
+def _with_defaults(saved: dict, default: dict) -> dict:
+    """saved, with the options it lacks (added after it was written, or deleted by hand) at their
+    defaults: what that run computed with."""
+    out = {**default, **saved}
+    for k, v in default.items():
+        if isinstance(v, dict) and isinstance(saved.get(k), dict):
+            out[k] = _with_defaults(saved[k], v)
+    return out
+
+
+def resume_checks(cfg, state, default: dict | None = None):
+    """A resumed run is the run it continues: a change of what it computes is refused unless
+    allowed or a larger riel.steps / mef.epochs (an extension), and recorded with the step it took
+    effect (summary.json's `resume_changes`). default: the options' defaults (as a dict), for the
+    options the saved config lacks: one set there is a change too."""
+    if not state.get("config"):
+        raise UserError("the checkpoint's trainer_state.pt records no options (no 'config'): a "
+                        "resume cannot tell what this command would change. Start a new run from "
+                        "it instead: --init <that checkpoint> in another --out-dir")
+    saved = _as_run(_with_defaults(state["config"], default or {}), cfg.riel)
+    new = _as_run(dataclasses.asdict(cfg), cfg.riel)
+    longer = [k for k, stage in EXTENDS.items()
+              if _longer(flat(saved).get(k), flat(new).get(k), state, stage)]
+    changes = config_changes(saved, new, (*cfg.resume_allow_change, *longer))
+    for key in longer:
+        extend(state, EXTENDS[key], key)
     if changes:
-        state.setdefault("changes", []).append({"gstep": state["gstep"], "changes": [list(c) for c in changes]})
+        state.setdefault("changes", []).append({"gstep": state["gstep"],
+                                                "changes": [list(c) for c in changes]})
 
 
 SKIP_LIMIT = 5  # non-finite steps in a row that end a run: it is diverging, not unlucky
@@ -221,38 +245,27 @@ COLLAPSE_ENTROPY, COLLAPSE_STEPS = 0.05, 5  # nats per token, steps in a row
 
 
 def count_skipped(state, m, stage, lr):
-    """Count the optimizer steps skipped for a NaN/inf loss or gradient (summary.json's skipped_steps), and stop
-    the run after SKIP_LIMIT in a row, naming the lr, instead of finishing with a model that did not train."""
+    """Count the optimizer steps skipped for a NaN/inf loss or gradient (summary.json's
+    skipped_steps), and stop the run after SKIP_LIMIT in a row, naming the lr, rather than end with
+    a model that did not train."""
     state["skipped_steps"] = state.get("skipped_steps", 0) + int(m["skipped"])
     state["skip_streak"] = state.get("skip_streak", 0) + 1 if m["skipped"] else 0
     if state["skip_streak"] >= SKIP_LIMIT:
-        raise UserError(f"{stage}: {SKIP_LIMIT} optimizer steps in a row had a NaN/inf loss or gradient (step "
-                        f"{state['step']}); the run is diverging. Lower --{stage}.lr ({lr:g}) and start again")
+        raise UserError(f"{stage}: {SKIP_LIMIT} optimizer steps in a row had a NaN/inf loss or "
+                        f"gradient (step {state['step']}); the run is diverging. Lower "
+                        f"--{stage}.lr ({lr:g}) and start again")
 
 
 def warn_collapse(state, m, lr):
-    """Once per run: the policy stopped exploring (token entropy near 0 for several steps) while its reward
-    fell, the usual sign of an RL lr too high for the model."""
+    """Once per run: the policy stopped exploring (token entropy near 0 for several steps) while its
+    reward fell, the usual sign of an RL lr too high for the model."""
     if state.get("collapse_warned") or "entropy" not in m:
         return
     hist = state.setdefault("collapse_hist", [])
     hist[:] = (hist + [(m["entropy"], m["reward"])])[-COLLAPSE_STEPS:]
-    if len(hist) == COLLAPSE_STEPS and all(e < COLLAPSE_ENTROPY for e, _ in hist) and hist[-1][1] <= hist[0][1]:
+    if (len(hist) == COLLAPSE_STEPS and all(e < COLLAPSE_ENTROPY for e, _ in hist)
+            and hist[-1][1] <= hist[0][1]):
         state["collapse_warned"] = True
-        tqdm.write(f"warning: entropy below {COLLAPSE_ENTROPY} nats for {COLLAPSE_STEPS} steps with the reward not "
-                   f"rising: the policy has collapsed; --riel.lr {lr:g} is likely too high")
-
-
-def stopped_message(cfg, argv) -> str:
-    """Where a stopped run stands: its last complete checkpoint and the exact command that continues it."""
-    if cfg is None:
-        return ""
-    try:
-        last = checkpoint.latest(cfg.out_dir)
-    except (UserError, OSError):
-        last = None
-    if last is None:
-        return f"no checkpoint was written yet in {cfg.out_dir}: run the same command again to start over"
-    args = [a for a in argv if a not in ("--resume", "--resume-or-start")]
-    return f"the last complete checkpoint is {last}; continue with: python train.py {' '.join(args)} --resume".replace(
-        "  ", " ")
+        tqdm.write(f"warning: entropy below {COLLAPSE_ENTROPY} nats for {COLLAPSE_STEPS} steps "
+                   "with the reward not rising: the policy has collapsed; "
+                   f"--riel.lr {lr:g} is likely too high")

@@ -1,37 +1,44 @@
 """
-lora.py: LoRA (Hu et al. 2021), hand-written: train a low-rank update of every linear map, keep the base frozen.
+lora.py: LoRA (Hu et al. 2021), hand-written: train a low-rank update of every linear map, keep the
+base frozen.
 
 Each target linear y = W x (+ b) becomes
 
     y = W x (+ b) + (alpha / r) * B (A x)        A (r, in), B (out, r): the only trained weights
 
 Choices (reference: "LoRA Without Regret", Schulman et al., Thinking Machines 2025):
-- Adapters on every linear of attention and MLP (q, k, v, o, gate, up, down): attention-only LoRA falls well short
-  of full fine-tuning there, all-layer LoRA matches it. The embedding and lm_head (tied or not) stay frozen.
-- B starts at zero, so the model equals its base exactly at init (same logits, bit for bit); A starts like
-  nn.Linear's own weight, uniform(+-1/sqrt(in)), so A x has the same scale whatever the width (PEFT's choice too).
-  A's init comes from its own generator (seed), so adding LoRA draws nothing from the run's random state.
-- Scale alpha / r with a fixed alpha (train.py: 32, the paper's): under Adam B's entries move by ~lr each step
-  whatever r is, B A sums r such terms, so alpha / r makes the early update, and the best lr, independent of the
-  rank. That best lr is about 10x full fine-tuning's on billion-parameter models and rank 1 is enough for their RL
-  (the paper); on `tiny` we measured 1-3x and rank 1 24 points behind, rank 8 level (docs/training.md, LoRA), so
-  sweep --riel.lr / --mef.lr from 1x to 10x full's with LoRA.
-- The wrapped linears' frozen base weights are bf16 whenever the run computes in bf16 (--precision bf16, and
-  autocast, the CUDA default: `base_dtype`): a frozen weight needs no fp32 master copy, and under autocast a frozen
-  fp32 weight would be cast again at every forward, since autocast caches only weights that require grad. That
-  halves the base (Llama-3.2-3B: 12.0 -> 6.7 GiB with the fp32 embedding) and is what puts 3B on a 24 GiB card.
-  Embedding, norms and lm_head keep the run's dtype (the fp32 residual stream under autocast). The adapters are
-  fp32 always, since their small updates are what bf16 would round away.
-- A wrapped linear keeps its base weight (and bias) under the SAME state-dict key (`...q_proj.weight`), so
-  loading, Hugging Face key names and `lm_head`'s tie are untouched; the adapters add `...q_proj.lora_A/lora_B`.
-- Checkpoints: `merged` gives what a Hugging Face checkpoint needs (W + (alpha/r) B A, adapters removed), the
-  adapters alone go next to it (adapters.safetensors). A merge cannot be undone exactly in floating point, so a
-  run writes its unmerged base once, to OUT/lora_base (as checkpoint.reference_model writes OUT/reference), and
-  `--resume` rebuilds base + adapters from that and the checkpoint's adapters: bit for bit.
-- `adapters_off` switches every adapter off: the frozen base IS --riel.kl-beta's reference policy, so the
-  reference costs one more forward and no second copy of the model (`BaseModel` hands riel.py that view).
-  With MEF under LoRA in the same run that reference is the base, not the MEF'd policy: --init a merged checkpoint
-  to make it the MEF'd one.
+- Adapters on every linear of attention and MLP (q, k, v, o, gate, up, down): attention-only LoRA
+  falls well short of full fine-tuning there, all-layer LoRA matches it. The embedding and lm_head
+  (tied or not) stay frozen.
+- B starts at zero, so the model equals its base exactly at init (same logits, bit for bit); A
+  starts like nn.Linear's own weight, uniform(+-1/sqrt(in)), so A x has the same scale whatever the
+  width (PEFT's choice too). A's init comes from its own generator (seed), so adding LoRA draws
+  nothing from the run's random state.
+- Scale alpha / r with a fixed alpha (train.py: 32, the paper's): under Adam B's entries move by ~lr
+  each step whatever r is, B A sums r such terms, so alpha / r makes the early update, and the best
+  lr, independent of the rank. That best lr is about 10x full fine-tuning's on billion-parameter
+  models and rank 1 is enough for their RL (the paper); on `tiny` we measured 1-3x and rank 1 24
+  points behind, rank 8 level (docs/training.md, LoRA), so sweep --riel.lr / --mef.lr from 1x to 10x
+  full's with LoRA.
+- The wrapped linears' frozen base weights are bf16 whenever the run computes in bf16 (--precision
+  bf16, and autocast, the CUDA default: `base_dtype`): a frozen weight needs no fp32 master copy,
+  and under autocast a frozen fp32 weight would be cast again at every forward, since autocast
+  caches only weights that require grad. That halves the base (Llama-3.2-3B: 12.0 -> 6.7 GiB with
+  the fp32 embedding) and is what puts 3B on a 24 GiB card. Embedding, norms and lm_head keep the
+  run's dtype (the fp32 residual stream under autocast). The adapters are fp32 always, since their
+  small updates are what bf16 would round away.
+- A wrapped linear keeps its base weight (and bias) under the SAME state-dict key
+  (`...q_proj.weight`), so loading, Hugging Face key names and `lm_head`'s tie are untouched; the
+  adapters add `...q_proj.lora_A/lora_B`.
+- Checkpoints: `merged` gives what a Hugging Face checkpoint needs (W + (alpha/r) B A, adapters
+  removed), the adapters alone go next to it (adapters.safetensors). A merge cannot be undone
+  exactly in floating point, so a run writes its unmerged base once, to OUT/lora_base (as
+  checkpoint.reference_model writes OUT/reference), and `--resume` rebuilds base + adapters from
+  that and the checkpoint's adapters: bit for bit.
+- `adapters_off` switches every adapter off: the frozen base IS --riel.kl-beta's reference policy,
+  so the reference costs one more forward and no second copy of the model (`BaseModel` hands
+  riel.py that view). With MEF under LoRA in the same run that reference is the base, not the MEF'd
+  policy: --init a merged checkpoint to make it the MEF'd one.
 """
 import math
 import os
@@ -46,24 +53,30 @@ import torch.nn.functional as F
 from plumbing import dist
 from plumbing.errors import UserError
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # model.py's names
+# model.py's names
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_FILE = "adapters.safetensors"
 BASE_DIR = "lora_base"
 
 
 class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus the trainable low-rank update (alpha / r) B A; `enabled` False: the base alone."""
+    """A frozen nn.Linear plus the trainable low-rank update (alpha / r) B A; `enabled` False: the
+    base alone."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, generator: torch.Generator, base_dtype=None):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, generator: torch.Generator,
+                 base_dtype=None):
         super().__init__()
-        cast = (lambda p: p) if base_dtype is None else (lambda p: nn.Parameter(p.detach().to(base_dtype)))
+        cast = ((lambda p: p) if base_dtype is None
+                else (lambda p: nn.Parameter(p.detach().to(base_dtype))))
         self.weight = cast(base.weight).requires_grad_(False)
         self.bias = cast(base.bias).requires_grad_(False) if base.bias is not None else None
         out_dim, in_dim = self.weight.shape
         bound = 1 / math.sqrt(in_dim)
-        a = torch.empty(rank, in_dim, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
+        a = torch.empty(rank, in_dim, dtype=torch.float32)
+        a.uniform_(-bound, bound, generator=generator)
         self.lora_A = nn.Parameter(a.to(self.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(out_dim, rank, dtype=torch.float32, device=self.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(out_dim, rank, dtype=torch.float32,
+                                               device=self.weight.device))
         self.scale = alpha / rank
         self.enabled = True
 
@@ -71,17 +84,19 @@ class LoRALinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         if not self.enabled:
             return y
-        # bf16 activations meet fp32 adapters: outside autocast F.linear wants one dtype (autocast casts by itself)
+        # bf16 activations meet fp32 adapters: outside autocast F.linear wants one dtype (autocast
+        # casts by itself)
         h = x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.dtype)
-        # the scale on the thin (.., r) tensor and the sum in place: two extra full-width (.., out) tensors made a
-        # LoRA step slower than full fine-tuning at 135M (docs/benchmark.md, LoRA); y's autograd node (the base
-        # linear) saved x and W, not y, so adding into y is safe
+        # scale on the thin (.., r) tensor, sum in place: 2 more (.., out) tensors made LoRA slower
+        # than full FT at 135M (docs/benchmark.md); the base linear saved x, W, not y: add_ is safe
         return y.add_(F.linear(F.linear(h, self.lora_A) * self.scale, self.lora_B).to(y.dtype))
 
 
-def add_lora(model: nn.Module, rank: int, alpha: float, seed: int = 0, base_dtype=None) -> nn.Module:
-    """Freeze every parameter, then wrap each target linear in a LoRALinear (in place), its base weight cast to
-    base_dtype if given (bf16 when the run computes in bf16, see the top). Returns the model."""
+def add_lora(model: nn.Module, rank: int, alpha: float, seed: int = 0,
+             base_dtype=None) -> nn.Module:
+    """Freeze every parameter, then wrap each target linear in a LoRALinear (in place), its base
+    weight cast to base_dtype if given (bf16 when the run computes in bf16, see the top). Returns
+    the model."""
     model.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
     for module in list(model.modules()):
@@ -102,7 +117,7 @@ def lora_parameters(model: nn.Module) -> list:
 
 @contextmanager
 def adapters_off(model: nn.Module):
-    """The base model alone inside the block (the adapters stay as they are, they just do not run)."""
+    """The base model alone inside the block: the adapters stay as they are, but do not run."""
     layers = lora_layers(model)
     before = [m.enabled for m in layers]
     for m in layers:
@@ -115,8 +130,9 @@ def adapters_off(model: nn.Module):
 
 
 class BaseModel:
-    """The policy with its adapters off, wherever riel.py wants a frozen `ref_model`: calls run under adapters_off,
-    everything else (lm_head, embed_tokens: frozen, shared) is the policy's own."""
+    """The policy with its adapters off, wherever riel.py wants a frozen `ref_model`: calls run
+    under adapters_off, everything else (lm_head, embed_tokens: frozen, shared) is the policy's
+    own."""
 
     def __init__(self, model):
         self.model = model
@@ -129,15 +145,16 @@ class BaseModel:
         return getattr(self.model, name)
 
 
-# ---- state dicts and checkpoints ------------------------------------------------------------------------
+# ---- state dicts and checkpoints ----------------------------------------------------------------
 
 def is_adapter(key: str) -> bool:
     return key.endswith((".lora_A", ".lora_B"))
 
 
 def merged(state: dict, scale: float, dtype=None) -> dict:
-    """A LoRA model's state dict -> the plain model's: W + scale * B A in fp32, cast to dtype (default W's own; a
-    bf16 base under autocast merges into the run's fp32, so one checkpoint has one dtype)."""
+    """A LoRA model's state dict -> the plain model's: W + scale * B A in fp32, cast to dtype
+    (default W's own; a bf16 base under autocast merges into the run's fp32, so one checkpoint has
+    one dtype)."""
     out = {k: v for k, v in state.items() if not is_adapter(k)}
     for key in [k for k in state if k.endswith(".lora_A")]:
         prefix = key[:-len("lora_A")]
@@ -172,7 +189,8 @@ def load_adapters(model: nn.Module, path: str):
     missing, unexpected = model.load_state_dict(load_file(path), strict=False)
     missing = [k for k in missing if is_adapter(k)]
     if missing or unexpected:
-        raise ValueError(f"{path}: adapters do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise ValueError(f"{path}: adapters do not match the model: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
 
 
 def base_path(out_dir: str) -> str:
@@ -180,39 +198,42 @@ def base_path(out_dir: str) -> str:
 
 
 def weights_source(rank: int, fsdp: bool, out_dir: str, ckpt: str | None, source: str) -> str:
-    """Where train.py reads the model's weights: `source`, except that a resumed LoRA run reads its unmerged base.
-    A LoRA run resumes as a LoRA run (its checkpoints' weights are merged: full fine-tuning from them would go on
-    silently elsewhere) and a full one as a full one."""
+    """Where train.py reads the model's weights: `source`, except that a resumed LoRA run reads its
+    unmerged base. A LoRA run resumes as a LoRA run (its checkpoints' weights are merged: full
+    fine-tuning from them would go on silently elsewhere) and a full one as a full one."""
     if rank and fsdp:
         raise UserError("--lora-rank with --fsdp is not supported yet")
     if ckpt is None:
         return source
     if os.path.exists(os.path.join(ckpt, ADAPTER_FILE)) != (rank > 0):
-        raise UserError(f"{ckpt} was {'' if rank == 0 else 'not '}written by a --lora-rank run: resume it with the "
-                        "--lora-rank it was started with")
+        raise UserError(f"{ckpt} was {'' if rank == 0 else 'not '}written by a --lora-rank run: "
+                        "resume it with the --lora-rank it was started with")
     return base_path(out_dir) if rank else source
 
 
-def attach(model: nn.Module, rank: int, alpha: float, out_dir: str, ckpt: str | None, seed: int = 0,
-           base_dtype=None, from_scratch=False):
-    """train.py's LoRA: a fresh run writes its base once (OUT/lora_base), then wraps the model; a resumed one (whose
-    model was built from OUT/lora_base) takes the checkpoint's adapters. from_scratch: the base is random weights."""
+def attach(model: nn.Module, rank: int, alpha: float, out_dir: str, ckpt: str | None,
+           seed: int = 0, base_dtype=None, from_scratch=False):
+    """train.py's LoRA: a fresh run writes its base once (OUT/lora_base), then wraps the model; a
+    resumed one (whose model was built from OUT/lora_base) takes the checkpoint's adapters.
+    from_scratch: the base is random weights."""
     if from_scratch and ckpt is None:
-        warnings.warn("--lora-rank on randomly initialised weights (`tiny` without --init): MEF can only learn a "
-                      "low-rank update of noise. LoRA adapts a trained model: run MEF without it, then RIEL with "
-                      "--init OUT/ckpt-N --lora-rank 8 --riel.lr 1e-3 (docs/training.md, LoRA)", stacklevel=2)
-    # rank 0 decides for all: a rank that looked after rank 0 had written would skip the barrier (a hang)
-    if ckpt is None and dist.from_main(lambda: not os.path.exists(os.path.join(base_path(out_dir), "config.json"))):
+        warnings.warn("--lora-rank on randomly initialised weights (`tiny` without --init): MEF "
+                      "can only learn a low-rank update of noise. LoRA adapts a trained model: run "
+                      "MEF without it, then RIEL with --init OUT/ckpt-N --lora-rank 8 --riel.lr "
+                      "1e-3 (docs/training.md, LoRA)", stacklevel=2)
+    base_config = os.path.join(base_path(out_dir), "config.json")
+    # rank 0 decides for all: a rank that looked after rank 0 wrote would skip the barrier (a hang)
+    if ckpt is None and dist.from_main(lambda: not os.path.exists(base_config)):
         if dist.is_main():
             tmp = base_path(out_dir) + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            model.save_pretrained(tmp)  # in the parameters' own dtype: the base comes back bit for bit
+            model.save_pretrained(tmp)  # in the parameters' own dtype: back bit for bit
             os.rename(tmp, base_path(out_dir))
         dist.barrier()
     add_lora(model, rank, alpha, seed, base_dtype)
     if ckpt is not None:
         load_adapters(model, os.path.join(ckpt, ADAPTER_FILE))
     n = sum(p.numel() for p in lora_parameters(model))
-    print(f"LoRA rank {rank}, alpha {alpha:g}: {n / 1e6:.3f}M trainable parameters in {len(lora_layers(model))} "
-          "linears")
+    print(f"LoRA rank {rank}, alpha {alpha:g}: {n / 1e6:.3f}M trainable parameters in "
+          f"{len(lora_layers(model))} linears")
     return model

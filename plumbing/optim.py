@@ -1,28 +1,36 @@
 """
-optim.py: the training mechanics every stage shares: micro-batches, the backward of one micro-batch, the SFT
-backward (MEF's loss and RIEL's hard-example buffer), AdamW, and clip-and-step.
+optim.py: the training mechanics every stage shares: micro-batches, the backward of one micro-batch,
+the SFT backward (MEF's loss and RIEL's hard-example buffer), AdamW, and clip-and-step.
 
-    loss = sharded_sft_backward(model, prompts, targets, micro_batch_size)   # .grad now holds the batch's gradient
+    loss = sharded_sft_backward(model, prompts, targets, micro_batch_size)  # fills .grad
     grad_norm, skipped = clip_and_step(model, optimizer, grad_clip, loss)
 
-mef.py (stage 1), riel.py (stage 2) and mel.py build their losses on top of these, so a fix to how a step runs
-lands in one place. Choices:
-- Micro-batches are cut from a length-sorted order, so the rows of one pad to similar lengths (GRPO-Zero does so).
-- One host sync per loss term per step, not per micro-batch: each micro-batch's loss stays on the device and the
-  term's sum is read once (`read_sum`), after its last backward. A `.item()` per micro-batch would stall a GPU's
-  queue of kernels as many times per step as there are micro-batches.
-- Token means use ONE token count per optimizer step, counted before the micro-batch loop, so the micro-batch
-  losses (and gradients) add up to the full-batch loss; under torchrun each rank's share is weighted by its share
-  of the tokens, so the ranks' gradients sum to the one-process gradient (dist.py).
-- Memory (README "Precision and memory"): AdamW is fused on CUDA; gradients are set to None, not zeroed.
+mef.py (stage 1), riel.py (stage 2) and mel.py build their losses on top of these, so a fix to how a
+step runs lands in one place. Choices:
+- Micro-batches are cut from a length-sorted order, so the rows of one pad to similar lengths
+  (GRPO-Zero does so).
+- One host sync per loss term per step, not per micro-batch: each micro-batch's loss stays on the
+  device and the term's sum is read once (`read_sum`), after its last backward. A `.item()` per
+  micro-batch would stall a GPU's queue of kernels once per micro-batch.
+- Token means use ONE token count per optimizer step (losses.py says why); under torchrun each
+  rank's share is weighted by its share of the tokens, so the ranks' gradients sum to the
+  one-process gradient (dist.py).
+- Memory (README "Precision and memory"): AdamW is fused on CUDA; gradients are set to None, not
+  zeroed.
 
-The autocast cache, told once here (every stage calls drop_cast_weights): autocast keeps the bf16 copy of
-each fp32 weight it cast until the cache is cleared, keyed by the tensor, not its version. Three ways that
-bites, so the copies are dropped (1) between a no_grad pass and a grad-enabled one: a copy cast under no_grad
-has no grad history, and before torch 2.11 later forwards reused it, so that weight got no gradient, silently
-(pytorch/pytorch#112583); (2) before the optimizer step: copies of the old weights would serve every later
-forward, and the step's peak would hold them too (6.4 GB at 3B); (3) around each micro-batch's backward
-(micro_backward says why).
+The autocast cache, told once here (every stage calls drop_cast_weights): autocast keeps the bf16
+copy of each fp32 weight it cast until the cache is cleared, keyed by the tensor, not its version.
+So the copies are dropped (1) between a no_grad pass and a grad-enabled one: a copy cast under
+no_grad has no grad history, and before torch 2.11 later forwards reused it, so that weight got no
+gradient, silently (pytorch/pytorch#112583); (2) before the optimizer step: copies of the old
+weights would serve every later forward, and the step's peak would hold them too (6.4 GB at 3B);
+(3) before and after each micro-batch's backward (micro_backward). After: a copy cast by an EARLIER
+micro-batch carries an older autograd node than this forward's, and autograd runs the newest ready
+node first, so the cast's backward (bf16 weight gradient -> fp32 .grad) waits for the end: every
+layer's bf16 weight gradient alive at once (5.6 GiB at 3B). Before: backward needs no copy its
+graph does not hold (a recomputed block casts its own), so the forward's copies (6 GiB at 3B) need
+not live through the head's backward, its peak. Re-casting reads the weights once per micro-batch
+(~6 ms at 3B on an H100).
 """
 import math
 import warnings
@@ -34,14 +42,16 @@ from rollout import token_logprobs
 
 
 def length_sorted_micro_batches(lengths, micro_batch_size):
-    """Indices grouped into micro-batches of similar total length. lengths: list[int] -> list[list[int]]."""
+    """Indices grouped into micro-batches of similar total length.
+    lengths: list[int] -> list[list[int]]."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     return [order[s:s + micro_batch_size] for s in range(0, len(order), micro_batch_size)]
 
 
 def read_sum(values) -> float:
-    """The sum of 0-dim device tensors (a term's micro-batch losses), read with ONE host sync. Summed in fp64, as
-    the Python floats it replaces were, so a logged loss does not depend on how the batch was cut."""
+    """The sum of 0-dim device tensors (a term's micro-batch losses), read with ONE host sync.
+    Summed in fp64, as the Python floats it replaces were, so a logged loss does not depend on how
+    the batch was cut."""
     return float(torch.stack([v.detach().double() for v in values]).sum()) if values else 0.0
 
 
@@ -51,32 +61,27 @@ def drop_cast_weights():
 
 
 def micro_backward(loss):
-    """loss.backward() for one micro-batch, with autocast's cached bf16 weight copies dropped before and after it.
-    After: a copy cached by an EARLIER micro-batch's forward carries an older autograd node (the cast's
-    ToCopyBackward) than anything this forward made, and autograd runs the newest ready node first, so that node,
-    which turns the bf16 weight gradient into the fp32 .grad, would wait for the end of the backward: every layer's
-    bf16 weight gradient alive at once (5.6 GiB at 3B; `--plan --plan-detail` showed them). Before: backward needs
-    no copy the graph does not hold itself (without checkpointing the matmuls saved theirs; with it, a recomputed
-    block casts its own), so the forward's copies (6 GiB at 3B) need not stay alive through the backward's first,
-    largest moment, the head's. Re-casting costs one read of the weights per micro-batch (~6 ms at 3B on an H100)."""
+    """loss.backward() for one micro-batch, with autocast's cached bf16 weight copies dropped before
+    and after it (why: (3) in the module docstring)."""
     drop_cast_weights()
     loss.backward()
     drop_cast_weights()
 
 
 def sft_loss(model, prompts, targets, n_tokens):
-    """Sum of -log p(target token | prompt, earlier target tokens) over this micro-batch, / n_tokens.
-    n_tokens is the target-token count of the whole optimizer step. Prompt tokens get no loss."""
+    """Sum of -log p(target token | prompt, earlier target tokens) over this micro-batch,
+    / n_tokens, the target-token count of the whole optimizer step. Prompt tokens get no loss."""
     logp, mask = token_logprobs(model, prompts, targets)  # (B, T) each, T = longest target
     return -(logp * mask).sum() / n_tokens
 
 
 def sft_backward(model, prompts, targets, micro_batch_size, weight=1.0) -> float:
-    """Backpropagate weight * token-mean NLL of all (prompt, target) pairs, one micro-batch at a time.
-    Returns the unweighted loss value of the whole batch."""
+    """Backpropagate weight * token-mean NLL of all (prompt, target) pairs, one micro-batch at a
+    time. Returns the unweighted loss value of the whole batch."""
     n_tokens = sum(len(t) for t in targets)
     losses = []
-    mbs = length_sorted_micro_batches([len(p) + len(t) for p, t in zip(prompts, targets)], micro_batch_size)
+    lengths = [len(p) + len(t) for p, t in zip(prompts, targets)]
+    mbs = length_sorted_micro_batches(lengths, micro_batch_size)
     for mb in dist.lockstep(model, mbs):  # FSDP: as many passes as the busiest rank
         loss = sft_loss(model, [prompts[i] for i in mb], [targets[i] for i in mb], n_tokens)
         micro_backward(weight * loss)
@@ -85,49 +90,53 @@ def sft_backward(model, prompts, targets, micro_batch_size, weight=1.0) -> float
 
 
 def sharded_sft_backward(model, prompts, targets, micro_batch_size, weight=1.0) -> float:
-    """sft_backward on this rank's share of the pairs (all of them in one process). Each rank's token mean is
-    weighted by its share of all the target tokens, so the ranks' gradients sum to the whole batch's token mean
-    (share == 1.0 exactly in one process). Returns the whole batch's loss, on every rank."""
+    """sft_backward on this rank's share of the pairs (all of them in one process). Each rank's
+    token mean is weighted by its share of all the target tokens, so the ranks' gradients sum to
+    the whole batch's token mean (share == 1.0 exactly in one process). Returns the whole batch's
+    loss, on every rank."""
     if not targets:
         return 0.0
     lo, hi = dist.shard_range(len(targets))
     share = sum(len(t) for t in targets[lo:hi]) / sum(len(t) for t in targets)
-    loss = sft_backward(model, prompts[lo:hi], targets[lo:hi], micro_batch_size, weight * share) * share
-    return dist.sum_floats([loss])[0]
+    part = sft_backward(model, prompts[lo:hi], targets[lo:hi], micro_batch_size, weight * share)
+    return dist.sum_floats([part * share])[0]
 
 
 def make_optimizer(params, lr, weight_decay=0.0, fused=None):
-    """The AdamW of every stage (train.py). fused=None: fused when every parameter is on CUDA, as TRL's default
-    (transformers' `adamw_torch_fused`): one kernel updates weights and moments in place, where foreach AdamW
-    allocates parameter-sized temporaries (12.8 GB at 3B, on top of the step's peak). Otherwise foreach (bit for
-    bit torch's per-tensor loop on a CPU: tests/test_memory.py). Pass fused=True to build what a CUDA run would use
-    (plan.py traces it on CPU tensors)."""
+    """The AdamW of every stage (train.py). fused=None: fused when every parameter is on CUDA, as
+    TRL's default (`adamw_torch_fused`): one kernel updates weights and moments in place, where
+    foreach AdamW allocates parameter-sized temporaries (12.8 GB at 3B, on top of the step's peak).
+    Otherwise foreach (bit for bit torch's per-tensor loop on a CPU: tests/test_memory.py).
+    fused=True builds what a CUDA run would use (plan.py traces it on CPU tensors)."""
     params = list(params)
     if fused is None:
         fused = bool(params) and all(p.device.type == "cuda" for p in params)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True if fused else None,
-                             foreach=None if fused else True)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay,
+                             fused=True if fused else None, foreach=None if fused else True)
 
 
 def clip_and_step(model, optimizer, grad_clip, loss_value):
-    """Clip the gradient norm and step, unless the loss or the gradient is NaN/inf (then skip and warn).
-    Under torchrun the gradients are summed over the ranks first, so every rank sees the same (global) norm and
-    loss_value must be the global loss: all ranks then take the same decision. Returns (grad norm, skipped)."""
-    dist.sync_grads(model)  # under DDP a zero-weighted pass: it runs before the cache is dropped below
+    """Clip the gradient norm and step, unless the loss or the gradient is NaN/inf (then skip and
+    warn). Under torchrun the gradients are summed over the ranks first, so every rank sees the same
+    (global) norm, and loss_value must be the global loss: all ranks then take the same decision.
+    Returns (grad norm, skipped)."""
+    dist.sync_grads(model)  # under DDP a zero-weighted pass: it runs before the drop below
     drop_cast_weights()  # (2): stale after the step, and the step's peak need not hold them
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))  # the step's one other sync
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    grad_norm = float(norm)  # the step's one other sync
     if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
         warnings.warn(f"skipping optimizer step: loss {loss_value}, grad norm {grad_norm}")
         optimizer.zero_grad(set_to_none=True)
         return grad_norm, True
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)  # None, not zeros: no gradient memory between steps (RIEL samples there)
+    optimizer.zero_grad(set_to_none=True)  # None, not zeros: no grad memory while RIEL samples
     return grad_norm, False
 
 
 class TermNorms:
-    """Each loss term's gradient norm (the weighted term, as it enters the sum), from the gradient it adds to
-    .grad: one copy of the gradients kept between terms. Off (no copy, no metrics) unless enabled."""
+    """Each loss term's gradient norm (the weighted term, as it enters the sum), from the gradient
+    it adds to .grad: one copy of the gradients kept between terms. Off (no copy, no metrics)
+    unless enabled."""
 
     def __init__(self, model, enabled):
         self.model, self.enabled, self.norms, self.last = model, enabled, {}, None
@@ -135,10 +144,11 @@ class TermNorms:
     def mark(self, term):
         if not self.enabled:
             return
-        now = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in self.model.parameters()
-               if p.requires_grad]  # LoRA: the adapters only
+        now = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
+               for p in self.model.parameters() if p.requires_grad]  # LoRA: the adapters only
         delta = now if self.last is None else [a - b for a, b in zip(now, self.last)]
-        self.norms[term] = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d) for d in delta])).item()
+        norms = torch.stack([torch.linalg.vector_norm(d) for d in delta])
+        self.norms[term] = torch.linalg.vector_norm(norms).item()
         self.last = now
 
     def metrics(self) -> dict:

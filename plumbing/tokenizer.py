@@ -1,41 +1,46 @@
 """
 tokenizer.py: the tokenizer next to the model: load it, render chat prompts, know when a turn ends.
 
-- `load_tokenizer(name_or_path)`: the checkpoint's own transformers tokenizer (presets as in model.py).
-- `render_chat(tok, system, user)`: prompt ids from the checkpoint's OWN chat template with system = the
-  expert prompt and user = the question, ending with the assistant header. The template already emits any
-  BOS (Llama's <|begin_of_text|>), so we never add a second one. A template's default system prompt (Qwen's,
-  SmolLM2's "You are a helpful AI assistant named SmolLM...") is replaced by the expert's, never kept.
+- `load_tokenizer(name_or_path)`: the checkpoint's own transformers tokenizer (presets as in
+  model.py).
+- `render_chat(tok, system, user)`: prompt ids from the checkpoint's OWN chat template with
+  system = the expert prompt and user = the question, ending with the assistant header. The template
+  already emits any BOS (Llama's <|begin_of_text|>), so we never add a second one. A template's
+  default system prompt (Qwen's, SmolLM2's "You are a helpful AI assistant named SmolLM...") is
+  replaced by the expert's, never kept.
 - `stop_token_ids(tok)`: every id that ends generation (Llama-3.x-Instruct: <|eot_id|>, <|eom_id|>,
   <|end_of_text|>; Qwen: <|im_end|>, <|endoftext|>; REFERENCES.md 4.8; SmolLM2: <|im_end|> = 2, and
   <|endoftext|> = 0, its pretraining document separator: text after it would be a new document).
-  `end_of_turn_id(tok)`: the one an SFT target ends with, so that trained answers stop the way sampled ones do.
-- The `tiny` preset's tokenizer is byte-level (ids 0-255 are the bytes, then 4 special tokens, the three ChatML
-  role names and one reserved id) with a ChatML template: built in code, nothing to download or train, and it
-  can spell any text. The role names are single tokens as in a real BPE vocabulary (Qwen's "assistant" is one
-  token): spelled byte by byte they made up 16 of a 55-token synthetic prompt, compute spent on every SFT and RL
-  row for nothing the model has to learn.
+  `end_of_turn_id(tok)`: the one an SFT target ends with, so that trained answers stop the way
+  sampled ones do.
+- The `tiny` preset's tokenizer is byte-level (ids 0-255 are the bytes, then 4 special tokens, the
+  three ChatML role names and one reserved id) with a ChatML template: built in code, nothing to
+  download or train, and it can spell any text. The role names are single tokens as in a real BPE
+  vocabulary (Qwen's "assistant" is one token): spelled byte by byte they made up 16 of a 55-token
+  synthetic prompt, compute spent on every SFT and RL row for nothing the model has to learn.
 """
 
 from plumbing.presets import resolve_checkpoint
 
-# Every id that ends an assistant turn, by token text (REFERENCES.md 4.8). The first one present is the
-# end-of-turn token an SFT target ends with; all present ones stop sampling.
+# Every id that ends an assistant turn, by token text (REFERENCES.md 4.8). The first one present is
+# the end-of-turn token an SFT target ends with; all present ones stop sampling.
 END_OF_TURN = ["<|eot_id|>", "<|im_end|>"]
 STOP_TOKENS = ["<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>"]
 
 # ChatML for the tiny preset (Qwen's format, without Qwen's default system prompt).
 TINY_CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% for m in messages %}"
+    "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
-TINY_ROLES = ["system", "user", "assistant"]  # ids 260-262: one token each, wherever the text holds them
+TINY_ROLES = ["system", "user", "assistant"]  # ids 260-262: one token each, wherever in the text
 
 
 def tiny_tokenizer():
-    """Byte-level tokenizer: ids 0-255 are the bytes, 256-259 special tokens, 260-262 the chat roles, 263 reserved.
-    No training, no download."""
+    """Byte-level tokenizer: ids 0-255 are the bytes, 256-259 special tokens, 260-262 the chat
+    roles, 263 reserved. No training, no download."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     vocab = {ch: i for i, ch in enumerate(_byte_alphabet())}  # token id == byte value
@@ -46,15 +51,16 @@ def tiny_tokenizer():
     # plain (not special) added tokens: decoding keeps them, as it keeps any text
     tk.add_tokens([AddedToken(r, normalized=False, special=False) for r in TINY_ROLES])
     tk.add_special_tokens(["<|reserved_0|>"])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|begin_of_text|>", eos_token="<|im_end|>",
-                                  pad_token="<|endoftext|>")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|begin_of_text|>",
+                                  eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tok.chat_template = TINY_CHAT_TEMPLATE
     return tok
 
 
 def _byte_alphabet():
-    """GPT-2's byte -> printable character map (the ByteLevel pre-tokenizer's alphabet), in byte order:
-    printable bytes stand for themselves, the 68 others take the characters 256, 257, ... in turn."""
+    """GPT-2's byte -> printable character map (the ByteLevel pre-tokenizer's alphabet), in byte
+    order: printable bytes stand for themselves, the 68 others take the characters 256, 257, ... in
+    turn."""
     printable = {*range(33, 127), *range(161, 173), *range(174, 256)}
     out, n = [], 0
     for b in range(256):
@@ -71,8 +77,9 @@ def load_tokenizer(name_or_path: str):
 
 
 def render_chat(tok, system: str | None, user: str) -> list:
-    """Prompt ids for (system = expert prompt, user = question), ending with the assistant header."""
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    """Prompt ids for (system = expert prompt, user = question), through the assistant header."""
+    messages = (([{"role": "system", "content": system}] if system else [])
+                + [{"role": "user", "content": user}])
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tok.encode(text, add_special_tokens=False)  # the template already holds any BOS
 

@@ -1,4 +1,5 @@
-"""Shared test fixtures: where the real data lives, and tiny random Hugging Face models to compare against."""
+"""Shared test fixtures: where the real data lives, and tiny random Hugging Face models to compare
+against."""
 
 import os
 from pathlib import Path
@@ -9,76 +10,117 @@ import torch
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 requires_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is absent")
 
-# pytest-xdist runs the suite in two workers, a file at a time (pytest.ini): each worker then gets one thread, so
-# that they do not fight over the two cores. Run in one process (`-n 0`), it gets two.
-# TEST_THREADS overrides both (tests/mutate.py runs two one-thread pytest processes at once).
+# Under pytest-xdist (two workers, pytest.ini) each worker gets one thread, so they do not fight
+# over the two cores; `-n 0` gets two. TEST_THREADS overrides both (tests/mutate.py runs two).
 torch.set_num_threads(int(os.environ.get("TEST_THREADS", 0)) or
                       (1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1)))
-# The longest files first (CPU seconds measured on 2 cores: 180, 180, 70, 50, 45, 35, 30, 30, 25, 15, 10; the other
-# 16 files take 50 together): the workers take whole files in this order (pytest.ini: --dist loadfile
-# --no-loadscope-reorder), so the short files fill in at the end instead of a long one running alone.
-LONGEST_FIRST = ("test_real_model.py", "test_dist.py", "test_fsdp.py", "test_options.py", "test_speed.py", "test_plan.py", "test_cli.py",
-                 "test_ablation.py", "test_plan_time.py", "test_verify_math500.py", "test_train.py", "test_gpu_check.py",
-                 "test_mel.py")
+# Longest first (CPU s on 2 cores: 180, 180, 70, 50, 45, 35, 30, 30, 25, 15, 10; the other 16: 50):
+# workers take whole files in this order (pytest.ini), so the short ones fill in at the end.
+LONGEST_FIRST = ("test_real_model.py", "test_dist.py", "test_fsdp.py", "test_options.py",
+                 "test_speed.py", "test_plan.py", "test_cli.py", "test_ablation.py",
+                 "test_plan_time.py", "test_verify_math500.py", "test_train.py",
+                 "test_gpu_check.py", "test_mel.py")
 
 
+# What `python -m pytest` leaves to `python -m pytest -m slow` (pytest.ini deselects them): the
+# studies' --quick grids, multi-process and real-model runs, the memory plan against measured peaks,
+# the end-to-end runs of more than a few seconds. CI runs both (README's test command).
+SLOW = {"test_dist.py", "test_fsdp.py", "test_real_model.py", "test_fair_ablation.py",
+        "test_lora_vs_full.py", "test_ablation.py", "test_plan.py", "test_gpu_check.py",
+        "test_gpu_memory.py", "test_options.py", "test_process.py", "test_verify_math500.py",
+        "test_disjoint.py::test_dose_response_quick_writes_the_contrast_per_dose",
+        "test_speed.py::test_bench_quick_runs_end_to_end",
+        "test_speed.py::test_compiled_decode_gives_the_plain_paths_tokens",
+        "test_lora.py::test_killed_lora_run_with_a_reference_resumes_bit_exact_from_its_base",
+        "test_plan_time.py::test_micro_batch_auto_through_train_py_fits_and_one_more_does_not",
+        "test_plan_time.py::test_plan_gpu_through_train_py_prints_the_estimate_with_its_assumptions",
+        "test_plan_time.py::test_a_decode_step_counts_its_matmuls_and_reads_its_weights_and_kv_cache",
+        "test_mutate.py::test_the_copy_fails_under_a_mutation_and_passes_without_it",
+        "test_faults.py::test_a_fault_inside_a_save_loses_nothing_complete_and_resumes_to_the_same_weights",
+        "test_faults.py::test_ctrl_c_ends_with_one_line_naming_the_checkpoint_and_the_resume_command",
+        "test_faults.py::test_a_full_disk_mid_run_ends_with_one_line_naming_what_is_safe",
+        "test_train.py::test_killed_mid_riel_with_a_non_empty_buffer_and_a_reference_resumes_bit_exact",
+        "test_train.py::test_placebo_testbed_with_a_validation_eval_rl_warmup_and_every_fairness_switch",
+        "test_cli.py::test_user_mistakes_end_with_the_message_alone_and_a_bug_keeps_its_traceback"}
+
+
+def is_slow(item) -> bool:
+    return item.path.name in SLOW or f"{item.path.name}::{item.originalname}" in SLOW
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own -m deselection reads the markers
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if is_slow(item):
+            item.add_marker(pytest.mark.slow)
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+    # stable: the rest keep their order
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 def hf_tiny(kind="llama", tied=True, scaling=True, n_kv=2, vocab=128, seed=0):
-    """A random transformers model: Llama (GQA, llama3 rope scaling factor 32) or Qwen2 (q/k/v bias)."""
+    """A random transformers model: Llama (GQA, llama3 rope scaling factor 32) or Qwen2
+    (q/k/v bias)."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(seed)
-    common = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=n_kv, vocab_size=vocab, tie_word_embeddings=tied,
+    common = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=n_kv, vocab_size=vocab,
+                  tie_word_embeddings=tied,
                   max_position_embeddings=131072, initializer_range=0.2)
     if kind == "llama":
         rope = dict(rope_theta=500000.0)
         if scaling:
-            rope["rope_scaling"] = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+            rope["rope_scaling"] = {"rope_type": "llama3", "factor": 32.0,
+                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                    "original_max_position_embeddings": 8192}
         model = LlamaForCausalLM(LlamaConfig(**common, rms_norm_eps=1e-5, **rope))
     else:
         model = Qwen2ForCausalLM(Qwen2Config(**common, rms_norm_eps=1e-6, rope_theta=1e6))
         with torch.no_grad():  # transformers inits biases to zero: make them matter
             for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                attn = layer.self_attn
+                for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
                     proj.bias.normal_(std=0.5)
     return model.eval()
 
 
 GGUF_FILE = SHARED / "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
 CONVERT_SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "convert_gguf.py"
-CONVERSION_ENV = "SMOLLM2_CONVERSION_DIR"  # where the background conversion writes; inherited by xdist's workers
+# where the background conversion writes; inherited by xdist's workers
+CONVERSION_ENV = "SMOLLM2_CONVERSION_DIR"
 _conversion = {}  # the background conversion this process started: its process and directory
 
 
 def _may_use_smollm2(config) -> bool:
-    """Whether the run may reach test_real_model*: a directory argument or one of those files (cheap to be wrong:
-    an unused conversion is killed at the end)."""
+    """Whether the run may reach test_real_model*: a directory argument or one of those files
+    (cheap to be wrong: an unused conversion is killed at the end)."""
+    if config.option.markexpr == "not slow":  # pytest.ini's default: test_real_model.py is slow
+        return False
     paths = [Path(str(a).split("::")[0]) for a in config.args] or [Path("tests")]
     return any(p.is_dir() or p.name.startswith("test_real_model") for p in paths)
 
 
 def pytest_configure(config):
     """Start de-quantising the GGUF (tools/convert_gguf.py, ~25 s of one core) in a
-    background process when the run starts, so that it overlaps the tests before test_real_model*. Only the main
-    process does: under pytest-xdist the workers find its directory in the environment and wait for its `rc` file."""
+    background process when the run starts, so that it overlaps the tests before test_real_model*.
+    Only the main process does: under pytest-xdist the workers find its directory in the environment
+    and wait for its `rc` file."""
     import importlib.util
     import shlex
     import subprocess
     import sys
     import tempfile
-    if hasattr(config, "workerinput") or CONVERSION_ENV in os.environ or not _may_use_smollm2(config):
+    if (hasattr(config, "workerinput") or CONVERSION_ENV in os.environ
+            or not _may_use_smollm2(config)):
         return
-    if not GGUF_FILE.is_file() or any(importlib.util.find_spec(p) is None for p in ("gguf", "accelerate")):
+    missing = any(importlib.util.find_spec(p) is None for p in ("gguf", "accelerate"))
+    if not GGUF_FILE.is_file() or missing:
         return
     root = Path(tempfile.mkdtemp(prefix="smollm2-135m-"))
-    # the exit status goes to a file, so that a worker process (not this one's child) can tell that it finished
-    cmd = (f"{shlex.join([sys.executable, str(CONVERT_SCRIPT), str(root / 'model'), str(GGUF_FILE)])} "
-           f"> {shlex.quote(str(root / 'convert.log'))} 2>&1; echo $? > {shlex.quote(str(root / 'rc'))}")
+    # the exit status goes to a file, so that a worker (not this one's child) can tell it finished
+    convert = shlex.join([sys.executable, str(CONVERT_SCRIPT), str(root / 'model'), str(GGUF_FILE)])
+    cmd = (f"{convert} > {shlex.quote(str(root / 'convert.log'))} 2>&1; "
+           f"echo $? > {shlex.quote(str(root / 'rc'))}")
     _conversion.update(root=root, proc=subprocess.Popen(["sh", "-c", cmd], start_new_session=True))
     os.environ[CONVERSION_ENV] = str(root)
 
@@ -98,9 +140,9 @@ def pytest_unconfigure(config):
 
 @pytest.fixture(scope="session")
 def smollm2_dir():
-    """The real SmolLM2-135M-Instruct: ../shared/data's GGUF de-quantised ONCE per run into a Hugging Face
-    directory (tools/convert_gguf.py, started in the background by pytest_configure). Skips without the
-    file or the gguf/accelerate packages."""
+    """The real SmolLM2-135M-Instruct: ../shared/data's GGUF de-quantised ONCE per run into a
+    Hugging Face directory (tools/convert_gguf.py, started in the background by pytest_configure).
+    Skips without the file or the gguf/accelerate packages."""
     import time
     if not GGUF_FILE.is_file():
         pytest.skip(f"{GGUF_FILE} is absent")
@@ -130,8 +172,9 @@ def hf_pair(tmp_path):
 
 
 def wait_for_checkpoint(proc, out_dir, name, timeout):
-    """Poll until `latest` in out_dir names checkpoint `name` or a later one (names sort by step), or proc ends;
-    then assert the run is still going, so that killing it now really interrupts it."""
+    """Poll until `latest` in out_dir names checkpoint `name` or a later one (names sort by
+    step), or proc ends; then assert the run is still going, so that killing it now really
+    interrupts it."""
     import time
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:

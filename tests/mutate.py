@@ -1,19 +1,21 @@
 """
 The mutation check: do the tests fail when the code is wrong?
 
-    python -m tests.mutate               # every mutation, two at a time (~4 min on 2 cores); exit 1 if any is missed
+    python -m tests.mutate               # every mutation, two at a time (~4 min on 2 cores);
+                                         # exit 1 if any is missed
     python -m tests.mutate --only k3     # the mutations whose name contains "k3"
     python -m tests.mutate --list        # the list, with the tests meant to catch each
 
-Each mutation is a one-line bug (a flipped sign, a swapped index, a dropped weight or mask, an off-by-one, state
-forgotten on resume) put into a fresh copy of the project (the files git tracks or would track, with ../shared
-beside it); the tests named with it then run on that copy. A mutation is *caught* when they fail, *missed* when
-they pass. Before any mutation, the same tests run on an unmutated copy and must pass, so a caught mutation means
-the bug was caught, not that the tests were broken already. Every mutation's text must occur exactly once in its
-file (tests/test_mutate.py checks this in the fast suite), so the list cannot silently go stale as the code moves.
+Each mutation is a one-line bug (a flipped sign, a swapped index, a dropped weight or mask, an
+off-by-one, state forgotten on resume) put into a fresh copy of the project (the files git tracks or
+would track, with ../shared beside it); the tests named with it then run on that copy. A mutation is
+*caught* when they fail, *missed* when they pass. Before any mutation, the same tests run on an
+unmutated copy and must pass, so a caught mutation means the bug was caught, not that the tests were
+broken already. Every mutation's text must occur exactly once in its file (tests/test_mutate.py
+checks this in the fast suite), so the list cannot silently go stale as the code moves.
 
-Run it before calling a change to the core (riel, losses, buffer, mef, mel, eval, rollout, verify, train, premise,
-the synthetic testbeds, the fair ablation's choices) done;
+Run it before calling a change to the core (riel, losses, buffer, mef, mel, eval, rollout, verify,
+train, premise, the synthetic testbeds, the fair ablation's choices) done;
 a new rule in the core wants a mutation in tests/mutations.py and a test that catches it.
 """
 import argparse
@@ -32,15 +34,16 @@ from mutations import MUTATIONS, Mutation  # noqa: E402  (the list; this file ru
 
 
 def source_files() -> list:
-    """What a clean clone would hold, plus files not yet committed (git's view: tracked, or untracked and not
-    ignored), so that the check runs on the work in progress."""
-    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout.split("\n")
+    """What a clean clone would hold, plus files not yet committed (git's view: tracked, or
+    untracked and not ignored), so that the check runs on the work in progress."""
+    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout.split("\n")
     return [f for f in out if f and (ROOT / f).is_file()]
 
 
 def project_copy(workdir: Path, files: list) -> Path:
-    """A copy of the project at workdir/repo, with ../shared beside it as a link (the tests look there)."""
+    """A copy of the project at workdir/repo, with ../shared beside it as a link (the tests look
+    there)."""
     repo = workdir / "repo"
     for f in files:
         (repo / f).parent.mkdir(parents=True, exist_ok=True)
@@ -54,14 +57,18 @@ def apply(repo: Path, m: Mutation):
     path = repo / m.file
     text = path.read_text()
     if text.count(m.old) != 1:
-        raise ValueError(f"{m.name}: {m.old!r} occurs {text.count(m.old)} times in {m.file}, not once")
+        raise ValueError(f"{m.name}: {m.old!r} occurs {text.count(m.old)} times in {m.file}, "
+                         "not once")
     path.write_text(text.replace(m.old, m.new))
 
 
 def run_tests(repo: Path, tests, timeout) -> tuple:
-    """pytest on the copy, one process of one thread, stopping at the first failure -> (status, seconds)."""
-    env = {**os.environ, "TEST_THREADS": "1", "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-n", "0", "-p", "no:cacheprovider", *tests]
+    """pytest on the copy, one process of one thread, stopping at the first failure ->
+    (status, seconds)."""
+    env = {**os.environ, "TEST_THREADS": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-n", "0", "-p", "no:cacheprovider",
+           "-m", "", *tests]  # -m "": the named tests run, slow or not
     t0 = time.time()
     try:
         rc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, timeout=timeout).returncode
@@ -79,11 +86,15 @@ def check(m: Mutation | None, files, tests, timeout) -> tuple:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
+                                 formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--only", default=None, help="run the mutations whose name contains this text")
-    ap.add_argument("--jobs", type=int, default=2, help="mutations checked at once (one thread each)")
-    ap.add_argument("--timeout", type=float, default=600, help="seconds per mutation's tests (a timeout counts as caught)")
-    ap.add_argument("--list", action="store_true", help="print the mutations and their tests, run nothing")
+    ap.add_argument("--jobs", type=int, default=2,
+                    help="mutations checked at once (one thread each)")
+    ap.add_argument("--timeout", type=float, default=600,
+                    help="seconds per mutation's tests (a timeout counts as caught)")
+    ap.add_argument("--list", action="store_true",
+                    help="print the mutations and their tests, run nothing")
     a = ap.parse_args(argv)
     chosen = [m for m in MUTATIONS if a.only is None or a.only.lower() in m.name.lower()]
     if a.list or not chosen:

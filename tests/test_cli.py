@@ -1,5 +1,6 @@
-"""train.py's command line: a user's mistake ends with its message alone and exit status 2, a bug keeps its
-traceback; a step line every --log-every steps (every step still in metrics.jsonl); curves.png after a run."""
+"""train.py's command line: a user's mistake ends with its message alone and exit status 2, a bug
+keeps its traceback; a step line every --log-every steps (every step still in metrics.jsonl);
+curves.png after a run."""
 import json
 import os
 import subprocess
@@ -19,7 +20,8 @@ MISTAKES = {
     "unknown model": (["--model", "nosuchmodel"], {}, ["unknown model 'nosuchmodel'", "tiny"]),
     "unknown task": (["--data", "nosuchtask"], {}, ["unknown task 'nosuchtask'", "gsm8k"]),
     "missing data file": (["--data", "gsm8k", "--data-dir", "/nonexistent"], {},
-                          ["missing data file /nonexistent/gsm8k/train.jsonl", "python -m data download gsm8k"]),
+                          ["missing data file /nonexistent/gsm8k/train.jsonl",
+                           "python -m data download gsm8k"]),
     "uncached hub model offline": (["--model", "someorg/somemodel"], {"HF_HUB_OFFLINE": "1"},
                                    ["someorg/somemodel", "HF_HUB_OFFLINE=1"]),
 }
@@ -32,13 +34,16 @@ INJECTED_BUG = ("import runpy, sys, data\n"
 
 
 def test_user_mistakes_end_with_the_message_alone_and_a_bug_keeps_its_traceback(tmp_path):
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}  # an empty hub cache
+    # an empty hub cache
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
 
     def start(name, cmd, extra_env):
         return subprocess.Popen([sys.executable, *cmd, "--out-dir", str(tmp_path / name)], cwd=ROOT,
-                                env={**env, **extra_env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                env={**env, **extra_env}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
     # all at once: each spends its few seconds importing torch
-    procs = {name: start(name, ["train.py", *args], extra) for name, (args, extra, _) in MISTAKES.items()}
+    procs = {name: start(name, ["train.py", *args], extra)
+             for name, (args, extra, _) in MISTAKES.items()}
     bug = start("bug", ["-c", INJECTED_BUG], {})
     for name, (_, _, says) in MISTAKES.items():
         _, err = procs[name].communicate(timeout=300)
@@ -47,7 +52,8 @@ def test_user_mistakes_end_with_the_message_alone_and_a_bug_keeps_its_traceback(
         for text in says:
             assert text in err, (name, text, err)
     _, err = bug.communicate(timeout=300)
-    assert bug.returncode == 1 and "Traceback" in err and err.strip().endswith("ValueError: injected bug"), err
+    assert (bug.returncode == 1 and "Traceback" in err
+            and err.strip().endswith("ValueError: injected bug")), err
 
 
 def test_step_lines_every_n_steps_hold_the_means_since_the_previous_line():
@@ -55,18 +61,22 @@ def test_step_lines_every_n_steps_hold_the_means_since_the_previous_line():
     printed = [s for s in range(1, 401) if lines(s, {"step": s, "loss": float(s), "lr": 0.1 * s})]
     assert printed == [1] + list(range(20, 401, 20))  # the default RIEL stage: 21 lines, not 400
     lines = runlog.StepLines(log_every=None, start=0, total=282)  # the default MEF stage
-    assert sum(lines(s, {"loss": 1.0}) is not None for s in range(1, 283)) == 20  # 1, 15, 30, ..., 270, 282
+    # 1, 15, 30, ..., 270, 282
+    assert sum(lines(s, {"loss": 1.0}) is not None for s in range(1, 283)) == 20
     lines = runlog.StepLines(log_every=4, start=5, total=14)  # resumed after step 5
     got = {s: lines(s, {"step": s, "loss": float(s), "lr": 0.1 * s}) for s in range(6, 15)}
     assert [s for s, a in got.items() if a] == [6, 8, 12, 14]
-    assert got[12]["loss"] == (9 + 10 + 11 + 12) / 4 and got[12]["lr"] == pytest.approx(1.2)  # mean; current
+    # mean; current
+    assert got[12]["loss"] == (9 + 10 + 11 + 12) / 4 and got[12]["lr"] == pytest.approx(1.2)
     assert got[14]["loss"] == (13 + 14) / 2
 
 
 def test_log_every_prints_a_few_lines_keeps_every_step_and_draws_the_curves(tmp_path, capsys):
-    train.main(train.cli(["--out-dir", str(tmp_path), *SMALL, "--log-every", "3", "--curves"]))  # 8 MEF, 4 RIEL steps
+    # 8 MEF, 4 RIEL steps
+    train.main(train.cli(["--out-dir", str(tmp_path), *SMALL, "--log-every", "3", "--curves"]))
     out = capsys.readouterr().out.splitlines()
-    assert [line.split()[1] for line in out if line.startswith("mef ")] == ["1/8", "3/8", "6/8", "8/8"]
+    assert ([line.split()[1] for line in out if line.startswith("mef ")]
+            == ["1/8", "3/8", "6/8", "8/8"])
     assert [line.split()[1] for line in out if line.startswith("riel ")] == ["1/4", "3/4", "4/4"]
     logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["gstep"] for m in logged if m["stage"] in ("mef", "riel")] == list(range(1, 13))
@@ -76,7 +86,8 @@ def test_log_every_prints_a_few_lines_keeps_every_step_and_draws_the_curves(tmp_
         assert any("pip install matplotlib" in line for line in out)
         return
     assert (tmp_path / "curves.png").stat().st_size > 20_000
-    assert sum(line == f"curves -> {tmp_path / 'curves.png'}" for line in out) == 2  # after MEF, at the end
+    # after MEF, at the end
+    assert sum(line == f"curves -> {tmp_path / 'curves.png'}" for line in out) == 2
 
 
 def test_a_directory_that_is_not_a_checkpoint_is_a_user_error(tmp_path):

@@ -17,8 +17,9 @@ needs_data = pytest.mark.skipif(not os.path.isdir(DATA_DIR), reason="../shared/d
 
 REAL = [("gsm8k", "train"), ("gsm8k", "test"), ("mathqa", "dev"), ("mathqa", "test"),
         ("strategyqa", "train"), ("strategyqa", "dev"), ("math500", "test")]
-SIZES = {("gsm8k", "train"): 7473, ("gsm8k", "test"): 1319, ("mathqa", "dev"): 4475, ("mathqa", "test"): 2985,
-         ("strategyqa", "train"): 2061, ("strategyqa", "dev"): 229, ("math500", "test"): 500}
+SIZES = {("gsm8k", "train"): 7473, ("gsm8k", "test"): 1319, ("mathqa", "dev"): 4475,
+         ("mathqa", "test"): 2985, ("strategyqa", "train"): 2061, ("strategyqa", "dev"): 229,
+         ("math500", "test"): 500}
 _cache: dict = {}
 
 
@@ -44,9 +45,11 @@ def perturbed_trace(task: str, trace: str, record) -> str:
     """The same trace with its final answer line replaced by a wrong one."""
     head = trace.rsplit("\n", 1)[0] if "\n" in trace else ""
     wrong = perturbed_gold(task, record)
-    last = {"gsm8k": f"#### {wrong}", "mathqa": f"Answer: {wrong[:3]}", "strategyqa": f"Answer: {wrong}"}
+    last = {"gsm8k": f"#### {wrong}", "mathqa": f"Answer: {wrong[:3]}",
+            "strategyqa": f"Answer: {wrong}"}
     if task == "math500":
-        return trace.replace(f"\\boxed{{{verify.boxed_contents(trace)[-1]}}}", f"\\boxed{{{wrong}}}")
+        boxed = verify.boxed_contents(trace)[-1]
+        return trace.replace(f"\\boxed{{{boxed}}}", f"\\boxed{{{wrong}}}")
     return f"{head}\n{last[task]}"
 
 
@@ -68,7 +71,8 @@ def test_every_gold_trace_verifies_and_a_perturbed_answer_does_not(task, split):
             if verify.reward(task, perturbed_trace(task, trace, r), r.answer) != 0.0:
                 failures.append(f"{r.id}/{name}: a trace with a wrong final answer scored 1")
     assert not failures, failures[:10]
-    coverage = {e.name: sum(e.name in r.traces for r in records) / len(records) for e in data.experts(task)}
+    coverage = {e.name: sum(e.name in r.traces for r in records) / len(records)
+                for e in data.experts(task)}
     print(f"\n{task}/{split}: {len(records)} records, {n} traces, coverage " +
           ", ".join(f"{k} {v:.1%}" for k, v in coverage.items()))
 
@@ -88,7 +92,8 @@ def test_expert_coverage_is_as_documented(task, split, minimum):
 @needs_data
 def test_questions_are_self_contained_and_answers_in_checker_form():
     r = load("mathqa", "test")[0]
-    assert r.question.endswith("Options: (a) 38, (b) 27.675, (c) 30, (d) data inadequate, (e) none of these")
+    assert r.question.endswith("Options: (a) 38, (b) 27.675, (c) 30, (d) data inadequate, "
+                               "(e) none of these")
     assert r.answer == "(a) 38"
     assert load("gsm8k", "test")[0].answer == "18"
     assert {r.answer for r in load("strategyqa", "dev")} == {"yes", "no"}
@@ -100,9 +105,11 @@ def test_interface_tasks_splits_and_experts():
     for task in data.TASKS:
         experts = data.experts(task)
         assert len(experts) >= 3
-        assert len({e.name for e in experts}) == len({e.system_prompt for e in experts}) == len(experts)
+        assert (len({e.name for e in experts}) == len({e.system_prompt for e in experts})
+                == len(experts))
         assert all(e.source == "gold" for e in experts)
-    assert [e.name for e in data.experts("gsm8k", ["program", "rationale"])] == ["program", "rationale"]
+    chosen = data.experts("gsm8k", ["program", "rationale"])
+    assert [e.name for e in chosen] == ["program", "rationale"]
     with pytest.raises(ValueError):
         data.experts("gsm8k", ["nope"])
     with pytest.raises(ValueError, match="evaluation only"):
@@ -126,14 +133,15 @@ def test_missing_file_error_names_file_source_and_command(task, tmp_path):
 
 def test_malformed_jsonl_line_names_file_and_line(tmp_path):
     (tmp_path / "gsm8k").mkdir()
+    path = tmp_path / "gsm8k" / "test.jsonl"
     good = json.dumps({"question": "q?", "answer": "1 + 1 = <<1+1=2>>2\n#### 2"})
-    (tmp_path / "gsm8k" / "test.jsonl").write_text(good + "\n" + good + "\n{not json\n")
+    path.write_text(good + "\n" + good + "\n{not json\n")
     with pytest.raises(data.DataError, match=r"test\.jsonl:3: not valid JSON"):
         data.load("gsm8k", "test", str(tmp_path))
-    (tmp_path / "gsm8k" / "test.jsonl").write_text(good + "\n" + json.dumps({"question": "q"}) + "\n")
+    path.write_text(good + "\n" + json.dumps({"question": "q"}) + "\n")
     with pytest.raises(data.DataError, match=r"test\.jsonl:2: missing key\(s\) 'answer'"):
         data.load("gsm8k", "test", str(tmp_path))
-    (tmp_path / "gsm8k" / "test.jsonl").write_text(good + "\n" + json.dumps({"question": "q", "answer": "no final"}) + "\n")
+    path.write_text(good + "\n" + json.dumps({"question": "q", "answer": "no final"}) + "\n")
     with pytest.raises(data.DataError, match=r"test\.jsonl:2: answer has no"):
         data.load("gsm8k", "test", str(tmp_path))
 
@@ -141,7 +149,8 @@ def test_malformed_jsonl_line_names_file_and_line(tmp_path):
 def test_malformed_json_array_names_record_index_or_line(tmp_path):
     (tmp_path / "strategyqa").mkdir()
     path = tmp_path / "strategyqa" / "dev.json"
-    row = {"qid": "x", "question": "Is it?", "answer": True, "facts": ["f"], "decomposition": ["Is it?"]}
+    row = {"qid": "x", "question": "Is it?", "answer": True, "facts": ["f"],
+           "decomposition": ["Is it?"]}
     path.write_text(json.dumps([row, {"qid": "y"}]))
     with pytest.raises(data.DataError, match=r"dev\.json: record \[1\]: missing key"):
         data.load("strategyqa", "dev", str(tmp_path))
@@ -157,9 +166,12 @@ def test_malformed_json_array_names_record_index_or_line(tmp_path):
 
 def test_mathqa_options_in_both_forms_and_doubled_prefixes():
     want = ["38", "27.675", "30", "data inadequate", "none of these"]
-    assert mathqa.parse_options("a ) 38 , b ) 27.675 , c ) 30 , d ) data inadequate , e ) none of these") == want
-    assert mathqa.parse_options("['a ) 38', 'b ) 27.675', 'c ) 30', 'd ) data inadequate', 'e ) none of these']") == want
-    assert mathqa.parse_options("a ) a ) 10,700 , b ) b ) 16,000 , c ) c ) 1 , d ) d ) 2 , e ) e ) 3")[:2] == ["10,700", "16,000"]
+    plain = "a ) 38 , b ) 27.675 , c ) 30 , d ) data inadequate , e ) none of these"
+    assert mathqa.parse_options(plain) == want
+    listed = "['a ) 38', 'b ) 27.675', 'c ) 30', 'd ) data inadequate', 'e ) none of these']"
+    assert mathqa.parse_options(listed) == want
+    doubled = "a ) a ) 10,700 , b ) b ) 16,000 , c ) c ) 1 , d ) d ) 2 , e ) e ) 3"
+    assert mathqa.parse_options(doubled)[:2] == ["10,700", "16,000"]
     assert mathqa.parse_options("a ) 1 , b ) 2") == []
     assert mathqa.option_value("rs . 1,200") == 1200 and mathqa.option_value("13 1 / 2") == 13.5
     assert mathqa.option_value("9 : 8") == 1.125 and mathqa.option_value("none of these") is None
@@ -167,9 +179,11 @@ def test_mathqa_options_in_both_forms_and_doubled_prefixes():
 
 
 def test_mathqa_program_runs_and_prints():
-    tree = parse_program("subtract(divide(multiply(add(const_100, 31.1), const_100), subtract(const_100, 5)), const_100)")
+    tree = parse_program("subtract(divide(multiply(add(const_100, 31.1), const_100), "
+                         "subtract(const_100, 5)), const_100)")
     assert abs(evaluate(tree) - 38) < 1e-9
-    assert steps(tree) == ["100 + 31.1 = 131.1", "131.1 * 100 = 13110", "100 - 5 = 95", "13110 / 95 = 138", "138 - 100 = 38"]
+    assert steps(tree) == ["100 + 31.1 = 131.1", "131.1 * 100 = 13110", "100 - 5 = 95",
+                           "13110 / 95 = 138", "138 - 100 = 38"]
     assert infix(tree) == "(100 + 31.1) * 100 / (100 - 5) - 100"
     assert infix(parse_program("subtract(5, subtract(3, 1))")) == "5 - (3 - 1)"
     assert infix(parse_program("power(add(1, 2), const_2)")) == "(1 + 2) ^ 2"
@@ -188,7 +202,9 @@ def test_mathqa_program_knows_every_listed_operation():
 
 def test_strategyqa_decomposition_answers_steps_with_the_closest_fact():
     steps_ = ["What language is used in Saint Vincent?", "Is #1 based in English?"]
-    facts = ["The primary language spoken in Saint Vincent is Vincentian Creole.", "Vincentian Creole is English-based."]
+    facts = ["The primary language spoken in Saint Vincent is Vincentian Creole.",
+             "Vincentian Creole is English-based."]
     assert strategyqa.assign_facts(steps_, facts) == [[facts[0]], [facts[1]]]
     trace = strategyqa.decompose_trace(steps_, facts, "yes")
-    assert trace.splitlines() == [f"Q1: {steps_[0]}", f"A1: {facts[0]}", f"Q2: {steps_[1]}", f"A2: {facts[1]} So yes.", "Answer: yes"]
+    assert trace.splitlines() == [f"Q1: {steps_[0]}", f"A1: {facts[0]}",
+                                  f"Q2: {steps_[1]}", f"A2: {facts[1]} So yes.", "Answer: yes"]

@@ -25,10 +25,12 @@ def test_teacher_file_keeps_first_accepted_response_per_record(tmp_path):
     path = write_jsonl(tmp_path / "t.jsonl", [
         {"id": "q0", "expert": "chain", "response": "#### 6"},  # wrong: dropped
         {"id": "q0", "expert": "chain", "response": "two and three\n#### 5"},  # kept
-        {"id": "q0", "expert": "chain", "response": "again\n#### 5"},  # accepted, but q0 already has one
+        # accepted, but q0 already has one
+        {"id": "q0", "expert": "chain", "response": "again\n#### 5"},
         {"id": "q1", "expert": "columns", "response": "#### 8"},  # another expert
         {"id": "zz", "expert": "chain", "response": "#### 1"},  # unknown id
-        {"id": "q1", "expert": "chain", "response": "#### 8 #### 9"},  # the last answer (9) is wrong: dropped
+        # the last answer (9) is wrong: dropped
+        {"id": "q1", "expert": "chain", "response": "#### 8 #### 9"},
     ])
     found, stats = data.file_traces("synthetic", records(), "chain", path)
     assert found == {"q0": "two and three\n#### 5"}
@@ -89,29 +91,36 @@ def scripted_generate(script):
 
 def test_self_traces_keep_checked_stopped_samples():
     script = {
-        "2+3=?": [("#### 4", "stop"), ("2+3=5\n#### 5", "stop"), ("#### 5", "stop")],  # 2 accepted, first kept
-        "4+4=?": [("4+4=8\n#### 8", "length"), ("#### 9", "stop"), ("", "stop")],  # cut at max length: dropped
+        # 2 accepted, first kept
+        "2+3=?": [("#### 4", "stop"), ("2+3=5\n#### 5", "stop"), ("#### 5", "stop")],
+        # cut at max length: dropped
+        "4+4=?": [("4+4=8\n#### 8", "length"), ("#### 9", "stop"), ("", "stop")],
         "1+1=?": [("#### 2", "stop"), ("#### 2 #### 3", "stop"), ("#### 2", "length")],
     }
     generate, calls = scripted_generate(script)
     expert = synthetic.EXPERTS[0]
-    found, stats = data.self_traces("synthetic", records(), expert, generate, FakeTokenizer(), fake_render_chat,
-                                    num_samples=3, batch_size=2, max_new_tokens=64, temperature=0.7, top_p=0.9)
+    found, stats = data.self_traces("synthetic", records(), expert, generate, FakeTokenizer(),
+                                    fake_render_chat, num_samples=3, batch_size=2,
+                                    max_new_tokens=64, temperature=0.7, top_p=0.9)
     assert found == {"q0": "2+3=5\n#### 5", "q2": "#### 2"}
     assert (stats.candidates, stats.accepted, stats.kept, stats.records) == (9, 3, 2, 3)
-    print(f"\nself traces: kept {stats.kept}/{stats.records} records ({stats.kept_fraction:.0%}), "
-          f"accepted {stats.accepted}/{stats.candidates} samples")
-    assert calls == [(2, 3, 64, 0.7, {"top_p": 0.9}), (1, 3, 64, 0.7, {"top_p": 0.9})]  # batches of prompts
+    print(f"\nself traces: kept {stats.kept}/{stats.records} records "
+          f"({stats.kept_fraction:.0%}), accepted {stats.accepted}/{stats.candidates} samples")
+    # batches of prompts
+    assert calls == [(2, 3, 64, 0.7, {"top_p": 0.9}), (1, 3, 64, 0.7, {"top_p": 0.9})]
 
 
 def test_collect_traces_applies_each_experts_source(tmp_path):
-    path = write_jsonl(tmp_path / "t.jsonl", [{"id": "q1", "expert": "columns", "response": "teacher\n#### 8"}])
-    generate, _ = scripted_generate({q: [("self\n#### " + a, "stop")] for q, a in [("2+3=?", "5"), ("4+4=?", "7"), ("1+1=?", "2")]})
+    path = write_jsonl(tmp_path / "t.jsonl",
+                       [{"id": "q1", "expert": "columns", "response": "teacher\n#### 8"}])
+    answers = [("2+3=?", "5"), ("4+4=?", "7"), ("1+1=?", "2")]
+    generate, _ = scripted_generate({q: [("self\n#### " + a, "stop")] for q, a in answers})
     gold, teacher, sampled = synthetic.EXPERTS
     experts = [gold, replace(teacher, source="file"), replace(sampled, source="self")]
     recs = [replace(r, traces={**r.traces, "columns": "old", "reverse": "old"}) for r in records()]
-    out, stats = data.collect_traces("synthetic", recs, experts, trace_file=path, generate=generate,
-                                     tok=FakeTokenizer(), render_chat=fake_render_chat, num_samples=1)
+    out, stats = data.collect_traces("synthetic", recs, experts, trace_file=path,
+                                     generate=generate, tok=FakeTokenizer(),
+                                     render_chat=fake_render_chat, num_samples=1)
     assert [r.traces for r in out] == [
         {"chain": "2+3=5\n#### 5", "reverse": "self\n#### 5"},
         {"chain": "4+4=8\n#### 8", "columns": "teacher\n#### 8"},

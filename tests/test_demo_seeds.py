@@ -1,5 +1,5 @@
-"""experiments/demo_seeds.py: the rows it reads from finished runs and the targets it checks (no training here:
-the runs are written by hand; the real ones take 10 minutes each)."""
+"""experiments/demo_seeds.py: the rows it reads from finished runs and the targets it checks (no
+training here: the runs are written by hand; the real ones take 10 minutes each)."""
 import json
 
 from experiments import demo_seeds
@@ -7,13 +7,13 @@ from experiments import demo_seeds
 
 def fake_run(path, mef_acc, riel_acc, zero, mef_steps=5):
     path.mkdir(parents=True)
-    ev = lambda acc: {"accuracy": {"chain": 0.01, "columns": acc}, "best_expert": "columns", "best_accuracy": acc,
-                      "majority_vote": acc / 2}
+    ev = lambda acc: {"accuracy": {"chain": 0.01, "columns": acc}, "best_expert": "columns",
+                      "best_accuracy": acc, "majority_vote": acc / 2}
     (path / "summary.json").write_text(json.dumps({
         "evals": {"after_mef": ev(mef_acc), "after_riel": ev(riel_acc)}, "wall_s": 540.0,
         "riel_trend": {"zero_spread": {"first_10pct": zero[0], "last_10pct": zero[1]}}}))
-    (path / "metrics.jsonl").write_text("".join(json.dumps({"stage": s}) + "\n"
-                                                for s in ["mef"] * mef_steps + ["mef_check", "riel", "eval"]))
+    stages = ["mef"] * mef_steps + ["mef_check", "riel", "eval"]
+    (path / "metrics.jsonl").write_text("".join(json.dumps({"stage": s}) + "\n" for s in stages))
 
 
 def test_rows_and_targets_come_from_the_runs(tmp_path):
@@ -27,9 +27,11 @@ def test_rows_and_targets_come_from_the_runs(tmp_path):
     rows = out["rows"]
     assert [r["mef_steps"] for r in rows] == [5, 5, 5] and rows[0]["riel_best"] == "columns 45.0"
     assert abs(rows[0]["gain"] - 25.0) < 1e-9 and abs(rows[2]["gain"] - 13.0) < 1e-9
-    assert out["targets"] == {"RIEL gain >= 15 points in every run": False,
-                              "mean gain >= 20 over the 2-thread seeds": True,
-                              ">= 50% zero-spread groups at RIEL's start, falling": True,
-                              "<= 10 minutes per 2-thread run (a user's `python train.py`: every core)": True}
+    assert out["targets"] == {
+        "RIEL gain >= 15 points in every run": False,
+        "mean gain >= 20 over the 2-thread seeds": True,
+        ">= 50% zero-spread groups at RIEL's start, falling": True,
+        "<= 10 minutes per 2-thread run (a user's `python train.py`: every core)": True}
     table = (tmp_path / "demo_seeds.md").read_text()
-    assert "| 0 | 1 | 5 | columns 21.0% | columns 34.0% | +13.0 |" in table and "mean +21.5" in table
+    assert "| 0 | 1 | 5 | columns 21.0% | columns 34.0% | +13.0 |" in table
+    assert "mean +21.5" in table

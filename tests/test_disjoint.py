@@ -1,6 +1,7 @@
-"""The positive control's machinery (issue 29): the disjoint testbeds and --sft-cross, the taught/ meter, the two
-rescue nulls against hand-built reward tables, the content-matched control (--sft-replay replays exactly what the
-buffer flushed), and experiments/dose_response.py --quick end to end."""
+"""The positive control's machinery (issue 29): the disjoint testbeds and --sft-cross, the taught/
+meter, the two rescue nulls against hand-built reward tables, the content-matched control
+(--sft-replay replays exactly what the buffer flushed), and experiments/dose_response.py --quick
+end to end."""
 import json
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TWO = [Expert("a", "A."), Expert("b", "B.")]
 
 
-# ---- data: who sees which trace in MEF ------------------------------------------------------------------------
+# ---- data: who sees which trace in MEF -----------------------------------------------------------
 
 @pytest.mark.parametrize("testbed", ["disjoint", "disjoint_same"])
 def test_at_p0_each_expert_gets_only_its_own_shapes_traces_and_at_p1_all(testbed):
@@ -36,11 +37,13 @@ def test_at_p0_each_expert_gets_only_its_own_shapes_traces_and_at_p1_all(testbed
 
 
 def test_the_cross_dose_is_a_stable_monotone_share_of_the_questions():
-    kept = lambda p: {r.id for r in data.load("synthetic", "train", n=2000, testbed="disjoint", difficulty=(2, 2),
-                                              sft_cross=p) if len(r.traces) == 2}  # noqa: E731
+    kept = lambda p: {r.id for r in data.load("synthetic", "train", n=2000, testbed="disjoint",
+                                              difficulty=(2, 2), sft_cross=p)
+                      if len(r.traces) == 2}  # noqa: E731
     k1, k3 = kept(0.1), kept(0.3)
     assert 0.07 < len(k1) / 2000 < 0.13 and 0.26 < len(k3) / 2000 < 0.34
-    assert k1 <= k3 and kept(0.1) == k1  # a question kept at 0.1 is kept at 0.3; the same in every call
+    # a question kept at 0.1 is kept at 0.3; the same in every call
+    assert k1 <= k3 and kept(0.1) == k1
     assert cross_kept("synthetic-train-0-7", 0.5) == cross_kept("synthetic-train-0-7", 0.5)
 
 
@@ -51,20 +54,24 @@ def test_disjoint_shapes_and_formats():
         assert len(terms) == 5 and max(terms) <= 9 if r.meta["shape"] == "many" else \
             len(terms) == 2 and all(10 <= t <= 99 for t in terms)
     same = data.load("synthetic", "test", n=200, testbed="disjoint_same", difficulty=(2, 2))
-    assert [r.question for r in same] == [r.question for r in recs]  # the same questions, one format
-    assert all(r.traces["alpha"] == r.traces["beta"] == s.traces["columns"] for r, s in zip(same, recs))
+    # the same questions, one format
+    assert [r.question for r in same] == [r.question for r in recs]
+    assert all(r.traces["alpha"] == r.traces["beta"] == s.traces["columns"]
+               for r, s in zip(same, recs))
 
 
 def test_sft_cross_is_refused_before_anything_loads(tmp_path, monkeypatch):
-    monkeypatch.setattr(train.data, "load", lambda *a, **k: pytest.fail("data loaded before the check"))
+    monkeypatch.setattr(train.data, "load",
+                        lambda *a, **k: pytest.fail("data loaded before the check"))
     for args in (["--sft-cross", "0.5"], ["--testbed", "disjoint", "--sft-cross", "1.5"]):
         with pytest.raises(UserError, match="--sft-cross"):
             train.main(train.cli(["--out-dir", str(tmp_path / "x"), *args]))
     with pytest.raises(UserError, match="--sft-replay"):
-        train.main(train.cli(["--out-dir", str(tmp_path / "x"), "--sft-replay", str(tmp_path / "missing.jsonl")]))
+        train.main(train.cli(["--out-dir", str(tmp_path / "x"),
+                              "--sft-replay", str(tmp_path / "missing.jsonl")]))
 
 
-# ---- the meter: taught/ and the nulls ----------------------------------------------------------------------------
+# ---- the meter: taught/ and the nulls ------------------------------------------------------------
 
 def test_taught_is_the_share_of_questions_where_the_expert_is_e_minus():
     r = torch.zeros(4, 3, 2)
@@ -81,7 +88,8 @@ def counts_table(k):
 
 def test_nulls_of_experts_that_fail_the_same_or_different_questions():
     half = [8] * 50 + [0] * 50
-    same = counts_table(torch.tensor([half, half]).T)  # both right on the first 50, wrong on the rest
+    # both right on the first 50, wrong on the rest
+    same = counts_table(torch.tensor([half, half]).T)
     split = counts_table(torch.tensor([half, half[::-1]]).T)  # each right where the other is wrong
     for rewards, observed in ((same, 0.0), (split, 0.5)):
         assert premise.rescue(rewards, TWO)["rescued/a"] == observed
@@ -101,16 +109,19 @@ def test_the_independent_null_is_the_mean_over_independently_shuffled_questions(
     for _ in range(3000):  # naive reference: each expert's questions permuted on its own
         perm = torch.stack([k[torch.from_numpy(rng.permutation(60)), i] for i in range(3)], 1)
         shuffled.append(premise.rescue(counts_table(perm), three)["rescued/b"])
-    assert premise.rescue_nulls(rewards, three)["independent/b"] == pytest.approx(np.mean(shuffled), abs=0.01)
+    assert premise.rescue_nulls(rewards, three)["independent/b"] == \
+        pytest.approx(np.mean(shuffled), abs=0.01)
 
 
 def test_the_same_difficulty_null_recovers_a_comonotone_simulation():
-    """Data made under the null itself: each expert's per-question success probability from its own Beta, both at
-    the same difficulty rank (sorted draws paired in order), counts Binomial(8, p). The null, fitted from the counts
-    alone, must predict the rescue these data show; the independent null must predict more."""
+    """Data made under the null itself: each expert's per-question success probability from its own
+    Beta, both at the same difficulty rank (sorted draws paired in order), counts Binomial(8, p).
+    The null, fitted from the counts alone, must predict the rescue these data show; the independent
+    null must predict more."""
     rng = np.random.default_rng(1)
     Q = 6000
-    pa, pb = np.sort(rng.beta(0.7, 1.5, Q)), np.sort(rng.beta(0.4, 2.5, Q))  # comonotone: paired by rank
+    # comonotone: paired by rank
+    pa, pb = np.sort(rng.beta(0.7, 1.5, Q)), np.sort(rng.beta(0.4, 2.5, Q))
     k = torch.tensor(np.stack([rng.binomial(8, pa), rng.binomial(8, pb)], 1))
     rewards = counts_table(k)
     observed, nulls = premise.rescue(rewards, TWO), premise.rescue_nulls(rewards, TWO)
@@ -127,48 +138,58 @@ def test_beta_binomial_fit_recovers_its_parameters():
     assert premise.beta_binomial_fit(np.zeros(10), 8) is None  # never right: no spread to fit
 
 
-# ---- the content-matched control ---------------------------------------------------------------------------------
+# ---- the content-matched control -----------------------------------------------------------------
 
-def parity(task, text, answer):  # as tests/test_options.py: a random model's answers, a third of them "right"
+# as tests/test_options.py: a random model's answers, a third of them "right"
+def parity(task, text, answer):
     return float(len(text) % 3 == 0)
 
 
-def test_sft_replay_trains_on_exactly_the_entries_the_buffer_flushed_in_order(tmp_path, monkeypatch):
-    """A disjoint run (MEF at --sft-cross 0, then RIEL with a small buffer) writes flushed.jsonl; --sft-replay on it
-    trains one batch per flush on the very (prompt ids, target ids) the buffer handed to L_SFT, in flush order."""
+def test_sft_replay_trains_on_exactly_the_entries_the_buffer_flushed_in_order(tmp_path,
+                                                                              monkeypatch):
+    """A disjoint run (MEF at --sft-cross 0, then RIEL with a small buffer) writes flushed.jsonl;
+    --sft-replay on it trains one batch per flush on the very (prompt ids, target ids) the buffer
+    handed to L_SFT, in flush order."""
     flushed = []
     take_all = train.HardExampleBuffer.take_all
     monkeypatch.setattr(train.HardExampleBuffer, "take_all",
                         lambda self, n=None: flushed.append(out := take_all(self, n)) or out)
     monkeypatch.setattr(train.verify, "reward", parity)
-    common = ["--no-curves", "--testbed", "disjoint", "--train-size", "24", "--eval.size", "4", "--seed", "3"]
+    common = ["--no-curves", "--testbed", "disjoint", "--train-size", "24", "--eval.size", "4",
+              "--seed", "3"]
     run = tmp_path / "meml"
     train.main(train.cli(["--out-dir", str(run), *common, "--sft-cross", "0", "--mef.epochs", "1",
-                          "--mef.stop-at", "None", "--riel.steps", "3", "--riel.questions-per-step", "4",
-                          "--riel.group-size", "4", "--riel.max-new-tokens", "8", "--riel.buffer-size", "3",
-                          "--riel.buffer-k", "1", "--riel.buffer-flush", "exact", "--eval-every", "0"]))
+                          "--mef.stop-at", "None", "--riel.steps", "3",
+                          "--riel.questions-per-step", "4", "--riel.group-size", "4",
+                          "--riel.max-new-tokens", "8", "--riel.buffer-size", "3",
+                          "--riel.buffer-k", "1", "--riel.buffer-flush", "exact",
+                          "--eval-every", "0"]))
     entries = [e for batch in flushed for e in batch]
     assert len(flushed) >= 2 and all(len(b) == 3 for b in flushed)
     lines = [json.loads(x) for x in (run / "flushed.jsonl").read_text().splitlines()]
-    assert [(x["question_id"], x["expert"]) for x in lines] == [(e.question_id, e.expert) for e in entries]
+    assert [(x["question_id"], x["expert"]) for x in lines] == \
+        [(e.question_id, e.expert) for e in entries]
     seen = []
     mef_steps = train.mef_steps
-    monkeypatch.setattr(train, "mef_steps", lambda model, examples, *a, **k: seen.extend(examples) or
-                        mef_steps(model, examples, *a, **k))
+    monkeypatch.setattr(train, "mef_steps", lambda model, examples, *a, **k:
+                        seen.extend(examples) or mef_steps(model, examples, *a, **k))
     ctl = tmp_path / "control"
-    train.main(train.cli(["--out-dir", str(ctl), *common, "--init", str(run / (run / "latest").read_text().strip()),
-                          "--stages", "mef", "eval", "--sft-replay", str(run / "flushed.jsonl"), "--mef.epochs", "1",
-                          "--mef.batch-size", "3", "--mef.stop-at", "None"]))
-    assert [(e.prompt_ids, e.target_ids) for e in seen] == [(e.prompt_ids, e.target_ids) for e in entries]
+    latest = run / (run / "latest").read_text().strip()
+    train.main(train.cli(["--out-dir", str(ctl), *common, "--init", str(latest),
+                          "--stages", "mef", "eval", "--sft-replay", str(run / "flushed.jsonl"),
+                          "--mef.epochs", "1", "--mef.batch-size", "3", "--mef.stop-at", "None"]))
+    assert [(e.prompt_ids, e.target_ids) for e in seen] == \
+        [(e.prompt_ids, e.target_ids) for e in entries]
     steps = [json.loads(x) for x in (ctl / "metrics.jsonl").read_text().splitlines()]
     tokens = [m["tokens"] for m in steps if m.get("stage") == "mef"]
-    assert tokens == [sum(len(e.target_ids) for e in b) for b in flushed]  # in flush order, not shuffled
+    # in flush order, not shuffled
+    assert tokens == [sum(len(e.target_ids) for e in b) for b in flushed]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["config"]["sft_cross"] == 0.0 and "commit" in summary
     assert set(summary["evals"]["after_riel"]["accuracy_by_shape"]) == {"many", "long"}
 
 
-# ---- the dose grid ----------------------------------------------------------------------------------------------
+# ---- the dose grid -------------------------------------------------------------------------------
 
 def test_dose_response_quick_writes_the_contrast_per_dose(tmp_path):
     pytest.importorskip("matplotlib")
@@ -181,8 +202,11 @@ def test_dose_response_quick_writes_the_contrast_per_dose(tmp_path):
     for p, res in out["grid"].items():
         assert set(res) == {"MoE-SFT", dr.ALONE, dr.WITH_T, "MEML-GRPO", dr.CONTROL}
         for row, runs in res.items():
-            assert runs["0"]["sft_cross"] == float(p) and set(runs["0"]["by_shape"]) == {"many", "long"}
-        assert {"taught_deployed", "rescued_deployed", "nulls"} <= set(res["MoE-SFT"]["0"]["pre_rl"])
-        assert "start" in res[dr.WITH_T]["0"]["taught_deployed"] and res[dr.WITH_T]["0"]["term_scale"] == "step"
+            assert (runs["0"]["sft_cross"] == float(p)
+                    and set(runs["0"]["by_shape"]) == {"many", "long"})
+        assert {"taught_deployed", "rescued_deployed", "nulls"} <= \
+            set(res["MoE-SFT"]["0"]["pre_rl"])
+        assert ("start" in res[dr.WITH_T]["0"]["taught_deployed"]
+                and res[dr.WITH_T]["0"]["term_scale"] == "step")
     assert "The transfer alone" in (tmp_path / "dose.md").read_text()
     assert (tmp_path / "dose.png").stat().st_size > 10_000

@@ -11,7 +11,8 @@ from plumbing.tokenizer import load_tokenizer
 
 
 def brute_force_pass_at_k(n, c, k):
-    """The probability that k of the n samples, drawn without replacement, hold at least one correct one."""
+    """The probability that k of the n samples, drawn without replacement, hold at least one
+    correct one."""
     samples = [1] * c + [0] * (n - c)
     draws = list(itertools.combinations(range(n), k))
     return sum(any(samples[i] for i in d) for d in draws) / len(draws)
@@ -25,7 +26,8 @@ def test_pass_at_k_equals_brute_force():
 def test_majority_vote_takes_the_most_common_answer_and_breaks_ties_by_expert_order():
     assert majority_vote(["5", "7", "5"], [1.0, 0.0, 1.0]) == 1.0
     assert majority_vote(["7", "5", "5"], [0.0, 1.0, 1.0]) == 1.0
-    assert majority_vote(["7", "5", None], [0.0, 1.0, 0.0]) == 0.0  # tie: the first expert's answer wins
+    # tie: the first expert's answer wins
+    assert majority_vote(["7", "5", None], [0.0, 1.0, 0.0]) == 0.0
     assert majority_vote([None, None], [0.0, 0.0]) == 0.0
 
 
@@ -34,27 +36,30 @@ def test_evaluate_reports_every_expert_the_vote_and_pass_at_k():
     records = data.load(task, "test", n=6, difficulty=1)
     experts = data.experts(task)
     cfg = EvalConfig(size=4, max_new_tokens=8, batch_size=5, pass_k=2, pass_samples=3)
-    res = evaluate(Transformer.from_pretrained("tiny"), load_tokenizer("tiny"), task, records, experts, cfg)
+    model, tok = Transformer.from_pretrained("tiny"), load_tokenizer("tiny")
+    res = evaluate(model, tok, task, records, experts, cfg)
     assert res["questions"] == 4 and set(res["accuracy"]) == {e.name for e in experts}
     assert 0.0 <= res["pass@2"] <= 1.0 and res["best_expert"] in res["accuracy"]
     assert "majority vote" in format_table(res)
 
 
-# ---- evaluate's aggregation on a scripted completer with known answers -------------------------------------
+# ---- evaluate's aggregation on a scripted completer with known answers ---------------------------
 
 # 5 questions x 3 experts; greedy text of (question, expert). Answers 10, 20, 30, 40, 50.
 SCRIPT = [["#### 11", "#### 10", "#### 10"],  # vote 10: right
           ["#### 21", "#### 20", "#### 22"],  # three-way tie: the first expert's 21 wins: wrong
           ["#### 30", "#### 31", "no idea"],  # tie 30 / 31: the first expert's 30 wins: right
           ["#### 41", "#### 40", "#### 41"],  # the majority's 41 beats the right 40: wrong
-          ["no idea", "#### 50", "#### 59"]]  # tie 50 / 59: the first answer given (columns, 50) wins: right
+          # tie 50 / 59: the first answer given (columns, 50) wins: right
+          ["no idea", "#### 50", "#### 59"]]
 # by hand: chain 1/5, columns 4/5, reverse 1/5; best columns; vote 3/5
-CORRECT_SAMPLES = [[0, 1, 2], [2, 3, 4], [4, 0, 2], [1, 1, 1], [2, 2, 0]]  # c of n = 4 samples per prompt
+# c of n = 4 samples per prompt
+CORRECT_SAMPLES = [[0, 1, 2], [2, 3, 4], [4, 0, 2], [1, 1, 1], [2, 2, 0]]
 
 
 def scripted_generate(tok, records, experts):
-    """A generate() stand-in that reads each prompt's question and expert and answers from SCRIPT (greedy) or with
-    CORRECT_SAMPLES right answers among its samples (sampled)."""
+    """A generate() stand-in that reads each prompt's question and expert and answers from SCRIPT
+    (greedy) or with CORRECT_SAMPLES right answers among its samples (sampled)."""
     def fake(model, prompts, *, num_samples, temperature, stop_ids, **_):
         comps = []
         for p in prompts:
@@ -78,7 +83,8 @@ def test_evaluate_aggregates_a_scripted_completer_as_computed_by_hand(monkeypatc
     records = [Rec(q, f"{10 * (q + 1)}+0=?", str(10 * (q + 1))) for q in range(5)]
     experts = data.experts("synthetic")  # chain, columns, reverse
     monkeypatch.setattr(ev, "generate", scripted_generate(tok, records, experts))
-    cfg = EvalConfig(batch_size=4, pass_k=2, pass_samples=4)  # 15 prompts in batches of 4: a short last batch
+    # 15 prompts in batches of 4: a short last batch
+    cfg = EvalConfig(batch_size=4, pass_k=2, pass_samples=4)
     res = evaluate(StandIn(), tok, "synthetic", records, experts, cfg)
     assert res["accuracy"] == {"chain": 0.2, "columns": 0.8, "reverse": 0.2}
     assert res["best_expert"] == "columns" and res["best_accuracy"] == 0.8
@@ -87,10 +93,14 @@ def test_evaluate_aggregates_a_scripted_completer_as_computed_by_hand(monkeypatc
     hand = [brute_force_pass_at_k(4, c, 2) for row in CORRECT_SAMPLES for c in row]
     assert res["pass@2"] == pytest.approx(sum(hand) / len(hand))
     assert res["questions"] == 5
-    # keep_texts: every answer with its own question, expert and verdict; lengths in tokens (+ the stop token)
-    kept = evaluate(StandIn(), tok, "synthetic", records, experts, EvalConfig(batch_size=4), keep_texts=True)
-    assert [(s["question"], s["expert"], s["completion"], s["correct"]) for s in kept["samples"]] == [
+    # keep_texts: every answer with its own question, expert and verdict;
+    # lengths in tokens (+ the stop token)
+    kept = evaluate(StandIn(), tok, "synthetic", records, experts, EvalConfig(batch_size=4),
+                    keep_texts=True)
+    samples = [(s["question"], s["expert"], s["completion"], s["correct"]) for s in kept["samples"]]
+    assert samples == [
         (r.question, e.name, SCRIPT[q][i], float(SCRIPT[q][i] == f"#### {r.answer}"))
         for q, r in enumerate(records) for i, e in enumerate(experts)]
-    lengths = [len(tok.encode(SCRIPT[q][i], add_special_tokens=False)) + 1 for q in range(5) for i in range(3)]
+    lengths = [len(tok.encode(SCRIPT[q][i], add_special_tokens=False)) + 1
+               for q in range(5) for i in range(3)]
     assert res["completions/mean_length"] == pytest.approx(sum(lengths) / len(lengths))

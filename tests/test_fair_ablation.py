@@ -1,6 +1,7 @@
-"""experiments/fair_ablation.py --quick: the whole fair grid machinery end to end through train.py on one testbed
-(SFT start, premise probe, lr sweep chosen on validation, the dosed gold-SFT control, the JSON, table and picture),
-and the rules that make it fair, on its argument lists and on hand-made run directories."""
+"""experiments/fair_ablation.py --quick: the whole fair grid machinery end to end through train.py
+on one testbed (SFT start, premise probe, lr sweep chosen on validation, the dosed gold-SFT
+control, the JSON, table and picture), and the rules that make it fair, on its argument lists and
+on hand-made run directories."""
 import json
 import sys
 from pathlib import Path
@@ -21,8 +22,8 @@ def test_quick_grid_writes_every_field_per_testbed_row_and_seed(tmp_path):
     assert set(res) == {"MoE-SFT", "GRPO, one expert", "MEML-GRPO", "gold-SFT control"}
     assert "rescued_best" in res["MoE-SFT"]["0"]["pre_rl"]
     meml, one = res["MEML-GRPO"]["0"], res["GRPO, one expert"]["0"]
-    for key in ("lr", "deployed", "test", "val", "vote", "rescue_rate", "rescued_deployed", "trained_rows",
-                "trained_tokens", "flushed_examples"):
+    for key in ("lr", "deployed", "test", "val", "vote", "rescue_rate", "rescued_deployed",
+                "trained_rows", "trained_tokens", "flushed_examples"):
         assert key in meml, key
     assert meml["lr"] in (1e-4, 3e-4) and set(meml["rescued_deployed"]) == {"start", "end"}
     # equal sampled rollouts per step: one expert samples 3 x the questions
@@ -30,15 +31,18 @@ def test_quick_grid_writes_every_field_per_testbed_row_and_seed(tmp_path):
     assert set(grid["complementary"]["lr_sweep_val"]["MEML-GRPO"]) == {"0.0001", "0.0003"}
     table = (tmp_path / "premise.md").read_text()
     assert "### complementary" in table
-    fa.main(fa.Config(out_dir=cfg.out_dir, out=cfg.out, quick=True, report=True))  # --report: no run, same table
+    # --report: no run, same table
+    fa.main(fa.Config(out_dir=cfg.out_dir, out=cfg.out, quick=True, report=True))
     assert (tmp_path / "premise.md").read_text() == table
     assert (tmp_path / "premise.png").stat().st_size > 10_000
-    # the control (every lr of its sweep) replays as many gold traces as the chosen MEML-GRPO run's buffer flushed,
-    # 3 experts a record
+    # the control (every lr of its sweep) replays as many gold traces as the chosen MEML-GRPO run's
+    # buffer flushed, 3 experts a record
     for lr in (1e-4, 3e-4):
-        summary = json.loads((Path(fa.run_dir(cfg, "complementary", fa.CONTROL, 0, lr)) / "summary.json").read_text())
+        run = Path(fa.run_dir(cfg, "complementary", fa.CONTROL, 0, lr))
+        summary = json.loads((run / "summary.json").read_text())
         assert summary["config"]["train_size"] == max(1, -(-meml["flushed_examples"] // 3))
-        assert summary["config"]["mef"]["lr"] == lr and summary["config"]["stages"] == ["mef", "eval"]
+        assert summary["config"]["mef"]["lr"] == lr
+        assert summary["config"]["stages"] == ["mef", "eval"]
 
 
 def test_the_lr_and_the_prompt_are_chosen_on_validation_never_on_test(tmp_path):
@@ -46,12 +50,17 @@ def test_the_lr_and_the_prompt_are_chosen_on_validation_never_on_test(tmp_path):
     for lr, val, test in ((1e-4, 0.30, 0.90), (3e-4, 0.50, 0.10), (1e-3, 0.40, 0.40)):
         out = Path(fa.run_dir(cfg, "nested", "MEML-GRPO", 0, lr))
         out.mkdir(parents=True)
-        evals = {"after_riel": {"accuracy": {"chain": test, "columns": 0.0}, "majority_vote": 0.0},
-                 "after_riel@val": {"accuracy": {"chain": 0.0, "columns": val}, "majority_vote": 0.0}}
+        evals = {"after_riel": {"accuracy": {"chain": test, "columns": 0.0},
+                                "majority_vote": 0.0},
+                 "after_riel@val": {"accuracy": {"chain": 0.0, "columns": val},
+                                    "majority_vote": 0.0}}
         (out / "summary.json").write_text(json.dumps({"evals": evals}))
-    assert fa.chosen_lr(cfg, "nested", "MEML-GRPO", 0) == 3e-4  # best on validation, though worst on test
-    evals = json.loads((Path(fa.run_dir(cfg, "nested", "MEML-GRPO", 0, 3e-4)) / "summary.json").read_text())["evals"]
-    assert fa.val_choice(evals) == "columns"  # the deployed prompt: columns, whose TEST accuracy is reported (0.0)
+    # best on validation, though worst on test
+    assert fa.chosen_lr(cfg, "nested", "MEML-GRPO", 0) == 3e-4
+    run = Path(fa.run_dir(cfg, "nested", "MEML-GRPO", 0, 3e-4))
+    evals = json.loads((run / "summary.json").read_text())["evals"]
+    # the deployed prompt: columns, whose TEST accuracy is reported (0.0)
+    assert fa.val_choice(evals) == "columns"
 
 
 def test_paired_differences_and_their_95_percent_interval():

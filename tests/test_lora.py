@@ -1,5 +1,6 @@
-"""lora.py: the base at init, adapters the only trainable weights, merged Hugging Face checkpoints, bit-exact resume,
-and --riel.kl-beta's reference as the policy with its adapters off (no second model)."""
+"""lora.py: the base at init, adapters the only trainable weights, merged Hugging Face checkpoints,
+bit-exact resume, and --riel.kl-beta's reference as the policy with its adapters off (no second
+model)."""
 import dataclasses
 import json
 
@@ -18,7 +19,8 @@ NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_p
 
 
 def tiny(dtype=torch.float32, **changes):
-    return Transformer.from_config(dataclasses.replace(tiny_config(), **changes), "cpu", dtype, seed=0)
+    cfg = dataclasses.replace(tiny_config(), **changes)
+    return Transformer.from_config(cfg, "cpu", dtype, seed=0)
 
 
 def perturb(model, seed=1):
@@ -32,8 +34,9 @@ def perturb(model, seed=1):
 
 @pytest.mark.parametrize("autocast", [False, True])
 def test_a_lora_linear_is_w_x_plus_b_plus_alpha_over_r_b_a_x_with_its_gradients(autocast):
-    """The forward (scale on the thin tensor, sum in place) against the formula written out, outputs and gradients
-    (input, A, B), with a bias, a 3-d input and a scale that is not a power of 2; under CPU bf16 autocast too."""
+    """The forward (scale on the thin tensor, sum in place) against the formula written out, outputs
+    and gradients (input, A, B), with a bias, a 3-d input and a scale that is not a power of 2;
+    under CPU bf16 autocast too."""
     base = torch.nn.Linear(24, 40)
     m = lora.LoRALinear(base, rank=3, alpha=5.0, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -51,12 +54,16 @@ def test_a_lora_linear_is_w_x_plus_b_plus_alpha_over_r_b_a_x_with_its_gradients(
         torch.testing.assert_close(a, b, **tol)
 
 
-@pytest.mark.parametrize("dtype,bias", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)])
+@pytest.mark.parametrize("dtype,bias", [(torch.float32, False), (torch.float32, True),
+                                        (torch.bfloat16, False)])
 def test_at_init_a_lora_model_is_its_base_bit_for_bit(dtype, bias):
-    base, model = tiny(dtype, qkv_bias=bias), lora.add_lora(tiny(dtype, qkv_bias=bias), rank=2, alpha=4)
-    wrapped = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, lora.LoRALinear)}
+    base = tiny(dtype, qkv_bias=bias)
+    model = lora.add_lora(tiny(dtype, qkv_bias=bias), rank=2, alpha=4)
+    wrapped = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+               if isinstance(m, lora.LoRALinear)}
     assert wrapped == set(NAMES) and len(lora.lora_layers(model)) == 7 * tiny_config().n_layers
-    assert not isinstance(model.lm_head, lora.LoRALinear) and model.lm_head.weight is model.embed_tokens.weight
+    assert not isinstance(model.lm_head, lora.LoRALinear)
+    assert model.lm_head.weight is model.embed_tokens.weight
     # the base keeps its state-dict keys (Hugging Face names); the adapters add theirs, in fp32
     assert set(base.state_dict()) == {k for k in model.state_dict() if not lora.is_adapter(k)}
     assert all(p.dtype == torch.float32 for p in lora.lora_parameters(model))
@@ -66,14 +73,17 @@ def test_at_init_a_lora_model_is_its_base_bit_for_bit(dtype, bias):
 
 
 def test_under_autocast_the_frozen_base_is_bf16_and_still_the_base_bit_for_bit():
-    """train.py under autocast: the wrapped linears' base weights in bf16 (half the memory; autocast would cast them
-    to bf16 at every forward anyway, so the logits are the fp32 model's under autocast, bit for bit), embedding and
-    norms in fp32, and a merged checkpoint in one dtype, the run's fp32."""
-    base, model = tiny(qkv_bias=True), lora.add_lora(tiny(qkv_bias=True), rank=2, alpha=4, base_dtype=torch.bfloat16)
+    """train.py under autocast: the wrapped linears' base weights in bf16 (half the memory; autocast
+    would cast them to bf16 at every forward anyway, so the logits are the fp32 model's under
+    autocast, bit for bit), embedding and norms in fp32, and a merged checkpoint in one dtype, the
+    run's fp32."""
+    base = tiny(qkv_bias=True)
+    model = lora.add_lora(tiny(qkv_bias=True), rank=2, alpha=4, base_dtype=torch.bfloat16)
     dtypes = {n: p.dtype for n, p in model.named_parameters()}
-    assert {dtypes[n] for n in dtypes if n.rsplit(".", 2)[-2] in NAMES and not lora.is_adapter(n)} == {torch.bfloat16}
-    assert dtypes["embed_tokens.weight"] == dtypes["norm.weight"] == dtypes["layers.0.mlp.down_proj.lora_A"] \
-        == torch.float32
+    base_linears = [n for n in dtypes if n.rsplit(".", 2)[-2] in NAMES and not lora.is_adapter(n)]
+    assert {dtypes[n] for n in base_linears} == {torch.bfloat16}
+    assert (dtypes["embed_tokens.weight"] == dtypes["norm.weight"]
+            == dtypes["layers.0.mlp.down_proj.lora_A"] == torch.float32)
     ids = torch.randint(0, 256, (2, 12))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(model(ids), base(ids))
@@ -94,9 +104,11 @@ def test_adapters_compute_the_merged_weights_and_switch_off_to_the_base():
         assert torch.equal(lora.BaseModel(model)(ids), base(ids))
 
 
-@pytest.mark.parametrize("dtype,autocast", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
+@pytest.mark.parametrize("dtype,autocast", [(torch.float32, False), (torch.bfloat16, False),
+                                            (torch.float32, True)])
 def test_only_adapters_get_gradients_and_optimizer_state(dtype, autocast):
-    """fp32, bf16 base weights (--precision bf16), fp32 weights under bf16 autocast: fp32 adapters in every case."""
+    """fp32, bf16 base weights (--precision bf16), fp32 weights under bf16 autocast: fp32 adapters
+    in every case."""
     model = lora.add_lora(tiny(dtype), rank=2, alpha=4)
     frozen = {k: v.clone() for k, v in model.state_dict().items() if not lora.is_adapter(k)}
     opt = make_optimizer(dist.parameters(model), lr=1e-2)
@@ -107,7 +119,8 @@ def test_only_adapters_get_gradients_and_optimizer_state(dtype, autocast):
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
     assert with_grad == {n for n, _ in model.named_parameters() if lora.is_adapter(n)}
     assert all(p.grad.dtype == torch.float32 for p in lora.lora_parameters(model))
-    assert all(m.lora_B.grad.abs().max() > 0 for m in lora.lora_layers(model))  # (A's is 0 while B is: B A x)
+    # (A's gradient is 0 while B is: B A x)
+    assert all(m.lora_B.grad.abs().max() > 0 for m in lora.lora_layers(model))
     opt.step()
     assert set(opt.state) == set(lora.lora_parameters(model))  # AdamW moments for the adapters only
     assert all(torch.equal(model.state_dict()[k], v) for k, v in frozen.items())
@@ -162,14 +175,17 @@ def test_checkpoint_is_the_merged_model_that_transformers_loads(tmp_path):
 
 
 def test_killed_lora_run_with_a_reference_resumes_bit_exact_from_its_base(tmp_path, monkeypatch):
-    """Killed after RIEL step 1 (gstep 9): the resumed run rebuilds base (OUT/lora_base, not the merged weights) +
-    adapters + their AdamW state, and ends where the uninterrupted run does, bit for bit. The kl-beta reference is
-    the policy with its adapters off: checkpoint.reference_model (a second model) is never called. Under autocast (the
-    CUDA default), so the bf16 base is rebuilt from OUT/lora_base's fp32 start as the fresh run built it."""
-    monkeypatch.setattr(train.checkpoint, "reference_model", lambda *a, **k: pytest.fail("a second model was built"))
-    args = ("--checkpoint-every", "1", "--stages", "mef", "riel", "--lora-rank", "2", "--riel.kl-beta", "0.05",
-            "--precision", "autocast")
-    with pytest.warns(UserWarning, match="randomly initialised"):  # tiny from scratch: LoRA on noise, said so
+    """Killed after RIEL step 1 (gstep 9): the resumed run rebuilds base (OUT/lora_base, not the
+    merged weights) + adapters + their AdamW state, and ends where the uninterrupted run does, bit
+    for bit. The kl-beta reference is the policy with its adapters off: checkpoint.reference_model
+    (a second model) is never called. Under autocast (the CUDA default), so the bf16 base is rebuilt
+    from OUT/lora_base's fp32 start as the fresh run built it."""
+    monkeypatch.setattr(train.checkpoint, "reference_model",
+                        lambda *a, **k: pytest.fail("a second model was built"))
+    args = ("--checkpoint-every", "1", "--stages", "mef", "riel", "--lora-rank", "2",
+            "--riel.kl-beta", "0.05", "--precision", "autocast")
+    # tiny from scratch: LoRA on noise, said so
+    with pytest.warns(UserWarning, match="randomly initialised"):
         run(tmp_path / "full", *args)
     out = tmp_path / "killed"
     killed_after_checkpoint(monkeypatch, lambda: run(out, *args), gstep=9)
@@ -181,12 +197,17 @@ def test_killed_lora_run_with_a_reference_resumes_bit_exact_from_its_base(tmp_pa
     for file in (lora.ADAPTER_FILE, "model.safetensors"):
         a, b = load(full / file), load(again / file)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), file
-    assert {v.dtype for v in load(again / "model.safetensors").values()} == {torch.float32}  # merged into the run's
-    lines = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (tmp_path / "full", out)]
+    # merged into the run's dtype
+    assert {v.dtype for v in load(again / "model.safetensors").values()} == {torch.float32}
+    lines = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+             for d in (tmp_path / "full", out)]
     keys = ("loss", "grad_norm", "reward", "kl", "loss_sft", "flushed")
-    assert [[m.get(k) for k in keys] for m in lines[0]] == [[m.get(k) for k in keys] for m in lines[1]]
-    assert max(m["kl"] for m in lines[0] if m["stage"] == "riel") > 0 and not (out / "reference").exists()
-    with pytest.raises(train.UserError, match="--lora-rank"):  # its checkpoints hold merged weights
+    picked = [[[m.get(k) for k in keys] for m in run] for run in lines]
+    assert picked[0] == picked[1]
+    assert max(m["kl"] for m in lines[0] if m["stage"] == "riel") > 0
+    assert not (out / "reference").exists()
+    # its checkpoints hold merged weights
+    with pytest.raises(train.UserError, match="--lora-rank"):
         run(out, "--resume", "--stages", "mef", "riel")
 
 

@@ -1,4 +1,5 @@
-"""Tests for losses.py against the recomputed TRL / verl vectors of REFERENCES.md sections 3.1-3.3."""
+"""Tests for losses.py against the recomputed TRL / verl vectors of REFERENCES.md sections
+3.1-3.3."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -47,7 +48,8 @@ def test_meml_zeroes_exactly_the_below_mean_responses():
 
 
 def test_advantages_batched_over_groups_equal_one_group_at_a_time():
-    r = torch.tensor([[[1., 0, 0, 1], [1, 0, 0, 0]], [[0, 0, 0, 0], [1, 1, 0, 1]]])  # (Q=2, N=2, G=4)
+    # (Q=2, N=2, G=4)
+    r = torch.tensor([[[1., 0, 0, 1], [1, 0, 0, 0]], [[0, 0, 0, 0], [1, 1, 0, 1]]])
     for mode in ("meml", "grpo", "dr_grpo"):
         batched = group_advantages(r, mode)
         for q in range(2):
@@ -171,7 +173,8 @@ def test_any_micro_batch_split_gives_full_batch_loss_and_gradient(lengths, mb, m
     full = aggregate(policy_gradient_loss(logp, adv), mask, mode, **counts)
     full.backward()
     full_grad, logp.grad = logp.grad.clone(), None
-    total = sum(aggregate(policy_gradient_loss(logp[i:i + mb], adv[i:i + mb]), mask[i:i + mb], mode, **counts)
+    total = sum(aggregate(policy_gradient_loss(logp[i:i + mb], adv[i:i + mb]), mask[i:i + mb],
+                          mode, **counts)
                 for i in range(0, B, mb))
     total.backward()
     close(total, full, 1e-9)
@@ -198,7 +201,8 @@ def test_full_vocab_kl_equals_torch_kl_div():
     s_logits = torch.randn(2, 3, 5, generator=g, requires_grad=True)
     mask = torch.tensor([[1.0, 1, 0], [1, 1, 1]])
     ours = full_vocab_kl(t_logits, s_logits, mask)
-    per_tok = F.kl_div(s_logits.log_softmax(-1), t_logits.log_softmax(-1), reduction="none", log_target=True).sum(-1)
+    per_tok = F.kl_div(s_logits.log_softmax(-1), t_logits.log_softmax(-1), reduction="none",
+                       log_target=True).sum(-1)
     close(ours, (per_tok * mask).sum() / 5, 1e-6)
     ours.backward()
     assert t_logits.grad is None or torch.all(t_logits.grad == 0)

@@ -1,4 +1,5 @@
-"""Tests for mef.py: assistant-only loss, micro-batch invariance, example building, and that it learns."""
+"""Tests for mef.py: assistant-only loss, micro-batch invariance, example building, and that it
+learns."""
 from dataclasses import dataclass, field
 
 import pytest
@@ -12,8 +13,8 @@ from plumbing.tokenizer import end_of_turn_id, load_tokenizer, render_chat
 
 class StandIn(nn.Module):
     """A tiny LM with the attributes rollout.token_logprobs uses (embed_tokens, trunk, lm_head).
-    mix=False makes it a bigram model: the hidden state at t depends on token t only, so the gradient
-    at position t comes from the prediction made at t alone."""
+    mix=False makes it a bigram model: the hidden state at t depends on token t only, so the
+    gradient at position t comes from the prediction made at t alone."""
 
     def __init__(self, vocab=264, dim=16, mix=True, seed=0):
         super().__init__()
@@ -90,7 +91,8 @@ def test_micro_batches_give_the_full_batch_loss_and_gradient():
     assert abs(full - split) < 1e-6
     for a, p in zip(grads, model.parameters()):
         torch.testing.assert_close(p.grad, a, atol=1e-6, rtol=1e-5)
-    hand = sum(naive_nll(model, p, t) for p, t in zip(prompts, targets)).item() / sum(map(len, targets))
+    hand = (sum(naive_nll(model, p, t) for p, t in zip(prompts, targets)).item()
+            / sum(map(len, targets)))
     assert abs(full - hand) < 1e-5
 
 
@@ -115,7 +117,8 @@ def test_build_examples_skips_and_counts_missing_traces(tok):
 
 def test_a_few_steps_reduce_the_loss(tok):
     experts = [Expert("a", "Answer tersely."), Expert("b", "Show work.")]
-    recs = [Rec(i, f"{i}+{i}?", str(2 * i), {"a": str(2 * i), "b": f"{i}+{i}={2 * i}"}) for i in range(6)]
+    recs = [Rec(i, f"{i}+{i}?", str(2 * i), {"a": str(2 * i), "b": f"{i}+{i}={2 * i}"})
+            for i in range(6)]
     examples, _ = mef.build_sft_examples(tok, recs, experts)
     model = StandIn(dim=32)
     cfg = mef.MEFConfig(epochs=8, batch_size=6, micro_batch_size=4)
@@ -144,10 +147,12 @@ def test_real_tiny_preset_learns_its_traces(tok):
     from model import Transformer
     model = Transformer.from_pretrained("tiny")
     experts = [Expert("a", "Answer tersely."), Expert("b", "Show work.")]
-    recs = [Rec(i, f"{i}+{i}?", str(2 * i), {"a": str(2 * i), "b": f"{i}+{i}={2 * i}"}) for i in range(4)]
+    recs = [Rec(i, f"{i}+{i}?", str(2 * i), {"a": str(2 * i), "b": f"{i}+{i}={2 * i}"})
+            for i in range(4)]
     examples, _ = mef.build_sft_examples(tok, recs, experts)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    logs = list(mef.mef_steps(model, examples, mef.MEFConfig(epochs=6, batch_size=8, micro_batch_size=4), opt))
+    cfg = mef.MEFConfig(epochs=6, batch_size=8, micro_batch_size=4)
+    logs = list(mef.mef_steps(model, examples, cfg, opt))
     assert logs[-1]["loss"] < 0.7 * logs[0]["loss"], (logs[0]["loss"], logs[-1]["loss"])
 
 
@@ -157,7 +162,8 @@ def test_mef_resumed_at_a_step_takes_the_same_batches_as_an_uninterrupted_run(mo
     model = torch.nn.Linear(1, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     seen = []  # the targets each optimizer step trained on
-    monkeypatch.setattr(mef, "sharded_sft_backward", lambda m, p, t, mbs, weight=1.0: seen.append(t) or 0.0)
+    monkeypatch.setattr(mef, "sharded_sft_backward",
+                        lambda m, p, t, mbs, weight=1.0: seen.append(t) or 0.0)
     list(mef.mef_steps(model, examples, cfg, opt, seed=5))
     full, seen[:] = list(seen), []
     list(mef.mef_steps(model, examples, cfg, opt, seed=5, start_step=3))
@@ -166,10 +172,11 @@ def test_mef_resumed_at_a_step_takes_the_same_batches_as_an_uninterrupted_run(mo
 
 
 def test_forwards_after_a_step_see_the_new_weights_inside_one_autocast_region():
-    """train.py runs a whole stage inside one autocast region (bf16 compute on CUDA). Autocast caches the bf16 copy
-    of every fp32 weight until the region ends, keyed by the weight tensor, not its version: without
-    clip_and_step dropping that cache, every forward after the first optimizer step would still use the weights
-    of before it. Checked here with CPU autocast, which caches the same way."""
+    """train.py runs a whole stage inside one autocast region (bf16 compute on CUDA). Autocast
+    caches the bf16 copy of every fp32 weight until the region ends, keyed by the weight tensor, not
+    its version: without clip_and_step dropping that cache, every forward after the first optimizer
+    step would still use the weights of before it. Checked here with CPU autocast, which caches the
+    same way."""
     from model import Transformer, tiny_config
     model = Transformer.from_config(tiny_config(), torch.device("cpu"), torch.float32, seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)

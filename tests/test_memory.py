@@ -1,5 +1,5 @@
-"""Tests for the memory changes of a RIEL/MEF step: chunked sampling gives the one-batch tokens and step, the AdamW
-factory, and what is (not) alive while sampling and while the optimizer steps."""
+"""Tests for the memory changes of a RIEL/MEF step: chunked sampling gives the one-batch tokens and
+step, the AdamW factory, and what is (not) alive while sampling and while the optimizer steps."""
 import math
 
 import pytest
@@ -12,10 +12,11 @@ from model import Transformer, tiny_config
 from test_mef import Expert, Rec
 from plumbing.tokenizer import load_tokenizer
 
-# system prompts of different lengths: chunks pad their prompts to different lengths than the whole batch does
+# system prompts of different lengths: chunks pad prompts to other lengths than the whole batch
 EXPERTS = [Expert("terse", "Answer only."), Expert("steps", "Think step by step, then answer."),
            Expert("code", "Write a tiny program.")]
-RECORDS = [Rec(i, q, "0", {"terse": "0", "steps": "so 0"}) for i, q in enumerate(["3+4?", "19*21?", "100-7-7?"])]
+RECORDS = [Rec(i, q, "0", {"terse": "0", "steps": "so 0"})
+           for i, q in enumerate(["3+4?", "19*21?", "100-7-7?"])]
 TIMING = {"sample_s", "train_s", "tokens_per_s", "train_tokens_per_s"}
 
 
@@ -24,17 +25,19 @@ def tok():
     return load_tokenizer("tiny")
 
 
-def parity(rec, text):  # mostly wrong, some spread: rewarded rows, transfers and buffer admissions all happen
+# mostly wrong, some spread: rewarded rows, transfers and buffer admissions all happen
+def parity(rec, text):
     return float(len(text) % 3 == 0)
 
 
 def step(tok, sample_batch_size, seed=0, steps=2):
     model = Transformer.from_config(tiny_config(), torch.device("cpu"), torch.float32, seed=0)
     opt = optim.make_optimizer(model.parameters(), lr=1e-3)
-    cfg = riel.RIELConfig(group_size=4, max_new_tokens=8, buffer_k=2, buffer_size=3, micro_batch_size=8,
-                          sample_batch_size=sample_batch_size)
+    cfg = riel.RIELConfig(group_size=4, max_new_tokens=8, buffer_k=2, buffer_size=3,
+                          micro_batch_size=8, sample_batch_size=sample_batch_size)
     gen, buf = torch.Generator().manual_seed(seed), HardExampleBuffer(cfg.buffer_size)
-    logs = [riel.riel_step(model, tok, RECORDS, EXPERTS, cfg, opt, buf, gen, parity) for _ in range(steps)]
+    logs = [riel.riel_step(model, tok, RECORDS, EXPERTS, cfg, opt, buf, gen, parity)
+            for _ in range(steps)]
     return logs, model, gen
 
 
@@ -64,16 +67,20 @@ def test_chunked_sampling_gives_the_one_batch_completions(tok):
 def test_chunked_sampling_gives_the_one_batch_steps_and_weights(tok, monkeypatch):
     whole, m_whole, g_whole = step(tok, None)
     calls, real = [], riel.generate
-    monkeypatch.setattr(riel, "generate", lambda m, prompts, **kw: calls.append(len(prompts) * kw["num_samples"])
-                        or real(m, prompts, **kw))
+
+    def counting(m, prompts, **kw):
+        calls.append(len(prompts) * kw["num_samples"])
+        return real(m, prompts, **kw)
+    monkeypatch.setattr(riel, "generate", counting)
     chunked, m_chunked, g_chunked = step(tok, 10)  # rounds down to 2 groups of 4 rows per call
     assert calls == [8, 8, 8, 8, 4] * 2
-    assert sum(m["trained_rows"] for m in whole) > 0 and sum(m["transfer_pairs"] for m in whole) > 0
+    assert sum(m["trained_rows"] for m in whole) > 0
+    assert sum(m["transfer_pairs"] for m in whole) > 0
     assert sum(m["buffer_admitted"] for m in whole) > 0
+    untimed = lambda log: {k: v for k, v in log.items() if k not in TIMING | {"entropy"}}
     for a, b in zip(whole, chunked):
-        assert {k: v for k, v in a.items() if k not in TIMING | {"entropy"}} == \
-            {k: v for k, v in b.items() if k not in TIMING | {"entropy"}}
-        # the same tokens; the entropy's float sums differ by batch shape (a smaller matmul), not by more
+        assert untimed(a) == untimed(b)
+        # the same tokens; the entropy's float sums differ by batch shape (smaller matmuls), no more
         assert a["entropy"] == pytest.approx(b["entropy"], rel=1e-6)
     assert all(torch.equal(a, b) for a, b in zip(m_whole.parameters(), m_chunked.parameters()))
     assert torch.equal(g_whole.get_state(), g_chunked.get_state())
@@ -85,8 +92,9 @@ def test_sample_batch_size_below_a_group_is_a_clear_error():
 
 
 def test_no_gradients_and_no_stale_weight_copies_while_sampling(tok, monkeypatch):
-    """A caller that leaves gradients, or changes the weights inside the autocast region without dropping the
-    cached bf16 copies, must not make sampling hold gradients or decode with the old weights."""
+    """A caller that leaves gradients, or changes the weights inside the autocast region without
+    dropping the cached bf16 copies, must not make sampling hold gradients or decode with the old
+    weights."""
     model = Transformer.from_config(tiny_config(), torch.device("cpu"), torch.float32, seed=0)
     ids = torch.tensor([[256, 49, 43, 50, 61]])
     seen, real = {}, riel.generate
@@ -100,7 +108,8 @@ def test_no_gradients_and_no_stale_weight_copies_while_sampling(tok, monkeypatch
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the step leaves the weights as they are
     cfg = riel.RIELConfig(group_size=2, max_new_tokens=4, micro_batch_size=8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        model(ids).float().sum().backward()  # gradients, and bf16 copies of the weights in autocast's cache
+        # gradients, and bf16 copies of the weights in autocast's cache
+        model(ids).float().sum().backward()
         with torch.no_grad():
             for p in model.parameters():
                 p.mul_(1.5)  # new weights: the cached copies are now stale
@@ -113,8 +122,8 @@ def test_no_gradients_and_no_stale_weight_copies_while_sampling(tok, monkeypatch
 
 
 def test_weight_copies_are_dropped_before_the_optimizer_step():
-    """The step's peak should not also hold autocast's bf16 copy of every weight: a forward run from inside the
-    optimizer step, after the weights changed, must cast them afresh."""
+    """The step's peak should not also hold autocast's bf16 copy of every weight: a forward run from
+    inside the optimizer step, after the weights changed, must cast them afresh."""
     model = Transformer.from_config(tiny_config(), torch.device("cpu"), torch.float32, seed=0)
     ids = torch.tensor([[256, 49, 43, 50, 61]])
 
@@ -140,9 +149,10 @@ def test_optimizer_factory_foreach_on_cpu_is_torch_adamw_bit_for_bit():
     torch.manual_seed(0)
     init = [torch.randn(37, 11), torch.randn(11)]
     runs = {}
-    for name, make in {"torch": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
-                       "ours": lambda ps: optim.make_optimizer(ps, lr=1e-2, weight_decay=0.1),
-                       "fused": lambda ps: optim.make_optimizer(ps, lr=1e-2, weight_decay=0.1, fused=True)}.items():
+    makers = {"torch": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
+              "ours": lambda ps: optim.make_optimizer(ps, lr=1e-2, weight_decay=0.1),
+              "fused": lambda ps: optim.make_optimizer(ps, lr=1e-2, weight_decay=0.1, fused=True)}
+    for name, make in makers.items():
         ps = [torch.nn.Parameter(p.clone()) for p in init]
         opt, g = make(ps), torch.Generator().manual_seed(1)
         for _ in range(4):
@@ -155,14 +165,17 @@ def test_optimizer_factory_foreach_on_cpu_is_torch_adamw_bit_for_bit():
     assert fused.param_groups[0]["fused"] is True and not fused.param_groups[0]["foreach"]
     assert ours.param_groups[0]["weight_decay"] == 0.1 and ours.param_groups[0]["lr"] == 1e-2
     assert all(torch.equal(a, b) for a, b in zip(runs["torch"][0], runs["ours"][0]))
-    for a, b in zip(runs["torch"][0], runs["fused"][0]):  # the fused kernel: the same update, its own rounding
+    # the fused kernel: the same update, its own rounding
+    for a, b in zip(runs["torch"][0], runs["fused"][0]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-    assert not any(math.isclose(float((a - b.detach()).abs().max()), 0.0) for a, b in zip(init, runs["ours"][0]))
+    assert not any(math.isclose(float((a - b.detach()).abs().max()), 0.0)
+                   for a, b in zip(init, runs["ours"][0]))
 
 
 def test_sampling_under_autocast_casts_each_weight_once_per_call_not_per_token():
-    """inference_mode keeps autocast from caching its bf16 weight copies, so generate samples under no_grad when
-    autocast is on: the weights are cast at the first forward of a call, not again at every decode step."""
+    """inference_mode keeps autocast from caching its bf16 weight copies, so generate samples under
+    no_grad when autocast is on: the weights are cast at the first forward of a call, not again at
+    every decode step."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from rollout import generate
     model = Transformer.from_config(tiny_config(), torch.device("cpu"), torch.float32, seed=0)
@@ -173,14 +186,17 @@ def test_sampling_under_autocast_casts_each_weight_once_per_call_not_per_token()
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             # a cast is _to_copy, or to.dtype where inference_mode keeps that composite op whole
-            if func in (torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype) and args[0].data_ptr() in weights:
+            cast_ops = (torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype)
+            if func in cast_ops and args[0].data_ptr() in weights:
                 self.n += 1
             return func(*args, **(kwargs or {}))
 
     counts = []
     for new_tokens in (4, 16):
         with torch.autocast("cpu", dtype=torch.bfloat16), CountWeightCasts() as casts:
-            out = generate(model, [[256, 49, 43]], num_samples=2, max_new_tokens=new_tokens, seed=0)
-        assert max(len(c) for c in out.completions) == new_tokens  # no stop ids: every row decodes them all
+            out = generate(model, [[256, 49, 43]], num_samples=2, max_new_tokens=new_tokens,
+                           seed=0)
+        # no stop ids: every row decodes them all
+        assert max(len(c) for c in out.completions) == new_tokens
         counts.append(casts.n)
     assert counts[0] == counts[1] and 0 < counts[0] <= len(weights)

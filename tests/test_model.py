@@ -1,4 +1,5 @@
-"""model.py against transformers: same weights -> same logits, both ways through the HF checkpoint format."""
+"""model.py against transformers: same weights -> same logits, both ways through the HF checkpoint
+format."""
 
 import json
 
@@ -47,21 +48,24 @@ def test_tied_head_shares_the_embedding_parameter(hf_pair):
 def test_llama3_inv_freq_equals_transformers(factor, head_dim):
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-    scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}
+    scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     hf_cfg = LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4, rope_theta=500000.0,
                          rope_scaling=scaling, max_position_embeddings=131072)
     theirs, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, "cpu")
-    mine = ours.rope_inv_freq(ours.ModelConfig(head_dim=head_dim, rope_theta=500000.0, rope_scaling=scaling))
+    cfg = ours.ModelConfig(head_dim=head_dim, rope_theta=500000.0, rope_scaling=scaling)
+    mine = ours.rope_inv_freq(cfg)
     torch.testing.assert_close(mine, theirs.float(), rtol=1e-6, atol=0)
 
 
 def test_llama3_inv_freq_matches_reference_table():
     # REFERENCES.md 3.6, recomputed in float64 there: head_dim 64, factor 32 (Llama-3.2-1B/3B)
-    scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}
-    inv = ours.rope_inv_freq(ours.ModelConfig(head_dim=64, rope_theta=500000.0, rope_scaling=scaling))
-    expected = {0: 1.0, 15: 1.290548e-03, 16: 4.295568e-04, 17: 9.708288e-05, 18: 1.946164e-05, 31: 9.418307e-08}
+    scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    cfg = ours.ModelConfig(head_dim=64, rope_theta=500000.0, rope_scaling=scaling)
+    inv = ours.rope_inv_freq(cfg)
+    expected = {0: 1.0, 15: 1.290548e-03, 16: 4.295568e-04, 17: 9.708288e-05, 18: 1.946164e-05,
+                31: 9.418307e-08}
     for j, v in expected.items():
         assert inv[j].item() == pytest.approx(v, rel=1e-5)
 
@@ -70,12 +74,14 @@ def test_rmsnorm_and_rope_reference_vectors():
     norm = ours.RMSNorm(4, 1e-5)
     norm.weight.data = torch.tensor([0.5, 1, 1.5, 2])
     torch.testing.assert_close(norm(torch.tensor([1.0, 2, 3, 4])),
-                               torch.tensor([0.182574, 0.730296, 1.643167, 2.921185]), atol=1e-6, rtol=0)
+                               torch.tensor([0.182574, 0.730296, 1.643167, 2.921185]),
+                               atol=1e-6, rtol=0)
     inv = ours.rope_inv_freq(ours.ModelConfig(head_dim=4, rope_theta=10000.0))
     cos, sin = ours.rope_cos_sin(inv, torch.tensor([[3]]), torch.float32)
     x = torch.tensor([1.0, 2, 3, 4]).view(1, 1, 1, 4)
     torch.testing.assert_close(ours.apply_rope(x, cos, sin).flatten(),
-                               torch.tensor([-1.413353, 1.879118, -2.828857, 4.058191]), atol=1e-6, rtol=0)
+                               torch.tensor([-1.413353, 1.879118, -2.828857, 4.058191]),
+                               atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["llama_gqa_llama3rope32_tied", "qwen2_bias_untied"])
@@ -85,7 +91,8 @@ def test_save_pretrained_loads_in_transformers_with_same_logits(tmp_path, name):
     hf = hf_tiny(**cfg)
     hf.save_pretrained(tmp_path / "a")
     m = ours.Transformer.from_pretrained(str(tmp_path / "a"))
-    with torch.no_grad():  # change the weights so the round trip cannot pass by reloading the original
+    # change the weights so the round trip cannot pass by reloading the original
+    with torch.no_grad():
         for p in m.parameters():
             p.add_(0.01 * torch.randn_like(p))
     m.save_pretrained(str(tmp_path / "b"))
@@ -114,7 +121,8 @@ def test_kv_cache_decoding_equals_full_forward(hf_pair):
     with torch.no_grad():
         full = m(ids)
         cache = m.new_cache(2, 30)
-        steps = [m(ids[:, :12], cache=cache)] + [m(ids[:, t:t + 1], cache=cache) for t in range(12, 30)]
+        steps = [m(ids[:, :12], cache=cache)]
+        steps += [m(ids[:, t:t + 1], cache=cache) for t in range(12, 30)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
@@ -154,7 +162,8 @@ def test_gated_model_error_says_how_to_log_in(monkeypatch):
     from huggingface_hub.errors import GatedRepoError
 
     def gated(*a, **k):
-        error = GatedRepoError.__new__(GatedRepoError)  # skip __init__, which wants a live HTTP response
+        # skip __init__, which wants a live HTTP response
+        error = GatedRepoError.__new__(GatedRepoError)
         Exception.__init__(error, "403 Client Error: access to model is restricted")
         raise error
     monkeypatch.setattr(huggingface_hub, "snapshot_download", gated)
@@ -169,8 +178,9 @@ def test_missing_weights_file_names_the_directory(tmp_path):
 
 
 def test_rope_frequencies_stay_fp32_when_the_model_is_cast_to_bf16():
-    """bf16 is the default dtype on CUDA: casting the model must not round inv_freq (it would turn the angles
-    ~0.05 rad wrong by position 256, and a reloaded checkpoint, which rebuilds them in fp32, would differ)."""
+    """bf16 is the default dtype on CUDA: casting the model must not round inv_freq (it would turn
+    the angles ~0.05 rad wrong by position 256, and a reloaded checkpoint, which rebuilds them in
+    fp32, would differ)."""
     cfg = ours.tiny_config()
     exact = ours.rope_inv_freq(cfg)
     built = ours.Transformer.from_config(cfg, torch.device("cpu"), torch.bfloat16)

@@ -1,16 +1,17 @@
-"""tests/mutate.py, the mutation check, kept honest in the fast suite: its list cannot go stale (every mutation's
-text is found exactly once, every test it names exists) and its machinery tells a caught bug from a passing copy.
-The whole check (every mutation) is too long for CI: the README's Tests section says how to run it and how long."""
+"""tests/mutate.py, the mutation check, kept honest in the fast suite: its list cannot go stale
+(every mutation's text is found exactly once, every test it names exists) and its machinery tells a
+caught bug from a passing copy. The whole check (every mutation) is too long for CI: the README's
+Tests section says how to run it and how long."""
 import ast
 
 import pytest
 
 from mutate import MUTATIONS, ROOT, Mutation, apply, check, main, source_files
 
-CORE = {"riel.py", "losses.py", "mef.py", "mel.py", "eval.py", "rollout.py", "verify.py", "train.py",
-        "plumbing/premise.py", "data/synthetic.py", "experiments/fair_ablation.py", "plumbing/lora.py",
-        "tools/plan.py", "plumbing/guard.py", "plumbing/optim.py", "model.py", "plumbing/checkpoint.py",
-        "plumbing/runlog.py"}
+CORE = {"riel.py", "losses.py", "mef.py", "mel.py", "eval.py", "rollout.py", "verify.py",
+        "train.py", "plumbing/premise.py", "data/synthetic.py", "experiments/fair_ablation.py",
+        "plumbing/lora.py", "tools/plan.py", "plumbing/guard.py", "plumbing/optim.py", "model.py",
+        "plumbing/checkpoint.py", "plumbing/runlog.py", "plumbing/process.py"}
 
 
 def test_at_least_forty_mutations_across_the_core():
@@ -19,12 +20,14 @@ def test_at_least_forty_mutations_across_the_core():
 
 
 @pytest.mark.parametrize("m", MUTATIONS, ids=[m.name for m in MUTATIONS])
-def test_each_mutation_applies_once_keeps_the_file_valid_python_and_names_existing_tests(m, tmp_path):
+def test_each_mutation_applies_once_keeps_the_file_valid_python_and_names_existing_tests(
+        m, tmp_path):
     text = (ROOT / m.file).read_text()
     assert text.count(m.old) == 1 and m.new != m.old
     mutated = text.replace(m.old, m.new)
     ast.parse(mutated)  # a mutation is a wrong program, not a syntax error
-    assert len([a for a, b in zip(text.splitlines(), mutated.splitlines()) if a != b]) == 1, "one line changes"
+    changed = [a for a, b in zip(text.splitlines(), mutated.splitlines()) if a != b]
+    assert len(changed) == 1, "one line changes"
     for t in m.tests:
         path, _, name = t.partition("::")
         assert (ROOT / path).is_file(), t

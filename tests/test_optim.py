@@ -1,5 +1,6 @@
-"""Tests for optim.py's host syncs and riel's clip fraction: a step reads its losses from the device once per loss
-term, however many micro-batches it has, and the clip fraction is only computed when there is something to clip."""
+"""Tests for optim.py's host syncs and riel's clip fraction: a step reads its losses from the device
+once per loss term, however many micro-batches it has, and the clip fraction is only computed when
+there is something to clip."""
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -38,13 +39,15 @@ def reads_of(fn):
 def test_sft_backward_reads_the_device_once_however_many_micro_batches():
     prompts, targets = batch()
     model = StandIn()
-    one, loss_one = reads_of(lambda: optim.sft_backward(model, prompts, targets, micro_batch_size=8))
-    many, loss_many = reads_of(lambda: optim.sft_backward(model, prompts, targets, micro_batch_size=1))
+    backward = lambda mbs: optim.sft_backward(model, prompts, targets, micro_batch_size=mbs)
+    one, loss_one = reads_of(lambda: backward(8))
+    many, loss_many = reads_of(lambda: backward(1))
     assert one == many, (one, many)  # the old per-micro-batch .item() made it 8 more
     assert abs(loss_one - loss_many) < 1e-5
 
 
-def test_policy_gradient_backward_syncs_per_term_not_per_micro_batch_and_skips_on_policy_clipping(monkeypatch):
+def test_policy_gradient_backward_syncs_per_term_not_per_micro_batch_and_skips_on_policy_clipping(
+        monkeypatch):
     prompts, completions = batch(4)
     G = 2
     prompts = prompts[:2]  # rows are prompt-major: row r answers prompt r // G
@@ -63,8 +66,10 @@ def test_policy_gradient_backward_syncs_per_term_not_per_micro_batch_and_skips_o
     cache = {}
     many, _ = run(1, cache)
     assert one == many, (one, many)
-    assert calls == [] and first[2] == 0.0  # on-policy: the ratio is 1, nothing clipped, nothing computed
-    stale = {j: old - 1.0 for j, old in cache.items()}  # a later epoch, old policy far off: A > 0 rows clipped
+    # on-policy: the ratio is 1, nothing clipped, nothing computed
+    assert calls == [] and first[2] == 0.0
+    # a later epoch, old policy far off: A > 0 rows clipped
+    stale = {j: old - 1.0 for j, old in cache.items()}
     _, later = run(1, stale)
     assert len(calls) == 4 and later[2] > 0.3
 

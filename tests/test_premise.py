@@ -1,6 +1,6 @@
-"""The premise meter (premise.py) on hand-made reward tables, and the RIEL options that make the loss terms mean what
-their lambdas say (riel.py: term_scale, grad_shares, buffer_flush, transfer_ties, mask_truncated), each against a
-reference computed here."""
+"""The premise meter (premise.py) on hand-made reward tables, and the RIEL options that make the
+loss terms mean what their lambdas say (riel.py: term_scale, grad_shares, buffer_flush,
+transfer_ties, mask_truncated), each against a reference computed here."""
 import copy
 import math
 
@@ -13,8 +13,8 @@ import riel
 import losses as transfer
 from riel import HardExample, HardExampleBuffer
 from test_mef import Expert, StandIn
-from test_riel_reference import (ALL_WRONG, MIXED, answering_sampler, completions_of, rendered_prompts,
-                                 step)
+from test_riel_reference import (ALL_WRONG, MIXED, answering_sampler, completions_of,
+                                 rendered_prompts, step)
 from test_riel import naive_logp
 from plumbing.tokenizer import load_tokenizer
 
@@ -38,57 +38,68 @@ def test_rescue_counts_questions_one_expert_fails_and_another_solves():
 
 def test_every_riel_step_logs_the_meter(tok, monkeypatch):
     monkeypatch.setattr(riel, "generate", answering_sampler(tok, MIXED))
-    m, _ = step(tok, MIXED, riel.RIELConfig(group_size=4, max_new_tokens=16, buffer=False), StandIn(dim=16))
+    cfg = riel.RIELConfig(group_size=4, max_new_tokens=16, buffer=False)
+    m, _ = step(tok, MIXED, cfg, StandIn(dim=16))
     # MIXED: q1 terse all wrong (steps right), q2 steps all wrong (terse right)
     assert m["rescue_rate"] == pytest.approx(2 / 3)
     assert m["rescued/terse"] == pytest.approx(1 / 3) and m["rescued/steps"] == pytest.approx(1 / 3)
 
 
-# ---- term_scale "step": every term over the step's sampled tokens -----------------------------------------
+# ---- term_scale "step": every term over the step's sampled tokens --------------------------------
 
 def test_step_scale_divides_the_transfer_and_sft_sums_by_the_steps_sampled_tokens(tok, monkeypatch):
     monkeypatch.setattr(riel, "generate", answering_sampler(tok, MIXED))
-    buf = HardExampleBuffer(capacity=1, entries=[HardExample(9, "steps", [259, 65, 66], [67, 68, 258])])
-    cfg = riel.RIELConfig(group_size=4, max_new_tokens=16, buffer_k=8, buffer_size=1, lambda1=0.4, lambda2=0.7,
-                          term_scale="step", grad_clip=1e9, advantage="meml")
+    entry = HardExample(9, "steps", [259, 65, 66], [67, 68, 258])
+    buf = HardExampleBuffer(capacity=1, entries=[entry])
+    cfg = riel.RIELConfig(group_size=4, max_new_tokens=16, buffer_k=8, buffer_size=1, lambda1=0.4,
+                          lambda2=0.7, term_scale="step", grad_clip=1e9, advantage="meml")
     model = StandIn(dim=16)
     base = copy.deepcopy(model)
     m, delta = step(tok, MIXED, cfg, model, buffer=buf)
     assert m["flushed"] == 1 and m["transfer_pairs"] == 3
     # the same step with the policy gradient alone: what the two other terms add is delta - that
-    solo = riel.RIELConfig(group_size=4, max_new_tokens=16, buffer=False, transfer=False, grad_clip=1e9)
+    solo = riel.RIELConfig(group_size=4, max_new_tokens=16, buffer=False, transfer=False,
+                           grad_clip=1e9)
     _, d_pg = step(tok, MIXED, solo, copy.deepcopy(base))
     n_all = sum(len(c) for c in completions_of(tok, MIXED, 4))
     twin = copy.deepcopy(base)
-    # the transfer pairs of this step (one O+ per question, drawn by the step's generator) come from its log
-    pairs, _ = transfer.transfer_pairs(torch.tensor(MIXED, dtype=torch.float32), rendered_prompts(tok),
-                                   completions_of(tok, MIXED, 4), torch.Generator().manual_seed(0))
-    kl = sum((naive_logp(twin, p, o).detach() - naive_logp(twin, s, o)).sum() for p, s, o in pairs) / n_all
+    # this step's transfer pairs (one O+ per question, drawn by the step's generator), from its log
+    pairs, _ = transfer.transfer_pairs(torch.tensor(MIXED, dtype=torch.float32),
+                                       rendered_prompts(tok), completions_of(tok, MIXED, 4),
+                                       torch.Generator().manual_seed(0))
+    kl = sum((naive_logp(twin, p, o).detach() - naive_logp(twin, s, o)).sum()
+             for p, s, o in pairs) / n_all
     sft = -naive_logp(twin, [259, 65, 66], [67, 68, 258]).sum() / n_all
     (0.4 * kl + 0.7 * sft).backward()
-    assert m["loss_transfer"] == pytest.approx(kl.item(), rel=1e-5) and m["loss_sft"] == pytest.approx(sft.item(), rel=1e-5)
+    assert m["loss_transfer"] == pytest.approx(kl.item(), rel=1e-5)
+    assert m["loss_sft"] == pytest.approx(sft.item(), rel=1e-5)
     for d, d0, p in zip(delta, d_pg, twin.parameters()):
         torch.testing.assert_close(d - d0, -p.grad, atol=1e-6, rtol=1e-4)
 
 
 def test_grad_shares_are_each_terms_own_gradient_norm(tok, monkeypatch):
     monkeypatch.setattr(riel, "generate", answering_sampler(tok, MIXED))
-    buf = HardExampleBuffer(capacity=1, entries=[HardExample(9, "steps", [259, 65, 66], [67, 68, 258])])
-    cfg = riel.RIELConfig(group_size=4, max_new_tokens=16, buffer_k=8, buffer_size=1, grad_shares=True, grad_clip=1e9)
+    entry = HardExample(9, "steps", [259, 65, 66], [67, 68, 258])
+    buf = HardExampleBuffer(capacity=1, entries=[entry])
+    cfg = riel.RIELConfig(group_size=4, max_new_tokens=16, buffer_k=8, buffer_size=1,
+                          grad_shares=True, grad_clip=1e9)
     model = StandIn(dim=16)
     twin = copy.deepcopy(model)
     m, _ = step(tok, MIXED, cfg, model, buffer=buf)
-    sft = -naive_logp(twin, [259, 65, 66], [67, 68, 258]).sum() / 3  # the flushed entry alone: lambda2 = 1
+    # the flushed entry alone: lambda2 = 1
+    sft = -naive_logp(twin, [259, 65, 66], [67, 68, 258]).sum() / 3
     sft.backward()
-    hand = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in twin.parameters()]))
+    norms = [torch.linalg.vector_norm(p.grad) for p in twin.parameters()]
+    hand = torch.linalg.vector_norm(torch.stack(norms))
     assert m["grad_norm/sft"] == pytest.approx(hand.item(), rel=1e-4)
     assert m["grad_norm/grpo"] > 0 and m["grad_norm/transfer"] > 0 and m["grad_norm/mel"] == 0
-    assert sum(m[f"grad_share/{t}"] for t in ("grpo", "transfer", "sft", "mel")) == pytest.approx(1.0)
+    shares = [m[f"grad_share/{t}"] for t in ("grpo", "transfer", "sft", "mel")]
+    assert sum(shares) == pytest.approx(1.0)
     off, _ = step(tok, MIXED, riel.RIELConfig(group_size=4, max_new_tokens=16), StandIn(dim=16))
     assert not any(k.startswith("grad_share") for k in off)
 
 
-# ---- the buffer flushes exactly B; ties at random; truncated rows masked ----------------------------------------
+# ---- the buffer flushes exactly B; ties at random; truncated rows masked -------------------------
 
 def test_exact_flush_takes_the_b_oldest_entries_and_the_rest_wait(tok, monkeypatch):
     monkeypatch.setattr(riel, "generate", answering_sampler(tok, ALL_WRONG))
@@ -96,13 +107,14 @@ def test_exact_flush_takes_the_b_oldest_entries_and_the_rest_wait(tok, monkeypat
     old = [HardExample(i, "terse", [259, 65], [66, 258]) for i in range(3)]
     for flush, flushed, left in (("all", 9, 0), ("exact", 4, 5)):
         buf = HardExampleBuffer(capacity=4, entries=list(old))
-        cfg = riel.RIELConfig(group_size=4, max_new_tokens=16, buffer_k=2, buffer_size=4, buffer_flush=flush)
+        cfg = riel.RIELConfig(group_size=4, max_new_tokens=16, buffer_k=2, buffer_size=4,
+                              buffer_flush=flush)
         m, _ = step(tok, ALL_WRONG, cfg, StandIn(dim=16), buffer=buf)
         assert (m["flushed"], m["buffer_size"]) == (flushed, left)
         if flush == "exact":
-            # the three old entries and the first new one (q0, terse) went; the other five wait, in order
-            assert [(e.question_id, e.expert) for e in buf.entries] == [(0, "steps"), (1, "terse"), (1, "steps"),
-                                                                         (2, "terse"), (2, "steps")]
+            # the 3 old entries and the first new one (q0, terse) went; the other 5 wait, in order
+            waiting = [(e.question_id, e.expert) for e in buf.entries]
+            assert waiting == [(0, "steps"), (1, "terse"), (1, "steps"), (2, "terse"), (2, "steps")]
     with pytest.raises(ValueError, match="buffer_flush"):
         riel.RIELConfig(buffer_flush="some")
 
@@ -126,8 +138,8 @@ def test_masked_truncated_rows_get_no_loss_and_leave_the_token_count(tok, monkey
         out.finish = ["length" if (r // 4) % 2 else "stop" for r in range(len(out.completions))]
         return out
     monkeypatch.setattr(riel, "generate", truncating)
-    cfg = riel.RIELConfig(group_size=4, max_new_tokens=16, buffer=False, transfer=False, mask_truncated=True,
-                          grad_clip=1e9)
+    cfg = riel.RIELConfig(group_size=4, max_new_tokens=16, buffer=False, transfer=False,
+                          mask_truncated=True, grad_clip=1e9)
     model = StandIn(dim=16)
     twin = copy.deepcopy(model)
     m, delta = step(tok, MIXED, cfg, model)
@@ -146,7 +158,8 @@ def test_masked_truncated_rows_get_no_loss_and_leave_the_token_count(tok, monkey
 
 
 def test_the_probe_reads_the_meter_for_the_best_expert_overall_and_per_shape(tok, monkeypatch):
-    from experiments import premise as probe_script  # the command; the module above is the top-level premise.py
+    # the command; the module above is plumbing/premise.py
+    from experiments import premise as probe_script
     r = torch.tensor([[[0, 0], [1, 1], [0, 0]],  # b best overall (mean .5); a and c rescued on q0
                       [[1, 0], [1, 0], [0, 0]],  # c rescued
                       [[0, 0], [0, 0], [0, 0]],
@@ -158,10 +171,13 @@ def test_the_probe_reads_the_meter_for_the_best_expert_overall_and_per_shape(tok
 
 
 def test_reward_std_is_trls_mean_over_groups_of_the_unbiased_group_std():
-    r = torch.tensor([[[0, 0, 1, 1], [1, 1, 1, 1]], [[0, 0, 0, 1], [1, 0, 0, 0]]], dtype=torch.float32)
+    r = torch.tensor([[[0, 0, 1, 1], [1, 1, 1, 1]], [[0, 0, 0, 1], [1, 0, 0, 0]]],
+                     dtype=torch.float32)
     # by hand, unbiased (torch.std, as TRL): sum of squared deviations over G - 1
     groups = [[0, 0, 1, 1], [1, 1, 1, 1], [0, 0, 0, 1], [1, 0, 0, 0]]
     by_hand = [math.sqrt(sum((x - sum(g) / 4) ** 2 for x in g) / 3) for g in groups]
     m = premise.step_metrics(r, THREE[:2], [])
-    assert m["reward_std"] == pytest.approx(sum(by_hand) / 4) and by_hand[0] == pytest.approx(math.sqrt(1 / 3))
-    assert premise.step_metrics(r[..., :1], THREE[:2], [])["reward_std"] == 0.0  # G = 1: no spread, not NaN
+    assert m["reward_std"] == pytest.approx(sum(by_hand) / 4)
+    assert by_hand[0] == pytest.approx(math.sqrt(1 / 3))
+    # G = 1: no spread, not NaN
+    assert premise.step_metrics(r[..., :1], THREE[:2], [])["reward_std"] == 0.0

@@ -1,6 +1,6 @@
-"""experiments/real_model.py: its statistics (experiments/group_stats.py) against brute-force enumeration of the
-sample subsets, and its --quick run (tiny random model, real GSM8K files) end to end: the report's keys and the
-orderings that must hold."""
+"""experiments/real_model.py: its statistics (experiments/group_stats.py) against brute-force
+enumeration of the sample subsets, and its --quick run (tiny random model, real GSM8K files) end to
+end: the report's keys and the orderings that must hold."""
 import itertools
 import json
 import random
@@ -34,7 +34,8 @@ def test_statistics_match_enumeration():
             assert right == pytest.approx(sum(all(s) for s in g) / len(g))
         draws = list(itertools.product(*groups))  # one k-subset per expert
         pooled = [sum(d, []) for d in draws]
-        assert gs.mix_coverage(counts, n, k) == pytest.approx(sum(any(p) for p in pooled) / len(pooled))
+        assert gs.mix_coverage(counts, n, k) == pytest.approx(
+            sum(any(p) for p in pooled) / len(pooled))
         assert gs.mix_zero_signal(counts, n, k) == pytest.approx(
             sum(len(set(p)) == 1 for p in pooled) / len(pooled))
 
@@ -48,11 +49,13 @@ def row(i, counts, n, first=None):
 
 def test_coverage_and_cross_fitting():
     n, k, names = 6, 2, ["a", "b", "c"]
-    # expert b is best on the even questions, c on the odd ones: each half is scored with the other's choice
+    # expert b is best on the even questions, c on the odd ones: each half is scored with the other
+    # half's choice
     rows = [row(0, [0, 3, 0], n), row(1, [0, 0, 1], n), row(2, [0, 4, 0], n), row(3, [0, 0, 2], n)]
     cov = gs.coverage_stats(rows, names, n, k)
     assert cov["cross_fitted_choice"] == ["c", "b"]
-    assert cov["cross_fitted_coverage"] == 0.0  # b scores nothing on the odd half, c nothing on the even one
+    # b scores nothing on the odd half, c nothing on the even one
+    assert cov["cross_fitted_coverage"] == 0.0
     assert cov["single"] == {"a": 0.0, "b": 0.5, "c": 0.5} and cov["oracle_best"] == "b"
     expected = sum(gs.mix_coverage(list(r["correct"].values()), n, k) for r in rows) / 4
     assert cov["mix"] == pytest.approx(expected)

@@ -1,9 +1,9 @@
-"""Tests for riel.py: transfer and buffer rules, and whole RIEL steps checked against hand computations."""
+"""Tests for riel.py: transfer and buffer rules, and whole RIEL steps checked against hand
+computations."""
 import copy
 import json
 import math
 import statistics
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,11 +17,12 @@ import losses as transfer
 from plumbing.tokenizer import load_tokenizer
 from test_mef import Expert, Rec, StandIn
 
-# ---- (d) transfer rules ---------------------------------------------------------------------------
+# ---- (d) transfer rules --------------------------------------------------------------------------
 
 
 def test_choose_transfer_picks_best_and_worst_with_lowest_index_on_ties():
-    r = torch.tensor([[1., 0, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 0, 0]])  # means .5 .25 .5 .25
+    # means .5 .25 .5 .25
+    r = torch.tensor([[1., 0, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 0, 0]])
     assert transfer.choose_transfer(r) == (0, 1)
     assert transfer.choose_transfer(torch.tensor([[0., 0], [1, 1], [1, 0]])) == (1, 0)
 
@@ -30,7 +31,8 @@ def test_choose_transfer_skips_ties_and_teachers_without_a_correct_answer():
     assert transfer.choose_transfer(torch.tensor([[1., 0], [0, 1]])) is None  # equal means
     assert transfer.choose_transfer(torch.zeros(3, 4)) is None  # all wrong
     assert transfer.choose_transfer(torch.ones(3, 4)) is None  # all right
-    assert transfer.choose_transfer(torch.tensor([[0.5, 0.5], [0., 0.]])) is None  # better, but never correct
+    # better, but never correct
+    assert transfer.choose_transfer(torch.tensor([[0.5, 0.5], [0., 0.]])) is None
     assert transfer.choose_transfer(torch.tensor([[1., 0.]])) is None  # one expert
 
 
@@ -46,7 +48,7 @@ def test_teacher_sample_is_a_uniformly_drawn_correct_response():
     assert [transfer.choose_teacher_samples(r, again)[0] for _ in range(3000)] == draws  # seeded
 
 
-# ---- (e) buffer rules ------------------------------------------------------------------------------
+# ---- (e) buffer rules ----------------------------------------------------------------------------
 
 
 def test_buffer_never_admits_with_k_or_fewer_wrong():
@@ -76,7 +78,8 @@ def test_buffer_flush_clears_and_counts():
 
 def test_buffer_round_trips_through_a_plain_json_dict():
     buf = HardExampleBuffer(capacity=64, flushes=3)
-    buf.entries += [HardExample("q7", "eq", [1, 2, 3], [9, 258]), HardExample(8, "prose", [4], [258])]
+    buf.entries += [HardExample("q7", "eq", [1, 2, 3], [9, 258]),
+                    HardExample(8, "prose", [4], [258])]
     d = json.loads(json.dumps(buf.to_dict()))
     assert HardExampleBuffer.from_dict(d) == buf
 
@@ -89,17 +92,19 @@ def test_reference_trace_prefers_the_experts_own_trace():
 
 
 def test_config_rejects_unknown_options():
-    for bad in ({"advantage": "ppo"}, {"transfer_mode": "kl"}, {"aggregation": "mean"}, {"group_size": 0}):
+    for bad in ({"advantage": "ppo"}, {"transfer_mode": "kl"}, {"aggregation": "mean"},
+                {"group_size": 0}):
         with pytest.raises(ValueError):
             riel.RIELConfig(**bad)
     assert riel.RIELConfig(advantage="dr_grpo").loss_aggregation() == "dr_grpo"
     assert riel.RIELConfig().loss_aggregation() == "token"
 
 
-# ---- whole steps with a stand-in model and a fake sampler -------------------------------------------
+# ---- whole steps with a stand-in model and a fake sampler ----------------------------------------
 
 EXPERTS = [Expert("terse", "Answer only."), Expert("steps", "Think step by step.")]
-RECORDS = [Rec(0, "3+4?", "7", {"terse": "7", "steps": "3+4=7"}), Rec(1, "9*9?", "81", {"steps": "9*9=81"})]
+RECORDS = [Rec(0, "3+4?", "7", {"terse": "7", "steps": "3+4=7"}),
+           Rec(1, "9*9?", "81", {"steps": "9*9=81"})]
 # correct (1) / wrong (0) per (question, expert, sample); G = 4
 TABLE = [[[1, 0, 0, 0], [1, 1, 0, 0]],  # q0: expert means .25 / .5 -> E+ = steps, E- = terse
          [[0, 0, 0, 0], [0, 0, 0, 0]]]  # q1: all wrong, zero spread, no transfer
@@ -111,14 +116,15 @@ def tok():
 
 
 def fake_generate_for(tok, table):
-    """A sampler that returns scripted completions: 'yes...' for correct, 'no...' for wrong, lengths vary."""
+    """A sampler that returns scripted completions: 'yes...' for correct, 'no...' for wrong,
+    lengths vary."""
     def fake(model, prompts, *, num_samples, max_new_tokens, stop_ids, **_):
         comps, N = [], len(table[0])
         for p in range(len(prompts)):
             for g in range(num_samples):
                 ok = table[p // N][p % N][g]
-                comps.append(tok.encode(("yes" if ok else "no") + "x" * ((p + 2 * g) % 4), add_special_tokens=False)
-                             + [stop_ids[0]])
+                text = ("yes" if ok else "no") + "x" * ((p + 2 * g) % 4)
+                comps.append(tok.encode(text, add_special_tokens=False) + [stop_ids[0]])
         return Rollout(comps, ["stop"] * len(comps))
     return fake
 
@@ -147,8 +153,8 @@ def run_step(tok, cfg, model=None, buffer=None, seed=0, reward=reward_fn, **kw):
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     buffer = buffer if buffer is not None else HardExampleBuffer(cfg.buffer_size)
-    m = riel.riel_step(model, tok, RECORDS, EXPERTS, cfg, opt, buffer, torch.Generator().manual_seed(seed),
-                       reward, **kw)
+    m = riel.riel_step(model, tok, RECORDS, EXPERTS, cfg, opt, buffer,
+                       torch.Generator().manual_seed(seed), reward, **kw)
     return m, sgd_delta(model, before), buffer
 
 
@@ -159,7 +165,8 @@ def hand_advantages(mode):
             mean = sum(group) / len(group)
             std = statistics.stdev(group)  # Bessel
             for r in group:
-                a = {"meml": max(r - mean, 0.0), "dr_grpo": r - mean, "grpo": (r - mean) / (std + 1e-4)}[mode]
+                a = {"meml": max(r - mean, 0.0), "dr_grpo": r - mean,
+                     "grpo": (r - mean) / (std + 1e-4)}[mode]
                 out.append(a)
     return out
 
@@ -173,7 +180,8 @@ def test_policy_update_equals_hand_computed_gradient(scripted, tok, mode):
     m, delta, _ = run_step(tok, cfg, model)
 
     prompts = [riel.render_chat(tok, e.system_prompt, r.question) for r in RECORDS for e in EXPERTS]
-    comps = fake_generate_for(tok, TABLE)(None, prompts, num_samples=4, max_new_tokens=16, stop_ids=[258]).completions
+    comps = fake_generate_for(tok, TABLE)(None, prompts, num_samples=4, max_new_tokens=16,
+                                          stop_ids=[258]).completions
     n_tokens = sum(len(c) for c in comps)
     norm = 16 * 16 if mode == "dr_grpo" else n_tokens  # Dr.GRPO: n_seqs * max_new_tokens
     hand = -sum(a * naive_logp(twin, prompts[row // 4], comps[row]).sum()
@@ -184,7 +192,7 @@ def test_policy_update_equals_hand_computed_gradient(scripted, tok, mode):
     assert abs(m["loss_grpo"] - hand_value) < 1e-6
     for d, p in zip(delta, twin.parameters()):
         torch.testing.assert_close(d, -p.grad, atol=1e-6, rtol=1e-4)
-    # only rows with A != 0 are forwarded: meml keeps the 3 above-mean rows, the others skip zero-spread q1
+    # only rows with A != 0 are forwarded: meml keeps 3 above-mean rows, others skip zero-spread q1
     assert m["trained_rows"] == (3 if mode == "meml" else 8)
 
 
@@ -199,8 +207,9 @@ def test_metrics_report_rewards_spread_transfers_and_timing(scripted, tok):
     assert m["e_plus/steps"] == 1 and m["e_minus/terse"] == 1 and m["e_plus/terse"] == 0
     assert m["buffer_size"] == len(buf.entries) == m["buffer_admitted"] and m["buffer_flushes"] == 0
     assert m["loss_transfer"] != 0 and m["loss_sft"] == 0 and not m["skipped"]
-    expected = {"loss", "loss_grpo", "loss_transfer", "loss_sft", "completions/mean_length", "sample_s", "train_s", "tokens_per_s",
-                "grad_norm", "lr", "completions/clipped_ratio", "clip_frac", "reward_std",
+    expected = {"loss", "loss_grpo", "loss_transfer", "loss_sft", "completions/mean_length",
+                "sample_s", "train_s", "tokens_per_s", "grad_norm", "lr",
+                "completions/clipped_ratio", "clip_frac", "reward_std",
                 "completions/min_length", "completions/max_length"}
     assert expected <= set(m) and all(math.isfinite(float(m[k])) for k in expected)
 
@@ -212,9 +221,11 @@ def test_transfer_term_value_and_gradient_flow_only_through_the_weak_expert(tok)
     pairs = [(p_plus, p_minus, [70, 71, 72, 258]), (p_plus, p_minus, [73, 258])]
     cfg = riel.RIELConfig(lambda1=0.5, micro_batch_size=1)
     value = riel.transfer_backward(model, pairs, cfg)
-    hand_value = sum((naive_logp(twin, p, o).detach() - naive_logp(twin, s, o)).sum() for p, s, o in pairs) / 6
+    hand_value = sum((naive_logp(twin, p, o).detach() - naive_logp(twin, s, o)).sum()
+                     for p, s, o in pairs) / 6
     assert abs(value - hand_value.item()) < 1e-5
-    # the gradient is that of -0.5 * mean logp(O+ | P-): raising O+ under the weak prompt, teacher untouched
+    # the gradient is that of -0.5 * mean logp(O+ | P-): raising O+ under the weak prompt,
+    # teacher untouched
     student_only = -0.5 * sum(naive_logp(twin, s, o).sum() for _, s, o in pairs) / 6
     student_only.backward()
     for p, q in zip(model.parameters(), twin.parameters()):
@@ -224,10 +235,12 @@ def test_transfer_term_value_and_gradient_flow_only_through_the_weak_expert(tok)
 def test_full_vocab_transfer_equals_kl_div(tok):
     model = StandIn(dim=16)
     p_plus, p_minus, o = [259, 10, 20], [259, 11, 21, 31], [70, 71, 258]
-    value = riel.transfer_backward(model, [(p_plus, p_minus, o)], riel.RIELConfig(transfer_mode="full_vocab"))
+    cfg = riel.RIELConfig(transfer_mode="full_vocab")
+    value = riel.transfer_backward(model, [(p_plus, p_minus, o)], cfg)
     t = model(torch.tensor([p_plus + o]))[0, 2:-1].log_softmax(-1)
     s = model(torch.tensor([p_minus + o]))[0, 3:-1].log_softmax(-1)
-    hand = F.kl_div(s, t, reduction="batchmean", log_target=True)  # sum over vocab and tokens / 3 tokens
+    # sum over vocab and tokens / 3 tokens
+    hand = F.kl_div(s, t, reduction="batchmean", log_target=True)
     assert abs(value - hand.item()) < 1e-6
 
 
@@ -235,7 +248,8 @@ def test_transfer_pairs_teach_the_weak_expert_a_correct_answer_of_the_strong_one
     rewards = torch.tensor(TABLE, dtype=torch.float32)  # (Q=2, N=2, G=4)
     prompts = ["q0/terse", "q0/steps", "q1/terse", "q1/steps"]
     comps = [f"{p}/{g}" for p in prompts for g in range(4)]
-    pairs, chosen = transfer.transfer_pairs(rewards, prompts, comps, torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    pairs, chosen = transfer.transfer_pairs(rewards, prompts, comps, gen)
     assert chosen == [(1, 0)] and len(pairs) == 1
     teacher, student, o = pairs[0]
     assert (teacher, student) == ("q0/steps", "q0/terse") and o in ("q0/steps/0", "q0/steps/1")
@@ -249,11 +263,13 @@ def test_transfer_options_run_inside_a_step(scripted, tok, mode, all_correct):
                           transfer_all_correct=all_correct)
     m, _, _ = run_step(tok, cfg)
     assert m["transfers"] == 1 and m["transfer_pairs"] == (2 if all_correct else 1)
-    assert m["loss_transfer"] != 0 and (mode == "sampled" or m["loss_transfer"] > 0)  # a full KL is positive
+    # a full KL is positive
+    assert m["loss_transfer"] != 0 and (mode == "sampled" or m["loss_transfer"] > 0)
 
 
 def test_full_buffer_joins_an_sft_step_and_is_cleared(scripted, tok):
-    cfg = riel.RIELConfig(group_size=4, buffer_k=2, buffer_size=2, max_new_tokens=16, transfer=False)
+    cfg = riel.RIELConfig(group_size=4, buffer_k=2, buffer_size=2, max_new_tokens=16,
+                          transfer=False)
     buf = HardExampleBuffer(capacity=2)
     buf.entries.append(HardExample(5, "steps", [259, 65], [66, 67, 258]))
     m, _, buf = run_step(tok, cfg, buffer=buf, seed=3)
@@ -290,32 +306,37 @@ def test_ppo_epochs_and_reference_kl_run_and_report(scripted, tok):
         run_step(tok, riel.RIELConfig(group_size=4, kl_beta=0.1))
 
 
-# ---- the real tiny preset through the real sampler --------------------------------------------------
+# ---- the real tiny preset through the real sampler -----------------------------------------------
 
 def test_real_tiny_model_end_to_end(tok):
     from model import Transformer
     model = Transformer.from_pretrained("tiny")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    cfg = riel.RIELConfig(group_size=4, max_new_tokens=12, buffer_k=2, buffer_size=1, micro_batch_size=4)
+    cfg = riel.RIELConfig(group_size=4, max_new_tokens=12, buffer_k=2, buffer_size=1,
+                          micro_batch_size=4)
     buf = HardExampleBuffer(cfg.buffer_size)
     gen = torch.Generator().manual_seed(0)
     parity = lambda rec, text: float(len(text) % 5 == 0)  # noqa: E731  (mostly wrong, some spread)
     before = [p.detach().clone() for p in model.parameters()]
-    logs = [riel.riel_step(model, tok, RECORDS, EXPERTS, cfg, opt, buf, gen, parity) for _ in range(2)]
+    logs = [riel.riel_step(model, tok, RECORDS, EXPERTS, cfg, opt, buf, gen, parity)
+            for _ in range(2)]
     assert all(math.isfinite(m["loss"]) and not m["skipped"] for m in logs)
-    assert 0 < logs[0]["completions/mean_length"] <= 12 and 0 < logs[0]["entropy"] < math.log(len(tok))
+    assert 0 < logs[0]["completions/mean_length"] <= 12
+    assert 0 < logs[0]["entropy"] < math.log(len(tok))
     assert sum(m["buffer_admitted"] for m in logs) >= 1 and logs[-1]["buffer_size"] == 0
     assert logs[-1]["buffer_flushes"] == sum(m["flushed"] > 0 for m in logs)
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
 
 
 def test_full_vocab_transfer_gradient_is_lambda1_times_the_naive_kl_gradient(tok):
-    """The full-vocabulary mode weighs its term by lambda1 as the sampled mode does (issue 30: a mutation dropping
-    it passed the whole suite): gradient == lambda1 * grad of KL(sg[p+] || p-) written out here."""
+    """The full-vocabulary mode weighs its term by lambda1 as the sampled mode does (issue 30: a
+    mutation dropping it passed the whole suite): gradient == lambda1 * grad of KL(sg[p+] || p-)
+    written out here."""
     model, twin = StandIn(dim=16), None
     twin = copy.deepcopy(model)
     p_plus, p_minus, o = [259, 10, 20], [259, 11, 21, 31], [70, 71, 258]
-    riel.transfer_backward(model, [(p_plus, p_minus, o)], riel.RIELConfig(transfer_mode="full_vocab", lambda1=0.3))
+    cfg = riel.RIELConfig(transfer_mode="full_vocab", lambda1=0.3)
+    riel.transfer_backward(model, [(p_plus, p_minus, o)], cfg)
     with torch.no_grad():
         t = twin(torch.tensor([p_plus + o]))[0, 2:-1].log_softmax(-1)
     s = twin(torch.tensor([p_minus + o]))[0, 3:-1].log_softmax(-1)
@@ -325,11 +346,12 @@ def test_full_vocab_transfer_gradient_is_lambda1_times_the_naive_kl_gradient(tok
 
 
 def test_the_buffer_admits_each_expert_on_its_own_groups_rewards(tok, monkeypatch):
-    """An expert is admitted for ITS group's failures, never another expert's (issue 30: a mutation reading the
-    next expert's rewards passed the whole suite)."""
+    """An expert is admitted for ITS group's failures, never another expert's (issue 30: a mutation
+    reading the next expert's rewards passed the whole suite)."""
     import losses
     import riel
-    monkeypatch.setattr(losses, "uniform", lambda generator=None: 0.0)  # every eligible group admitted
+    # every eligible group admitted
+    monkeypatch.setattr(losses, "uniform", lambda generator=None: 0.0)
     experts = [Expert("a", "A."), Expert("b", "B."), Expert("c", "C.")]
     records = [Rec(i, f"q{i}", "1", {"a": "x", "b": "y", "c": "z"}) for i in range(3)]
     wrong, right = [0.0] * 4, [1.0] * 4
@@ -339,5 +361,6 @@ def test_the_buffer_admits_each_expert_on_its_own_groups_rewards(tok, monkeypatc
     prompts = [[i, j] for i in range(3) for j in range(3)]
     buf = HardExampleBuffer(capacity=99)
     n = riel.admit_hard_examples(buf, tok, records, experts, prompts, rewards, 2)
-    assert n == 3 and [(e.question_id, e.expert) for e in buf.entries] == [(0, "a"), (1, "b"), (2, "c")]
+    admitted = [(e.question_id, e.expert) for e in buf.entries]
+    assert n == 3 and admitted == [(0, "a"), (1, "b"), (2, "c")]
     assert [e.prompt_ids for e in buf.entries] == [[0, 0], [1, 1], [2, 2]]

@@ -1,4 +1,5 @@
-"""rollout.py against transformers' generate and against naive log-softmax: the sampler and the scorer."""
+"""rollout.py against transformers' generate and against naive log-softmax: the sampler and the
+scorer."""
 
 import pytest
 import torch
@@ -28,7 +29,7 @@ def hf_greedy(hf, prompts, max_new, stop, pad=0):
 def test_greedy_equals_transformers_generate_with_stop_tokens(hf_pair, kind):
     hf, m = hf_pair(kind=kind)
     free = generate(m, PROMPTS, max_new_tokens=20, temperature=0)
-    # pick stop ids that greedy decoding really emits mid-answer, so that rows stop at different steps
+    # pick stop ids that greedy decoding really emits mid-answer, so rows stop at different steps
     stop = {free.completions[0][6], free.completions[2][3]}
     ours_out = generate(m, PROMPTS, max_new_tokens=20, temperature=0, stop_ids=stop)
     assert ours_out.completions == hf_greedy(hf, PROMPTS, 20, stop)
@@ -48,7 +49,8 @@ def test_each_padded_row_equals_its_prompt_decoded_alone(hf_pair):
 def test_stop_token_inside_the_prompt_does_not_stop_the_row(hf_pair):
     _, m = hf_pair(kind="llama")
     stop_id = 42
-    out = generate(m, [[3, stop_id, 5], [stop_id]], max_new_tokens=8, temperature=0, stop_ids=[stop_id])
+    out = generate(m, [[3, stop_id, 5], [stop_id]], max_new_tokens=8, temperature=0,
+                   stop_ids=[stop_id])
     for c, why in zip(out.completions, out.finish):
         assert len(c) >= 1 and (why == "length") == (stop_id not in c)
         assert why == "stop" or len(c) == 8
@@ -68,11 +70,12 @@ def test_shared_prefix_prefill_equals_prefilling_every_copy(hf_pair):
 def test_fixed_seed_gives_identical_samples_and_seeds_differ():
     m = ours.Transformer.from_pretrained("tiny")
     a = generate(m, PROMPTS, num_samples=4, max_new_tokens=16, seed=7)
-    b = generate(m, PROMPTS, num_samples=4, max_new_tokens=16, generator=torch.Generator().manual_seed(7))
+    b = generate(m, PROMPTS, num_samples=4, max_new_tokens=16,
+                 generator=torch.Generator().manual_seed(7))
     c = generate(m, PROMPTS, num_samples=4, max_new_tokens=16, seed=8)
     assert a.completions == b.completions
     assert a.completions != c.completions
-    # G samples of one prompt are not copies of each other (the cache copy must not copy the randomness)
+    # G samples of one prompt are not copies of each other (the cache copy must not copy the RNG)
     assert len({tuple(x) for x in a.completions[:4]}) > 1
 
 
@@ -84,7 +87,8 @@ def test_length_finish_and_max_new_tokens():
 
 def test_vocab_limit_is_never_sampled(hf_pair):
     _, m = hf_pair(kind="qwen2")
-    out = generate(m, PROMPTS, num_samples=8, max_new_tokens=16, temperature=2.0, seed=0, vocab_limit=50)
+    out = generate(m, PROMPTS, num_samples=8, max_new_tokens=16, temperature=2.0, seed=0,
+                   vocab_limit=50)
     assert max(max(c) for c in out.completions) < 50
 
 
@@ -122,7 +126,8 @@ def test_token_logprobs_equals_naive_log_softmax(hf_pair, temperature):
     assert mask.tolist() == [[1.0] * len(c) + [0.0] * (9 - len(c)) for c in comps]
     for i, (p, c) in enumerate(zip(PROMPTS, comps)):
         with torch.no_grad():
-            torch.testing.assert_close(logp[i, :len(c)], naive_logprobs(m, p, c, temperature), atol=1e-5, rtol=0)
+            naive = naive_logprobs(m, p, c, temperature)
+            torch.testing.assert_close(logp[i, :len(c)], naive, atol=1e-5, rtol=0)
         assert torch.all(logp[i, len(c):] == 0)
 
 
@@ -135,7 +140,8 @@ def test_token_logprobs_gradient_equals_naive_gradient(hf_pair):
     (logp * mask * weights).sum().backward()
     ours_grads = [p.grad.clone() for p in m.parameters()]
     m.zero_grad()
-    sum(naive_logprobs(m, p, c) @ weights[i, :len(c)] for i, (p, c) in enumerate(zip(PROMPTS, comps))).backward()
+    sum(naive_logprobs(m, p, c) @ weights[i, :len(c)]
+        for i, (p, c) in enumerate(zip(PROMPTS, comps))).backward()
     for a, b in zip(ours_grads, [p.grad for p in m.parameters()]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
@@ -150,7 +156,7 @@ def test_mask_counts_a_completion_token_equal_to_pad(hf_pair):
 
 
 def test_sampled_tokens_are_scored_at_the_positions_they_were_sampled_at(hf_pair):
-    # greedy tokens must be the argmax of the scorer's distribution at every step: sampler and trainer agree
+    # greedy tokens must be the scorer's argmax at every step: sampler and trainer agree
     _, m = hf_pair(kind="llama")
     out = generate(m, PROMPTS, max_new_tokens=10, temperature=0)
     with torch.no_grad():
@@ -167,7 +173,7 @@ def test_chunked_logprobs_backward_passes_gradcheck():
     h = torch.randn(7, 5, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(11, 5, dtype=torch.float64, generator=g, requires_grad=True)
     targets = torch.randint(0, 11, (7,), generator=g)
-    # the forward computes in fp32 by design, so check the hand-written backward against a float64 reference
+    # the forward is fp32 by design, so check the hand-written backward against a float64 reference
     ref = lambda h, w: torch.log_softmax(h @ w.T / 0.7, -1).gather(-1, targets[:, None]).squeeze(-1)
     out = ChunkedLogProbs.apply(h, w, targets, 0.7, 3)
     torch.testing.assert_close(out, ref(h, w).float(), atol=1e-5, rtol=0, check_dtype=False)
@@ -187,16 +193,19 @@ def test_sampling_frequencies_match_the_distribution_and_skip_zero_probability_t
 
 
 def test_a_zero_probability_token_is_never_drawn_even_from_a_rounding_wide_cdf_step(monkeypatch):
-    """On CUDA a single row's cumsum is a parallel scan whose sums may differ in the last bit across a run of zero
-    probabilities, giving a zero-probability token a CDF step one rounding wide. Emulated here by a cumsum that
-    adds such a step; uniforms aimed into it must still not draw the token."""
+    """On CUDA a single row's cumsum is a parallel scan whose sums may differ in the last bit across
+    a run of zero probabilities, giving a zero-probability token a CDF step one rounding wide.
+    Emulated here by a cumsum that adds such a step; uniforms aimed into it must still not draw the
+    token."""
     import rollout
     from rollout import sample_next
     probs = torch.tensor([[0.25, 0.0, 0.75, 0.0]])
     real = torch.Tensor.cumsum
-    wide = lambda self, dim: real(self, dim) + torch.tensor([0.0, 1e-6, 1e-6, 2e-6])  # steps at ids 1 and 3
+    # steps at ids 1 and 3
+    wide = lambda self, dim: real(self, dim) + torch.tensor([0.0, 1e-6, 1e-6, 2e-6])
     monkeypatch.setattr(torch.Tensor, "cumsum", wide)
-    monkeypatch.setattr(rollout, "SEQUENTIAL_CUMSUM", ())  # take the path of devices with a parallel scan
+    # take the path of devices with a parallel scan
+    monkeypatch.setattr(rollout, "SEQUENTIAL_CUMSUM", ())
     total = 1.0 + 2e-6
     for target in (0.25 + 5e-7, 1.0 + 1.5e-6):  # inside the steps of ids 1 and 3
         u = torch.tensor([1.0 - target / total])  # sample_next maps u to (1 - u) * total
@@ -211,19 +220,22 @@ def test_token_entropy_matches_the_reference_vectors():
 
 
 @pytest.mark.parametrize("drop_finished", [False, True])
-def test_sampler_entropy_is_the_mean_entropy_of_a_full_forward_along_each_completion(hf_pair, drop_finished):
-    """Each row's entropy, recomputed from a plain forward of prompt + completion (not the sampler's cache): the
-    mean over the row's tokens of -sum p log p, p = softmax(logits / T)."""
+def test_sampler_entropy_is_the_mean_entropy_of_a_full_forward_along_each_completion(
+        hf_pair, drop_finished):
+    """Each row's entropy, recomputed from a plain forward of prompt + completion (not the sampler's
+    cache): the mean over the row's tokens of -sum p log p, p = softmax(logits / T)."""
     _, m = hf_pair(kind="llama")
     T = 0.7
-    out = generate(m, PROMPTS, num_samples=3, max_new_tokens=10, temperature=T, seed=3, stop_ids=(2, 5),
-                   drop_finished=drop_finished, sync_every=2, entropy=True)
-    plain = generate(m, PROMPTS, num_samples=3, max_new_tokens=10, temperature=T, seed=3, stop_ids=(2, 5))
-    assert out.completions == plain.completions and plain.entropy is None  # off by default, same tokens on
+    kw = dict(num_samples=3, max_new_tokens=10, temperature=T, seed=3, stop_ids=(2, 5))
+    out = generate(m, PROMPTS, **kw, drop_finished=drop_finished, sync_every=2, entropy=True)
+    plain = generate(m, PROMPTS, **kw)
+    # off by default, same tokens on
+    assert out.completions == plain.completions and plain.entropy is None
     assert any(f == "stop" for f in out.finish) and any(f == "length" for f in out.finish)
     for r, c in enumerate(out.completions):
         p = PROMPTS[r // 3]
         with torch.no_grad():
-            logp = F.log_softmax(m(torch.tensor([p + c])).float()[0, len(p) - 1:-1] / T, dim=-1)  # (C, V)
+            logits = m(torch.tensor([p + c])).float()[0, len(p) - 1:-1]
+            logp = F.log_softmax(logits / T, dim=-1)  # (C, V)
         expected = -(logp.exp() * logp).sum(-1).mean().item()
         assert out.entropy[r] == pytest.approx(expected, abs=1e-4)

@@ -1,4 +1,5 @@
-"""Speed options of rollout.generate give exactly the plain path's tokens; bench.py --quick runs end to end.
+"""Speed options of rollout.generate give exactly the plain path's tokens; bench.py --quick runs end
+to end.
 
 No timing assertions here: speed is measured by bench.py, side by side, not by tests."""
 
@@ -34,20 +35,24 @@ def assert_same_rollout_and_logprobs(m, a, b):
 
 @pytest.mark.parametrize("option", [{"drop_finished": True}, {"static_cache": True},
                                     {"drop_finished": True, "static_cache": True},
-                                    {"cuda_graphs": True, "drop_finished": True}])  # the graph-ready path, eager
+                                    # the graph-ready path, eager
+                                    {"cuda_graphs": True, "drop_finished": True}])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_speed_options_give_the_plain_paths_tokens(hf_pair, option, temperature):
-    # sampled rows too: every row reads its uniforms by its original id, so dropping others changes nothing
+    # sampled rows too: a row reads its uniforms by its original id; dropping others changes nothing
     _, m = hf_pair(kind="qwen2")
     stop = stopping_ids(m)
-    kw = dict(num_samples=3, max_new_tokens=20, temperature=temperature, seed=1, stop_ids=stop, sync_every=2)
+    kw = dict(num_samples=3, max_new_tokens=20, temperature=temperature, seed=1, stop_ids=stop,
+              sync_every=2)
     plain, fast = generate(m, PROMPTS, **kw), generate(m, PROMPTS, **kw, **option)
-    assert "stop" in plain.finish and "length" in plain.finish  # rows really were dropped mid-batch
+    # rows really were dropped mid-batch
+    assert "stop" in plain.finish and "length" in plain.finish
     assert_same_rollout_and_logprobs(m, plain, fast)
 
 
 def test_static_cache_step_logits_equal_the_plain_steps(hf_pair):
-    # the fixed-shape step attends over the whole buffer with unfilled slots masked: same logits, not just argmax
+    # the fixed-shape step attends over the whole buffer with unfilled slots masked: same logits,
+    # not just argmax
     from model import KVCache
     _, m = hf_pair(kind="llama")
     ids = torch.tensor([[5, 17, 99, 3]])
@@ -58,20 +63,22 @@ def test_static_cache_step_logits_equal_the_plain_steps(hf_pair):
     mask = torch.zeros(1, 1, 1, 10, dtype=torch.bool)
     mask[..., :4] = True
     from rollout import decode_step
-    torch.testing.assert_close(decode_step(m, ids[:, 3], torch.tensor([3]), static, mask)[0], full.float(),
-                               atol=1e-5, rtol=1e-5)
+    step = decode_step(m, ids[:, 3], torch.tensor([3]), static, mask)[0]
+    torch.testing.assert_close(step, full.float(), atol=1e-5, rtol=1e-5)
 
 
 def _compiler_works():
     return shutil.which(os.environ.get("CXX", "g++")) is not None or torch.cuda.is_available()
 
 
-@pytest.mark.skipif(not _compiler_works(), reason="torch.compile on CPU needs a C++ compiler (g++) and none is found")
+@pytest.mark.skipif(not _compiler_works(),
+                    reason="torch.compile on CPU needs a C++ compiler (g++) and none is found")
 def test_compiled_decode_gives_the_plain_paths_tokens(hf_pair):
     _, m = hf_pair(kind="llama")
     stop = stopping_ids(m)
     for temperature in (0.0, 1.0):
-        kw = dict(num_samples=2, max_new_tokens=12, temperature=temperature, seed=2, stop_ids=stop, sync_every=2)
+        kw = dict(num_samples=2, max_new_tokens=12, temperature=temperature, seed=2, stop_ids=stop,
+                  sync_every=2)
         plain = generate(m, PROMPTS, **kw)
         fast = generate(m, PROMPTS, **kw, compile=True, drop_finished=True)
         # compiled kernels may reorder float sums: tokens must agree, log-probs to rounding
@@ -79,34 +86,41 @@ def test_compiled_decode_gives_the_plain_paths_tokens(hf_pair):
 
 
 def test_bench_quick_runs_end_to_end():
-    # one thread: a smoke test must not stall when other processes load the cores (OpenMP barriers spin)
-    out = subprocess.run([sys.executable, "tools/bench.py", "--quick", "--threads", "1", "--sections", "sampling", "step", "mfu",
-                          "memory", "decode", "lora"], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    # one thread: a smoke test must not stall when other processes load the cores (OpenMP spins)
+    out = subprocess.run([sys.executable, "tools/bench.py", "--quick", "--threads", "1",
+                          "--sections", "sampling", "step", "mfu", "memory", "decode", "lora"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-2000:]
-    for section in ("Sampling", "RIEL step", "MFU", "Where a RIEL step's time goes", "Log-prob peak memory",
-                    "Decoding on this CPU", "Kernels per decoded token", "ours, + drop + entropy", "full fine-tuning vs LoRA", "| LoRA rank 16 |"):
+    for section in ("Sampling", "RIEL step", "MFU", "Where a RIEL step's time goes",
+                    "Log-prob peak memory", "Decoding on this CPU", "Kernels per decoded token",
+                    "ours, + drop + entropy", "full fine-tuning vs LoRA", "| LoRA rank 16 |"):
         assert section in out.stdout
 
 
 def test_static_cache_under_autocast_gives_the_plain_paths_tokens(hf_pair):
-    # the CUDA default (fp32 weights, bf16 autocast; CPU autocast here): RoPE returns fp32 keys for a bf16 cache,
-    # which the static path's index_copy_ must cast as the plain path's slice assignment does
+    # the CUDA default (fp32 weights, bf16 autocast; CPU here): RoPE returns fp32 keys for a bf16
+    # cache, which the static path's index_copy_ must cast as the plain path's slice assignment does
     _, m = hf_pair(kind="llama")
-    kw = dict(num_samples=2, max_new_tokens=12, temperature=1.0, seed=3, stop_ids=stopping_ids(m), sync_every=2)
+    kw = dict(num_samples=2, max_new_tokens=12, temperature=1.0, seed=3, stop_ids=stopping_ids(m),
+              sync_every=2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        plain, fast = generate(m, PROMPTS, **kw), generate(m, PROMPTS, **kw, static_cache=True, drop_finished=True)
+        plain = generate(m, PROMPTS, **kw)
+        fast = generate(m, PROMPTS, **kw, static_cache=True, drop_finished=True)
     assert plain.completions == fast.completions and plain.finish == fast.finish
 
 
 def test_graph_ready_step_reads_its_inputs_in_place_and_refuses_new_ones(hf_pair, monkeypatch):
-    # DecodeGraph must see the same position, cache and mask tensors at every token (a CUDA graph replays fixed
-    # addresses): a loop that rebound them would decode from stale inputs on a GPU; here it must fail loudly
+    # DecodeGraph must see the same position, cache and mask tensors at every token (a CUDA graph
+    # replays fixed addresses): a rebinding loop decodes stale inputs on a GPU; here it fails loudly
     import rollout
     _, m = hf_pair(kind="llama")
     seen = []
     real = rollout.DecodeGraph.__call__
-    monkeypatch.setattr(rollout.DecodeGraph, "__call__",
-                        lambda self, *a: seen.append((id(a[2]), a[4].data_ptr())) or real(self, *a))
+
+    def spy(self, *a):
+        seen.append((id(a[2]), a[4].data_ptr()))
+        return real(self, *a)
+    monkeypatch.setattr(rollout.DecodeGraph, "__call__", spy)
     generate(m, PROMPTS, num_samples=2, max_new_tokens=6, temperature=0, cuda_graphs=True)
     assert len(seen) == 5 and len(set(seen)) == 1
     graph = rollout.DecodeGraph()
@@ -115,19 +129,22 @@ def test_graph_ready_step_reads_its_inputs_in_place_and_refuses_new_ones(hf_pair
     mask = torch.ones(2, 1, 1, 4, dtype=torch.bool)
     graph(m, torch.tensor([5, 6]), torch.tensor([0, 0]), cache, mask)
     with pytest.raises(AssertionError, match="same tensors"):
-        graph(m, torch.tensor([5, 6]), torch.tensor([1, 1]), cache, mask)  # a fresh positions tensor
+        # a fresh positions tensor
+        graph(m, torch.tensor([5, 6]), torch.tensor([1, 1]), cache, mask)
     with pytest.raises(AssertionError, match="same tensors"):
-        graph(m, torch.tensor([5, 6]), graph.inputs[0], cache, mask.clone())  # a fresh mask
+        # a fresh mask
+        graph(m, torch.tensor([5, 6]), graph.inputs[0], cache, mask.clone())
 
 
 def test_graph_ready_sampler_launches_at_most_half_the_eager_kernels_per_token():
-    # bench.py --sections decode's count: per decoded token, the graph-ready sampler launches one replay plus what
-    # runs outside the decode step; the eager one launches every op of the step from Python
+    # bench.py --sections decode's count: per decoded token, the graph-ready sampler launches one
+    # replay plus what runs outside the decode step; the eager one launches every op from Python
     from tools import bench_decode
     from model import Transformer, tiny_config
     m = Transformer.from_config(tiny_config())
     rows = bench_decode.decode_kernels(m, PROMPTS, 2, 6)
     for autocast in (False, True):
         eager, graph = [r for r in rows if r["autocast"] == autocast]
-        assert eager["step"] > 20 * m.cfg.n_layers / 2 and abs(graph["step"] - eager["step"]) <= 0.05 * eager["step"]
+        assert eager["step"] > 20 * m.cfg.n_layers / 2
+        assert abs(graph["step"] - eager["step"]) <= 0.05 * eager["step"]
         assert graph["launches"] <= eager["launches"] / 2, (graph, eager)

@@ -26,18 +26,21 @@ TABLE = [
     ("gsm8k", "#### 18.01", "18", 0.0, False),
     ("gsm8k", "####42", "42", 1.0, False),  # no space after the marker
     ("gsm8k", "#### 42 apples. Then 3 more.", "42", 1.0, False),  # text after the answer
-    ("gsm8k", "#### 42\n" + "and so on. " * 34, "42", 1.0, False),  # long text after it: never clipped
-    ("gsm8k", "#### 17  Wait, recompute: 9 + 9 = 18\n#### 18", "18", 1.0, False),  # self-correction: the last counts
+    ("gsm8k", "#### 42\n" + "and so on. " * 34, "42", 1.0, False),  # long text after: never clipped
+    # self-correction: the last counts
+    ("gsm8k", "#### 17  Wait, recompute: 9 + 9 = 18\n#### 18", "18", 1.0, False),
     ("gsm8k", "#### 18  Wait, recompute\n#### 17", "18", 0.0, False),  # ... in both directions
     ("gsm8k", "#### 1 #### 2 #### 3", "3", 1.0, False),  # run-on: only the last one counts ...
-    ("gsm8k", "#### 1 #### 2 #### 3", "1", 0.0, False),  # ... so a hedge earns nothing from its others
-    ("gsm8k", "#### 18\nso the answer is\n#### ", "18", 0.0, False),  # cut after a last, empty marker
+    ("gsm8k", "#### 1 #### 2 #### 3", "1", 0.0, False),  # ... a hedge earns nothing from its others
+    # cut after a last, empty marker
+    ("gsm8k", "#### 18\nso the answer is\n#### ", "18", 0.0, False),
     ("gsm8k", "#### 7 then #### 7.0", "7", 1.0, False),  # repeated, same value
     ("gsm8k", "#### 1,5", "15", 0.0, False),  # not a thousands separator
     ("gsm8k", "So the answer is 12.", "12", 0.0, False),  # missing marker: strict 0
     ("gsm8k", "So the answer is 12.", "12", 1.0, True),  # flexible: last number
     ("gsm8k", "", "12", 0.0, True),  # empty output
-    ("gsm8k", "She has 5 apples and then 3 more, so 5 + 3 =", "8", 0.0, False),  # cut at max length
+    # cut at max length
+    ("gsm8k", "She has 5 apples and then 3 more, so 5 + 3 =", "8", 0.0, False),
     ("gsm8k", "#### ", "0", 0.0, False),  # marker with nothing after it
     ("gsm8k", "#### 9" + "9" * 100, "9" * 101, 0.0, False),  # absurdly long numbers are not parsed
     # synthetic: exact string after the marker
@@ -55,11 +58,13 @@ TABLE = [
     ("mathqa", "Answer: 625", "(c) 625", 1.0, False),  # the option's text
     ("mathqa", "Answer: rs. 1,200", "(d) rs . 1200", 1.0, False),
     ("mathqa", "Answer: 624", "(c) 625", 0.0, False),
-    ("mathqa", "the answer is a prime number, so (c)", "(c) 625", 0.0, False),  # 'a' is an article here
+    # 'a' is an article here
+    ("mathqa", "the answer is a prime number, so (c)", "(c) 625", 0.0, False),
     ("mathqa", "the answer is a prime number, so (c)", "(c) 625", 1.0, True),  # flexible: last (x)
-    ("mathqa", "Answer: (a) Answer: (b) Answer: (c)", "(c) 625", 1.0, False),  # run-on: the last counts
+    ("mathqa", "Answer: (a) Answer: (b) Answer: (c)", "(c) 625", 1.0, False),  # run-on: last counts
     ("mathqa", "Answer: (c) Answer: (b) Answer: (a)", "(c) 625", 0.0, False),  # ... whichever way
-    ("mathqa", "Answer: 624\nNo, 5^4 is\nAnswer: 625", "(c) 625", 1.0, False),  # corrected option text
+    # corrected option text
+    ("mathqa", "Answer: 624\nNo, 5^4 is\nAnswer: 625", "(c) 625", 1.0, False),
     ("mathqa", "Answer: (c)\nAnswer: (c)", "c", 1.0, False),  # gold as a bare letter
     ("mathqa", "", "(c) 625", 0.0, True),
     # strategyqa: yes/no after the marker
@@ -69,14 +74,15 @@ TABLE = [
     ("strategyqa", "Answer: yes", "false", 0.0, False),
     ("strategyqa", "Answer: no", "yes", 0.0, False),
     ("strategyqa", "Answer: yes\nAnswer: no", "no", 1.0, False),  # corrected: the last counts
-    ("strategyqa", "Answer: no\nAnswer: yes", "no", 0.0, False),  # a hedge only gets its last answer
+    ("strategyqa", "Answer: no\nAnswer: yes", "no", 0.0, False),  # a hedge: only its last answer
     ("strategyqa", "I think no.", "no", 0.0, False),  # no marker
     ("strategyqa", "I think no.", "no", 1.0, True),
     ("strategyqa", "Answer: maybe", "yes", 0.0, True),
     # math500: \boxed{} with light normalisation
     ("math500", "so $\\boxed{\\dfrac{1}{2}}$.", "\\frac{1}{2}", 1.0, False),
     ("math500", "\\boxed{0.5}", "\\frac12", 1.0, False),
-    ("math500", "\\boxed{(3, \\frac{\\pi}{2})}", "\\left( 3, \\frac{\\pi}{2} \\right)", 1.0, False),
+    ("math500", "\\boxed{(3, \\frac{\\pi}{2})}", "\\left( 3, \\frac{\\pi}{2} \\right)",
+     1.0, False),
     ("math500", "\\boxed{90}", "90^\\circ", 1.0, False),
     ("math500", "\\boxed{5.4}", "5.4 \\text{ cents}", 1.0, False),
     ("math500", "\\boxed{11111111100}", "11,\\! 111,\\! 111,\\! 100", 1.0, False),
@@ -102,7 +108,8 @@ def test_check_returns_the_parsed_answer_for_logging():
     assert verify.check("gsm8k", "#### $1,000", "1000") == (1.0, "$1,000")
     assert verify.check("mathqa", "Answer: (B)", "(c) 1") == (0.0, "b")
     assert verify.check("strategyqa", "Answer: no", "yes") == (0.0, "no")
-    assert verify.check("gsm8k", "#### 1 #### 2", "1") == (0.0, "2")  # the last marker is the parsed answer
+    # the last marker is the parsed answer
+    assert verify.check("gsm8k", "#### 1 #### 2", "1") == (0.0, "2")
 
 
 def test_reward_is_check_without_the_answer():
@@ -125,22 +132,25 @@ def test_non_string_inputs_score_zero(bad):
 def test_parse_number_forms():
     from fractions import Fraction
 
-    cases = {"1,000.50": Fraction(2001, 2), "$18.00": 18, "-3": -3, "50%": 50, "7.": 7, ".5": Fraction(1, 2),
-             "3/4": Fraction(3, 4), "1,2": None, "abc": None, "": None, "1/0": None}
+    cases = {"1,000.50": Fraction(2001, 2), "$18.00": 18, "-3": -3, "50%": 50, "7.": 7,
+             ".5": Fraction(1, 2), "3/4": Fraction(3, 4), "1,2": None, "abc": None, "": None,
+             "1/0": None}
     for text, value in cases.items():
         assert verify.parse_number(text) == value, text
 
 
 # fragments that checkers look for, glued at random: more likely to hit edge cases than plain text
-FRAGMENTS = ["####", "#### ", "\\boxed{", "\\fbox{", "{", "}", "\\frac", "\\left(", "\\right)", "\\text{", "Answer:",
-             "answer is", "yes", "no", "(c)", "(", ")", "a", "e", "1", "0", "9" * 30, "1,000", ",", ".", "$", "%", "-",
-             "/", "^\\circ", "\n", " ", "\\", "\\\\", "=", "x", "é", "\x00", "😀"]
+FRAGMENTS = ["####", "#### ", "\\boxed{", "\\fbox{", "{", "}", "\\frac", "\\left(", "\\right)",
+             "\\text{", "Answer:", "answer is", "yes", "no", "(c)", "(", ")", "a", "e", "1", "0",
+             "9" * 30, "1,000", ",", ".", "$", "%", "-", "/", "^\\circ", "\n", " ", "\\", "\\\\",
+             "=", "x", "é", "\x00", "😀"]
 adversarial = st.lists(st.sampled_from(FRAGMENTS), max_size=40).map("".join)
 any_text = st.one_of(st.text(max_size=300), adversarial)
 
 
 @settings(max_examples=300, deadline=None)
-@given(task=st.sampled_from(verify.TASKS), completion=any_text, gold=any_text, flexible=st.booleans())
+@given(task=st.sampled_from(verify.TASKS), completion=any_text, gold=any_text,
+       flexible=st.booleans())
 def test_checkers_never_raise(task, completion, gold, flexible):
     score, parsed = verify.check(task, completion, gold, flexible=flexible)
     assert score in (0.0, 1.0)

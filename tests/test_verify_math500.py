@@ -18,17 +18,20 @@ pytestmark = pytest.mark.skipif(not os.path.isdir(DATA_DIR), reason="../shared/d
 
 def variants(gold: str) -> list[tuple[str, str]]:
     """(kind, answer) pairs: `same` are the gold written another way, `miss` are near misses."""
-    out = [("same", gold), ("same", gold.replace(" ", "")), ("same", gold.replace("\\frac", "\\dfrac"))]
+    out = [("same", gold), ("same", gold.replace(" ", "")),
+           ("same", gold.replace("\\frac", "\\dfrac"))]
     if "=" not in gold:
         out.append(("same", f"x = {gold}"))
     frac = re.fullmatch(r"\\frac\{(\d+)\}\{(\d+)\}", gold)
     if frac:
-        out += [("same", f"{frac.group(1)}/{frac.group(2)}"), ("miss", f"\\frac{{{frac.group(2)}}}{{{frac.group(1)}}}")]
+        num, den = frac.group(1), frac.group(2)
+        out += [("same", f"{num}/{den}"), ("miss", f"\\frac{{{den}}}{{{num}}}")]
     if re.fullmatch(r"-?\d+", gold):
         out += [("same", gold + ".0"), ("miss", str(int(gold) + 1))]
     digit = re.search(r"\d", gold)
     if digit:  # change one digit
-        out.append(("miss", gold[: digit.start()] + str((int(digit.group()) + 1) % 10) + gold[digit.end():]))
+        changed = str((int(digit.group()) + 1) % 10)
+        out.append(("miss", gold[: digit.start()] + changed + gold[digit.end():]))
     if gold not in ("0", "x=5"):
         out.append(("miss", gold[1:] if gold.startswith("-") else f"-({gold})"))
     out.append(("miss", f"{gold}+1"))
@@ -41,7 +44,8 @@ def test_math500_checker_agrees_with_math_verify(capsys):
     for r in records:
         gold = math_verify.parse(f"\\boxed{{{r.answer}}}")
         completions = [("solution", r.traces["solution"])]
-        completions += [(kind, f"The answer is $\\boxed{{{v}}}$.") for kind, v in variants(r.answer)]
+        completions += [(kind, f"The answer is $\\boxed{{{v}}}$.")
+                        for kind, v in variants(r.answer)]
         for kind, completion in completions:
             ours = verify.reward("math500", completion, r.answer) == 1.0
             theirs = bool(math_verify.verify(gold, math_verify.parse(completion)))
@@ -50,16 +54,20 @@ def test_math500_checker_agrees_with_math_verify(capsys):
     with capsys.disabled():  # the report always shows in the test output, not only on failure
         report(rows, agree)
     assert agree / len(rows) >= 0.98
-    gold_rows = [row for row in rows if row[0] == "solution" or row[2] == f"The answer is $\\boxed{{{row[1]}}}$."]
-    assert all(ours for *_, ours, _ in gold_rows)  # every gold answer and solution is accepted by us
+    gold_rows = [row for row in rows
+                 if row[0] == "solution" or row[2] == f"The answer is $\\boxed{{{row[1]}}}$."]
+    # every gold answer and solution is accepted by us
+    assert all(ours for *_, ours, _ in gold_rows)
 
 
 def report(rows, agree):
     print(f"\nMATH-500 agreement with math-verify: {agree}/{len(rows)} = {agree / len(rows):.2%}")
     for kind in ("solution", "same", "miss"):
         sub = [row for row in rows if row[0] == kind]
-        print(f"  {kind}: {sum(o == t for *_, o, t in sub)}/{len(sub)} agree, ours accepts {sum(o for *_, o, _ in sub)}, "
+        print(f"  {kind}: {sum(o == t for *_, o, t in sub)}/{len(sub)} agree, "
+              f"ours accepts {sum(o for *_, o, _ in sub)}, "
               f"math-verify accepts {sum(t for *_, t in sub)}")
     for kind, gold, completion, ours, theirs in rows:
         if ours != theirs:
-            print(f"  disagree [{kind}] gold {gold!r} completion {completion[-60:]!r}: ours {ours}, math-verify {theirs}")
+            print(f"  disagree [{kind}] gold {gold!r} completion {completion[-60:]!r}: "
+                  f"ours {ours}, math-verify {theirs}")

@@ -1,34 +1,34 @@
 """
-bench.py: side-by-side speed and memory of our sampler, scorer and RL step, in one run, on the same weights.
+tools/bench.py: side-by-side speed and memory of our sampler, scorer and RL step, in one run, on
+the same weights.
 
-    python bench.py            # the README tables (~15 minutes on a 2-core CPU, TRL included)
-    python bench.py --quick    # a smoke run in under a minute (no TRL, no compile)
-    python bench.py --model DIR --data-dir ../shared/data   # sections 1-4 at a real size (see below)
+    python tools/bench.py          # the README tables (~15 minutes on a 2-core CPU, TRL included)
+    python tools/bench.py --quick  # a smoke run in under a minute (no TRL, no compile)
+    python tools/bench.py --model DIR --data-dir ../shared/data  # sections 1-4 at a real size
 
 1. Sampling throughput (medians over interleaved repeats): transformers' `generate` vs our
-   `rollout.generate` at 8, 64 and 256 rows (P prompts x G samples), plain and with each speed option.
-   Some ids are stop ids (`--stop-ids`), so rows finish at different lengths as they do in RL; each side's
-   tokens/s counts the tokens it generated up to each row's stop.
-2. One RIEL step (sampling + rewards + loss + optimizer step) of ours vs one step of TRL's GRPOTrainer
-   doing the same work (bench_step.py, bench_trl.py), on the tiny preset and on a ~30M-parameter Llama.
-3. Training forward+backward throughput as a fraction of this machine's measured matmul peak (MFU).
+   `rollout.generate` at 8, 64 and 256 rows (P prompts x G samples), plain and with each speed
+   option. Some ids stop a row (`--stop-ids`), so rows finish at different lengths as in RL; each
+   side's tokens/s counts the tokens it generated up to each row's stop.
+2. One RIEL step (sampling + rewards + loss + optimizer step) of ours vs one step of TRL's
+   GRPOTrainer doing the same work (bench_step.py, bench_trl.py), on `tiny` and a ~30M Llama.
+3. Training forward+backward throughput as a fraction of this machine's matmul peak (MFU).
 4. Where a RIEL step's time goes: sampling / log-probs / backward / optimizer / checker.
 5. Peak memory of `rollout.token_logprobs` (chunked, completion positions only) vs the naive
-   `log_softmax(model(ids)).gather(...)` at a 128k vocabulary, scoring only and with backward. Each measurement
-   runs in a fresh subprocess; on CPU the peak is the resident-set high-water mark (reset through
+   `log_softmax(model(ids)).gather(...)` at a 128k vocabulary, scoring only and with backward, each
+   in a fresh subprocess; on CPU the peak is the resident-set high-water mark (reset through
    /proc/self/clear_refs), on CUDA `torch.cuda.max_memory_allocated`.
---model DIR runs sections 1-4 on a real checkpoint (a Hugging Face directory, e.g. SmolLM2-135M-Instruct) with
-real prompts: GSM8K questions (via the data package) under the task's expert system prompts, rendered with the
-checkpoint's own chat template, its own stop ids, and the plain checker as the RIEL reward, so reward
-sparsity is real too. Sizes are smaller than the random-model tables (Args.real_sizes; for SmolLM2-135M on
-this 2-core CPU with --threads 1 at a load average of ~10: sampling ~13 min per row count, RIEL step ~19 min,
-TRL's steps most of it, MFU ~3 min; --sections picks tables). Every table heading says what ran. Each heading also gives the 1-minute load
-average before and after it: on a shared machine that is what the timings are conditioned on.
-Benchmarks print ratios; they are not timed tests. Other processes on the machine slow every side alike
-only when the sides are interleaved, so every comparison alternates its sides repeat by repeat.
+--model DIR runs sections 1-4 on a real checkpoint (a Hugging Face directory, e.g.
+SmolLM2-135M-Instruct) with real prompts: GSM8K questions under the task's expert system prompts,
+rendered with the checkpoint's chat template, its stop ids, and the plain checker as the RIEL
+reward, so reward sparsity is real too. Sizes are smaller (Args.real_sizes; SmolLM2-135M on this
+2-core CPU, --threads 1, load ~10: sampling ~13 min per row count, RIEL step ~19 min, mostly TRL's,
+MFU ~3 min; --sections picks tables). Every table heading says what ran, and the 1-minute load
+average before and after it: on a shared machine, what the timings are conditioned on.
+Benchmarks print ratios; they are not timed tests. Other processes slow every side alike only when
+the sides are interleaved, so every comparison alternates its sides repeat by repeat.
 """
 
-import dataclasses
 import json
 import os
 import statistics
@@ -51,7 +51,8 @@ from rollout import generate, token_logprobs
 
 @dataclass
 class Args:
-    quick: bool = False  # tiny sizes, one repeat, no TRL, no compile, memory in train mode only: a smoke test
+    # tiny sizes, one repeat, no TRL, no compile, memory in train mode only: a smoke test
+    quick: bool = False
     threads: int = 0  # torch intra-op threads; 0 = torch's default (all cores)
     rows: tuple[int, ...] = (8, 64, 256)  # sampling batch sizes (P * G rows)
     group: int = 8  # samples per prompt (G)
@@ -69,27 +70,31 @@ class Args:
     mem_rows: int = 4
     mem_completion: int = 512
     probe: str = ""  # internal: run one memory measurement in this process and print it
-    model: str = ""  # a checkpoint directory (or preset): real weights, real prompts, the real checker
-    # with --model, one RIEL step row per reward: the plain checker (real sparsity) and the checker OR the
-    # length parity of the random-model rows (about half of each group rewarded: every row trained)
+    # a checkpoint directory (or preset): real weights, real prompts, the real checker
+    model: str = ""
+    # with --model, one RIEL step row per reward: the plain checker (real sparsity) and the checker
+    # OR the length parity of the random-model rows (about half of each group rewarded: every row
+    # trained)
     real_rewards: tuple[str, ...] = ("checker", "checker or parity")
     task: str = "gsm8k"  # with --model: the prompts and the checker
-    data_dir: str | None = None  # with --model: the task's data directory (None: the data package's default)
-    lora_ranks: tuple[int, ...] = (1, 16)  # section "lora": RIEL step time of these ranks vs full fine-tuning
-
-    sections: tuple[str, ...] = ("sampling", "step", "mfu", "memory")  # which tables to run; + "profile": op
-    # tables of both forward+backward passes of the MFU batch (torch.profiler); + "decode": bench_decode.py (the
-    # decode steps' time in aten::mm, kernels per decoded token); + "lora": RIEL step time of LoRA vs full fine-tuning
+    # with --model: the task's data directory (None: the data package's default)
+    data_dir: str | None = None
+    # section "lora": RIEL step time of these ranks vs full fine-tuning
+    lora_ranks: tuple[int, ...] = (1, 16)
+    # which tables to run; + "profile": op tables of both forward+backward passes of the MFU batch
+    # (torch.profiler); + "decode": bench_decode.py (the decode steps' time in aten::mm, kernels
+    # per decoded token); + "lora": RIEL step time of LoRA vs full fine-tuning
+    sections: tuple[str, ...] = ("sampling", "step", "mfu", "memory")
 
     def real_sizes(self):
-        """--model: sizes for a 135M model on a 2-core CPU (a real prompt is ~130 tokens and every token runs all
-        the weights, ~40x the random model's FLOPs), applied to the options still at their defaults, so that
-        e.g. --rows 8 16 still wins."""
-        sizes = dict(rows=(8, 16), new_tokens=32, repeats=3, compile=False, step_questions=2, step_repeats=2,
-                     mfu_rows=2, prompt_len=128)
+        """--model: sizes for a 135M model on a 2-core CPU (a real prompt is ~130 tokens and every
+        token runs all the weights, ~40x the random model's FLOPs), applied to the options still at
+        their defaults, so that e.g. --rows 8 16 still wins."""
+        sizes = dict(rows=(8, 16), new_tokens=32, repeats=3, compile=False, step_questions=2,
+                     step_repeats=2, mfu_rows=2, prompt_len=128)
         if self.quick:
-            sizes.update(rows=(4,), group=4, new_tokens=4, repeats=1, trl=False, step_questions=1, step_repeats=1,
-                         mfu_rows=1, prompt_len=16)
+            sizes.update(rows=(4,), group=4, new_tokens=4, repeats=1, trl=False, step_questions=1,
+                         step_repeats=1, mfu_rows=1, prompt_len=16)
         default = Args()
         for k, v in sizes.items():
             if getattr(self, k) == getattr(default, k):
@@ -97,13 +102,14 @@ class Args:
 
 
 def bench_config(vocab) -> ours.ModelConfig:
-    """A random Llama small enough for a CPU: dim 256, 4 layers, GQA 8/2 heads (about 4M params + embedding)."""
-    return ours.ModelConfig(vocab_size=vocab, dim=256, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=32, ffn_dim=688,
-                            rope_theta=500000.0, tie_embeddings=True, max_seq_len=4096)
+    """A random Llama small enough for a CPU: dim 256, 4 layers, GQA 8/2 heads (~4M + embedding)."""
+    return ours.ModelConfig(vocab_size=vocab, dim=256, n_layers=4, n_heads=8, n_kv_heads=2,
+                            head_dim=32, ffn_dim=688, rope_theta=500000.0, tie_embeddings=True,
+                            max_seq_len=4096)
 
 
 def make_models(vocab, path):
-    """The same random weights in transformers' LlamaForCausalLM and in ours (loaded from its checkpoint)."""
+    """The same random weights in transformers' LlamaForCausalLM and ours (loaded from its save)."""
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
     hf = LlamaForCausalLM(LlamaConfig(**bench_config(vocab).to_hf())).eval()
@@ -128,12 +134,13 @@ def stopped_len(row, stop):
 
 def random_prompts(a: Args, vocab, n_rows):
     g = torch.Generator().manual_seed(0)
-    return [torch.randint(3 + a.stop_ids, vocab, (a.prompt_len - (i % 4) * 4,), generator=g).tolist()
+    return [torch.randint(3 + a.stop_ids, vocab, (a.prompt_len - (i % 4) * 4,),
+                          generator=g).tolist()
             for i in range(max(1, n_rows // a.group))]
 
 
 def bench_sampling(a: Args, hf, m, prompts, stop, what, pad=0):
-    """prompts: P distinct prompts, each sampled G = a.group times. what: the heading's description."""
+    """prompts: P distinct prompts, each sampled a.group times. what: the heading's description."""
     P, load0 = len(prompts), bs.load_avg()
     rows = [p for p in prompts for _ in range(a.group)]
     N = a.new_tokens
@@ -143,31 +150,36 @@ def bench_sampling(a: Args, hf, m, prompts, stop, what, pad=0):
     n_tok = {}
 
     def hf_run():
-        out = hf.generate(input_ids=ids, attention_mask=attn, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
-                          max_new_tokens=N, eos_token_id=stop, pad_token_id=pad)[:, T:].tolist()
+        out = hf.generate(input_ids=ids, attention_mask=attn, do_sample=True, top_k=0, top_p=1.0,
+                          temperature=1.0, max_new_tokens=N, eos_token_id=stop,
+                          pad_token_id=pad)[:, T:].tolist()
         n_tok["transformers `generate`"] = sum(stopped_len(r, set(stop)) for r in out)
 
     def ours(name, prompts_, G, **kw):
         def run():
-            out = generate(m, prompts_, num_samples=G, max_new_tokens=N, seed=0, stop_ids=stop, **kw)
+            out = generate(m, prompts_, num_samples=G, max_new_tokens=N, seed=0, stop_ids=stop,
+                           **kw)
             n_tok[name] = sum(len(c) for c in out.completions)
         return run
 
     fns = {"transformers `generate`": hf_run,
            "ours, prefill every row": ours("ours, prefill every row", rows, 1),
            "ours, shared-prefix prefill": ours("ours, shared-prefix prefill", prompts, a.group),
-           "ours, + drop finished rows": ours("ours, + drop finished rows", prompts, a.group, drop_finished=True),
-           # what RIEL samples with: the same tokens, plus each row's mean token entropy (docs/metrics.md)
-           "ours, + drop + entropy": ours("ours, + drop + entropy", prompts, a.group, drop_finished=True, entropy=True)}
+           "ours, + drop finished rows": ours("ours, + drop finished rows", prompts, a.group,
+                                              drop_finished=True),
+           # what RIEL samples with: the same tokens + each row's mean token entropy (metrics.md)
+           "ours, + drop + entropy": ours("ours, + drop + entropy", prompts, a.group,
+                                          drop_finished=True, entropy=True)}
     if a.compile:
-        fns["ours, + drop + compile"] = ours("ours, + drop + compile", prompts, a.group, drop_finished=True,
-                                             compile=True)
+        fns["ours, + drop + compile"] = ours("ours, + drop + compile", prompts, a.group,
+                                             drop_finished=True, compile=True)
     with torch.no_grad():
         for fn in fns.values():  # warm-up (and compile)
             fn()
         t = timed_interleaved(fns, a.repeats)
-    print(f"\n### Sampling: {len(rows)} rows ({P} prompts x {a.group}), {what}, up to {N} new tokens, T=1, "
-          f"{torch.get_num_threads()} threads, median of {a.repeats}, load {load0} -> {bs.load_avg()}\n")
+    print(f"\n### Sampling: {len(rows)} rows ({P} prompts x {a.group}), {what}, up to {N} new "
+          f"tokens, T=1, {torch.get_num_threads()} threads, median of {a.repeats}, "
+          f"load {load0} -> {bs.load_avg()}\n")
     print("| sampler | s / batch | tokens/s | vs transformers (time) |")
     print("|---|---|---|---|")
     t_hf = t["transformers `generate`"]
@@ -175,82 +187,15 @@ def bench_sampling(a: Args, hf, m, prompts, stop, what, pad=0):
         print(f"| {name} | {s:.3f} | {n_tok[name] / s:,.0f} | {t_hf / s:.2f}x |")
 
 
-def bench_riel_step(a: Args, what="one expert"):
-    """Sections 2 and 4: our RIEL step vs TRL's GRPOTrainer step, and the parts of ours. Random models: the
-    presets of a.step_models; with a.model, that checkpoint on a.task."""
-    Q, G, N = a.step_questions, a.group, a.new_tokens
-    print(f"\n### RIEL step: {Q} prompts x {G} samples, up to {N} new tokens, {what}, no reference KL, "
-          f"fp32, {torch.get_num_threads()} threads, median of {a.step_repeats} steps after a warm-up, load "
-          f"{bs.load_avg()} at the start\n")
-    print("| model | params | TRL GRPOTrainer s/step | ours s/step | ours, --compile s/step | TRL / ours | "
-          f"rows with A != 0 of {Q * G}: TRL's / ours (we train only these) |")
-    print("|---|---|---|---|---|---|---|")
-    parts = {}
-    if a.model:
-        name = os.path.basename(a.model.rstrip("/"))
-        tok, records, experts, rc, checker = bs.real_setup(a.model, a.task, a.data_dir, Q, G, N, a.step_repeats)
-        rewards = {"checker": checker, "checker or parity": lambda r, text: checker(r, text) or float(len(text) % 2)}
-        for kind in a.real_rewards:
-            parts[f"{name}, {kind}"] = step_row(a, f"{name}, reward: {kind}", tok, records, experts,
-                                                dataclasses.replace(rc), rewards[kind], a.model)
-    for name in () if a.model else a.step_models:
-        m, tok, records, experts, rc = bs.riel_setup(bs.step_configs()[name], Q, G, N, a.step_repeats)
-        with tempfile.TemporaryDirectory() as d:
-            m.save_pretrained(d)  # both sides start from these weights
-            parts[name] = step_row(a, name, tok, records, experts, rc, bs.bench_reward, d)
-    print(f"\n### Where a RIEL step's time goes (ours, plain, median seconds per part), load {bs.load_avg()}\n")
-    names = list(next(iter(parts.values())))
-    print("| model | " + " | ".join(names) + " | total |")
-    print("|---|" + "---|" * (len(names) + 1))
-    for model_name, p in parts.items():
-        total = sum(p.values())
-        print(f"| {model_name} | " + " | ".join(f"{p[k]:.3f} ({p[k] / total:.0%})" for k in names) + f" | {total:.3f} |")
-
-
-def step_row(a: Args, name, tok, records, experts, rc, reward, model_dir):
-    """One row of the RIEL step table: TRL's step, ours, ours compiled. Returns our median parts."""
-    from tools.bench_trl import trl_step_times
-    from plumbing.tokenizer import stop_token_ids
-    t_trl, trl_signal = float("nan"), []
-    if a.trl:
-        times, trl_signal = trl_step_times(
-            model_dir, tok, records, experts[0].system_prompt, reward, questions=rc.questions_per_step,
-            group=rc.group_size, max_new_tokens=rc.max_new_tokens, steps=a.step_repeats + 1, lr=rc.lr,
-            stop_ids=stop_token_ids(tok))
-        t_trl = statistics.median(times)
-    m = ours.Transformer.from_pretrained(model_dir)  # the same starting weights as TRL's
-    res = bs.time_riel_steps(m, tok, records, experts, rc, a.step_repeats, reward)
-    t_ours = statistics.median(r[0] for r in res)
-    t_comp = float("nan")
-    if a.compile:
-        rc.compile = True
-        t_comp = statistics.median(r[0] for r in bs.time_riel_steps(m, tok, records, experts, rc, a.step_repeats,
-                                                                    reward))
-    signal = f"{'/'.join(map(str, trl_signal)) or '-'} / {'/'.join(str(r[2]) for r in res)}"
-    print(f"| {name} | {m.num_params() / 1e6:.1f}M | {t_trl:.2f} | {t_ours:.2f} | {t_comp:.2f} | "
-          f"{t_trl / t_ours:.1f}x | {signal} |", flush=True)
-    return bs.median_parts(res)
-
-
-def bench_mfu(a: Args, hf, m, label):
-    peak = bs.matmul_peak()
-    rates = bs.fwd_bwd_rates(hf, m, a.mfu_rows, a.prompt_len, a.new_tokens, a.repeats)
-    print(f"\n### MFU: training forward+backward, {a.mfu_rows} rows x ({a.prompt_len} + {a.new_tokens}) tokens, "
-          f"{label}; matmul peak {peak / 1e9:.0f} GFLOP/s (median of a 1024^3 matmul), "
-          f"{torch.get_num_threads()} threads, median of {a.repeats}, load {bs.load_avg()}\n")
-    print("| forward+backward | GFLOP/s | MFU (of measured peak) |")
-    print("|---|---|---|")
-    for name, r in rates.items():
-        print(f"| {name} | {r / 1e9:.1f} | {r / peak:.0%} |")
-
-
 def probe(a: Args):
-    """One memory measurement (runs in its own process). Prints peak extra bytes over the set-up state."""
+    """One memory measurement, in its own process: prints the peak bytes over the set-up state."""
     kind, mode = a.probe.split(":")
-    # ours alone, no transformers: importing it and building its twin would take most of the probe's seconds
-    m = ours.Transformer.from_config(bench_config(a.mem_vocab), torch.device("cpu"), torch.float32).eval()
+    # ours alone, no transformers: importing it and building its twin would take most of the time
+    m = ours.Transformer.from_config(bench_config(a.mem_vocab), torch.device("cpu"),
+                                     torch.float32).eval()
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, a.mem_vocab, (64,), generator=g).tolist() for _ in range(a.mem_rows)]
+    prompts = [torch.randint(0, a.mem_vocab, (64,), generator=g).tolist()
+               for _ in range(a.mem_rows)]
     comps = [torch.randint(0, a.mem_vocab, (a.mem_completion - 16 * i,), generator=g).tolist()
              for i in range(a.mem_rows)]
 
@@ -259,7 +204,8 @@ def probe(a: Args):
         ids = torch.zeros(len(prompts), L, dtype=torch.long)
         for i, (p, c) in enumerate(zip(prompts, comps)):
             ids[i, :len(p) + len(c)] = torch.tensor(p + c)
-        logp = F.log_softmax(m(ids).float(), dim=-1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+        logp = F.log_softmax(m(ids).float(), dim=-1)[:, :-1].gather(-1, ids[:, 1:, None])
+        logp = logp.squeeze(-1)
         return logp.sum()
 
     def chunked():
@@ -290,12 +236,14 @@ def _status_kb(field):
 
 
 def bench_memory(a: Args):
-    modes = ("train",) if a.quick else ("score", "train")  # each probe is a fresh process: --quick runs two
+    modes = ("train",) if a.quick else ("score", "train")  # a fresh process each: --quick runs two
     # all at once: each process's peak is its own (memory, not time, is measured)
     probes = {(kind, mode): subprocess.Popen(
-        [sys.executable, __file__, "--probe", f"{kind}:{mode}", "--mem-vocab", str(a.mem_vocab), "--threads",
-         str(a.threads), "--mem-rows", str(a.mem_rows), "--mem-completion", str(a.mem_completion)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for mode in modes for kind in ("naive", "ours")}
+        [sys.executable, __file__, "--probe", f"{kind}:{mode}", "--mem-vocab", str(a.mem_vocab),
+         "--threads", str(a.threads), "--mem-rows", str(a.mem_rows),
+         "--mem-completion", str(a.mem_completion)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for mode in modes for kind in ("naive", "ours")}
     results = {}
     for key, proc in probes.items():
         out, err = proc.communicate()
@@ -303,14 +251,14 @@ def bench_memory(a: Args):
             raise SystemExit(f"memory probe {key} failed:\n{err[-2000:]}")
         results[key] = json.loads(out.strip().splitlines()[-1])["peak_extra_bytes"]
     n_tok = sum(a.mem_completion - 16 * i for i in range(a.mem_rows))
-    print(f"\n### Log-prob peak memory: {a.mem_rows} rows, 64 prompt + up to {a.mem_completion} completion tokens "
-          f"({n_tok} scored), vocab {a.mem_vocab}, chunk 256 tokens\n")
+    print(f"\n### Log-prob peak memory: {a.mem_rows} rows, 64 prompt + up to {a.mem_completion} "
+          f"completion tokens ({n_tok} scored), vocab {a.mem_vocab}, chunk 256 tokens\n")
     print("| mode | naive log_softmax | ours (token_logprobs) | ours / naive |")
     print("|---|---|---|---|")
     for mode in modes:
         nv, us = results["naive", mode], results["ours", mode]
-        print(f"| {mode} {'(fwd+bwd)' if mode == 'train' else '(no grad)'} | {nv / 2**20:,.0f} MiB | "
-              f"{us / 2**20:,.0f} MiB | {us / nv:.2f}x |")
+        grad = "(fwd+bwd)" if mode == "train" else "(no grad)"
+        print(f"| {mode} {grad} | {nv / 2**20:,.0f} MiB | {us / 2**20:,.0f} MiB | {us / nv:.2f}x |")
 
 
 def main(a: Args):
@@ -320,14 +268,17 @@ def main(a: Args):
         return probe(a)
     if a.quick and not a.model:  # --model: Args.real_sizes
         a.rows, a.group, a.prompt_len, a.new_tokens, a.repeats = (8,), 4, 16, 8, 1
-        a.compile, a.trl, a.step_questions, a.step_repeats, a.step_models, a.mfu_rows = False, False, 2, 1, ("tiny",), 4
+        a.compile, a.trl, a.step_questions, a.step_repeats = False, False, 2, 1
+        a.step_models, a.mfu_rows = ("tiny",), 4
         a.mem_vocab, a.mem_rows, a.mem_completion = 4096, 2, 64
-    print(f"# bench.py  torch {torch.__version__}, device {'cuda' if torch.cuda.is_available() else 'cpu'}, "
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"# bench.py  torch {torch.__version__}, device {device}, "
           f"{torch.get_num_threads()} threads")
     if a.model:
         t0 = time.perf_counter()
         main_real(a)
-        return print(f"\n# {(time.perf_counter() - t0) / 60:.1f} min, load {bs.load_avg()} at the end")
+        return print(f"\n# {(time.perf_counter() - t0) / 60:.1f} min, "
+                     f"load {bs.load_avg()} at the end")
     vocab = 2048
     with tempfile.TemporaryDirectory() as d:
         hf, m = make_models(vocab, d)
@@ -336,65 +287,72 @@ def main(a: Args):
                        f"prompt ~{a.prompt_len}, {a.stop_ids} stop ids, random Llama "
                        f"{m.num_params() / 1e6:.1f}M params, vocab {vocab}")
     if "step" in a.sections:
-        bench_riel_step(a)
+        bs.bench_riel_step(a)
     if "lora" in a.sections:
         name = a.step_models[-1]
-        m_step, *setup = bs.riel_setup(bs.step_configs()[name], a.step_questions, a.group, a.new_tokens, a.step_repeats)
+        m_step, *setup = bs.riel_setup(bs.step_configs()[name], a.step_questions, a.group,
+                                       a.new_tokens, a.step_repeats)
         with tempfile.TemporaryDirectory() as d:
             m_step.save_pretrained(d)
-            bs.bench_lora(d, a.lora_ranks, a.step_repeats, *setup, bs.bench_reward, f"random {name}, synthetic questions")
+            bs.bench_lora(d, a.lora_ranks, a.step_repeats, *setup, bs.bench_reward,
+                          f"random {name}, synthetic questions")
     if "mfu" in a.sections:
-        bench_mfu(a, hf, m, f"random Llama {m.num_params() / 1e6:.1f}M params, vocab {vocab}")
+        bs.bench_mfu(a, hf, m, f"random Llama {m.num_params() / 1e6:.1f}M params, vocab {vocab}")
     if "profile" in a.sections:
         bs.profile_fwd_bwd(hf, m, a.mfu_rows, a.prompt_len, a.new_tokens, a.repeats)
     if "decode" in a.sections:
-        bench_decode.decode_ceiling(m, random_prompts(a, vocab, a.rows[-1]), a.group, a.new_tokens, a.repeats)
+        bench_decode.decode_ceiling(m, random_prompts(a, vocab, a.rows[-1]), a.group, a.new_tokens,
+                                    a.repeats)
         bench_decode.decode_kernels(m, random_prompts(a, vocab, a.rows[-1]), a.group, a.new_tokens)
     if "memory" in a.sections and (sys.platform.startswith("linux") or torch.cuda.is_available()):
         bench_memory(a)
 
 
 def main_real(a: Args):
-    """Sections 1-4 on a real checkpoint with real prompts (no memory section: it is about a 128k vocabulary)."""
+    """Sections 1-4 on a real checkpoint and prompts (not memory: about a 128k vocabulary)."""
     import data
     from transformers import AutoModelForCausalLM
     from plumbing.tokenizer import load_tokenizer, render_chat, stop_token_ids
     a.real_sizes()
     tok = load_tokenizer(a.model)
-    hf = AutoModelForCausalLM.from_pretrained(resolve_checkpoint(a.model), dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(resolve_checkpoint(a.model),
+                                              dtype=torch.float32).eval()
     m = ours.Transformer.from_pretrained(a.model, dtype=torch.float32).eval()
     experts = data.experts(a.task)
     records = data.load(a.task, data_dir=a.data_dir)
     stop, name = stop_token_ids(tok), os.path.basename(a.model.rstrip("/"))
     pad = tok.pad_token_id if tok.pad_token_id is not None else stop[0]
     for n_rows in a.rows if "sampling" in a.sections else ():
-        P = max(1, n_rows // a.group)  # (question, expert) prompts, the experts taking turns as in a MEML step
-        prompts = [render_chat(tok, experts[i % len(experts)].system_prompt, records[i].question) for i in range(P)]
+        P = max(1, n_rows // a.group)  # (question, expert) prompts, the experts taking turns
+        prompts = [render_chat(tok, experts[i % len(experts)].system_prompt, records[i].question)
+                   for i in range(P)]
         lens = sorted(len(p) for p in prompts)
         bench_sampling(a, hf, m, prompts, stop,
-                       f"{a.task} prompts of {lens[0]}-{lens[-1]} tokens ({name}'s chat template, {len(experts)} experts'"
-                       f" system prompts), its {len(stop)} stop ids, {name} {m.num_params() / 1e6:.0f}M params, vocab "
-                       f"{m.cfg.vocab_size}", pad)
+                       f"{a.task} prompts of {lens[0]}-{lens[-1]} tokens ({name}'s chat template, "
+                       f"{len(experts)} experts' system prompts), its {len(stop)} stop ids, {name} "
+                       f"{m.num_params() / 1e6:.0f}M params, vocab {m.cfg.vocab_size}", pad)
     if "step" in a.sections:
-        bench_riel_step(a, f"{a.task} questions under the `{experts[0].name}` expert")
+        bs.bench_riel_step(a, f"{a.task} questions under the `{experts[0].name}` expert")
     if "mfu" in a.sections:
-        bench_mfu(a, hf, m, f"{name} ({m.num_params() / 1e6:.0f}M params, vocab {m.cfg.vocab_size}), random token ids")
+        bs.bench_mfu(a, hf, m, f"{name} ({m.num_params() / 1e6:.0f}M params, "
+                            f"vocab {m.cfg.vocab_size}), random token ids")
     if "profile" in a.sections:
         bs.profile_fwd_bwd(hf, m, a.mfu_rows, a.prompt_len, a.new_tokens, a.repeats)
     if "lora" in a.sections:
-        tok_, recs, exps, rc, checker = bs.real_setup(a.model, a.task, a.data_dir, a.step_questions, a.group,
-                                                     a.new_tokens, a.step_repeats)
-        # checker OR length parity: about half of each group rewarded, so every row is trained (backward measured)
+        tok_, recs, exps, rc, checker = bs.real_setup(a.model, a.task, a.data_dir, a.step_questions,
+                                                     a.group, a.new_tokens, a.step_repeats)
+        # checker OR length parity: about half of each group rewarded, so every row is trained
         bs.bench_lora(a.model, a.lora_ranks, a.step_repeats, tok_, recs, exps, rc,
                       lambda r, text: checker(r, text) or float(len(text) % 2),
                       f"{name}, {a.task} questions, reward: checker or parity")
     if "decode" in a.sections:
         P = max(1, a.rows[-1] // a.group)
-        prompts = [render_chat(tok, experts[i % len(experts)].system_prompt, records[i].question) for i in range(P)]
+        prompts = [render_chat(tok, experts[i % len(experts)].system_prompt, records[i].question)
+                   for i in range(P)]
         bench_decode.decode_ceiling(m, prompts, a.group, a.new_tokens, a.repeats)
         bench_decode.decode_kernels(m, prompts, a.group, a.new_tokens)
 
 
 if __name__ == "__main__":
-    import tyro  # only the command line needs it (gpu_check imports this file on a machine without tyro)
+    import tyro  # only the command line needs it (gpu_check imports this file where tyro is not)
     main(tyro.cli(Args))

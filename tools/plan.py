@@ -1,36 +1,30 @@
 """
-plan.py: how much GPU memory a run needs, found by running the real training code on fake tensors.
+tools/plan.py: how much GPU memory a run needs, found by running the real training code on fake
+tensors.
 
     python train.py --model llama3.2-3b --plan [--plan-gpu-gb 80] [--plan-world-size 8 --fsdp]
     python tools/plan_table.py --all --gpu-gb 24 40 80    # docs/training.md's table: every preset
-Nothing here is a formula for memory. The plan builds the model at its real shapes on PyTorch's fake tensors
-(`FakeTensorMode`: shapes, dtypes and storages, no data, no GPU) and runs the code a run runs: an MEF optimizer
-step (mef.mef_steps), RIEL's update (riel.update_policy) and its sampling call (riel.sample_groups), each after a
-first optimizer step that makes AdamW's state (optim.clip_and_step on zero gradients), as train.py runs them, under
-memtrace.MemoryTrace, which counts every storage from the op that makes it to its death: its maximum per stage is
-the stage's peak, as a caching allocator's `memory_allocated` would show it. The plan follows the code.
-
-What the peak is made of (the parts, classified at the moment of the peak): weights (the parameters), grads (the
-parameters' .grad), AdamW state (the optimizers' state), bf16 weight copies (autocast's cached casts of fp32
-weights), KV cache (tensors made by model.new_cache), log-prob chunks (rollout._logits: one chunk of full-vocabulary
-logits), optimizer step (temporaries of optimizer.step), activations (everything else: saved activations, temporaries).
+Nothing here is a formula for memory. The plan builds the model at its real shapes on fake tensors
+(`FakeTensorMode`: shapes, dtypes, storages; no data, no GPU) and runs what train.py runs: an MEF
+optimizer step (mef.mef_steps), RIEL's update (riel.update_policy) and sampling call
+(riel.sample_groups), each after a first step that makes AdamW's state, under memtrace.MemoryTrace:
+it counts every storage from the op that makes it to its death, so its maximum per stage is the
+stage's peak (what `memory_allocated` would show), in memtrace.PARTS. The plan follows the code.
 
 Choices and limits, stated:
-- Fake CPU tensors under CPU bf16 autocast stand for CUDA ones (this CPU build cannot fake a CUDA device). CPU and
-  CUDA autocast cast the same ops that matter here (linear, matmul, attention) to bf16. The optimizer is built as
-  the CUDA run builds it (foreach or fused AdamW, `_optimizer`): AdamW's temporaries differ by kernel.
-- Autocast's cache lifetime follows CUDA's too (`backward_thread`): there backward runs on autograd's device
-  thread, whose autocast exits (checkpoint recompute, custom_bwd) clear the process-global cache, so the forward's
-  bf16 weight copies do not live through the backward as they do in a CPU run. The test of the plan runs both.
-- Worst-case inputs: every MEF example is mef.max_len tokens; every prompt is PROMPT_TOKENS tokens; every rollout
-  reaches max_new_tokens; every rollout has a positive advantage and every question a transfer pair; two
-  micro-batches per step (later ones add to .grad in place: time, not memory).
-- What a GPU adds on top of the traced bytes, as constants: each allocation rounded up to 512 B (exact, the CUDA
-  caching allocator's rule), CUDA_CONTEXT_GIB, WORKSPACE_GIB and FRAGMENTATION of the peak (reserved minus allocated).
-- FSDP (`world_size` > 1 with cfg.fsdp) is accounted, not traced: one rank's share of the rows is traced, then the
-  weights, grads, AdamW state and optimizer temporaries are divided by the world size and autocast's copies are
-  replaced by FSDP's gathered weights (training: the root and two blocks; sampling: all of them, dist.unsharded).
-  DDP (world_size > 1 without fsdp) keeps everything whole and adds its gradient buckets (one more copy of grads).
+- Fake CPU tensors under CPU bf16 autocast stand for CUDA ones (this CPU build cannot fake a CUDA
+  device); both autocasts cast the ops that matter (linear, matmul, attention) to bf16. The
+  optimizer is the run's (foreach or fused AdamW, `_optimizer`): temporaries differ by kernel.
+- Autocast's cache lifetime follows CUDA's too (`backward_thread`); the plan's test runs both.
+- Worst-case inputs: every MEF example is mef.max_len tokens, every prompt PROMPT_TOKENS; every
+  rollout reaches max_new_tokens and has a positive advantage, every question a transfer pair;
+  two micro-batches per step (later ones add to .grad in place: time, not memory).
+- A GPU adds, as constants: allocations rounded up to 512 B (exact, the caching allocator's rule),
+  CUDA_CONTEXT_GIB, WORKSPACE_GIB and FRAGMENTATION of the peak (reserved minus allocated).
+- FSDP (`world_size` > 1 with cfg.fsdp) is accounted, not traced: one rank's share of the rows is
+  traced, weights, grads, AdamW state and optimizer temporaries divided by the world size, and
+  autocast's copies replaced by FSDP's gathered weights (training: the root and two blocks;
+  sampling: all). DDP (no fsdp) keeps all whole and adds its gradient buckets.
 """
 import dataclasses
 from contextlib import contextmanager, nullcontext
@@ -42,22 +36,22 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from tools.memtrace import MemoryTrace
 
 GIB = 2 ** 30
-CUDA_CONTEXT_GIB = 0.5  # CUDA context + loaded kernels of a torch process (lazy loading), H100/H200, CUDA 12
-WORKSPACE_GIB = 0.25  # cuBLAS/cuBLASLt workspaces (32 MiB per handle and stream on Hopper), attention scratch
-FRAGMENTATION = 0.05  # the caching allocator's reserved-but-free share at the peak (typical 2-8% in training)
-PROMPT_TOKENS = 200  # a GSM8K question under an expert's system prompt and the chat template: ~120-220 tokens
+CUDA_CONTEXT_GIB = 0.5  # CUDA context + a torch process's loaded kernels (lazy), H100/H200, CUDA 12
+WORKSPACE_GIB = 0.25  # cuBLAS(Lt) workspaces (32 MiB/handle/stream on Hopper), attention scratch
+FRAGMENTATION = 0.05  # the allocator's reserved-but-free share at the peak (2-8% in training)
+PROMPT_TOKENS = 200  # a GSM8K question in an expert's system prompt and chat template: ~120-220
 DECODE_TRACED = 8  # decode steps traced at each end of a sampling call (see _instrumented)
 DETAIL_ROWS = 12  # --plan-detail: the largest groups of storages listed per stage
 
 
-# ---- the run, on fake tensors ----------------------------------------------------------------------------------
+# ---- the run, on fake tensors --------------------------------------------------------------
 
 class _PlanTokenizer:
-    """What riel.sample_groups asks of a tokenizer, offline: every prompt is PROMPT_TOKENS ids; the stop id is the
-    last vocabulary row, which sampling never reaches (generate's vocab_limit = len(tok))."""
+    """What riel.sample_groups asks of a tokenizer, offline: every prompt is PROMPT_TOKENS ids; the
+    stop id is the last vocabulary row, which sampling never reaches (vocab_limit = len(tok))."""
 
     def __init__(self, vocab_size):
-        self.vocab_size, self.eos_token_id = vocab_size - 1, vocab_size - 1  # never sampled: no row stops
+        self.vocab_size, self.eos_token_id = vocab_size - 1, vocab_size - 1
 
     def __len__(self):
         return self.vocab_size
@@ -73,20 +67,18 @@ class _PlanTokenizer:
 
 
 def _optimizer(params, lr, weight_decay, cuda):
-    """The AdamW train.py builds (optim.make_optimizer), as it would on the run's device: fused on CUDA."""
+    """The AdamW train.py builds (optim.make_optimizer) on the run's device: fused on CUDA."""
     from plumbing import optim
     return optim.make_optimizer(params, lr, weight_decay, fused=True if cuda else None)
 
 
 @contextmanager
 def backward_thread():
-    """Run a backward as CUDA runs it. CUDA's autograd runs backward on a device thread of its own, where autocast's
-    nesting count (thread-local) starts at 0, so leaving the autocast contexts that a checkpointed block's recompute
-    and rollout's custom_bwd enter there clears autocast's cache, which is process-global
-    (aten/src/ATen/autocast_mode.cpp): the bf16 weight copies cached by the forward are freed early in the backward,
-    and a recomputed block casts its weights again (a little time). On a CPU, backward runs on the calling thread,
-    inside train.py's autocast region, and nothing is cleared. This sets the calling thread's count to 0 for the
-    block, so a CPU trace follows CUDA's semantics."""
+    """Run a backward as CUDA does: on autograd's device thread, whose autocast nesting count
+    (thread-local) starts at 0, so the autocast exits of a checkpointed recompute and of rollout's
+    custom_bwd clear autocast's process-global cache (aten/src/ATen/autocast_mode.cpp): the
+    forward's bf16 weight copies go early. A CPU backward runs inside train.py's autocast and
+    clears nothing; this sets the calling thread's count to 0 for the block, as on CUDA."""
     n = 0
     while True:
         n += 1
@@ -101,24 +93,22 @@ def backward_thread():
 
 @contextmanager
 def _instrumented(trace, model, cuda_backward=False):
-    """Tag what the KV cache and the log-prob chunks allocate (the wrappers call the originals), and bound the work
-    of sampling: sampling calls after the first reuse its rollout (same shapes: same peak), and within a call the
-    model's decode step runs for the first and the last DECODE_TRACED steps only. The steps between run the same
-    ops with a shorter attention span (fewer bytes), so they cannot set the peak; for them the wrapper does what
-    the step does to the cache (one more slot filled) and returns the last logits; generate's own loop (sampling,
-    masks, bookkeeping) still runs every step."""
+    """Tag what the KV cache and log-prob chunks allocate; bound sampling's work: later calls reuse
+    the first's rollout (same shapes, same peak), and a call's decode step runs for its first and
+    last DECODE_TRACED steps only (those between, over a shorter span, cannot set the peak: the
+    wrapper fills one more cache slot, returns the last logits; generate's loop runs them all)."""
     import riel
     import rollout
-    originals = {"logits": rollout._logits, "generate": riel.generate, "decode_step": rollout.decode_step,
-                 "backward": torch.autograd.backward}
-    new_cache = model.new_cache
+    originals = {"logits": rollout._logits, "generate": riel.generate,
+                 "decode_step": rollout.decode_step, "backward": torch.autograd.backward}
+    new_cache, logits = model.new_cache, rollout._logits
     model.new_cache = lambda *a, **k: _with_tag(trace, "KV cache", new_cache, *a, **k)
-    rollout._logits = lambda *a, **k: _with_tag(trace, "log-prob chunks", originals["logits"], *a, **k)
+    rollout._logits = lambda *a, **k: _with_tag(trace, "log-prob chunks", logits, *a, **k)
     first, calls = {}, {}
 
-    def generate_once(model, prompts, **kw):
+    def generate(model, prompts, **kw):
         if len(prompts) not in first:
-            calls.update(n=0, last=None, steps=kw.get("max_new_tokens", 256) - 1)  # generate's decode steps
+            calls.update(n=0, last=None, steps=kw.get("max_new_tokens", 256) - 1)  # decode steps
             trace.dropped = False
             first[len(prompts)] = originals["generate"](model, prompts, **kw)
         return first[len(prompts)]
@@ -128,7 +118,7 @@ def _instrumented(trace, model, cuda_backward=False):
         if i < DECODE_TRACED or i >= calls["steps"] - DECODE_TRACED or calls["last"] is None:
             calls["last"] = originals["decode_step"](model, tok, positions, cache, mask)
         elif cache.slot is None:
-            cache.pos += 1  # what model.trunk does to a growing cache (a static one is advanced by generate)
+            cache.pos += 1  # model.trunk's work on a growing cache (generate advances a static one)
         return calls["last"][:tok.shape[0]]  # rows may have been dropped since
 
     def backward(*args, **kwargs):
@@ -138,13 +128,13 @@ def _instrumented(trace, model, cuda_backward=False):
                 return originals["backward"](*args, **kwargs)
         finally:
             trace.in_backward = False
-    riel.generate, rollout.decode_step, torch.autograd.backward = generate_once, decode_step, backward
+    riel.generate, rollout.decode_step, torch.autograd.backward = generate, decode_step, backward
     try:
         yield
     finally:
         torch.autograd.backward = originals["backward"]
-        rollout._logits, riel.generate, rollout.decode_step = (originals["logits"], originals["generate"],
-                                                              originals["decode_step"])
+        rollout._logits, riel.generate, rollout.decode_step = (
+            originals["logits"], originals["generate"], originals["decode_step"])
         del model.new_cache
 
 
@@ -154,31 +144,25 @@ def _with_tag(trace, tag, fn, *args, **kwargs):
 
 
 def _tag_step(trace, opt):
-    """Tag what optimizer.step allocates; step hooks, as wrapping opt.step would make a reference cycle that keeps
-    the optimizer (and its state) alive after the code lets it go."""
-    def pre(*_):
-        trace.tag = "optimizer step"
-
-    def post(*_):
-        trace.tag = "activations"
-    opt.register_step_pre_hook(pre)
-    opt.register_step_post_hook(post)
+    """Tag what optimizer.step allocates; step hooks, as wrapping opt.step would make a reference
+    cycle that keeps the optimizer (and its state) alive after the code lets it go."""
+    opt.register_step_pre_hook(lambda *_: setattr(trace, "tag", "optimizer step"))
+    opt.register_step_post_hook(lambda *_: setattr(trace, "tag", "activations"))
     return opt
 
 
 def run_steps(cfg, model, mark, world_size=1, tagged=lambda tag: nullcontext()):
-    """The steps a plan measures, in train.py's order: an MEF optimizer step, then RIEL's update and its sampling
-    call(s), each with its AdamW state made first (_make_state). mark(stage) closes a stage. Worst-case inputs (see
-    the docstring); on real tensors too (tests/test_plan.py), where no row can stop: the stop id is past the
-    sampled vocabulary."""
+    """The steps a plan measures, in train.py's order: an MEF optimizer step, RIEL's update, its
+    sampling, each after _make_state. mark(stage) closes a stage. Worst-case inputs; on real
+    tensors too (tests/test_plan.py), where no row stops: the stop id is past the sampled vocab."""
     import data
     import mef
     import riel
     cuda = _cuda(cfg)
     experts = data.experts(cfg.data, list(cfg.experts) if cfg.experts is not None else None)
     rc, m, N, G = cfg.riel, cfg.mef, len(experts), cfg.riel.group_size
-    Q = -(-rc.questions_per_step // world_size)  # dist.shard_range: the first rank's (largest) share
-    trainable = [p for p in model.parameters() if p.requires_grad]  # dist.parameters: LoRA's adapters only
+    Q = -(-rc.questions_per_step // world_size)  # dist.shard_range: rank 0's (largest) share
+    trainable = [p for p in model.parameters() if p.requires_grad]  # as dist.parameters (LoRA)
     opt = _optimizer(trainable, m.lr, m.weight_decay, cuda)
     yield opt
     prompt = min(PROMPT_TOKENS, m.max_len // 2)
@@ -186,8 +170,9 @@ def run_steps(cfg, model, mark, world_size=1, tagged=lambda tag: nullcontext()):
                 for i in range(2 * m.micro_batch_size)]
     mark(None)
     _make_state(model, opt, m.grad_clip)
-    # the peak: two micro-batches, the second one backpropagating into the first one's .grad, then the step
-    for _ in mef.mef_steps(model, examples, dataclasses.replace(m, epochs=1, batch_size=len(examples)), opt):
+    # the peak: two micro-batches (the second adds into the first one's .grad), then the step
+    for _ in mef.mef_steps(model, examples,
+                           dataclasses.replace(m, epochs=1, batch_size=len(examples)), opt):
         pass
     mark("mef_step")
     del opt  # run_mef returns: its optimizer goes
@@ -195,9 +180,9 @@ def run_steps(cfg, model, mark, world_size=1, tagged=lambda tag: nullcontext()):
     if rc.kl_beta > 0 and getattr(cfg, "lora_rank", 0):
         from plumbing import lora
         ref = lora.BaseModel(model)  # the base with its adapters off: no second model
-    elif rc.kl_beta > 0:  # checkpoint.reference_model: a frozen copy for all of RIEL, bf16 under autocast
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(torch.bfloat16 if _autocast(cfg) else next(model.parameters()).dtype)
+    elif rc.kl_beta > 0:  # checkpoint.reference_model: a frozen copy, bf16 under autocast
+        default, weights_dtype = torch.get_default_dtype(), next(model.parameters()).dtype
+        torch.set_default_dtype(torch.bfloat16 if _autocast(cfg) else weights_dtype)
         try:
             with tagged("reference model"):
                 ref = type(model)(model.cfg).requires_grad_(False)
@@ -207,10 +192,12 @@ def run_steps(cfg, model, mark, world_size=1, tagged=lambda tag: nullcontext()):
     yield opt
     prompts = [[2] * PROMPT_TOKENS for _ in range(Q * N)]
     completions = [[3] * rc.max_new_tokens for _ in range(Q * N * G)]
-    rows = list(range(min(len(completions), 2 * rc.micro_batch_size)))  # two micro-batches: see MEF above
-    adv = torch.ones(len(completions))  # every row trained (with max(A, 0) about half are, in a real step)
-    counts = {"n_tokens": sum(map(len, completions)), "n_seqs": len(completions), "max_len": rc.max_new_tokens}
-    pairs = [(prompts[0], prompts[1], completions[0])] * rc.micro_batch_size if rc.transfer and N > 1 else []
+    rows = list(range(min(len(completions), 2 * rc.micro_batch_size)))  # two micro-batches, as MEF
+    adv = torch.ones(len(completions))  # every row trained (a real step's max(A, 0): about half)
+    counts = {"n_tokens": sum(map(len, completions)), "n_seqs": len(completions),
+              "max_len": rc.max_new_tokens}
+    pairs = ([(prompts[0], prompts[1], completions[0])] * rc.micro_batch_size
+             if rc.transfer and N > 1 else [])
     update = lambda rows, pairs: riel.update_policy(
         model, opt, rc, riel.Batch(prompts, completions, adv, rows, counts, pairs), ref_model=ref)
     mark(None)
@@ -219,13 +206,14 @@ def run_steps(cfg, model, mark, world_size=1, tagged=lambda tag: nullcontext()):
     mark("riel_update")
     records = [SimpleNamespace(id=i, question="", answer="", traces={}) for i in range(Q)]
     riel.sample_groups(model, _PlanTokenizer(model.cfg.vocab_size), records, experts, rc,
-                       torch.Generator().manual_seed(0), rng_rows=(0, rc.questions_per_step * N * G))
+                       torch.Generator().manual_seed(0),
+                       rng_rows=(0, rc.questions_per_step * N * G))
     mark("riel_sample")
 
 
 def _make_state(model, opt, grad_clip):
-    """AdamW makes its moments at its first step: one clip_and_step on zero gradients makes them (and moves no
-    weight), so the traced step is a later one, as almost every step of a run is."""
+    """AdamW makes its moments at its first step: one clip_and_step on zero gradients makes them
+    (and moves no weight), so the traced step is a later one, as almost every step of a run is."""
     from plumbing import optim
     for p in model.parameters():
         if p.requires_grad:
@@ -233,24 +221,24 @@ def _make_state(model, opt, grad_clip):
     optim.clip_and_step(model, opt, grad_clip, 0.0)
 
 
-def _cuda(cfg) -> bool:
-    return cfg.device is None or cfg.device.startswith("cuda")  # a plan is for the GPU run unless told otherwise
+def _cuda(cfg) -> bool:  # a plan is for the GPU run unless told otherwise
+    return cfg.device is None or cfg.device.startswith("cuda")
 
 
 def _autocast(cfg) -> bool:
-    """train.py's choice: bf16 autocast on CUDA (a plan is for the GPU run unless --device says otherwise)."""
-    return cfg.precision == "autocast" or (cfg.precision == "auto" and (cfg.device or "cuda").startswith("cuda"))
+    """train.py's choice: bf16 autocast on CUDA (a plan is for the GPU run by default)."""
+    return cfg.precision == "autocast" or (cfg.precision == "auto"
+                                           and (cfg.device or "cuda").startswith("cuda"))
 
 
 def trace_run(cfg, world_size=1, details=None, cuda_backward=None, probe=nullcontext) -> dict:
-    """run_steps on fake tensors: {stage: (peak bytes, parts)} on one rank (its share of the rows), before FSDP/DDP
-    accounting and GPU constants. details (a dict): gets {stage: [(bytes, count, part, op, module, shape, dtype)]},
-    the largest groups of storages alive at its peak (memtrace's detail mode, slower). cuda_backward: backwards as on
-    CUDA (backward_thread; default: for a CUDA plan). probe(): a context over the steps, in the trace (plan_time.py)."""
+    """run_steps on fake tensors: {stage: (peak bytes, parts)} on one rank, before FSDP/DDP and GPU
+    constants. details (a dict) gets {stage: [(bytes, count, part, op, module, shape, dtype)]}, the
+    largest groups alive at its peak (slower). cuda_backward: backwards as on CUDA (default: for a
+    CUDA plan). probe(): a context over the steps, in the trace (plan_time.py)."""
     from model import Transformer, model_config
     use_autocast = _autocast(cfg)
-    if cuda_backward is None:
-        cuda_backward = _cuda(cfg)
+    cuda_backward = _cuda(cfg) if cuda_backward is None else cuda_backward
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if use_autocast else nullcontext()
     trace, stages = MemoryTrace(detail=details is not None), {}
@@ -265,15 +253,16 @@ def trace_run(cfg, world_size=1, details=None, cuda_backward=None, probe=nullcon
                 details[stage] = trace.last_detail
     with fake, trace:
         default = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)  # built in the weights' dtype (.to() on fake parameters would swap them)
+        torch.set_default_dtype(dtype)  # the weights' dtype (.to() would swap fake parameters)
         try:
             model = Transformer(model_config(cfg.model))
         finally:
             torch.set_default_dtype(default)
-        if getattr(cfg, "lora_rank", 0):  # as train.py wraps it: bf16 frozen base linears when computing in bf16
+        if getattr(cfg, "lora_rank", 0):  # as train.py: a bf16 frozen base when computing in bf16
             from plumbing import lora
+            bf16 = use_autocast or dtype == torch.bfloat16
             lora.add_lora(model, cfg.lora_rank, cfg.lora_alpha,
-                          base_dtype=torch.bfloat16 if use_autocast or dtype == torch.bfloat16 else None)
+                          base_dtype=torch.bfloat16 if bf16 else None)
         model.gradient_checkpointing = cfg.gradient_checkpointing
         trace.watch(model)
         with _instrumented(trace, model, cuda_backward), autocast, probe():
@@ -282,10 +271,10 @@ def trace_run(cfg, world_size=1, details=None, cuda_backward=None, probe=nullcon
     return stages
 
 
-# ---- from traced bytes to a GPU's: world size, constants, the report ------------------------------------------
+# ---- from traced bytes to a GPU's: world size, constants, the report ----------------------
 
 def _per_rank(stages, cfg, world_size, sizes):
-    """FSDP / DDP accounting on one rank (see the docstring): {stage: (bytes, parts)} -> the same, per rank."""
+    """FSDP / DDP accounting (module docstring): {stage: (bytes, parts)} -> the same, per rank."""
     if world_size == 1:
         return stages
     out = {}
@@ -295,31 +284,30 @@ def _per_rank(stages, cfg, world_size, sizes):
         if cfg.fsdp:
             for k in ("weights", "grads", "AdamW state", "optimizer step"):
                 parts[k] = parts.get(k, 0) / world_size
-            # gathered weights in the compute dtype (dist._shard): sampling gathers every layer (dist.unsharded);
-            # training holds the root and at most two blocks, plus the root's and one block's unsharded gradient
+            # gathered weights, compute dtype (dist._shard): sampling gathers all (dist.unsharded);
+            # training holds the root and <= 2 blocks, + the root's and one block's full gradient
             gathered = sizes["all"] if not training else sizes["root"] + 2 * sizes["block"]
             parts["bf16 weight copies"] = gathered * sizes["compute_bytes"]
             if training:
                 parts["grads"] += (sizes["root"] + sizes["block"]) * 4
         elif training:
-            parts["DDP buckets"] = parts.get("grads", 0)  # DDP's flat gradient buckets (not bucket views)
+            parts["DDP buckets"] = parts.get("grads", 0)  # flat gradient buckets (not views)
         out[name] = (sum(parts.values()), parts)
     return out
 
 
 def plan_memory(cfg, world_size=1, detail=False, probe=nullcontext) -> dict:
-    """cfg: a train.Config. Per-GPU memory of its run with `world_size` processes (one: no FSDP/DDP):
-    {"stages": {"mef_step" | "riel_sample" | "riel_update": {"peak_gib", "allocated_gib", "parts": {name: GiB}}},
-     "peak_gib", "allocated_gib"}. allocated_gib: the traced bytes, what torch.cuda.max_memory_allocated would show;
-    peak_gib adds the GPU constants (what the GPU must have). detail: each stage also gets "largest", the largest groups
-    of storages alive at its peak (one rank's trace, before FSDP/DDP accounting): [(GiB, count, part, op, module,
-    shape, dtype)]. probe: see trace_run."""
+    """Per-GPU memory of cfg's run on `world_size` processes: {"stages": {"mef_step" | "riel_sample"
+    | "riel_update": {"peak_gib", "allocated_gib", "parts": {name: GiB}}}, "peak_gib",
+    "allocated_gib"}. allocated_gib: the traced bytes; peak_gib adds the GPU constants. detail: a
+    stage also gets "largest" (trace_run's details, in GiB, one rank's). probe: see trace_run."""
     from model import Transformer, model_config
     with torch.device("meta"):
         m = Transformer(model_config(cfg.model))
     count = lambda mod: sum(p.numel() for p in mod.parameters())
     use_autocast = _autocast(cfg)
-    sizes = {"all": count(m), "block": count(m.layers[0]), "root": count(m) - len(m.layers) * count(m.layers[0]),
+    sizes = {"all": count(m), "block": count(m.layers[0]),
+             "root": count(m) - len(m.layers) * count(m.layers[0]),
              "compute_bytes": 2 if use_autocast or cfg.precision == "bf16" else 4}
     details = {} if detail else None
     stages = _per_rank(trace_run(cfg, world_size, details, probe=probe), cfg, world_size, sizes)
@@ -328,7 +316,8 @@ def plan_memory(cfg, world_size=1, detail=False, probe=nullcontext) -> dict:
         gib = {k: v / GIB for k, v in parts.items() if v}
         gib["allocator reserve"] = FRAGMENTATION * n / GIB
         gib["CUDA context + workspaces"] = CUDA_CONTEXT_GIB + WORKSPACE_GIB
-        result["stages"][name] = {"peak_gib": sum(gib.values()), "allocated_gib": n / GIB, "parts": gib}
+        result["stages"][name] = {"peak_gib": sum(gib.values()), "allocated_gib": n / GIB,
+                                  "parts": gib}
         if detail:
             result["stages"][name]["largest"] = [(b / GIB, *rest) for b, *rest in details[name]]
     result["peak_gib"] = max(s["peak_gib"] for s in result["stages"].values())
@@ -336,65 +325,70 @@ def plan_memory(cfg, world_size=1, detail=False, probe=nullcontext) -> dict:
     return result
 
 
-# options that lower a stage's peak, cheapest first: (stage, flag, change(cfg) -> cfg or None, what it costs)
+# options that lower a stage's peak, cheapest first: (stage, flag, the changed cfg, its cost)
 def _options(cfg):
     rc, mc, rows = cfg.riel, cfg.mef, None
     import data
-    rows = cfg.riel.questions_per_step * len(data.experts(cfg.data, list(cfg.experts) if cfg.experts else None)) * \
-        rc.group_size
-    rep = dataclasses.replace
-    out = []
+    experts = data.experts(cfg.data, list(cfg.experts) if cfg.experts else None)
+    rows = cfg.riel.questions_per_step * len(experts) * rc.group_size
+    rep, out = dataclasses.replace, []
     per_call = rc.sample_batch_size or rows
     for k in (per_call // 2, per_call // 4):
         if k >= rc.group_size:
-            out.append(("riel_sample", f"--riel.sample-batch-size {k}", rep(cfg, riel=rep(rc, sample_batch_size=k)),
-                        f"{-(-rows // k)} sampling calls per step instead of {-(-rows // per_call)}: same tokens, "
-                        "slower sampling"))
+            out.append(("riel_sample", f"--riel.sample-batch-size {k}",
+                        rep(cfg, riel=rep(rc, sample_batch_size=k)),
+                        f"{-(-rows // k)} sampling calls per step instead of "
+                        f"{-(-rows // per_call)}: same tokens, slower sampling"))
     if not cfg.gradient_checkpointing:
         out.append(("train", "--gradient-checkpointing", rep(cfg, gradient_checkpointing=True),
                     "~30% more training compute (recomputed activations)"))
-    for stage, c, name, key in (("riel_update", rc, "riel", "riel"), ("mef_step", mc, "mef", "mef")):
+    for stage, c, name in (("riel_update", rc, "riel"), ("mef_step", mc, "mef")):
         if c.micro_batch_size > 1:
             k = c.micro_batch_size // 2
-            out.append((stage, f"--{name}.micro-batch-size {k}", rep(cfg, **{key: rep(c, micro_batch_size=k)}),
+            out.append((stage, f"--{name}.micro-batch-size {k}",
+                        rep(cfg, **{name: rep(c, micro_batch_size=k)}),
                         "twice the passes, smaller matmuls: slower training, same gradients"))
     if cfg.precision != "bf16":
         out.append(("all", "--precision bf16", rep(cfg, precision="bf16"),
-                    "bf16 weights and AdamW: updates below 1/256 of a weight are rounded away (lr 1e-6 ones are)"))
+                    "bf16 weights and AdamW: updates below 1/256 of a weight are rounded away "
+                    "(lr 1e-6 ones are)"))
     return out
 
 
 def suggest(cfg, result, gpu_gib, world_size=1):
-    """For a plan that does not fit: [(flag, new peak GiB, cost)] for the options that bring it under gpu_gib,
-    each one traced (a minute or so each for a 3B model)."""
+    """For a plan that does not fit: [(flag, new peak GiB, cost)] for the options that bring it
+    under gpu_gib, each one traced (a minute or so each for a 3B model)."""
     over = {s for s, v in result["stages"].items() if v["peak_gib"] > gpu_gib}
-    found = []
-    for stage, flag, new, cost in _options(cfg):
-        if stage == "all" or stage in over or (stage == "train" and over - {"riel_sample"}):
-            peak = plan_memory(new, world_size)["peak_gib"]
-            found.append((flag, peak, cost))
-    return found
+    return [(flag, plan_memory(new, world_size)["peak_gib"], cost)
+            for stage, flag, new, cost in _options(cfg)
+            if stage == "all" or stage in over or (stage == "train" and over - {"riel_sample"})]
 
 
 def report(cfg, result, gpu_gib, world_size=1, find_fixes=True) -> str:
-    lines = [f"plan: {cfg.model}, {result['params'] / 1e9:.2f}B params, precision {cfg.precision}, gradient "
-             f"checkpointing {cfg.gradient_checkpointing}, {world_size} GPU(s){' FSDP' if cfg.fsdp else ''}"
+    rc, cuda = cfg.riel, "; backward as on CUDA (autocast cache cleared by its autograd thread)"
+    lines = [f"plan: {cfg.model}, {result['params'] / 1e9:.2f}B params, precision {cfg.precision}, "
+             f"gradient checkpointing {cfg.gradient_checkpointing}, {world_size} GPU(s)"
+             f"{' FSDP' if cfg.fsdp else ''}"
              f"{f', LoRA rank {cfg.lora_rank}' if getattr(cfg, 'lora_rank', 0) else ''}"
-             f"{'; backward as on CUDA (autocast cache cleared by its autograd thread)' if _cuda(cfg) else ''}; MEF "
-             f"micro-batch {cfg.mef.micro_batch_size} x {cfg.mef.max_len} tokens; RIEL {cfg.riel.questions_per_step} "
-             f"questions x G {cfg.riel.group_size}, {PROMPT_TOKENS} + {cfg.riel.max_new_tokens} tokens, sampling "
-             f"{cfg.riel.sample_batch_size or 'all'} rows per call, micro-batch {cfg.riel.micro_batch_size}"]
+             f"{cuda if _cuda(cfg) else ''}; MEF micro-batch {cfg.mef.micro_batch_size} x "
+             f"{cfg.mef.max_len} tokens; RIEL {rc.questions_per_step} questions x G "
+             f"{rc.group_size}, {PROMPT_TOKENS} + {rc.max_new_tokens} tokens, sampling "
+             f"{rc.sample_batch_size or 'all'} rows per call, micro-batch {rc.micro_batch_size}"]
     for name, s in result["stages"].items():
-        parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(s["parts"].items(), key=lambda kv: -kv[1]) if v >= 0.005)
-        lines.append(f"  {name:<12} peak {s['peak_gib']:6.2f} GiB ({s['allocated_gib']:.2f} allocated): {parts}")
-        lines += [f"      {gib:6.2f} GiB  {count:>4} x {dtype:<8} {str(list(shape)):<20} {part:<18} {op:<28} {module}"
-                  for gib, count, part, op, module, shape, dtype in s.get("largest", [])[:DETAIL_ROWS]]
+        top = sorted(s["parts"].items(), key=lambda kv: -kv[1])
+        lines.append(f"  {name:<12} peak {s['peak_gib']:6.2f} GiB ({s['allocated_gib']:.2f} "
+                     "allocated): " + ", ".join(f"{k} {v:.2f}" for k, v in top if v >= 0.005))
+        lines += [f"      {gib:6.2f} GiB  {count:>4} x {dtype:<8} {str(list(shape)):<20} "
+                  f"{part:<18} {op:<28} {module}" for gib, count, part, op, module, shape, dtype
+                  in s.get("largest", [])[:DETAIL_ROWS]]
     peak = result["peak_gib"]
     if peak <= gpu_gib:
-        lines.append(f"peak {peak:.1f} GiB of {gpu_gib:g} GiB: fits ({gpu_gib - peak:.1f} GiB to spare)")
+        lines.append(f"peak {peak:.1f} GiB of {gpu_gib:g} GiB: fits "
+                     f"({gpu_gib - peak:.1f} GiB to spare)")
         return "\n".join(lines)
     fixes = suggest(cfg, result, gpu_gib, world_size) if find_fixes else []
     fit = [f"{flag} (peak {p:.1f} GiB; costs: {cost})" for flag, p, cost in fixes if p <= gpu_gib]
-    lines.append(f"peak {peak:.1f} GiB of {gpu_gib:g} GiB: does not fit: " + ("; or ".join(fit) if fit else
-                 "no single option here fits; combine them, or shard over GPUs (--fsdp with torchrun)"))
+    lines.append(f"peak {peak:.1f} GiB of {gpu_gib:g} GiB: does not fit: " + (
+        "; or ".join(fit) if fit else
+        "no single option here fits; combine them, or shard over GPUs (--fsdp with torchrun)"))
     return "\n".join(lines)
