@@ -36,10 +36,14 @@ process.py, `--plan` in tools/plan_fit.py. Choices:
 import dataclasses
 import json
 import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
 
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, lambda *_: (print("\ninterrupted: nothing was written yet",
+                  file=sys.stderr), sys.exit(130)))  # Ctrl-C while the imports run: no traceback
 import torch
 from tqdm import tqdm
 
@@ -107,15 +111,12 @@ def main(cfg: Config):
         from tools import plan_fit  # a tool: loaded only when asked for (tests/test_imports.py)
         return plan_fit.print_plan(cfg)
     guard.check_options(cfg)  # before anything loads or is written
-    if cfg.fsdp and not dist.launched():
-        raise SystemExit("--fsdp shards the model over torchrun's processes: launch with torchrun "
-                         "(README)")
     device = dist.init(cfg.device)  # under torchrun: joins the process group; this rank's device
     if not dist.is_main():
         sys.stdout = open(os.devnull, "w")  # one log, rank 0's; errors and warnings reach stderr
     dist.check_world(cfg.riel.questions_per_step, cfg.eval.batch_size)
     if dist.is_main():
-        guard.check_writable(cfg.out_dir)
+        guard.check_writable(cfg.out_dir, resume=cfg.resume and not cfg.resume_or_start)
     with process.owned(cfg.out_dir):  # the lock on out_dir and SIGTERM's handler, until we exit
         run(cfg, device, t_start)
 
@@ -125,7 +126,7 @@ def run(cfg: Config, device, t_start):
         from tools import plan_fit  # --micro-batch auto plans: the planner loads only then
         plan_fit.auto_micro_batches(cfg, state, device)
     if ckpt:
-        guard.resume_checks(cfg, state)  # the run it continues, or with its stages made longer
+        guard.resume_checks(cfg, state, dataclasses.asdict(defaults(cfg.model, cfg.testbed)))
         print(f"resuming from {ckpt}: stage {state['stage']}, step {state['step']}, "
               f"done {state['done']}")
     torch.manual_seed(cfg.seed)
@@ -135,8 +136,7 @@ def run(cfg: Config, device, t_start):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_autocast else nullcontext()
 
     source = ckpt or cfg.init or cfg.model
-    # LoRA resumes from its base
-    base = lora.weights_source(cfg.lora_rank, cfg.fsdp, cfg.out_dir, ckpt, source)
+    base = lora.weights_source(cfg.lora_rank, cfg.fsdp, cfg.out_dir, ckpt, source)  # LoRA: its base
     if base == "tiny":
         model = Transformer.from_config(tiny_config(), device, param_dtype, seed=cfg.seed)
     else:
@@ -198,6 +198,7 @@ def run(cfg: Config, device, t_start):
                              "answers": res.pop("samples")})
             print(f"\n[eval {key}]\n" + format_table(res))
             state["evals"][key] = res
+            checkpoint.record_evals(cfg.out_dir, state["evals"])  # a resume does not redo it
             log.write({"stage": "eval", "name": key, "gstep": state["gstep"], **res})
 
     for stage in [s for s in ("mef", "riel") if s in cfg.stages]:

@@ -5,7 +5,7 @@ nothing about training itself (the process, its lock and its signals: process.py
 - check_options: every option checked BEFORE any model or data loads: ranges, finite learning
   rates, "0" where a user would mean "none" refused with the option's name (--riel.steps 0 does
   not mean "one epoch"), a group of one sample refused where an advantage needs a group, a
-  --plan-gpu plan_time.py has no figures for.
+  --plan-gpu plan_time.py has no figures for, --fsdp without torchrun.
 - config_changes: on --resume, the saved config against the new one. A change to anything that
   alters what the run computes (data, experts, testbed, seed, model, LoRA, group size, advantage,
   lrs, ...) is refused unless --resume-allow-change names its key; logging options pass.
@@ -103,7 +103,7 @@ def check_options(cfg):
     if cfg.sft_replay is not None and not os.path.isfile(cfg.sft_replay):
         raise UserError(f"--sft-replay {cfg.sft_replay}: no such file (a RIEL run's flushed.jsonl)")
     _check_plan(cfg)
-    if cfg.fsdp and not dist.launched():
+    if cfg.fsdp and not cfg.plan and not dist.launched():  # --plan --fsdp plans it anywhere
         raise UserError("--fsdp shards the model over torchrun's processes: launch with torchrun "
                         "(README)")
 

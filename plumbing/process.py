@@ -5,11 +5,12 @@ these; they decide nothing about training itself.
 - start_or_resume: a new run, or the run in --out-dir continued from its last complete
   checkpoint. `--resume` continues one and refuses a directory without one (a typo must not
   start over); `--resume-or-start` continues one where there is one, else starts; a run is
-  never overwritten.
-- RunLock: a run owns its directory. OUT/run.lock holds the owner's pid and host, created
-  exclusively before anything is written and removed at exit; a second run on the directory
-  stops with a clear error; a lock whose process is gone from this host (dead, or a zombie its
-  parent never reaped) is taken over with a warning.
+  never overwritten. What a run keeps beside its checkpoints is made the checkpoint's (tidy).
+- RunLock: a run owns its directory. OUT/run.lock holds the owner's pid, host and start time,
+  created exclusively before anything is written and removed at exit; a second run on the
+  directory stops with a clear error; a lock whose process is gone from this host (dead, a zombie
+  its parent never reaped, its pid now another process's or ours) is taken over with a warning,
+  as is an empty one (its process died as it took it); one that names no owner is an error.
 - SIGTERM (what a cluster scheduler sends before it kills): the handler only sets a flag. At the
   next step boundary every rank writes a checkpoint and stops (Stopped: exit 143 = 128 + 15, one
   line with the command that resumes). Under torchrun the ranks agree first (the MAX of their
@@ -17,8 +18,8 @@ these; they decide nothing about training itself.
   would hang the others in their next collective. A second SIGTERM stops at once, abandoning
   the step; the last complete checkpoint stays the latest.
 - command_line: how the command ends: 0; `error: <message>` and 2 for a user's mistake, a full
-  disk or a read-only directory; one line and 130 for Ctrl-C, 143 for SIGTERM; a traceback
-  only for a bug.
+  disk or a read-only directory; one line and 130 for Ctrl-C, 143 for SIGTERM (the resume
+  command it prints names the script as it was started); a traceback only for a bug.
 """
 import errno
 import json
@@ -97,18 +98,13 @@ def _started(pid: int) -> str | None:
         return None
 
 
-def _alive(pid: int, started: str | None = None, path: str | None = None) -> bool:
-    """Whether process pid (started then, when the lock says) is running."""
-    if pid == os.getpid():  # a lock this process holds, or one of an earlier process that had
-        return os.path.abspath(path) in RunLock.mine if path else True  # our pid (a container)
+def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # alive, someone else's
         pass
-    if started is not None and _started(pid) not in (None, started):
-        return False  # the pid was reused by another process: the lock's owner is gone
     try:  # Linux: a zombie (it exited, its parent has not reaped it) still answers kill(pid, 0)
         with open(f"/proc/{pid}/status") as f:
             return not any(line.split()[:2] in (["State:", "Z"], ["State:", "X"]) for line in f)
@@ -118,9 +114,9 @@ def _alive(pid: int, started: str | None = None, path: str | None = None) -> boo
 
 class RunLock:
     """OUT/run.lock, held from before the first write until exit. A second run on the directory is
-    refused; a lock left by a process of this host that is gone (dead, a zombie, its pid reused by
-    another process, or our own pid: a restarted container) is taken over. It holds "pid host
-    start" (start: _started, so that a reused pid is told from its owner)."""
+    refused; a lock left by a process of this host that is gone (dead, a zombie, its pid reused: by
+    another process, or by ours in a restarted container) is taken over. It holds "pid host start"
+    (start: _started, which tells a reused pid from its owner)."""
 
     EMPTY_AFTER_S = 60  # an empty lock this old: its writer died between creating and writing it
     mine = set()  # the locks this process holds (absolute paths)
@@ -134,15 +130,25 @@ class RunLock:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
-                if self._stale():
-                    with suppress(FileNotFoundError):  # released meanwhile
-                        os.remove(self.path)
-                    continue
-                pid, host, _ = self.owner()
-                raise UserError(f"{os.path.dirname(self.path)} is in use by process {pid} on "
-                                f"{host} ({self.path}): wait for it, or choose another --out-dir. "
-                                "If that process is gone (another machine), delete the lock file "
-                                "by hand.")
+                pid, host, started = self.owner()
+                here = host == socket.gethostname()
+                if host == socket.gethostname() and pid is not None and not _alive(pid):
+                    why = f"the lock of process {pid}, which is no longer running"
+                elif here and pid is not None and self._reused(pid, started):
+                    whose = "this process's" if pid == os.getpid() else "another process's"
+                    why = (f"the lock of process {pid}, which is no longer running (its pid is "
+                           f"now {whose})")
+                elif pid is None:
+                    why = self._unowned()  # an empty lock of a process that died, or an error
+                else:
+                    raise UserError(f"{os.path.dirname(self.path)} is in use by process {pid} "
+                                    f"on {host} ({self.path}): wait for it, or choose another "
+                                    "--out-dir. If that process is gone (another machine), delete "
+                                    "the lock file by hand.")
+                warnings.warn(f"{self.path}: taking over {why}")
+                with suppress(FileNotFoundError):  # released meanwhile
+                    os.remove(self.path)
+                continue
             with os.fdopen(fd, "w") as f:
                 f.write(me)
                 f.flush()
@@ -152,26 +158,24 @@ class RunLock:
             return self
         raise UserError(f"{self.path}: could not take the lock")
 
-    def _stale(self) -> bool:
-        """Whether the lock is left by a process that is gone (warned); a lock that names no owner
-        (not one we wrote) is an error that says so."""
-        pid, host, started = self.owner()
-        if pid is not None:
-            if host != socket.gethostname() or _alive(pid, started, self.path):
-                return False
-            warnings.warn(f"{self.path}: taking over the lock of process {pid}, which is no "
-                          "longer running")
-            return True
+    def _reused(self, pid: int, started: str | None) -> bool:
+        """Whether the live process pid is not the one that wrote the lock."""
+        if pid == os.getpid():  # ours: a lock this process holds, or an earlier process's
+            return os.path.abspath(self.path) not in RunLock.mine
+        return started is not None and _started(pid) not in (None, started)
+
+    def _unowned(self) -> str:
+        """A lock that names no process: an empty one of a process that died as it took the lock
+        (what is taken over), else a UserError that says what the file holds."""
         try:
-            text, age = open(self.path).read(), time.time() - os.path.getmtime(self.path)
+            with open(self.path) as f:
+                text, age = f.read(), time.time() - os.path.getmtime(self.path)
         except IsADirectoryError:
             text, age = None, 0
         except FileNotFoundError:  # its owner just released it
-            return True
+            return "a lock released meanwhile"
         if text == "" and age > self.EMPTY_AFTER_S:
-            warnings.warn(f"{self.path}: taking over an empty lock written {age:.0f} s ago (its "
-                          "process died as it took the lock)")
-            return True
+            return f"an empty lock written {age:.0f} s ago (its process died as it took the lock)"
         what = ("is a directory" if text is None else "is empty" if text == "" else
                 f"holds {text[:80]!r}, not 'pid host'")
         raise UserError(f"{self.path} {what}: it names no run that holds "
@@ -184,7 +188,8 @@ class RunLock:
         """(pid, host, start or None) of the lock's process, or (None, None, None): no such lock,
         or not one we wrote."""
         try:
-            pid, host, *started = open(self.path).read().split()
+            with open(self.path) as f:
+                pid, host, *started = f.read().split()
             return int(pid), host, (started[0] if len(started) == 1 else None)
         except (OSError, ValueError):
             return None, None, None
@@ -278,6 +283,8 @@ def stopped_message(cfg, argv) -> str:
 def command_line(cli, main):
     """`python train.py`: main(cli()), ended as the module docstring says."""
     config, argv = None, sys.argv[1:]
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # train.py's, while it imported
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C: KeyboardInterrupt
     try:
         config = cli()
         main(config)
