@@ -126,6 +126,11 @@ def evaluate(model, tok, task, records, experts, cfg: EvalConfig, seed=0, keep_t
                                         if r.meta.get("shape") == s)
                 for i, e in enumerate(experts)}
             for s in shapes}
+    owned = [getattr(r, "meta", {}).get("owner") for r in records]
+    if all(owned):  # disjoint testbeds: each expert on the shapes its own MEF never saw
+        unseen = [checks[q * N + i][0] for q, o in enumerate(owned)
+                  for i, e in enumerate(experts) if e.name != o]
+        out["unseen"] = {"correct": int(sum(unseen)), "total": len(unseen)}
     if keep_texts:  # what the model wrote, for samples.jsonl (not kept in the run's state)
         recs = (r for r in records for _ in experts)
         out["samples"] = [{"question": rec.question, "answer": rec.answer,
@@ -141,6 +146,22 @@ def evaluate(model, tok, task, records, experts, cfg: EvalConfig, seed=0, keep_t
             c = sum(verify.reward(task, t, answer) for t in samples[p * n:(p + 1) * n])
             scores.append(pass_at_k(n, int(c), k))
         out[f"pass@{k}"] = sum(scores) / len(scores)
+    return out
+
+
+def headline(evals: dict) -> dict:
+    """summary.json's top line: the last stage's test accuracy (%) of the deployed prompt, the
+    one best on validation (else on the held-out split itself), and its unseen-shape counts."""
+    key = next((k for k in ("after_riel", "after_mef", "final") if k in evals), None)
+    if key is None:
+        return {}
+    pick = evals.get(f"{key}@val", evals[key])["accuracy"]
+    deployed = max(pick, key=pick.get)  # ties: the first expert
+    out = {"deployed": deployed, "deployed_on": "val" if f"{key}@val" in evals else key,
+           "test_accuracy": 100 * evals[key]["accuracy"][deployed]}
+    if "unseen" in evals[key]:
+        out.update(unseen_correct=evals[key]["unseen"]["correct"],
+                   unseen_total=evals[key]["unseen"]["total"])
     return out
 
 

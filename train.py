@@ -50,7 +50,7 @@ from tqdm import tqdm
 import data
 import verify
 from config import Config, defaults  # noqa: F401  (train.Config: the options, in config.py)
-from eval import EvalConfig, evaluate, format_table
+from eval import EvalConfig, evaluate, format_table, headline
 from mef import SFTExample, build_sft_examples, encode_target, lr_schedule, mef_steps, num_steps
 from model import Transformer, tiny_config
 from plumbing import checkpoint, dist, guard, lora, process, runlog
@@ -223,7 +223,7 @@ def run(cfg: Config, device, t_start):
         run_eval("final")
     if dist.is_main():
         checkpoint.prune(cfg.out_dir, 1, checkpoint.latest(cfg.out_dir))  # done: no fallback needed
-        runlog.write_summary(cfg, state, log, time.time() - save.t0)
+        runlog.write_summary(cfg, state, log, time.time() - save.t0, headline(state["evals"]))
         log.close()
 
 def replay_examples(cfg, tok, experts):

@@ -175,8 +175,10 @@ def load(split: str, data_dir: str | None = None, n: int | None = None, seed: in
         if sft_cross is not None:  # a disjoint MEF: the owner's trace, others with probability p
             traces = {name: t for name, t in traces.items()
                       if name == OWNERS[testbed][kind] or cross_kept(rid, sft_cross)}
-        records.append(Record(rid, question, answer, traces,
-                              {"difficulty": level, "terms": terms, "shape": kind}))
+        meta = {"difficulty": level, "terms": terms, "shape": kind}
+        if testbed in DISJOINT:  # whose MEF traces cover this shape (eval.py's unseen counts)
+            meta["owner"] = OWNERS[testbed][kind]
+        records.append(Record(rid, question, answer, traces, meta))
     return records
 
 

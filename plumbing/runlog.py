@@ -224,7 +224,7 @@ def code_commit() -> str | None:
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def write_summary(cfg, state, log, wall_since_save):
+def write_summary(cfg, state, log, wall_since_save, headline=None):
     rl = [m for m in log.read() if m.get("stage") == "riel"]
     tenth = max(1, len(rl) // 10)
     trend = {}
@@ -233,7 +233,7 @@ def write_summary(cfg, state, log, wall_since_save):
             trend[key] = {"first_10pct": sum(m[key] for m in rl[:tenth]) / tenth,
                           "last_10pct": sum(m[key] for m in rl[-tenth:]) / tenth}
     summary = {"model": cfg.model, "data": cfg.data, "stages": list(cfg.stages),
-               "evals": state["evals"], "riel_trend": trend,
+               **(headline or {}), "evals": state["evals"], "riel_trend": trend,
                "optimizer_steps": state["gstep"] - state.get("skipped_steps", 0),
                "skipped_steps": state.get("skipped_steps", 0),
                "resume_changes": state.get("changes", []),

@@ -14,6 +14,7 @@ import data
 from plumbing import premise
 import train
 from data.synthetic import OWNERS, cross_kept
+from losses import CORRECT
 from plumbing.errors import UserError
 from test_mef import Expert
 
@@ -76,7 +77,7 @@ def test_sft_cross_is_refused_before_anything_loads(tmp_path, monkeypatch):
 def test_taught_is_the_share_of_questions_where_the_expert_is_e_minus():
     r = torch.zeros(4, 3, 2)
     m = premise.step_metrics(r, [Expert("a", "A."), Expert("b", "B."), Expert("c", "C.")],
-                             chosen=[(0, 2), (1, 2), (2, 1)])
+                             chosen=[(0, 2), (1, 2), (2, 1)], correct=CORRECT)
     assert (m["taught/a"], m["taught/b"], m["taught/c"]) == (0.0, 0.25, 0.5)
 
 
@@ -92,8 +93,8 @@ def test_nulls_of_experts_that_fail_the_same_or_different_questions():
     same = counts_table(torch.tensor([half, half]).T)
     split = counts_table(torch.tensor([half, half[::-1]]).T)  # each right where the other is wrong
     for rewards, observed in ((same, 0.0), (split, 0.5)):
-        assert premise.rescue(rewards, TWO)["rescued/a"] == observed
-        nulls = premise.rescue_nulls(rewards, TWO)
+        assert premise.rescue(rewards, TWO, correct=CORRECT)["rescued/a"] == observed
+        nulls = premise.rescue_nulls(rewards, TWO, correct=CORRECT)
         # independent: P(a all wrong) * P(b right) = .5 * .5, whichever questions they are
         assert nulls["independent/a"] == pytest.approx(0.25)
         # same difficulty: p in {0, 1}, both experts at the same quantile -> nobody is ever rescued
@@ -108,8 +109,8 @@ def test_the_independent_null_is_the_mean_over_independently_shuffled_questions(
     shuffled = []
     for _ in range(3000):  # naive reference: each expert's questions permuted on its own
         perm = torch.stack([k[torch.from_numpy(rng.permutation(60)), i] for i in range(3)], 1)
-        shuffled.append(premise.rescue(counts_table(perm), three)["rescued/b"])
-    assert premise.rescue_nulls(rewards, three)["independent/b"] == \
+        shuffled.append(premise.rescue(counts_table(perm), three, correct=CORRECT)["rescued/b"])
+    assert premise.rescue_nulls(rewards, three, correct=CORRECT)["independent/b"] == \
         pytest.approx(np.mean(shuffled), abs=0.01)
 
 
@@ -124,7 +125,8 @@ def test_the_same_difficulty_null_recovers_a_comonotone_simulation():
     pa, pb = np.sort(rng.beta(0.7, 1.5, Q)), np.sort(rng.beta(0.4, 2.5, Q))
     k = torch.tensor(np.stack([rng.binomial(8, pa), rng.binomial(8, pb)], 1))
     rewards = counts_table(k)
-    observed, nulls = premise.rescue(rewards, TWO), premise.rescue_nulls(rewards, TWO)
+    observed = premise.rescue(rewards, TWO, correct=CORRECT)
+    nulls = premise.rescue_nulls(rewards, TWO, correct=CORRECT)
     for e in ("a", "b"):
         assert nulls[f"same_difficulty/{e}"] == pytest.approx(observed[f"rescued/{e}"], abs=0.015)
         assert nulls[f"independent/{e}"] > observed[f"rescued/{e}"] + 0.02
@@ -187,6 +189,16 @@ def test_sft_replay_trains_on_exactly_the_entries_the_buffer_flushed_in_order(tm
     summary = json.loads((run / "summary.json").read_text())
     assert summary["config"]["sft_cross"] == 0.0 and "commit" in summary
     assert set(summary["evals"]["after_riel"]["accuracy_by_shape"]) == {"many", "long"}
+    # the headline, recomputed from the answers in samples.jsonl: a question of two terms is
+    # `long` (columns owns it), more terms `many` (chain's)
+    lines = [json.loads(x) for x in (run / "samples.jsonl").read_text().splitlines()]
+    answers = [a for x in lines if x.get("name") == "after_riel" for a in x["answers"]]
+    owner = lambda q: "columns" if q.count("+") == 1 else "chain"  # noqa: E731
+    unseen = [a["correct"] for a in answers if a["expert"] != owner(a["question"])]
+    assert (summary["unseen_correct"], summary["unseen_total"]) == (sum(unseen), len(unseen))
+    assert len(unseen) == 4 and summary["deployed"] in ("chain", "columns")
+    mine = [a["correct"] for a in answers if a["expert"] == summary["deployed"]]
+    assert summary["test_accuracy"] == pytest.approx(100 * sum(mine) / len(mine))
 
 
 # ---- the dose grid -------------------------------------------------------------------------------

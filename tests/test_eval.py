@@ -104,3 +104,42 @@ def test_evaluate_aggregates_a_scripted_completer_as_computed_by_hand(monkeypatc
     lengths = [len(tok.encode(SCRIPT[q][i], add_special_tokens=False)) + 1
                for q in range(5) for i in range(3)]
     assert res["completions/mean_length"] == pytest.approx(sum(lengths) / len(lengths))
+
+
+def test_unseen_counts_each_expert_on_the_shapes_it_does_not_own(monkeypatch):
+    """Disjoint testbeds: the records name their shape's owner; `unseen` counts every expert's
+    greedy answers on the questions whose owner is another expert (by hand from SCRIPT)."""
+    import eval as ev
+    from test_mef import Rec, StandIn
+    tok = load_tokenizer("tiny")
+    owners = ["chain", "columns", "columns", "reverse", "chain"]
+    records = [Rec(q, f"{10 * (q + 1)}+0=?", str(10 * (q + 1))) for q in range(5)]
+    for r, o in zip(records, owners):
+        r.meta = {"shape": "many", "owner": o}
+    experts = data.experts("synthetic")
+    monkeypatch.setattr(ev, "generate", scripted_generate(tok, records, experts))
+    res = evaluate(StandIn(), tok, "synthetic", records, experts, EvalConfig(batch_size=4))
+    right = [(q, e.name) for q, r in enumerate(records) for i, e in enumerate(experts)
+             if SCRIPT[q][i] == f"#### {r.answer}"]
+    # right answers off their owner's shape: columns and reverse on q0, chain on q2, columns on
+    # q3 and q4 (columns on q1 is its own shape)
+    assert sum(owners[q] != name for q, name in right) == 5
+    assert res["unseen"] == {"correct": 5, "total": 5 * 2}
+    plain = evaluate(StandIn(), tok, "synthetic", [Rec(0, "10+0=?", "10")], experts,
+                     EvalConfig(batch_size=4))
+    assert "unseen" not in plain  # no owners: not a disjoint testbed
+
+
+def test_headline_deploys_the_validation_best_prompt_of_the_last_stage():
+    from eval import headline
+    acc = lambda c, r: {"accuracy": {"chain": c, "columns": r}}  # noqa: E731
+    evals = {"after_mef": acc(0.5, 0.1), "after_mef@val": acc(0.5, 0.1),
+             "after_riel": {**acc(0.30, 0.42), "unseen": {"correct": 7, "total": 20}},
+             "after_riel@val": acc(0.40, 0.35)}
+    # after RL chain is best on validation, so it is deployed though columns wins on test
+    assert headline(evals) == {"deployed": "chain", "deployed_on": "val", "test_accuracy": 30.0,
+                               "unseen_correct": 7, "unseen_total": 20}
+    # no validation table: the held-out one chooses, and says so
+    assert headline({"final": acc(0.2, 0.6)}) == {"deployed": "columns", "deployed_on": "final",
+                                                  "test_accuracy": 60.0}
+    assert headline({}) == {}
