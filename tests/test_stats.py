@@ -1,0 +1,35 @@
+"""experiments/stats.py against published values and naive enumerations."""
+import itertools
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+from stats import fisher_greater, holm, wilson  # noqa: E402
+
+
+def test_fisher_greater_is_fishers_tea_tasting_value_and_a_brute_force_tail():
+    # R: fisher.test(matrix(c(3, 1, 1, 3), 2), alternative = "greater")$p.value = 0.2428571
+    assert fisher_greater(3, 4, 1, 4) == pytest.approx(0.2428571, abs=1e-7)
+    # naive: every way to choose which of the 9 units are a's 4, with the 5 successes fixed
+    successes, n_a = [1] * 5 + [0] * 4, 4
+    draws = list(itertools.combinations(range(9), n_a))
+    for a in range(0, 5):
+        tail = sum(sum(successes[i] for i in d) >= a for d in draws) / len(draws)
+        assert fisher_greater(a, n_a, 5 - a, 5) == pytest.approx(tail)
+    assert fisher_greater(0, 300, 0, 300) == 1.0
+    assert fisher_greater(43, 300, 1, 300) < 1e-9
+
+
+def test_holm_multiplies_the_ith_smallest_by_m_minus_i_and_stays_monotone():
+    # statsmodels multipletests([.01, .04, .03, .005], method="holm"): .03 .06 .06 .02
+    adj = holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": 0.005})
+    assert adj == pytest.approx({"a": 0.03, "b": 0.06, "c": 0.06, "d": 0.02})
+    assert holm({"x": 0.6, "y": 0.7}) == {"x": 1.0, "y": 1.0}
+
+
+def test_wilson_matches_published_intervals():
+    # Newcombe (1998), table I: 0/10 -> 0 to 0.2775; 81/263 -> 0.2553 to 0.3662
+    assert wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)
