@@ -23,9 +23,9 @@ Choices:
 - Under torchrun (plumbing/dist.py) each rank backpropagates a contiguous share of every optimizer
   batch, weighted by its share of the batch's tokens, so the ranks' gradients sum to the
   one-process gradient of the same batch.
-- The mechanics of a step (micro-batches, the SFT backward, AdamW, clip-and-step, what they do for
-  memory and host syncs) live in plumbing/optim.py, shared with RIEL, whose hard-example buffer
-  reuses `sharded_sft_backward` for its SFT step (METHOD.md 4(e)).
+- The SFT loss and its backward live here; RIEL's hard-example buffer reuses `sharded_sft_backward`
+  for its SFT step (METHOD.md 4(e)). The mechanics of a step (micro-batches, AdamW, clip-and-step,
+  what they do for memory and host syncs) live in plumbing/optim.py, shared by every stage.
 """
 import math
 from dataclasses import dataclass
@@ -33,8 +33,10 @@ from typing import Literal
 
 import torch
 
-from plumbing.optim import clip_and_step, sharded_sft_backward
+from plumbing import dist
+from plumbing.optim import clip_and_step, length_sorted_micro_batches, micro_backward, read_sum
 from plumbing.tokenizer import end_of_turn_id, render_chat
+from rollout import token_logprobs
 
 
 @dataclass
@@ -85,6 +87,40 @@ def build_sft_examples(tok, records, experts, max_len=None):
             examples.append(SFTExample(rec.id, ex.name, prompt, target))
     counts["examples"] = len(examples)
     return examples, counts
+
+
+def sft_loss(model, prompts, targets, n_tokens):
+    """Sum of -log p(target token | prompt, earlier target tokens) over this micro-batch,
+    / n_tokens, the target-token count of the whole optimizer step. Prompt tokens get no loss."""
+    logp, mask = token_logprobs(model, prompts, targets)  # (B, T) each, T = longest target
+    return -(logp * mask).sum() / n_tokens
+
+
+def sft_backward(model, prompts, targets, micro_batch_size, weight=1.0) -> float:
+    """Backpropagate weight * token-mean NLL of all (prompt, target) pairs, one micro-batch at a
+    time. Returns the unweighted loss value of the whole batch."""
+    n_tokens = sum(len(t) for t in targets)
+    losses = []
+    lengths = [len(p) + len(t) for p, t in zip(prompts, targets)]
+    mbs = length_sorted_micro_batches(lengths, micro_batch_size)
+    for mb in dist.lockstep(model, mbs):  # FSDP: as many passes as the busiest rank
+        loss = sft_loss(model, [prompts[i] for i in mb], [targets[i] for i in mb], n_tokens)
+        micro_backward(weight * loss)
+        losses.append(loss.detach())  # not the graph: its nodes die with the backward
+    return read_sum(losses)
+
+
+def sharded_sft_backward(model, prompts, targets, micro_batch_size, weight=1.0) -> float:
+    """sft_backward on this rank's share of the pairs (all of them in one process). Each rank's
+    token mean is weighted by its share of all the target tokens, so the ranks' gradients sum to
+    the whole batch's token mean (share == 1.0 exactly in one process). Returns the whole batch's
+    loss, on every rank."""
+    if not targets:
+        return 0.0
+    lo, hi = dist.shard_range(len(targets))
+    share = sum(len(t) for t in targets[lo:hi]) / sum(len(t) for t in targets)
+    part = sft_backward(model, prompts[lo:hi], targets[lo:hi], micro_batch_size, weight * share)
+    return dist.sum_floats([part * share])[0]
 
 
 def mef_steps(model, examples, cfg: MEFConfig, optimizer, seed=0, start_step=0, lr_at=None,

@@ -33,13 +33,13 @@ from typing import Literal
 import torch
 
 import mel
-from losses import (ADVANTAGE_MODES, AGGREGATIONS, admit_hard_example, aggregate, clipped_tokens,
-                    full_vocab_kl, group_advantages, k3_kl, policy_gradient_loss, transfer_loss,
-                    transfer_pairs)
-from mef import SFTExample, encode_target
+from losses import (ADVANTAGE_MODES, AGGREGATIONS, CORRECT, admit_hard_example, aggregate,
+                    clipped_tokens, full_vocab_kl, group_advantages, k3_kl, policy_gradient_loss,
+                    transfer_loss, transfer_pairs)
+from mef import SFTExample, encode_target, sharded_sft_backward
 from plumbing import dist
-from plumbing.optim import (TermNorms, clip_and_step, drop_cast_weights, micro_backward, read_sum,
-                            length_sorted_micro_batches, sharded_sft_backward)
+from plumbing.optim import (TermNorms, clip_and_step, drop_cast_weights,
+                            length_sorted_micro_batches, micro_backward, read_sum)
 from plumbing.premise import step_metrics
 from plumbing.runlog import batch_metrics, group_samples
 from plumbing.tokenizer import render_chat, stop_token_ids
@@ -156,9 +156,9 @@ def riel_step(model, tok, records, experts, cfg: RIELConfig, optimizer, buffer, 
     l_mel, nll_s = m.pop("loss_mel"), m.pop("mel_nll_s")
     mel_m |= {"mel/loss_nll": l_mel, "mel_s": mel_m["mel/collect_s"] + nll_s} if use_mel else {}
     train_s = time.perf_counter() - t0 - sample_s - mel_m.get("mel/collect_s", 0.0)
-    m.update(step_metrics(rewards, experts, chosen), **mel_m, buffer_admitted=admitted,
-             buffer_size=len(buffer.entries), buffer_flushes=buffer.flushes,
-             **batch_metrics(batch, out, sample_s, train_s))
+    m.update(step_metrics(rewards, experts, chosen, correct=CORRECT), **mel_m,
+             buffer_admitted=admitted, buffer_size=len(buffer.entries),
+             buffer_flushes=buffer.flushes, **batch_metrics(batch, out, sample_s, train_s))
     if samples:
         m["samples"] = group_samples(tok, records[:samples], experts, out.completions, rewards, adv,
                                      cfg.group_size)
@@ -392,7 +392,7 @@ def transfer_backward(model, pairs, cfg, n_tokens=None) -> float:
 
 
 def buffer_backward(model, flushed, cfg, scale=1.0) -> float:
-    """Backprop lambda2 * L_SFT over the flushed entries (MEF's loss, plumbing/optim.py)."""
+    """Backprop lambda2 * L_SFT over the flushed entries (MEF's loss, mef.py)."""
     if not flushed:
         return 0.0
     return sharded_sft_backward(model, [e.prompt_ids for e in flushed],

@@ -29,6 +29,7 @@ import tyro
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from plumbing import dist  # noqa: E402
 from plumbing import optim  # noqa: E402
+import mef  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from rollout import generate  # noqa: E402
 
@@ -86,7 +87,7 @@ def measure(cfg: Config) -> dict:
     for step in range(2):
         if step == 1:
             reset_peak()
-        loss = optim.sharded_sft_backward(model, prompts, targets, micro_batch_size=1)
+        loss = mef.sharded_sft_backward(model, prompts, targets, micro_batch_size=1)
         if step == 1:
             held = state_mib(model, opt)  # gradients still there: the step's largest resident state
         optim.clip_and_step(model, opt, 1.0, loss)

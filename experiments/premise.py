@@ -74,7 +74,7 @@ def summary(rewards, experts, seed=0) -> dict:
     fair grids break them) and the two chance levels of rescued/ (premise.rescue_nulls)."""
     wrong = rewards.amax(-1) < losses.CORRECT  # (Q, N)
     best = max(range(len(experts)), key=lambda i: (rewards[:, i].mean().item(), -i))
-    meter = premise.rescue(rewards, experts)
+    meter = premise.rescue(rewards, experts, correct=losses.CORRECT)
     gen = torch.Generator().manual_seed(seed)
     chosen = [c for q in range(rewards.shape[0])
               if (c := choose_transfer(rewards[q], gen, random_ties=True))]
@@ -85,7 +85,7 @@ def summary(rewards, experts, seed=0) -> dict:
             "all_wrong": {e.name: wrong[:, i].float().mean().item() for i, e in enumerate(experts)},
             **meter, "rescued_best": meter[f"rescued/{experts[best].name}"],
             "taught": taught, "taught_best": taught[experts[best].name],
-            "nulls": premise.rescue_nulls(rewards, experts, seed=seed)}
+            "nulls": premise.rescue_nulls(rewards, experts, correct=losses.CORRECT, seed=seed)}
 
 
 def table(res: dict) -> str:

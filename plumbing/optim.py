@@ -1,8 +1,9 @@
 """
 optim.py: the training mechanics every stage shares: micro-batches, the backward of one micro-batch,
-the SFT backward (MEF's loss and RIEL's hard-example buffer), AdamW, and clip-and-step.
+AdamW, and clip-and-step. The losses are not here (the SFT loss is mef.py's).
 
-    loss = sharded_sft_backward(model, prompts, targets, micro_batch_size)  # fills .grad
+    for mb in length_sorted_micro_batches(lengths, micro_batch_size):
+        micro_backward(loss_of(mb))  # fills .grad; mef.sft_backward is one such loop
     grad_norm, skipped = clip_and_step(model, optimizer, grad_clip, loss)
 
 mef.py (stage 1), riel.py (stage 2) and mel.py build their losses on top of these, so a fix to how a
@@ -38,7 +39,6 @@ import warnings
 import torch
 
 from plumbing import dist
-from rollout import token_logprobs
 
 
 def length_sorted_micro_batches(lengths, micro_batch_size):
@@ -66,40 +66,6 @@ def micro_backward(loss):
     drop_cast_weights()
     loss.backward()
     drop_cast_weights()
-
-
-def sft_loss(model, prompts, targets, n_tokens):
-    """Sum of -log p(target token | prompt, earlier target tokens) over this micro-batch,
-    / n_tokens, the target-token count of the whole optimizer step. Prompt tokens get no loss."""
-    logp, mask = token_logprobs(model, prompts, targets)  # (B, T) each, T = longest target
-    return -(logp * mask).sum() / n_tokens
-
-
-def sft_backward(model, prompts, targets, micro_batch_size, weight=1.0) -> float:
-    """Backpropagate weight * token-mean NLL of all (prompt, target) pairs, one micro-batch at a
-    time. Returns the unweighted loss value of the whole batch."""
-    n_tokens = sum(len(t) for t in targets)
-    losses = []
-    lengths = [len(p) + len(t) for p, t in zip(prompts, targets)]
-    mbs = length_sorted_micro_batches(lengths, micro_batch_size)
-    for mb in dist.lockstep(model, mbs):  # FSDP: as many passes as the busiest rank
-        loss = sft_loss(model, [prompts[i] for i in mb], [targets[i] for i in mb], n_tokens)
-        micro_backward(weight * loss)
-        losses.append(loss.detach())  # not the graph: its nodes die with the backward
-    return read_sum(losses)
-
-
-def sharded_sft_backward(model, prompts, targets, micro_batch_size, weight=1.0) -> float:
-    """sft_backward on this rank's share of the pairs (all of them in one process). Each rank's
-    token mean is weighted by its share of all the target tokens, so the ranks' gradients sum to
-    the whole batch's token mean (share == 1.0 exactly in one process). Returns the whole batch's
-    loss, on every rank."""
-    if not targets:
-        return 0.0
-    lo, hi = dist.shard_range(len(targets))
-    share = sum(len(t) for t in targets[lo:hi]) / sum(len(t) for t in targets)
-    part = sft_backward(model, prompts[lo:hi], targets[lo:hi], micro_batch_size, weight * share)
-    return dist.sum_floats([part * share])[0]
 
 
 def make_optimizer(params, lr, weight_decay=0.0, fused=None):

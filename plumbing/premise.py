@@ -23,15 +23,14 @@ has little to transfer on that model and task. Beside it, what the transfer real
 
 riel.py logs both every step; experiments/premise.py measures them on any checkpoint before RL (the
 same sampler and checker) next to two nulls, so a user can read them before spending a GPU-day.
+Every function takes `correct`, the reward of a right answer (losses.CORRECT), from its caller.
 """
 import numpy as np
 
-from losses import CORRECT
 
-
-def rescue(rewards, experts) -> dict:
+def rescue(rewards, experts, *, correct) -> dict:
     """rewards (Q, N, G) -> {"rescue_rate", "rescued/<expert>"} (shares of the Q questions)."""
-    wrong = rewards.amax(-1) < CORRECT  # (Q, N) the expert's whole group is wrong
+    wrong = rewards.amax(-1) < correct  # (Q, N) the expert's whole group is wrong
     any_right = (~wrong).any(-1)  # (Q,) some expert has a right answer
     m = {"rescue_rate": (wrong.any(-1) & any_right).float().mean().item()}
     for i, ex in enumerate(experts):
@@ -40,18 +39,18 @@ def rescue(rewards, experts) -> dict:
     return m
 
 
-def step_metrics(rewards, experts, chosen) -> dict:
+def step_metrics(rewards, experts, chosen, *, correct) -> dict:
     """Reward, reward-spread and premise metrics of one step.
     rewards (Q, N, G), chosen = [(E+, E-)]."""
     zero = rewards.amax(-1) == rewards.amin(-1)  # (Q, N) groups with no reward spread: no signal
-    wrong, right = rewards.amax(-1) < CORRECT, rewards.amin(-1) >= CORRECT
+    wrong, right = rewards.amax(-1) < correct, rewards.amin(-1) >= correct
     flat = rewards.flatten(1)  # (Q, N*G): all experts of a question together
     reward_std = rewards.std(-1, correction=int(rewards.shape[-1] > 1)).mean().item()
     m = {"reward": rewards.mean().item(), "reward_std": reward_std,
          "zero_spread": zero.float().mean().item(),
          "all_wrong": wrong.float().mean().item(), "all_right": right.float().mean().item(),
          "zero_signal_questions": (flat.amax(-1) == flat.amin(-1)).float().mean().item(),
-         "transfers": len(chosen), **rescue(rewards, experts)}
+         "transfers": len(chosen), **rescue(rewards, experts, correct=correct)}
     for i, ex in enumerate(experts):
         m[f"reward/{ex.name}"] = rewards[:, i].mean().item()
         m[f"zero_spread/{ex.name}"] = zero[:, i].float().mean().item()
@@ -81,7 +80,7 @@ def beta_binomial_fit(k, G):
     return m * (1 / rho - 1), (1 - m) * (1 / rho - 1)
 
 
-def rescue_nulls(rewards, experts, draws=20000, seed=0) -> dict:
+def rescue_nulls(rewards, experts, *, correct, draws=20000, seed=0) -> dict:
     """rescued/<expert> expected by chance, from the step's own rewards (Q, N, G):
     - `independent`: experts fail independently: P(i all wrong) * (1 - prod_j P(j all wrong));
     - `same_difficulty`: all fail the SAME questions as far as their accuracy allows: each expert's
@@ -89,7 +88,7 @@ def rescue_nulls(rewards, experts, draws=20000, seed=0) -> dict:
       at the same quantile of question difficulty (comonotone), rescue averaged over that quantile.
     Rescues far above `same_difficulty` mean the experts fail different questions: the premise."""
     Q, N, G = rewards.shape
-    k = (rewards >= CORRECT).sum(-1).double().numpy()  # (Q, N)
+    k = (rewards >= correct).sum(-1).double().numpy()  # (Q, N)
     wrong = (k == 0).mean(0)  # (N,) share of all-wrong groups
     p = np.empty((N, draws))
     rng = np.random.default_rng(seed)

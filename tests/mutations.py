@@ -239,7 +239,7 @@ MUTATIONS = [
              "pass  # the teacher's logits were cast",
              (AUTOCAST_ORDER,)),
     Mutation("micro-batch casts kept: bf16 weight gradients pile up", "plumbing/optim.py",
-             "    drop_cast_weights()\n\n\ndef sft_loss", "    pass\n\n\ndef sft_loss",
+             "    drop_cast_weights()\n\n\ndef make_optimizer", "    pass\n\n\ndef make_optimizer",
              (PLAN + "test_bf16_weight_gradients_do_not_pile_up_over_a_backward",)),
     Mutation("plan: backward with CPU's autocast cache lifetime", "tools/plan.py",
              "with backward_thread() if cuda_backward else nullcontext():", "with nullcontext():",
@@ -276,10 +276,10 @@ MUTATIONS = [
     Mutation("SFT target without end-of-turn", "mef.py",
              "add_special_tokens=False) + [end_of_turn_id(tok)]", "add_special_tokens=False)",
              (BUFFER_STEP,)),
-    Mutation("SFT token mean per micro-batch", "plumbing/optim.py",
+    Mutation("SFT token mean per micro-batch", "mef.py",
              "return -(logp * mask).sum() / n_tokens", "return -(logp * mask).sum() / mask.sum()",
              (MEF + "test_micro_batches_give_the_full_batch_loss_and_gradient",)),
-    Mutation("SFT weight dropped", "plumbing/optim.py", "micro_backward(weight * loss)",
+    Mutation("SFT weight dropped", "mef.py", "micro_backward(weight * loss)",
              "micro_backward(loss)", (BUFFER_STEP,)),
     Mutation("last micro-batch dropped", "plumbing/optim.py",
              "for s in range(0, len(order), micro_batch_size)]",
@@ -291,8 +291,8 @@ MUTATIONS = [
     Mutation("MEF resume repeats a step", "mef.py",
              "if step <= start_step:", "if step < start_step:",
              (MEF + "test_mef_resumed_at_a_step_takes_the_same_batches_as_an_uninterrupted_run",)),
-    # ---- optim.py: host syncs
-    Mutation("a host read per micro-batch", "plumbing/optim.py",
+    # ---- mef.py: host syncs
+    Mutation("a host read per micro-batch", "mef.py",
              "        losses.append(loss.detach())  "
              "# not the graph: its nodes die with the backward\n    return read_sum(losses)",
              "        losses.append(loss.item() * torch.ones(()))\n    return read_sum(losses)",

@@ -17,8 +17,8 @@ import torch
 import torch.multiprocessing as mp
 
 from plumbing import dist
-from plumbing import optim
 from conftest import free_port
+import mef
 import mel
 import riel
 from model import Transformer, tiny_config
@@ -50,7 +50,7 @@ def backward_all(model, share):
     """Every loss kind with uneven shares; `share` picks this rank's items (identity in one
     process)."""
     prompts, targets = [p for p, _ in SFT], [t for _, t in SFT]
-    optim.sharded_sft_backward(model, prompts, targets, micro_batch_size=1)
+    mef.sharded_sft_backward(model, prompts, targets, micro_batch_size=1)
     for mode in ("sampled", "full_vocab"):
         n_tokens = sum(len(o) for *_, o in PAIRS)
         riel.transfer_backward(model, share(PAIRS), Cfg(mode), n_tokens=n_tokens)

@@ -66,11 +66,11 @@ def naive_nll(model, prompt, target):
 def test_loss_is_token_mean_nll_of_assistant_tokens_only():
     model = StandIn(mix=False)
     prompts, targets = [[5, 6, 7, 8], [9, 10]], [[20, 21, 258], [22, 258]]
-    loss = optim.sft_loss(model, prompts, targets, n_tokens=5)
+    loss = mef.sft_loss(model, prompts, targets, n_tokens=5)
     hand = sum(naive_nll(model, p, t) for p, t in zip(prompts, targets)) / 5
     torch.testing.assert_close(loss, hand)
 
-    loss = optim.sft_loss(model, [prompts[0]], [targets[0]], n_tokens=3)
+    loss = mef.sft_loss(model, [prompts[0]], [targets[0]], n_tokens=3)
     loss.backward()
     g = model.hidden.grad[0].abs().sum(-1)  # (T,) gradient reaching the state at each position
     P, C = 4, 3
@@ -84,10 +84,10 @@ def test_micro_batches_give_the_full_batch_loss_and_gradient():
     prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (3, 7, 4, 5, 9)]
     targets = [torch.randint(0, 256, (n,), generator=g).tolist() + [258] for n in (1, 6, 2, 8, 3)]
     model = StandIn()
-    full = optim.sft_backward(model, prompts, targets, micro_batch_size=8)
+    full = mef.sft_backward(model, prompts, targets, micro_batch_size=8)
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    split = optim.sft_backward(model, prompts, targets, micro_batch_size=2)
+    split = mef.sft_backward(model, prompts, targets, micro_batch_size=2)
     assert abs(full - split) < 1e-6
     for a, p in zip(grads, model.parameters()):
         torch.testing.assert_close(p.grad, a, atol=1e-6, rtol=1e-5)

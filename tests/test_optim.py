@@ -1,10 +1,10 @@
-"""Tests for optim.py's host syncs and riel's clip fraction: a step reads its losses from the device
-once per loss term, however many micro-batches it has, and the clip fraction is only computed when
-there is something to clip."""
+"""Tests for a step's host syncs (optim.read_sum) and riel's clip fraction: a step reads its losses
+from the device once per loss term, however many micro-batches it has, and the clip fraction is only
+computed when there is something to clip."""
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from plumbing import optim
+import mef
 import riel
 import rollout
 from test_mef import StandIn
@@ -39,7 +39,7 @@ def reads_of(fn):
 def test_sft_backward_reads_the_device_once_however_many_micro_batches():
     prompts, targets = batch()
     model = StandIn()
-    backward = lambda mbs: optim.sft_backward(model, prompts, targets, micro_batch_size=mbs)
+    backward = lambda mbs: mef.sft_backward(model, prompts, targets, micro_batch_size=mbs)
     one, loss_one = reads_of(lambda: backward(8))
     many, loss_many = reads_of(lambda: backward(1))
     assert one == many, (one, many)  # the old per-micro-batch .item() made it 8 more

@@ -14,6 +14,7 @@ import torch
 import data
 from plumbing import runlog
 from experiments import plot
+from losses import CORRECT
 from plumbing.premise import step_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +33,7 @@ def fake_run(path: Path, seed=0, mef_steps=6, rl_steps=12, flush_every=4):
         rewards = (torch.rand(4, len(EXPERTS), 8, generator=g) < 0.3).float()
         flushed = 3 if i % flush_every == 0 else 0
         rows.append({"stage": "riel", "step": i, "gstep": mef_steps + i,
-                     **step_metrics(rewards, EXPERTS, []),
+                     **step_metrics(rewards, EXPERTS, [], correct=CORRECT),
                      "loss_grpo": 0.01 * i, "loss_transfer": 0.5,
                      "loss_sft": 2.0 if flushed else 0.0, "flushed": flushed,
                      "completions/mean_length": 10.0 + i, "entropy": 3.0 - 0.1 * i,

@@ -11,6 +11,7 @@ import losses as buffer_module  # admission draws from losses.uniform
 from plumbing import premise
 import riel
 import losses as transfer
+from losses import CORRECT
 from riel import HardExample, HardExampleBuffer
 from test_mef import Expert, StandIn
 from test_riel_reference import (ALL_WRONG, MIXED, answering_sampler, completions_of,
@@ -31,9 +32,9 @@ def test_rescue_counts_questions_one_expert_fails_and_another_solves():
                       [[1, 1], [1, 0], [0, 1]],  # q1: nobody all wrong
                       [[0, 0], [0, 0], [0, 0]],  # q2: all wrong everywhere: nothing to transfer
                       [[1, 0], [0, 0], [1, 1]]], dtype=torch.float32)  # q3: b all wrong, rescued
-    m = premise.rescue(r, THREE)
+    m = premise.rescue(r, THREE, correct=CORRECT)
     assert m == {"rescue_rate": 0.5, "rescued/a": 0.25, "rescued/b": 0.25, "rescued/c": 0.25}
-    assert premise.rescue(torch.ones(2, 3, 4), THREE)["rescue_rate"] == 0.0
+    assert premise.rescue(torch.ones(2, 3, 4), THREE, correct=CORRECT)["rescue_rate"] == 0.0
 
 
 def test_every_riel_step_logs_the_meter(tok, monkeypatch):
@@ -176,8 +177,8 @@ def test_reward_std_is_trls_mean_over_groups_of_the_unbiased_group_std():
     # by hand, unbiased (torch.std, as TRL): sum of squared deviations over G - 1
     groups = [[0, 0, 1, 1], [1, 1, 1, 1], [0, 0, 0, 1], [1, 0, 0, 0]]
     by_hand = [math.sqrt(sum((x - sum(g) / 4) ** 2 for x in g) / 3) for g in groups]
-    m = premise.step_metrics(r, THREE[:2], [])
+    m = premise.step_metrics(r, THREE[:2], [], correct=CORRECT)
     assert m["reward_std"] == pytest.approx(sum(by_hand) / 4)
     assert by_hand[0] == pytest.approx(math.sqrt(1 / 3))
     # G = 1: no spread, not NaN
-    assert premise.step_metrics(r[..., :1], THREE[:2], [])["reward_std"] == 0.0
+    assert premise.step_metrics(r[..., :1], THREE[:2], [], correct=CORRECT)["reward_std"] == 0.0
