@@ -1,4 +1,4 @@
-"""experiments/transfer_seeds.py: every setting's argument list parses into the configuration it
+"""experiments/transfer_validate.py: every setting's argument list parses into the configuration it
 names, and a run's record (collapse, unseen-shape gain, the transfer's early share, own-shape
 accuracy) is what hand-made run directories say, computed here the naive way."""
 import json
@@ -9,16 +9,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
-import transfer_seeds as ts  # noqa: E402
+import transfer_validate as tv  # noqa: E402
 import train  # noqa: E402
 
 
-@pytest.mark.parametrize("setting", list(ts.SETTINGS))
+@pytest.mark.parametrize("setting", list(tv.SETTINGS))
 def test_each_setting_is_the_transfer_only_row_with_its_own_options(setting, tmp_path,
                                                                      monkeypatch):
-    cfg = ts.Config(out_dir=str(tmp_path))
-    monkeypatch.setattr(ts.fa, "final_ckpt", lambda out: "start-ckpt")
-    args = ts.rl_args(cfg, setting, 101, str(tmp_path / "run"))
+    cfg = tv.Config(out_dir=str(tmp_path))
+    monkeypatch.setattr(tv.fa, "final_ckpt", lambda out: "start-ckpt")
+    args = tv.rl_args(cfg, setting, 101, str(tmp_path / "run"))
     c = train.cli(args)
     r = c.riel
     assert (c.testbed, c.sft_cross, c.seed, c.init) == ("disjoint", 0.0, 101, "start-ckpt")
@@ -43,9 +43,9 @@ def summary(path, stage, test_val, by_shape, unseen):
 
 
 def test_a_run_record_from_hand_made_runs(tmp_path):
-    cfg = ts.Config(out_dir=str(tmp_path), seeds=(100,), settings=("step 1",))
-    sft = Path(ts.sft_dir(cfg, 100))
-    run = Path(ts.run_dir(cfg, "step 1", 100))
+    cfg = tv.Config(out_dir=str(tmp_path), seeds=(100,), settings=("step 1",))
+    sft = Path(tv.sft_dir(cfg, 100))
+    run = Path(tv.run_dir(cfg, "step 1", 100))
     summary(sft, "after_mef", ({"chain": 0.40, "columns": 0.30}, {"chain": 0.2, "columns": 0.5}),
             {"many": {"chain": 0.7, "columns": 0.0}, "long": {"chain": 0.0, "columns": 0.6}}, 1)
     # columns is deployed at the start (best on val): 30.0; after RL chain is: 24.0 < 30 - 5
@@ -56,7 +56,7 @@ def test_a_run_record_from_hand_made_runs(tmp_path):
               "taught/columns": 0.25} for i in range(30)]
     norms[0]["grad_norm/transfer"] = 1.0  # shares: 0.5 once, then 0.75 for 19 of the first 20
     (run / "curves.json").write_text(json.dumps(norms))
-    rec = ts.numbers(cfg, "step 1", 100)
+    rec = tv.numbers(cfg, "step 1", 100)
     assert (rec["start_test"], rec["test"], rec["deployed"]) == (30.0, 24.0, "chain")
     assert rec["collapsed"] and (rec["start_unseen_correct"], rec["unseen_correct"]) == (1, 31)
     assert rec["transfer_share_early"] == pytest.approx((0.5 + 19 * 0.75) / 20)
@@ -64,14 +64,14 @@ def test_a_run_record_from_hand_made_runs(tmp_path):
     assert rec["own_shape"] == {"start": {"chain": 70.0, "columns": 60.0},
                                 "end": {"chain": 40.0, "columns": 10.0}}
     assert rec["reward"]["chain"]["start"] == pytest.approx(0.1)  # steps 0-2: 0, 0.1, 0.2
-    s = ts.summarize([rec, {**rec, "seed": 101, "test": 25.1, "collapsed": False,
+    s = tv.summarize([rec, {**rec, "seed": 101, "test": 25.1, "collapsed": False,
                             "unseen_correct": 11}])
     assert s["step 1"]["collapses"] == 1 and s["step 1"]["collapsed_seeds"] == [100]
     assert s["step 1"]["unseen_gain_mean"] == pytest.approx(((31 - 1) + (11 - 1)) / 2)
-    assert "**collapsed**" in ts.markdown(cfg, [rec], s)
+    assert "**collapsed**" in tv.markdown(cfg, [rec], s)
 
 
 def test_unknown_settings_are_named_before_anything_runs(tmp_path):
     with pytest.raises(SystemExit, match="unknown settings"):
-        ts.main(ts.Config(out_dir=str(tmp_path), settings=("step 2",)))
+        tv.main(tv.Config(out_dir=str(tmp_path), settings=("step 2",)))
     assert not any(tmp_path.iterdir())
