@@ -2,11 +2,10 @@
 experiments/transfer_validate.py: how often does the transfer wipe the experts, and which setting
 stops it? (issue 40) The collapse measured as a rate over seeds, never read off one seed.
 
-    python experiments/transfer_validate.py                      # validation: seeds 100-109, the
-                                                              # settings below; resumable
+    python experiments/transfer_validate.py             # seeds 100-109, the default settings
     python experiments/transfer_validate.py --seeds 110 111 --settings "step 0.3"   # more of it
-    python experiments/transfer_validate.py --report             # the tables from finished runs
-    python experiments/transfer_validate.py --quick              # a smoke test: 1 seed, 3 RL steps
+    python experiments/transfer_validate.py --report    # the tables from finished runs
+    python experiments/transfer_validate.py --quick     # a smoke test: 1 seed, 3 RL steps
 
 Testbed `disjoint` at p = 0 (data/synthetic.py): each expert's MEF traces cover only its own
 question shape, so everything an expert answers right on the other shape after RL (its *unseen*
