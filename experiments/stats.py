@@ -5,6 +5,7 @@ experiments/stats.py: the few tests the studies report, written out so a reader 
   hypergeometric tail: P(X >= a) for X ~ Hypergeom(N = n_a + n_b, K = a + b, n = n_a)).
 - holm: Holm's step-down adjustment of several p-values (family-wise error control).
 - wilson: the Wilson score 95% interval of a proportion (Wilson 1927).
+- sign_flip: the exact paired permutation test of a mean difference (Fisher 1935).
 """
 import math
 
@@ -35,3 +36,12 @@ def wilson(correct: int, total: int, z: float = 1.959964) -> tuple:
     centre = (p + z * z / (2 * total)) / (1 + z * z / total)
     half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
     return centre - half, centre + half
+
+
+def sign_flip(diffs: list) -> float:
+    """Two-sided exact paired permutation p-value of mean(diffs) != 0: every sign pattern of the
+    differences (2^n of them; n <= 20), the share whose |mean| is at least the observed one."""
+    n, observed = len(diffs), abs(sum(diffs))
+    hits = sum(abs(sum(d if (mask >> i) & 1 else -d for i, d in enumerate(diffs)))
+               >= observed - 1e-12 for mask in range(2 ** n))
+    return hits / 2 ** n

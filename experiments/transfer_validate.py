@@ -106,10 +106,11 @@ def run_all(cfg, pool):
 
 # ---- the numbers ---------------------------------------------------------------------------------
 
-def own_shape(evals, key) -> dict:
+def own_shape(summary, key) -> dict:
     """Each expert's test accuracy (%) on the shape it owns (what a collapse wipes)."""
-    by = evals[key]["accuracy_by_shape"]
-    return {e: 100 * by[s][e] for s, e in OWNERS["disjoint"].items()}
+    by = summary["evals"][key]["accuracy_by_shape"]
+    owners = OWNERS[summary.get("config", {}).get("testbed", "disjoint")]
+    return {e: 100 * by[s][e] for s, e in owners.items() if e in by[s]}
 
 
 def early_share(lines) -> float | None:
@@ -121,18 +122,22 @@ def early_share(lines) -> float | None:
 
 
 def numbers(cfg, setting, seed) -> dict:
-    """One run's record, beside its MoE-SFT start's."""
-    start, end = fa.load(sft_dir(cfg, seed)), fa.load(run_dir(cfg, setting, seed))
+    return record(sft_dir(cfg, seed), run_dir(cfg, setting, seed), setting, seed)
+
+
+def record(start_dir, out, row, seed) -> dict:
+    """One RL run's record (directory out), beside its MoE-SFT start's (start_dir)."""
+    start, end = fa.load(start_dir), fa.load(out)
     s_head, e_head = headline(start["evals"]), headline(end["evals"])
-    lines = fa.riel_lines(run_dir(cfg, setting, seed))
-    experts = sorted(OWNERS["disjoint"].values())
-    res = {"row": setting, "seed": seed, "start_test": s_head["test_accuracy"],
+    lines = fa.riel_lines(out)
+    experts = sorted(OWNERS[end.get("config", {}).get("testbed", "disjoint")].values())
+    res = {"row": row, "seed": seed, "start_test": s_head["test_accuracy"],
            "test": e_head["test_accuracy"], "deployed": e_head["deployed"],
            "start_unseen_correct": s_head.get("unseen_correct"),
            "unseen_correct": e_head.get("unseen_correct"),
            "unseen_total": e_head.get("unseen_total"),
-           "own_shape": {"start": own_shape(start["evals"], "after_mef"),
-                         "end": own_shape(end["evals"], "after_riel")},
+           "own_shape": {"start": own_shape(start, "after_mef"),
+                         "end": own_shape(end, "after_riel")},
            "transfer_share_early": early_share(lines),
            "reward": {e: {"start": fa.window_mean(lines, f"reward/{e}", True),
                           "end": fa.window_mean(lines, f"reward/{e}", False)} for e in experts},

@@ -33,3 +33,16 @@ def test_wilson_matches_published_intervals():
     # Newcombe (1998), table I: 0/10 -> 0 to 0.2775; 81/263 -> 0.2553 to 0.3662
     assert wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
     assert wilson(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)
+
+
+def test_sign_flip_counts_the_sign_patterns_as_extreme_as_the_data():
+    from stats import sign_flip
+    # all four positive: only all-plus and all-minus reach |sum| 10 of 16 patterns
+    assert sign_flip([1, 2, 3, 4]) == pytest.approx(2 / 16)
+    # [1, -1]: every pattern has |sum| 0 or 2 >= 0
+    assert sign_flip([1, -1]) == 1.0
+    # naive: the same by listing the patterns with itertools
+    diffs = [3.0, -1.0, 2.5, 0.5, 4.0]
+    pats = list(itertools.product((1, -1), repeat=5))
+    naive = sum(abs(sum(s * d for s, d in zip(p, diffs))) >= abs(sum(diffs)) for p in pats)
+    assert sign_flip(diffs) == pytest.approx(naive / 32)
