@@ -160,8 +160,7 @@ def riel_step(model, tok, records, experts, cfg: RIELConfig, optimizer, buffer, 
              buffer_admitted=admitted, buffer_size=len(buffer.entries),
              buffer_flushes=buffer.flushes, **batch_metrics(batch, out, sample_s, train_s))
     if samples:
-        m["samples"] = group_samples(tok, records[:samples], experts, out.completions, rewards, adv,
-                                     cfg.group_size)
+        m["samples"] = group_samples(tok, records[:samples], experts, out.completions, rewards, adv)
     return m
 
 

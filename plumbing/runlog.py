@@ -282,9 +282,10 @@ def batch_metrics(batch, out, sample_s: float, train_s: float) -> dict:
             "train_tokens_per_s": trained / max(train_s, 1e-9)}
 
 
-def group_samples(tok, records, experts, completions, rewards, adv, G) -> list:
-    """What the model wrote: one dict per (question, expert) group of the given first questions."""
-    N = len(experts)
+def group_samples(tok, records, experts, completions, rewards, adv) -> list:
+    """What the model wrote: one dict per (question, expert) group of the given first questions;
+    rewards (Q, N, G) tells the group size."""
+    N, G = len(experts), rewards.shape[-1]
     return [{"question": rec.question, "answer": rec.answer, "expert": ex.name,
              "completions": [tok.decode(completions[(q * N + i) * G + g], skip_special_tokens=True)
                              for g in range(G)],
