@@ -6,6 +6,8 @@ validation seeds (experiments/transfer_choice.json, committed before these runs)
     python experiments/transfer_seeds.py            # seeds 0-9, placebo, doses: resumable
     python experiments/transfer_seeds.py --report   # experiments/transfer_seeds.json and .md
     python experiments/transfer_seeds.py --quick    # a smoke test: 1 seed, 3 RL steps
+    python experiments/transfer_seeds.py --regenerate disjoint@0 "transfer only" 3
+                                                    # a run's final checkpoint, hash-checked
 
 Rows, from one MoE-SFT start per (testbed, dose, seed), every run's setting read from the choice:
 - "transfer only": MEML w/o buffer (max(A,0) + the transfer, no buffer) and "no transfer": the
@@ -23,6 +25,7 @@ run's final checkpoint, the one its `latest` names) and, for GRPO, {expert}: any
 row on a new seed by filling them in.
 """
 import dataclasses
+import hashlib
 import json
 import os
 import statistics
@@ -59,6 +62,8 @@ class Config:
     out_dir: str = "experiments/transfer_study_runs"
     out: str = "experiments/transfer_seeds.json"
     report: bool = False
+    # (testbed, row, seed), e.g. disjoint@0 "transfer only" 3: that run's final checkpoint back
+    regenerate: tuple[str, str, str] | None = None
     quick: bool = False
 
 
@@ -80,7 +85,8 @@ def load_choice(path) -> dict:
 def row_args(row, choice) -> list:
     """A row's RL arguments (after the common ones and --init): the choice's setting and lr."""
     setting = tv.SETTINGS[choice["setting"]]
-    rows = {T_ONLY: [*tv.TRANSFER_ONLY, *setting], NO_T: [*tv.TRANSFER_ONLY, *setting, "--riel.no-transfer"],
+    rows = {T_ONLY: [*tv.TRANSFER_ONLY, *setting],
+            NO_T: [*tv.TRANSFER_ONLY, *setting, "--riel.no-transfer"],
             MEML: ["--riel.grad-shares", *setting],
             GRPO: ["--riel.advantage", "grpo", "--riel.no-transfer", "--riel.no-buffer",
                    "--experts", "{expert}", "--riel.questions-per-step",
@@ -123,6 +129,50 @@ def run_all(cfg, choice, pool):
                       [(r, s) for s in seeds for r in rows]))
 
 
+# ---- the checkpoints: regenerated on demand, checked against the committed hash -----------------
+
+def digest(out) -> str:
+    """sha256 of the run's final weights (its `latest` checkpoint's model.safetensors)."""
+    with open(os.path.join(fa.final_ckpt(out), "model.safetensors"), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def stamp(out):
+    """Write weights.sha256 beside a finished run's summary (git keeps it, not the weights)."""
+    path = os.path.join(out, "weights.sha256")
+    if os.path.exists(os.path.join(out, "latest")) and not os.path.exists(path):
+        with open(path, "w") as f:
+            f.write(digest(out) + "\n")
+
+
+def regenerate(cfg, choice, testbed, row, seed) -> str:
+    """A committed run's final checkpoint: trained again from its (regenerated) start in a side
+    directory, its weights checked against weights.sha256, then moved in. Returns its path."""
+    out, seed = fa.run_dir(cfg, testbed, row, seed), int(seed)
+    if os.path.exists(os.path.join(out, "latest")):
+        return fa.final_ckpt(out)
+    fa.run_sft(cfg, testbed, seed)  # trained again if absent, hash-checked
+    if row == fa.SFT:
+        return fa.final_ckpt(out)
+    side = out + ".regen"
+    if not fa.done(side):
+        sft = fa.run_dir(cfg, testbed, fa.SFT, seed)
+        args = argv(cfg, row, choice, testbed, str(seed), side, fa.final_ckpt(sft))
+        expert = fa.val_choice(fa.load(sft)["evals"], "after_mef@val")
+        launch([a.replace("{expert}", expert) for a in args], side, 1, f"regenerate {row}")
+    with open(os.path.join(out, "weights.sha256")) as f:
+        want = f.read().strip()
+    if digest(side) != want:
+        raise SystemExit(f"{side}: the regenerated weights differ from the committed run's "
+                         f"({want[:12]}...): another CPU kind or another commit than "
+                         f"{fa.load(out).get('commit')}?")
+    name = open(os.path.join(side, "latest")).read().strip()
+    os.replace(os.path.join(side, name), os.path.join(out, name))
+    with open(os.path.join(out, "latest"), "w") as f:
+        f.write(name + "\n")
+    return os.path.join(out, name)
+
+
 # ---- the numbers ---------------------------------------------------------------------------------
 
 def collect(cfg) -> list:
@@ -141,6 +191,7 @@ def collect(cfg) -> list:
             for row in rows:
                 out = fa.run_dir(cfg, testbed, row, s)
                 if fa.done(out):
+                    stamp(out)
                     runs.append({**tv.record(sft, out, row, s), "testbed": testbed})
     return runs
 
@@ -198,6 +249,9 @@ def main(cfg: Config):
     if cfg.quick:
         cfg = dataclasses.replace(cfg, seeds=cfg.seeds[:1], placebo_seeds=1, doses=(),
                                   steps=3)
+    if cfg.regenerate:
+        print(f"-> {regenerate(cfg, choice, *cfg.regenerate)}")
+        return
     t0 = time.time()
     if not cfg.report:
         with ThreadPoolExecutor(cfg.jobs) as pool:

@@ -2,6 +2,7 @@
 name (transfer only and no transfer differ in the transfer alone, at one lr), the choice is
 required, and the contrasts are what hand-made runs give, recomputed here."""
 import dataclasses
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -66,3 +67,43 @@ def test_contrasts_pair_by_seed_test_fisher_per_seed_and_holm_across():
     assert c["seeds_p_below_0.01"] == 3
     assert c["p_holm"] == pytest.approx(min(1.0, 2 / 8))  # the only contrast: Holm changes nothing
     assert c["ci95"] == pytest.approx(4.303 * 1.0 / 3 ** 0.5)  # t_{0.975,2} * sd / sqrt(n)
+
+
+def test_regenerate_moves_in_a_retrained_checkpoint_only_when_its_hash_matches(tmp_path,
+                                                                              monkeypatch):
+    """A committed run keeps summary.json and weights.sha256, not its weights: --regenerate
+    trains it again beside it (here a stand-in writes the weights) and checks the hash."""
+    cfg = st.Config(out_dir=str(tmp_path))
+    sft = Path(st.fa.run_dir(cfg, "disjoint@0", st.fa.SFT, 4))
+    out = Path(st.fa.run_dir(cfg, "disjoint@0", st.T_ONLY, 4))
+    sft.mkdir(parents=True)
+    (sft / "summary.json").write_text(json.dumps(
+        {"evals": {"after_mef@val": {"accuracy": {"chain": 0.1, "columns": 0.2}}}}))
+    (sft / "latest").write_text("ckpt-000001\n")
+    out.mkdir(parents=True)
+    (out / "summary.json").write_text(json.dumps({"commit": "abc"}))
+    monkeypatch.setattr(st.fa, "run_sft", lambda *a: None)
+    weights, seen = [b"W1"], []
+
+    def retrain(args, side, threads, name):  # the run, deterministic: the same bytes each time
+        seen.append(args)
+        ckpt = Path(side) / "ckpt-000150"
+        ckpt.mkdir(parents=True)
+        (ckpt / "model.safetensors").write_bytes(weights[0])
+        (Path(side) / "latest").write_text("ckpt-000150\n")
+        (Path(side) / "summary.json").write_text("{}")
+    monkeypatch.setattr(st, "launch", retrain)
+    (out / "weights.sha256").write_text(hashlib.sha256(b"W1").hexdigest() + "\n")
+    path = st.regenerate(cfg, CHOICE, "disjoint@0", st.T_ONLY, "4")
+    assert Path(path) == out / "ckpt-000150" and (out / "latest").read_text().strip() == path[-11:]
+    assert "--init" in seen[0] and str(sft / "ckpt-000001") in seen[0]
+    assert st.regenerate(cfg, CHOICE, "disjoint@0", st.T_ONLY, "4") == path and len(seen) == 1
+    # another machine's weights: refused, nothing moved in
+    other = Path(st.fa.run_dir(cfg, "disjoint@0", st.NO_T, 4))
+    other.mkdir(parents=True)
+    (other / "summary.json").write_text(json.dumps({"commit": "abc"}))
+    (other / "weights.sha256").write_text(hashlib.sha256(b"W1").hexdigest() + "\n")
+    weights[0] = b"W2"
+    with pytest.raises(SystemExit, match="differ"):
+        st.regenerate(cfg, CHOICE, "disjoint@0", st.NO_T, "4")
+    assert not (other / "latest").exists()
