@@ -63,6 +63,7 @@ class RIELConfig:
     kl_beta: float = 0.0  # k3 KL to a frozen reference; needs ref_model
     transfer: bool = True  # (d) inter-expert mutual learning
     lambda1: float = 1.0
+    lambda1_warmup: int = 0  # RL steps over which lambda1 ramps up linearly (train.py); 0: none
     transfer_mode: Literal["sampled", "full_vocab"] = "sampled"  # sg[logp+] - logp- | KL(p+ || p-)
     transfer_all_correct: bool = False  # use every correct O+ of E+, not one at random
     buffer: bool = True  # (e) hard-example buffer

@@ -19,15 +19,13 @@ process.py, `--plan` in tools/plan_fit.py. Choices:
 - Precision `auto`: on CUDA fp32 master weights with bf16 autocast (a 1e-6 update vanishes in a
   bf16 weight); on CPU fp32. `bf16` stores the weights in bf16 to save memory.
 - Every optimizer step is a JSON line in metrics.jsonl; stdout gets a line every --log-every steps
-  (default: ~20 per stage, plus its first and last) holding the means since the previous line,
-  under tqdm's bar; curves.png in the run directory draws them (runlog.py, curves.py).
+  (~20 a stage: the means since the last line) under tqdm's bar; curves.png draws them (runlog.py).
 - The tiny default stops MEF by measurement, not by a step count (`--mef.stop-at`, `competent`):
   RL starts where the best expert solves about a fifth of the RL questions greedily.
 - Checkpoints are atomic (checkpoint.py) and hold everything `--resume` needs to continue bit for
   bit: weights, optimizer, sampling RNG, buffer, stage and step. The data order is a function of
   (seed, step), never of history. SIGTERM checkpoints at the next step and exits 143 (process.py).
-- `--lora-rank R`: LoRA adapters on a frozen base (lora.py); checkpoints hold the merged weights
-  plus the adapters, and the run's unmerged base is written once to OUT/lora_base for `--resume`.
+- `--lora-rank R`: LoRA adapters on a frozen base (lora.py); checkpoints hold merged + adapters.
 - Under torchrun every rank runs this same loop on the same data order; mef.py, riel.py and eval.py
   split the work of each step (dist.py). Rank 0 alone writes checkpoints, metrics, the summary and
   the log; every rank resumes from the checkpoint rank 0 names.
@@ -346,9 +344,11 @@ def run_riel(cfg, model, tok, records, experts, state, start, resumed, save, log
         batch = [records[i] for i in ids]
         for group in opt.param_groups:  # RL warmup: linear over rc.warmup_steps, then constant
             group["lr"] = rc.lr * min(1.0, (step + 1) / max(1, rc.warmup_steps))
+        ramp = min(1.0, (step + 1) / max(1, rc.lambda1_warmup))  # lambda1's warm-up, the same
+        rc_now = dataclasses.replace(rc, lambda1=rc.lambda1 * ramp) if ramp < 1 else rc
         keep = cfg.log_samples_every > 0 and (step + 1) % cfg.log_samples_every == 0
-        m = riel_step(model, tok, batch, experts, rc, opt, buffer, generator, reward_fn, ref_model,
-                      cfg.mel, int(keep))
+        m = riel_step(model, tok, batch, experts, rc_now, opt, buffer, generator, reward_fn,
+                      ref_model, cfg.mel, int(keep))
         state["gstep"] += 1
         state["step"] = step + 1
         at = {"stage": "riel", "step": step + 1, "gstep": state["gstep"]}

@@ -364,3 +364,20 @@ def test_the_buffer_admits_each_expert_on_its_own_groups_rewards(tok, monkeypatc
     admitted = [(e.question_id, e.expert) for e in buf.entries]
     assert n == 3 and admitted == [(0, "a"), (1, "b"), (2, "c")]
     assert [e.prompt_ids for e in buf.entries] == [[0, 0], [1, 1], [2, 2]]
+
+
+def test_lambda1_warms_up_linearly_through_train_py(tmp_path, monkeypatch):
+    """--riel.lambda1-warmup W: step s (0-based) weighs the transfer lambda1 * min(1, (s+1)/W);
+    the run's own config keeps lambda1 as given."""
+    import train
+    seen, real = [], train.riel_step
+    monkeypatch.setattr(train, "riel_step", lambda model, tok, batch, experts, rc, *a, **k:
+                        seen.append(rc.lambda1) or real(model, tok, batch, experts, rc, *a, **k))
+    train.main(train.cli(["--out-dir", str(tmp_path), "--stages", "riel", "--no-curves",
+                          "--train-size", "16", "--riel.steps", "5", "--riel.questions-per-step",
+                          "2", "--riel.group-size", "2", "--riel.max-new-tokens", "4",
+                          "--riel.lambda1", "0.8", "--riel.lambda1-warmup", "4",
+                          "--eval-every", "0"]))
+    assert seen == pytest.approx([0.2, 0.4, 0.6, 0.8, 0.8])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["config"]["riel"]["lambda1"] == 0.8
