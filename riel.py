@@ -64,6 +64,7 @@ class RIELConfig:
     transfer: bool = True  # (d) inter-expert mutual learning
     lambda1: float = 1.0
     lambda1_warmup: int = 0  # RL steps over which lambda1 ramps up linearly (train.py); 0: none
+    transfer_cap: float | None = None  # the transfer's grad norm <= this x GRPO's (one process)
     transfer_mode: Literal["sampled", "full_vocab"] = "sampled"  # sg[logp+] - logp- | KL(p+ || p-)
     transfer_all_correct: bool = False  # use every correct O+ of E+, not one at random
     buffer: bool = True  # (e) hard-example buffer
@@ -152,8 +153,7 @@ def riel_step(model, tok, records, experts, cfg: RIELConfig, optimizer, buffer, 
                                                 rewards, mel_cfg, cfg.max_new_tokens, cfg.top_p,
                                                 generator, reward_fn)
     drop_cast_weights()  # sampling cast under no_grad
-    mel_weight = mel_cfg.weight if use_mel else 0.0
-    m = update_policy(model, optimizer, cfg, batch, ref_model, mel_weight)  # (f)
+    m = update_policy(model, optimizer, cfg, batch, ref_model, use_mel and mel_cfg.weight)  # (f)
     l_mel, nll_s = m.pop("loss_mel"), m.pop("mel_nll_s")
     mel_m |= {"mel/loss_nll": l_mel, "mel_s": mel_m["mel/collect_s"] + nll_s} if use_mel else {}
     train_s = time.perf_counter() - t0 - sample_s - mel_m.get("mel/collect_s", 0.0)
@@ -174,14 +174,14 @@ def update_policy(model, optimizer, cfg, batch: Batch, ref_model=None, mel_weigh
     n_kl, sft_scale = term_scales(cfg, batch)
     for epoch in range(cfg.ppo_epochs):
         optimizer.zero_grad(set_to_none=True)
-        norms = TermNorms(model, cfg.grad_shares and epoch == 0 and dist.world() == 1)
+        norms = TermNorms(model, epoch == 0 and (cfg.grad_shares or cfg.transfer_cap is not None),
+                          cap=cfg.transfer_cap)
         l_pg, kl_ref, clip = policy_gradient_backward(model, batch, cfg, old_cache, ref_model)
         norms.mark("grpo")
         loss = l_pg
         if epoch == 0:
-            l_kl = (transfer_backward(model, dist.shard(batch.pairs), cfg, n_kl)
-                    if batch.pairs else 0.0)
-            l_kl = dist.sum_floats([l_kl])[0]
+            l_kl = dist.sum_floats([transfer_backward(model, dist.shard(batch.pairs), cfg, n_kl)
+                                    if batch.pairs else 0.0])[0]
             norms.mark("transfer")
             l_sft = sft_scale * buffer_backward(model, batch.flushed, cfg, sft_scale)
             norms.mark("sft")

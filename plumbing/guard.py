@@ -73,7 +73,9 @@ def check_options(cfg):
                         ("riel.kl-beta", r.kl_beta), ("riel.temperature", r.temperature),
                         ("eval-every", cfg.eval_every),
                         ("log-samples-every", cfg.log_samples_every),
-                        ("lora-rank", cfg.lora_rank), ("mef.weight-decay", m.weight_decay)):
+                        ("lora-rank", cfg.lora_rank), ("mef.weight-decay", m.weight_decay),
+                        ("riel.lambda1-warmup", r.lambda1_warmup),
+                        ("riel.transfer-cap", 0 if r.transfer_cap is None else r.transfer_cap)):
         if not (math.isfinite(value) and value >= 0):
             raise UserError(f"--{name} {value}: must be a finite number >= 0")
     if r.temperature == 0:
@@ -103,6 +105,9 @@ def check_options(cfg):
     if cfg.sft_replay is not None and not os.path.isfile(cfg.sft_replay):
         raise UserError(f"--sft-replay {cfg.sft_replay}: no such file (a RIEL run's flushed.jsonl)")
     _check_plan(cfg)
+    if r.transfer_cap is not None and dist.launched():
+        raise UserError("--riel.transfer-cap compares the terms' gradients of one process: run it "
+                        "without torchrun")
     if cfg.fsdp and not cfg.plan and not dist.launched():  # --plan --fsdp plans it anywhere
         raise UserError("--fsdp shards the model over torchrun's processes: launch with torchrun "
                         "(README)")

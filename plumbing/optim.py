@@ -102,22 +102,32 @@ def clip_and_step(model, optimizer, grad_clip, loss_value):
 class TermNorms:
     """Each loss term's gradient norm (the weighted term, as it enters the sum), from the gradient
     it adds to .grad: one copy of the gradients kept between terms. Off (no copy, no metrics)
-    unless enabled."""
+    unless enabled; one process only (under torchrun .grad is this rank's until the step).
+    cap: the transfer's gradient is scaled down to at most cap x the GRPO term's norm."""
 
-    def __init__(self, model, enabled):
-        self.model, self.enabled, self.norms, self.last = model, enabled, {}, None
+    def __init__(self, model, enabled, cap=None):
+        self.model, self.norms, self.last, self.cap, self.uncapped = model, {}, None, cap, None
+        self.enabled = enabled and dist.world() == 1
 
     def mark(self, term):
         if not self.enabled:
             return
-        now = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
-               for p in self.model.parameters() if p.requires_grad]  # LoRA: the adapters only
+        params = [p for p in self.model.parameters() if p.requires_grad]  # LoRA: the adapters
+        now = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
         delta = now if self.last is None else [a - b for a, b in zip(now, self.last)]
-        norms = torch.stack([torch.linalg.vector_norm(d) for d in delta])
-        self.norms[term] = torch.linalg.vector_norm(norms).item()
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d) for d in delta]))
+        self.norms[term] = norm.item()
+        if term == "transfer" and self.cap is not None and norm > self.cap * self.norms["grpo"]:
+            shrink = 1 - self.cap * self.norms["grpo"] / self.norms[term]  # of the term's part
+            for p, d, n in zip(params, delta, now):
+                if p.grad is not None:
+                    p.grad.sub_(shrink * d)
+                    n.sub_(shrink * d)
+            self.norms[term], self.uncapped = (1 - shrink) * norm.item(), norm.item()
         self.last = now
 
     def metrics(self) -> dict:
         total = sum(self.norms.values()) or 1.0
         return {**{f"grad_norm/{t}": n for t, n in self.norms.items()},
-                **{f"grad_share/{t}": n / total for t, n in self.norms.items()}}
+                **{f"grad_share/{t}": n / total for t, n in self.norms.items()},
+                **({"grad_norm/transfer_uncapped": self.uncapped} if self.uncapped else {})}

@@ -394,6 +394,12 @@ MUTATIONS = [
              "rc.lr * min(1.0, step / max(1, rc.warmup_steps))",
              (TRAIN + "test_placebo_testbed_with_a_validation_eval_rl_warmup_"
                       "and_every_fairness_switch",)),
+    Mutation("transfer cap scales the whole gradient", "plumbing/optim.py",
+             "p.grad.sub_(shrink * d)", "p.grad.mul_(1 - shrink)",
+             ("tests/test_riel.py::test_transfer_cap_scales_the_transfer_gradient_to_cap_times_the_"
+              "grpo_one",)),
+    Mutation("transfer cap never bites", "riel.py", "cap=cfg.transfer_cap)", "cap=None)",
+             ("tests/test_riel.py::test_transfer_cap_through_train_py_and_refused_when_negative",)),
     Mutation("lambda1 warm-up starts at 0", "train.py",
              "ramp = min(1.0, (step + 1) / max(1, rc.lambda1_warmup))",
              "ramp = min(1.0, step / max(1, rc.lambda1_warmup))",

@@ -286,6 +286,8 @@ def test_plan_detail_names_what_fills_each_peak_and_knows_lora(capsys, monkeypat
 # options run by a test of their own elsewhere (file::test): they need more than a few RIEL steps
 ELSEWHERE = {
     "riel.lambda1_warmup": "test_riel.py::test_lambda1_warms_up_linearly_through_train_py",
+    "riel.transfer_cap":
+        "test_riel.py::test_transfer_cap_through_train_py_and_refused_when_negative",
     "riel.compile": "test_options.py::test_compile_reaches_the_sampler",
     "riel.cuda_graphs": "test_options.py::test_cuda_graphs_reach_the_sampler_and_exclude_compile",
     "plan_gpu": "test_plan_time.py::"

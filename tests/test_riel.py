@@ -381,3 +381,51 @@ def test_lambda1_warms_up_linearly_through_train_py(tmp_path, monkeypatch):
     assert seen == pytest.approx([0.2, 0.4, 0.6, 0.8, 0.8])
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["config"]["riel"]["lambda1"] == 0.8
+
+
+@pytest.mark.parametrize("cap,bites", [(0.05, True), (100.0, False)])
+def test_transfer_cap_scales_the_transfer_gradient_to_cap_times_the_grpo_one(cap, bites):
+    """Naive reference: both terms' gradients by autograd.grad, then g_pg + min(1, cap |g_pg| /
+    |g_t|) g_t; what TermNorms leaves in .grad after marking grpo then transfer."""
+    from plumbing.optim import TermNorms
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    x = torch.randn(5, 4)
+    l_pg = lambda: net(x).sum()  # noqa: E731
+    l_t = lambda: 7 * (net(x) ** 2).mean()  # noqa: E731
+    params = list(net.parameters())
+    g_pg, g_t = torch.autograd.grad(l_pg(), params), torch.autograd.grad(l_t(), params)
+    norm = lambda g: torch.sqrt(sum((t ** 2).sum() for t in g))  # noqa: E731
+    scale = min(1.0, cap * norm(g_pg).item() / norm(g_t).item())
+    assert (scale < 1) == bites
+    norms = TermNorms(net, True, cap=cap)
+    l_pg().backward()
+    norms.mark("grpo")
+    l_t().backward()
+    norms.mark("transfer")
+    for p, a, b in zip(params, g_pg, g_t):
+        torch.testing.assert_close(p.grad, a + scale * b)
+    m = norms.metrics()
+    assert m["grad_norm/transfer"] == pytest.approx(scale * norm(g_t).item(), rel=1e-5)
+    assert ("grad_norm/transfer_uncapped" in m) == (scale < 1)
+    assert m["grad_share/transfer"] + m["grad_share/grpo"] == pytest.approx(1.0)
+    if scale < 1:
+        assert m["grad_norm/transfer"] == pytest.approx(cap * m["grad_norm/grpo"], rel=1e-5)
+
+
+def test_transfer_cap_through_train_py_and_refused_when_negative(tmp_path, monkeypatch):
+    import train
+    from plumbing.errors import UserError
+    # about a third of the answers "right": groups with a teacher, so the transfer has pairs
+    monkeypatch.setattr(train.verify, "reward", lambda task, text, ans: float(len(text) % 3 == 0))
+    args = ["--out-dir", str(tmp_path), "--stages", "riel", "--no-curves", "--train-size", "16",
+            "--riel.steps", "4", "--riel.questions-per-step", "2", "--riel.group-size", "4",
+            "--riel.max-new-tokens", "6", "--eval-every", "0", "--riel.lambda1", "50"]
+    with pytest.raises(UserError, match="transfer-cap"):
+        train.main(train.cli(args + ["--riel.transfer-cap", "-1"]))
+    train.main(train.cli(args + ["--riel.transfer-cap", "0.25"]))
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rl = [m for m in lines if m.get("stage") == "riel"]
+    assert rl and all(m["grad_norm/transfer"] <= 0.25 * m["grad_norm/grpo"] * (1 + 1e-5)
+                      for m in rl)
+    assert any(m.get("grad_norm/transfer_uncapped", 0) > m["grad_norm/transfer"] for m in rl)
