@@ -53,6 +53,12 @@ SETTINGS = {
     "own 0.1 clip 0.3": ["--riel.term-scale", "own", "--riel.lambda1", "0.1",
                          "--riel.grad-clip", "0.3"],
     "own 0.1 lr 3e-5": ["--riel.term-scale", "own", "--riel.lambda1", "0.1", "--riel.lr", "3e-5"],
+    "own 0.1 warm 50": ["--riel.term-scale", "own", "--riel.lambda1", "0.1",
+                        "--riel.lambda1-warmup", "50"],
+    "own 0.1 cap 0.5": ["--riel.term-scale", "own", "--riel.lambda1", "0.1",
+                        "--riel.transfer-cap", "0.5"],
+    "step 1 cap 0.5": ["--riel.term-scale", "step", "--riel.lambda1", "1",
+                       "--riel.transfer-cap", "0.5"],
 }
 COLLAPSE_POINTS = 5.0  # collapsed: deployed test accuracy below the MoE-SFT start minus this
 EARLY_STEPS = 20  # the window of the gradient shares

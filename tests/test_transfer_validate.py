@@ -31,6 +31,8 @@ def test_each_setting_is_the_transfer_only_row_with_its_own_options(setting, tmp
     assert r.transfer_mode == ("full_vocab" if "full-vocab" in setting else "sampled")
     assert r.kl_beta == (0.04 if setting.endswith("kl") else 0.0)
     assert r.grad_clip == (0.3 if "clip 0.3" in setting else 1.0)
+    assert r.lambda1_warmup == (50 if "warm 50" in setting else 0)
+    assert r.transfer_cap == (0.5 if "cap 0.5" in setting else None)
 
 
 def summary(path, stage, test_val, by_shape, unseen):
