@@ -5,6 +5,8 @@ anything to transfer on this model and task?
     python experiments/premise.py out/run/ckpt-000300 --testbed complementary   # a tiny MEF ckpt
     python experiments/premise.py out/smol/ckpt-000024 --data gsm8k --data-dir ../shared/data \\
         --skip 64 --questions 30 --max-new-tokens 128  # SmolLM2 after MEF on train's first 64
+    python experiments/premise.py CKPT --testbed disjoint --predict experiments/gain_fit.json
+                                        # + each expert's predicted unseen-shape gain (gain_fit.py)
 
 It samples G answers per (question, expert) at T = 1 with RIEL's own sampler and checker
 (riel.sample_and_score: the same tokens an RL step would draw), on RL-level questions of the
@@ -50,6 +52,8 @@ class Args:
     batch_questions: int = 16  # questions per sampling call (x experts x G rows)
     seed: int = 0
     out: str | None = None
+    # a fit of experiments/gain_fit.py: print each student's predicted unseen-shape gain
+    predict: str | None = None
 
 
 def measure(model, tok, task, records, experts, cfg: RIELConfig, batch_questions, seed) -> dict:
@@ -104,6 +108,22 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def predicted(res: dict, fit_path: str, testbed: str) -> dict:
+    """Each (student, unseen shape)'s predicted test-accuracy gain (points) with its 95%
+    prediction interval, from the teacher-student reward gap just measured."""
+    from experiments.gain_fit import gaps
+    from experiments.stats import predict
+    with open(fit_path) as f:
+        fit = json.load(f)
+    out = {}
+    for (student, shape), gap in gaps(res, testbed).items():
+        y, lo, hi = predict(fit, gap)
+        out[f"{student} on {shape}"] = {"gap": gap, "gain": y, "low": lo, "high": hi}
+        print(f"{student} on `{shape}` (gap {gap:+.2f}): predicted {y:+.1f} points after "
+              f"{fit['setting']!r} (95% prediction interval {lo:+.1f} to {hi:+.1f})")
+    return out
+
+
 def main(a: Args):
     t0 = time.time()
     kw = {"testbed": a.testbed} if a.data == "synthetic" else {}
@@ -121,6 +141,8 @@ def main(a: Args):
           f"{len(experts)} experts x {a.group_size} samples at T = 1, up to {a.max_new_tokens} "
           f"new tokens ({time.time() - t0:.0f} s)\n")
     print(table(res))
+    if a.predict:
+        res["predicted_gain"] = predicted(res, a.predict, a.testbed)
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"args": vars(a), "wall_s": time.time() - t0, **res}, f, indent=2)

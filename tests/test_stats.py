@@ -46,3 +46,29 @@ def test_sign_flip_counts_the_sign_patterns_as_extreme_as_the_data():
     pats = list(itertools.product((1, -1), repeat=5))
     naive = sum(abs(sum(s * d for s, d in zip(p, diffs))) >= abs(sum(diffs)) for p in pats)
     assert sign_flip(diffs) == pytest.approx(naive / 32)
+
+
+def test_t975_matches_the_table_beyond_the_exact_part():
+    from stats import t975
+    for df, t in ((1, 12.706), (9, 2.262), (10, 2.228), (20, 2.086), (30, 2.042), (120, 1.980)):
+        assert t975(df) == pytest.approx(t, abs=2e-3)
+
+
+def test_ols_and_its_prediction_interval_against_numpy():
+    np = pytest.importorskip("numpy")
+    from stats import ols, predict, r2
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, 12)
+    y = 0.3 + 2.0 * x + rng.normal(0, 0.1, 12)
+    fit = ols(list(x), list(y))
+    b, a = np.polyfit(x, y, 1)
+    assert (fit["a"], fit["b"]) == pytest.approx((a, b))
+    resid = y - (a + b * x)
+    assert fit["r2"] == pytest.approx(1 - (resid ** 2).sum() / ((y - y.mean()) ** 2).sum())
+    # the textbook interval: s sqrt(1 + 1/n + (x0 - xbar)^2 / Sxx), t with n - 2 = 10 df
+    s = np.sqrt((resid ** 2).sum() / 10)
+    x0 = 0.9
+    half = 2.228 * s * np.sqrt(1 + 1 / 12 + (x0 - x.mean()) ** 2 / ((x - x.mean()) ** 2).sum())
+    yhat, lo, hi = predict(fit, x0)
+    assert yhat == pytest.approx(a + b * x0) and (hi - lo) / 2 == pytest.approx(half, rel=1e-3)
+    assert r2(fit, list(x), list(y)) == pytest.approx(fit["r2"])

@@ -1,0 +1,61 @@
+"""experiments/gain_fit.py and premise.py --predict: the teacher-student gaps and the unseen-shape
+gains read from hand-made runs, and a line through points that lie on one comes back."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+sys.path.insert(0, str(ROOT))
+import gain_fit as gf  # noqa: E402
+from experiments import premise  # noqa: E402
+
+# chain owns `many`, columns owns `long`
+PREMISE = {"many": {"reward": {"chain": 0.5, "columns": 0.1}},
+           "long": {"reward": {"chain": 0.0, "columns": 0.3}}}
+
+
+def test_gaps_are_the_owners_reward_minus_the_students_on_its_unseen_shape():
+    assert gf.gaps(PREMISE) == pytest.approx({("columns", "many"): 0.4, ("chain", "long"): 0.3})
+
+
+def make_run(cfg, seed, gap, gain):
+    """A start whose premise shows `gap` on both pairs, a run that gains `gain` points on both."""
+    start, out = Path(gf.tv.sft_dir(cfg, seed)), Path(gf.tv.run_dir(cfg, cfg.setting, seed))
+    start.mkdir(parents=True)
+    out.mkdir(parents=True)
+    prem = {"many": {"reward": {"chain": gap, "columns": 0.0}},
+            "long": {"reward": {"chain": 0.0, "columns": gap}}}
+    (start / "premise.json").write_text(json.dumps(prem))
+    shape = lambda c, u: {"many": {"chain": 0.6, "columns": c}, "long": {"chain": u,  # noqa: E731
+                                                                          "columns": 0.5}}
+    (start / "summary.json").write_text(json.dumps(
+        {"evals": {"after_mef": {"accuracy_by_shape": shape(0.0, 0.01)}}}))
+    (out / "summary.json").write_text(json.dumps(
+        {"evals": {"after_riel": {"accuracy_by_shape": shape(gain / 100, 0.01 + gain / 100)}}}))
+
+
+def test_a_fit_on_points_on_a_line_recovers_it_and_predicts_held_out_seeds(tmp_path, capsys):
+    cfg = gf.Config(setting="step 0.3", fit_seeds=(100, 101, 102), heldout_seeds=(103, 104),
+                    out_dir=str(tmp_path), out=str(tmp_path / "fit.json"))
+    for seed, gap in zip(range(100, 105), (0.1, 0.2, 0.4, 0.3, 0.25)):
+        make_run(cfg, seed, gap, 5 + 50 * gap)  # gain = 5 + 50 gap points, exactly
+    gf.main(cfg)
+    fit = json.loads((tmp_path / "fit.json").read_text())
+    assert (fit["a"], fit["b"], fit["n"]) == pytest.approx((5.0, 50.0, 6))
+    assert fit["r2_heldout"] == pytest.approx(1.0) and fit["heldout_pairs"] == 4
+    # premise.py --predict on a new start: the line's value at its gaps
+    out = premise.predicted(PREMISE, str(tmp_path / "fit.json"), "disjoint")
+    assert out["columns on many"]["gain"] == pytest.approx(5 + 50 * 0.4)
+    assert out["chain on long"]["gain"] == pytest.approx(5 + 50 * 0.3)
+    assert "predicted +25.0 points" in capsys.readouterr().out
+
+
+def test_too_few_runs_and_unknown_settings_are_named(tmp_path):
+    with pytest.raises(SystemExit, match="one of"):
+        gf.main(gf.Config(setting="step 7", fit_seeds=(1,), heldout_seeds=()))
+    with pytest.raises(SystemExit, match="0 fitted pairs"):
+        gf.main(gf.Config(setting="step 0.3", fit_seeds=(1,), heldout_seeds=(),
+                          out_dir=str(tmp_path)))
