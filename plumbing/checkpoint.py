@@ -6,6 +6,9 @@ A checkpoint is a directory `out_dir/ckpt-<global step>` holding
     trainer_state.pt                                  stage, step, optimizer, RNG and buffer state
     adapters.safetensors                              --lora-rank only: the adapters (lora.py; the
                                                       weights above are then base + adapters merged)
+    peft/adapter_config.json, adapter_model.safetensors  --lora-rank only: the same in PEFT's format
+                                                      (a folder: beside model.safetensors they would
+                                                      make transformers load base + adapters)
 
 Why a run killed at ANY moment loses nothing:
 1. everything is written into `ckpt-<step>.tmp` first, files fsynced;
@@ -23,6 +26,7 @@ Reading weights back is model.Transformer.from_pretrained's (model.py); this fil
 
 import errno
 import glob
+import json
 import os
 import re
 import shutil
@@ -49,7 +53,8 @@ def save(out_dir: str, model, tok, state: dict, weights: dict | None = None, kee
     """Write a checkpoint for state['gstep'] atomically, make it the latest; returns its directory.
     weights: the model's state dict when model.state_dict() does not hold it whole (FSDP,
     dist.full_state) or is not what Hugging Face loads (LoRA: the merged weights).
-    files: {name: tensors} written beside it as safetensors (LoRA's adapters)."""
+    files: {name: tensors} written beside it as safetensors, {name.json: dict} as json (LoRA's
+    adapters, ours and PEFT's)."""
     from safetensors.torch import save_file
     name = f"ckpt-{state['gstep']:06d}"
     final, tmp = os.path.join(out_dir, name), os.path.join(out_dir, name + ".tmp")
@@ -59,10 +64,16 @@ def save(out_dir: str, model, tok, state: dict, weights: dict | None = None, kee
         model.save_pretrained(tmp, state=weights)
         tok.save_pretrained(tmp)
         torch.save(state, os.path.join(tmp, STATE_FILE))
-        for file, tensors in (files or {}).items():
-            save_file(tensors, os.path.join(tmp, file))
-    for f in os.listdir(tmp):
-        _fsync(os.path.join(tmp, f))
+        for file, content in (files or {}).items():
+            os.makedirs(os.path.dirname(os.path.join(tmp, file)), exist_ok=True)
+            if file.endswith(".json"):
+                with open(os.path.join(tmp, file), "w") as f:
+                    json.dump(content, f, indent=2)
+            else:  # format pt: as PEFT writes its own; transformers' loaders check it
+                save_file(content, os.path.join(tmp, file), metadata={"format": "pt"})
+    for root, dirs, names in os.walk(tmp):
+        for f in names + dirs:
+            _fsync(os.path.join(root, f))
     if os.path.exists(final):
         # the same step saved twice (a resume with fewer steps, a stage ending right after a
         # periodic save): the old one is set aside, not deleted, until the new one is in place

@@ -34,7 +34,9 @@ Choices (reference: "LoRA Without Regret", Schulman et al., Thinking Machines 20
   removed), the adapters alone go next to it (adapters.safetensors). A merge cannot be undone
   exactly in floating point, so a run writes its unmerged base once, to OUT/lora_base (as
   checkpoint.reference_model writes OUT/reference), and `--resume` rebuilds base + adapters from
-  that and the checkpoint's adapters: bit for bit.
+  that and the checkpoint's adapters: bit for bit. The adapters go in PEFT's format too
+  (ckpt/peft/: adapter_config.json + adapter_model.safetensors, `peft_files`, written without
+  peft), so `peft.PeftModel.from_pretrained(<OUT/lora_base loaded>, ckpt/peft)` is the policy too.
 - `adapters_off` switches every adapter off: the frozen base IS --riel.kl-beta's reference policy,
   so the reference costs one more forward and no second copy of the model (`BaseModel` hands
   riel.py that view). With MEF under LoRA in the same run that reference is the base, not the MEF'd
@@ -56,6 +58,11 @@ from plumbing.errors import UserError
 # model.py's names
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_FILE = "adapters.safetensors"
+# PEFT's names, in a folder of the checkpoint: beside model.safetensors transformers would load
+# base + adapters from them rather than the merged weights
+PEFT_DIR = "peft"
+PEFT_CONFIG = f"{PEFT_DIR}/adapter_config.json"
+PEFT_WEIGHTS = f"{PEFT_DIR}/adapter_model.safetensors"
 BASE_DIR = "lora_base"
 
 
@@ -78,6 +85,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(out_dim, rank, dtype=torch.float32,
                                                device=self.weight.device))
         self.scale = alpha / rank
+        self.rank, self.alpha = rank, alpha  # PEFT's adapter_config.json wants both
         self.enabled = True
 
     def forward(self, x):
@@ -179,9 +187,30 @@ def adapter_state_dict(model: nn.Module) -> dict:
 
 
 def checkpoint_parts(model: nn.Module, state: dict) -> tuple:
-    """(Hugging Face weights, {file name: tensors} to write beside them) for checkpoint.save."""
+    """(Hugging Face weights, {file name: tensors or json} to write beside them) for
+    checkpoint.save: the merged weights; our adapters, and the same in PEFT's format."""
     adapters = {k: v.detach().cpu().contiguous() for k, v in state.items() if is_adapter(k)}
-    return merged(state, lora_layers(model)[0].scale, _run_dtype(model)), {ADAPTER_FILE: adapters}
+    layer = lora_layers(model)[0]
+    peft = peft_files(adapters, layer.rank, layer.alpha, getattr(model, "lora_base", None))
+    return merged(state, layer.scale, _run_dtype(model)), {ADAPTER_FILE: adapters, **peft}
+
+
+def peft_files(adapters: dict, rank: int, alpha: float, base: str | None) -> dict:
+    """Our adapters as PEFT saves a LoRA (peft 0.21: PeftModel.save_pretrained), {file: tensors or
+    json}: peft.PeftModel.from_pretrained(base model, ckpt dir) loads them. Written with no peft
+    import, a test-only dependency. base: the model they sit on (OUT/lora_base), for
+    AutoPeftModelForCausalLM."""
+    # PeftModel wraps the HF model as `base_model.model.`, whose keys are ours + `model.`
+    # (model.py), and saves `<module>.lora_A.weight` (its adapter name dropped); its A and B are
+    # nn.Linear weights, (r, in) and (out, r): ours as they are
+    tensors = {f"base_model.model.model.{k}.weight": v for k, v in adapters.items()}
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
+              # PEFT's scaling is lora_alpha / r without rslora: our alpha / rank
+              "r": rank, "lora_alpha": alpha, "use_rslora": False,
+              "target_modules": sorted({k.split(".")[-2] for k in adapters}),
+              "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_dora": False,
+              "modules_to_save": None, "init_lora_weights": True, "inference_mode": True}
+    return {PEFT_CONFIG: config, PEFT_WEIGHTS: tensors}
 
 
 def load_adapters(model: nn.Module, path: str):
@@ -231,6 +260,7 @@ def attach(model: nn.Module, rank: int, alpha: float, out_dir: str, ckpt: str | 
             os.rename(tmp, base_path(out_dir))
         dist.barrier()
     add_lora(model, rank, alpha, seed, base_dtype)
+    model.lora_base = os.path.abspath(base_path(out_dir))  # checkpoint_parts' PEFT config names it
     if ckpt is not None:
         load_adapters(model, os.path.join(ckpt, ADAPTER_FILE))
     n = sum(p.numel() for p in lora_parameters(model))

@@ -31,6 +31,7 @@ MID_RIEL = TRAIN + "test_killed_mid_riel_with_a_non_empty_buffer_and_a_reference
 SCHEDULE = TRAIN + "test_lr_schedule_warms_up_peaks_and_decays_to_its_floor"
 PREMISE = T + "test_premise.py::"
 LORA = T + "test_lora.py::"
+PEFT_LOADS = "test_checkpoint_holds_peft_adapters_that_peft_loads_onto_the_base_as_the_merged_model"
 WRITE_ONCE = (T + "test_dist.py::"
               "test_a_rank_that_arrives_after_rank_0_wrote_still_joins_every_collective")
 STEP_SCALE = PREMISE + ("test_step_scale_divides_the_transfer_and_sft_sums_"
@@ -439,6 +440,12 @@ MUTATIONS = [
              "F.linear(F.linear(h, self.lora_A), self.lora_B)",
              (LORA + "test_a_lora_linear_is_w_x_plus_b_plus_alpha_over_r_b_a_x_"
                      "with_its_gradients",)),
+    Mutation("PEFT's config says scale 1 (lora_alpha = r)", "plumbing/lora.py",
+             '"r": rank, "lora_alpha": alpha,', '"r": rank, "lora_alpha": rank,',
+             (LORA + PEFT_LOADS,)),
+    Mutation("PEFT's weights keep our key names (peft loads none)", "plumbing/lora.py",
+             'tensors = {f"base_model.model.model.{k}.weight": v', 'tensors = {k: v',
+             (LORA + PEFT_LOADS,)),
     Mutation("each rank decides itself whether to write the LoRA base "
              "(a late rank skips the barrier)", "plumbing/lora.py",
              "ckpt is None and dist.from_main(lambda: not os.path.exists(base_config))",

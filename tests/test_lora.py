@@ -215,3 +215,38 @@ def test_lora_options_parse():
     cfg = train.cli(["--lora-rank", "1"])
     assert (cfg.lora_rank, cfg.lora_alpha) == (1, 32.0)
     assert train.cli([]).lora_rank == 0
+
+
+def test_checkpoint_holds_peft_adapters_that_peft_loads_onto_the_base_as_the_merged_model(
+        tmp_path):
+    """PEFT's files beside ours: peft.PeftModel.from_pretrained(OUT/lora_base, ckpt/peft) takes
+    every adapter as trained, at scale alpha / r (5 / 2, not 1), and computes the merged
+    checkpoint's logits (transformers' and ours). peft is test-only: skipped without it."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match="randomly initialised"):  # MEF: trained adapters, fast
+        run(out, "--lora-rank", "2", "--lora-alpha", "5", "--stages", "mef")
+    ckpt = latest(out)
+    config = json.loads((ckpt / lora.PEFT_CONFIG).read_text())
+    assert config["base_model_name_or_path"] == str(out / lora.BASE_DIR)
+    assert sorted(config["target_modules"]) == sorted(NAMES)
+    base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"]).eval()
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = base(ids).logits
+    policy = peft.PeftModel.from_pretrained(base, str(ckpt / lora.PEFT_DIR)).eval()  # wraps base
+    written, loaded = load(ckpt / lora.PEFT_WEIGHTS), policy.state_dict()
+    assert len(written) == 2 * 7 * tiny_config().n_layers == sum("lora_" in k for k in loaded)
+    assert all(torch.equal(loaded[k.replace(".weight", ".default.weight")], v)
+               for k, v in written.items())
+    layers = [m for m in policy.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+    assert len(layers) == 7 * tiny_config().n_layers
+    assert {m.scaling["default"] for m in layers} == {2.5}
+    merged_hf = AutoModelForCausalLM.from_pretrained(str(ckpt)).eval()
+    ours = Transformer.from_pretrained(str(ckpt))
+    with torch.no_grad():
+        theirs = policy(ids).logits
+        torch.testing.assert_close(theirs, merged_hf(ids).logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(theirs, ours(ids), atol=1e-5, rtol=0)
+        assert (theirs - before).abs().max() > 1e-2  # the adapters moved the model
