@@ -125,8 +125,10 @@ def plan(cfg) -> list:
 def run_all(cfg, choice, pool):
     for testbed, rows, seeds in plan(cfg):
         list(pool.map(lambda s: fa.run_sft(cfg, testbed, s), seeds))
-        list(pool.map(lambda job: run(cfg, choice, testbed, *job),
-                      [(r, s) for s in seeds for r in rows]))
+        # the primary pair on every seed first, then the other rows: a stop leaves whole pairs
+        for part in (rows[:2], rows[2:]):
+            list(pool.map(lambda job: run(cfg, choice, testbed, *job),
+                          [(r, s) for s in seeds for r in part]))
 
 
 # ---- the checkpoints: regenerated on demand, checked against the committed hash -----------------
