@@ -159,6 +159,31 @@ def smollm2_dir():
     return root / "model"
 
 
+@pytest.fixture(scope="session")
+def quick_starts(tmp_path_factory):
+    """copy(dest, seeds): experiments/fair_ablation.py's --quick MoE-SFT starts on the nested
+    testbed (an MEF run and the premise probe each, fa.run_sft) copied into dest, as fa.run_dir
+    lays them out. Each seed is trained once per run, under a lock, whichever xdist worker asks
+    first: test_fair_ablation and test_lora_vs_full start from the same seed-0 run."""
+    import fcntl
+    import shutil
+    from experiments import fair_ablation as fa
+    base = tmp_path_factory.getbasetemp()
+    # under xdist: the run's directory, above each worker's own
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "quick_starts"
+    root.mkdir(exist_ok=True)
+
+    def copy(dest, seeds):
+        with open(root / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            for seed in seeds:
+                fa.run_sft(fa.Config(out_dir=str(root), quick=True), "nested", seed)
+                shutil.copytree(fa.run_dir(fa.Config(out_dir=str(root)), "nested", fa.SFT, seed),
+                                fa.run_dir(fa.Config(out_dir=str(dest)), "nested", fa.SFT, seed))
+        return str(dest)
+    return copy
+
+
 @pytest.fixture
 def hf_pair(tmp_path):
     """(transformers model, our model loaded from its saved checkpoint) for a given config."""

@@ -13,12 +13,15 @@ sys.path.insert(0, str(ROOT / "experiments"))
 import fair_ablation as fa  # noqa: E402
 
 
-def test_quick_grid_writes_every_field_per_testbed_row_and_seed(tmp_path):
+def test_quick_grid_writes_every_field_per_testbed_row_and_seed(tmp_path, quick_starts):
+    """On the nested testbed, from its MoE-SFT start (and premise probe) made by fa.run_sft in
+    conftest's quick_starts, shared with test_lora_vs_full: here run_sft finds it done."""
     pytest.importorskip("matplotlib")
-    cfg = fa.Config(out_dir=str(tmp_path / "runs"), out=str(tmp_path / "premise.json"), quick=True)
+    cfg = fa.Config(out_dir=quick_starts(tmp_path / "runs", [0]), quick=True,
+                    out=str(tmp_path / "premise.json"), testbeds=("nested",))
     fa.main(cfg)
     grid = json.loads((tmp_path / "premise.json").read_text())["grid"]
-    res = grid["complementary"]["results"]
+    res = grid["nested"]["results"]
     assert set(res) == {"MoE-SFT", "GRPO, one expert", "MEML-GRPO", "gold-SFT control"}
     assert "rescued_best" in res["MoE-SFT"]["0"]["pre_rl"]
     meml, one = res["MEML-GRPO"]["0"], res["GRPO, one expert"]["0"]
@@ -28,17 +31,18 @@ def test_quick_grid_writes_every_field_per_testbed_row_and_seed(tmp_path):
     assert meml["lr"] in (1e-4, 3e-4) and set(meml["rescued_deployed"]) == {"start", "end"}
     # equal sampled rollouts per step: one expert samples 3 x the questions
     assert one["sampled_rows_per_step"] == meml["sampled_rows_per_step"] == 16 * 3 * 8
-    assert set(grid["complementary"]["lr_sweep_val"]["MEML-GRPO"]) == {"0.0001", "0.0003"}
+    assert set(grid["nested"]["lr_sweep_val"]["MEML-GRPO"]) == {"0.0001", "0.0003"}
     table = (tmp_path / "premise.md").read_text()
-    assert "### complementary" in table
+    assert "### nested" in table
     # --report: no run, same table
-    fa.main(fa.Config(out_dir=cfg.out_dir, out=cfg.out, quick=True, report=True))
+    fa.main(fa.Config(out_dir=cfg.out_dir, out=cfg.out, quick=True, report=True,
+                      testbeds=cfg.testbeds))
     assert (tmp_path / "premise.md").read_text() == table
     assert (tmp_path / "premise.png").stat().st_size > 10_000
     # the control (every lr of its sweep) replays as many gold traces as the chosen MEML-GRPO run's
     # buffer flushed, 3 experts a record
     for lr in (1e-4, 3e-4):
-        run = Path(fa.run_dir(cfg, "complementary", fa.CONTROL, 0, lr))
+        run = Path(fa.run_dir(cfg, "nested", fa.CONTROL, 0, lr))
         summary = json.loads((run / "summary.json").read_text())
         assert summary["config"]["train_size"] == max(1, -(-meml["flushed_examples"] // 3))
         assert summary["config"]["mef"]["lr"] == lr

@@ -1,6 +1,6 @@
 """experiments/lora_vs_full.py --quick: full fine-tuning vs LoRA RIEL end to end through train.py
-from one shared MEF start (fair_ablation's), lrs swept and chosen on validation, the JSON, table and
-picture."""
+from one shared MEF start per seed (fair_ablation's, made by conftest's quick_starts), lrs swept and
+chosen on validation, the JSON, table and picture."""
 import json
 import sys
 from pathlib import Path
@@ -12,8 +12,11 @@ sys.path.insert(0, str(ROOT / "experiments"))
 import lora_vs_full as lvf  # noqa: E402
 
 
-def test_quick_comparison_sweeps_each_row_and_pairs_seeds(tmp_path):
-    cfg = lvf.Config(out_dir=str(tmp_path / "lora"), starts=str(tmp_path / "starts"), quick=True)
+def test_quick_comparison_sweeps_each_row_and_pairs_seeds(tmp_path, quick_starts):
+    # the MoE-SFT starts of seeds 0 and 1 (conftest: seed 0's is test_fair_ablation's too); lvf's
+    # start() finds them done and checks their weights' hash
+    starts = quick_starts(tmp_path / "starts", [0, 1])
+    cfg = lvf.Config(out_dir=str(tmp_path / "lora"), starts=starts, quick=True)
     lvf.main(cfg)
     res = json.loads((tmp_path / "lora" / "lora_vs_full.json").read_text())["results"]
     full, one = res["full fine-tuning"], res["LoRA rank 1"]
