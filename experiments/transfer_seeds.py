@@ -225,6 +225,17 @@ def contrasts(runs) -> dict:
     return out
 
 
+def chosen(cfg, choice) -> dict:
+    """The choice with what "transfer only" runs under, as train.py parses its filled template:
+    lr, lambda1, term_scale, ... (the transfer's options) beside setting, chosen_on, prediction."""
+    from train import cli
+    args = argv(cfg, T_ONLY, choice, seed="0", out="out", init="init")
+    riel = cli(args).riel
+    names = ("lr", "lambda1", "lambda1_warmup", "term_scale", "transfer_mode", "transfer_cap",
+             "kl_beta", "grad_clip")
+    return {**{n: getattr(riel, n) for n in names}, **choice}
+
+
 def markdown(doc) -> str:
     lines = [f"Commit {doc['commit']}, {doc['machine']}; setting `{doc['chosen']['setting']}` "
              f"chosen on validation seeds {doc['chosen']['chosen_on']}; deployed prompt's test "
@@ -261,7 +272,7 @@ def main(cfg: Config):
     runs = collect(cfg)
     commits = sorted({r["commit"] for r in runs if r.get("commit")})
     doc = {"commit": commits[0] if len(commits) == 1 else commits, "machine": tv.machine(),
-           "chosen": choice,
+           "chosen": chosen(cfg, choice),
            "argv": {row: argv(cfg, row, choice) for row in (fa.SFT, T_ONLY, NO_T, MEML, GRPO)},
            "runs": runs, "contrasts": contrasts(runs)}
     with open(cfg.out, "w") as f:

@@ -41,6 +41,13 @@ def test_the_templates_parse_into_their_rows_and_differ_where_they_should():
     assert sft.stages == ("mef", "eval") and sft.init is None and sft.seed == 7
 
 
+def test_the_json_names_the_chosen_setting_as_train_py_parses_it():
+    c = st.chosen(st.Config(), CHOICE)
+    assert (c["term_scale"], c["lambda1"], c["lr"]["transfer only"]) == ("step", 0.3, 1e-4)
+    assert c["chosen_on"] == [100, 101] and c["transfer_mode"] == "sampled"
+    assert c["setting"] == "step 0.3" and c["transfer_cap"] == train.cli([]).riel.transfer_cap
+
+
 def test_a_missing_or_incomplete_choice_is_refused_before_any_run(tmp_path):
     with pytest.raises(SystemExit, match="missing"):
         st.main(st.Config(choice=str(tmp_path / "none.json"), out_dir=str(tmp_path / "r")))
