@@ -5,7 +5,7 @@ premise weakens.
     python experiments/dose_response.py            # the published grid: hours of CPU, resumable
     python experiments/dose_response.py --doses 0 1 0.3 --seeds 0 1 2   # the same, spelled out
     python experiments/dose_response.py --report   # the table, JSON and picture from finished runs
-    python experiments/dose_response.py --quick    # a smoke test: 2 doses, 1 seed, 4 rows, 1 lr,
+    python experiments/dose_response.py --quick    # a smoke test: 1 dose, 1 seed, 4 rows, 1 lr,
                                                    # 3 RL steps
 
 The testbed is `disjoint` (data/synthetic.py): two question shapes, two experts, each expert's MEF
@@ -292,7 +292,8 @@ def main(cfg: Config):
     if cfg.term_scale not in ("own", "step"):
         raise SystemExit(f"--term-scale {cfg.term_scale!r}: own or step")
     if cfg.quick:
-        cfg = dataclasses.replace(cfg, doses=cfg.doses[:2], full_doses=cfg.doses[:2],
+        # one dose: the grid's loop over doses is a loop; each row's machinery is what is tested
+        cfg = dataclasses.replace(cfg, doses=cfg.doses[:1], full_doses=cfg.doses[:1],
                                   seeds=cfg.seeds[:1], rows=(ALONE, WITH_T, fa.MEML, CONTROL),
                                   lrs=cfg.lrs[:1], steps=3, edge_steps=0)
     cfg.rl_args = rl_args(cfg)  # (an attribute fair_ablation's run_rl reads, not an option)

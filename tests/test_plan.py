@@ -96,8 +96,8 @@ def small_config(tmp_path, model_cfg: ModelConfig, **kw) -> train.Config:
     return cfg
 
 
-WEIGHTS = dict(vocab_size=264, dim=512, n_layers=4, n_heads=8, n_kv_heads=4, head_dim=64,
-               ffn_dim=2048)
+WEIGHTS = dict(vocab_size=264, dim=384, n_layers=2, n_heads=6, n_kv_heads=2, head_dim=64,
+               ffn_dim=1536)
 # Llama 3's 128k vocabulary on a tiny model
 VOCAB128K = dict(vocab_size=128256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
                  ffn_dim=128)
