@@ -163,7 +163,8 @@ def latest(out_dir: str) -> str | None:
     path = os.path.join(out_dir, name)
     if (not name.startswith("ckpt-") or "/" in name
             or not os.path.exists(os.path.join(path, STATE_FILE))):
-        raise UserError(f"{pointer} names {name!r}, which is not a complete checkpoint of this "
+        shown = repr(name) if len(repr(name)) <= 60 else repr(name)[:56] + "...'"  # binary junk
+        raise UserError(f"{pointer} names {shown}, which is not a complete checkpoint of this "
                         "run. " + fallback_hint(out_dir, path))
     return path
 
@@ -183,27 +184,14 @@ def fallback_hint(out_dir: str, bad: str) -> str:
 def check(path: str, out_dir: str | None = None):
     """Refuse a damaged checkpoint with a message naming the file, what is wrong and the checkpoint
     to fall back to (out_dir: the run's directory; None: a checkpoint on its own). Checks what a
-    resume reads: config.json, the safetensors headers and sizes, trainer_state.pt (when the
-    directory is a train.py checkpoint), tokenizer."""
-    from safetensors import safe_open
+    resume reads: config.json (against the weights' shapes), the safetensors headers and sizes,
+    trainer_state.pt (when the directory is a train.py checkpoint), tokenizer."""
     hint = fallback_hint(out_dir, path) if out_dir else ""
 
     def damaged(file, what):
         raise UserError(f"checkpoint {path} is damaged: {file} {what}. {hint}".strip())
-    if not os.path.exists(os.path.join(path, "config.json")):
-        damaged("config.json", "is missing")
-    weights = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    if not any(os.path.basename(w).startswith("model") for w in weights):
-        damaged("model.safetensors", "is missing")
-    for w in weights:
-        try:
-            with safe_open(w, framework="pt") as f:  # parses the header
-                f.keys()
-            whole = _sizes_match(w)  # ... and the data it promises must be on disk
-        except Exception as err:  # noqa: BLE001 (any parse failure means the same thing here)
-            damaged(os.path.basename(w), f"cannot be read ({type(err).__name__}: {err})")
-        if not whole:
-            damaged(os.path.basename(w), "is shorter than its header says (truncated)")
+    if problem := model_problem(path):
+        damaged(*problem)
     tokenizers = ("tokenizer.json", "tokenizer.model")
     if not any(os.path.exists(os.path.join(path, f)) for f in tokenizers):
         damaged("tokenizer.json", "is missing")
@@ -215,17 +203,72 @@ def check(path: str, out_dir: str | None = None):
             damaged(STATE_FILE, f"cannot be read ({type(err).__name__})")
 
 
-def _sizes_match(file: str) -> bool:
-    """A safetensors file is 8 bytes of header length, the JSON header, then the data its offsets
-    promise."""
-    import json
+def model_problem(path: str) -> tuple | None:
+    """(file, what is wrong) of the first file of a model directory that loading it would fail on:
+    config.json missing, not JSON or not the weights' shapes; weights missing, unreadable or
+    truncated. None: it loads."""
+    from safetensors import safe_open
+    try:
+        with open(os.path.join(path, "config.json"), "rb") as f:
+            config = json.loads(f.read())
+    except FileNotFoundError:
+        return "config.json", "is missing"
+    except (OSError, ValueError) as err:  # JSONDecodeError, UnicodeDecodeError
+        return "config.json", f"cannot be read ({type(err).__name__}: {str(err)[:80]})"
+    weights = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not any(os.path.basename(w).startswith("model") for w in weights):
+        return "model.safetensors", "is missing"
+    shapes = {}
+    for w in weights:
+        try:
+            with safe_open(w, framework="pt") as f:  # parses the header
+                f.keys()
+            header, whole = _header(w)  # ... and the data it promises must be on disk
+        except Exception as err:  # noqa: BLE001 (any parse failure means the same thing here)
+            return os.path.basename(w), f"cannot be read ({type(err).__name__}: {err})"
+        if not whole:
+            return os.path.basename(w), "is shorter than its header says (truncated)"
+        if os.path.basename(w).startswith("model"):
+            shapes.update({k.removeprefix("model."): v["shape"] for k, v in header.items()
+                           if k != "__metadata__"})
+    return ("config.json", why) if (why := _unlike(config, shapes)) else None
+
+
+def _unlike(config, shapes: dict) -> str | None:
+    """How config.json disagrees with the weights' shapes ({name: shape}), or None: the sizes
+    Transformer.from_pretrained builds from it (a Hugging Face Llama/Qwen2 config)."""
+    need = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+            "intermediate_size")
+    lacks = [k for k in need if not isinstance(config, dict) or not isinstance(config.get(k), int)]
+    if lacks:
+        return f"is not a model config (no integer {lacks[0]})"
+    n, dim = config["num_hidden_layers"], config["hidden_size"]
+    heads = config["num_attention_heads"]
+    layers = {int(k.split(".")[1]) for k in shapes if k.split(".")[0] == "layers"}
+    if layers != set(range(n)):
+        return f"says {n} layers, the weights hold {len(layers)}"
+    head = config.get("head_dim") or dim // max(1, heads)
+    want = {"embed_tokens.weight": [config["vocab_size"], dim],
+            "layers.0.mlp.gate_proj.weight": [config["intermediate_size"], dim],
+            "layers.0.self_attn.q_proj.weight": [heads * head, dim],
+            "layers.0.self_attn.k_proj.weight":
+                [config.get("num_key_value_heads", heads) * head, dim]}
+    for key, shape in want.items():
+        if key in shapes and list(shapes[key]) != shape:
+            return f"gives {key} the shape {shape}, the weights {list(shapes[key])}"
+    return None
+
+
+def _header(file: str) -> tuple:
+    """(the JSON header, whether the file holds the data it promises): a safetensors file is 8
+    bytes of header length, the header, then the data its offsets name."""
     import struct
     size = os.path.getsize(file)
     with open(file, "rb") as f:
         n = struct.unpack("<Q", f.read(8))[0]
         header = json.loads(f.read(n))
     ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-    return size >= 8 + n + max(ends, default=0)
+    return header, size >= 8 + n + max(ends, default=0)
 
 
 def load_state(path: str) -> dict:

@@ -26,7 +26,7 @@ import os
 
 from tqdm import tqdm
 
-from plumbing import dist
+from plumbing import checkpoint, dist
 from plumbing.errors import UserError
 
 # options that change what a run logs or writes, never what it computes: free to change on --resume
@@ -96,6 +96,8 @@ def check_options(cfg):
     if cfg.rl_difficulty is not None and not 1 <= cfg.rl_difficulty[0] <= cfg.rl_difficulty[1]:
         lo, hi = cfg.rl_difficulty
         raise UserError(f"--rl-difficulty {lo} {hi}: levels are >= 1, low first")
+    if cfg.init and os.path.isdir(cfg.init) and (bad := checkpoint.model_problem(cfg.init)):
+        raise UserError(f"--init {cfg.init} is damaged: {' '.join(bad)}. Use another checkpoint")
     if cfg.trace_file is not None and not os.path.isfile(cfg.trace_file):
         raise UserError(f"--trace-file {cfg.trace_file}: no such file")
     disjoint = cfg.data == "synthetic" and cfg.testbed.startswith("disjoint")  # synthetic.DISJOINT

@@ -201,6 +201,10 @@ DAMAGE = {
     "truncated trainer state": lambda c: (c / "trainer_state.pt").write_bytes(
         (c / "trainer_state.pt").read_bytes()[:50]),
     "deleted tokenizer": lambda c: (c / "tokenizer.json").unlink(),
+    "garbage config": lambda c: (c / "config.json").write_text("{\n"),
+    "config with an extra layer": lambda c: (c / "config.json").write_text(json.dumps(
+        {**(cfg := json.loads((c / "config.json").read_text())),
+         "num_hidden_layers": cfg["num_hidden_layers"] + 1})),
 }
 
 
@@ -245,6 +249,25 @@ def test_a_garbage_latest_pointer_names_the_fallback(two_checkpoints, tmp_path, 
     (out / "latest").write_bytes(pointer)
     with pytest.raises(UserError, match="not a complete checkpoint.*ckpt-000004"):
         run(out, "--resume", "--stages", "mef")
+
+
+@pytest.mark.parametrize("what", ["garbage config", "config with an extra layer"])
+def test_a_damaged_config_json_is_named_for_init_and_eval_py(two_checkpoints, tmp_path, what):
+    import eval as eval_cli
+    bad = tmp_path / "ckpt"
+    shutil.copytree(two_checkpoints / "ckpt-000004", bad)
+    DAMAGE[what](bad)
+    with pytest.raises(UserError, match=r"--init .*ckpt is damaged: config.json"):
+        run(tmp_path / "new", "--init", str(bad), "--stages", "mef")
+    with pytest.raises(UserError, match=r"ckpt is damaged: config.json"):
+        eval_cli.cli(["--model", str(bad)])
+
+
+def test_a_binary_latest_pointer_is_shown_short(tmp_path):
+    (tmp_path / "latest").write_bytes(bytes(range(256)) * 20)
+    with pytest.raises(UserError, match="not a complete checkpoint") as err:
+        checkpoint.latest(str(tmp_path))
+    assert len(str(err.value)) < len(str(tmp_path)) + 250 and "\n" not in str(err.value)
 
 
 def test_a_finished_run_keeps_only_its_final_checkpoint(two_checkpoints, tmp_path):
