@@ -71,6 +71,7 @@ def save(out_dir: str, model, tok, state: dict, weights: dict | None = None, kee
                     json.dump(content, f, indent=2)
             else:  # format pt: as PEFT writes its own; transformers' loaders check it
                 save_file(content, os.path.join(tmp, file), metadata={"format": "pt"})
+    shareable(tmp)
     for root, dirs, names in os.walk(tmp):
         for f in names + dirs:
             _fsync(os.path.join(root, f))
@@ -90,6 +91,16 @@ def save(out_dir: str, model, tok, state: dict, weights: dict | None = None, kee
     shutil.rmtree(final + ".prev", ignore_errors=True)
     prune(out_dir, keep, final)
     return final
+
+
+def shareable(directory: str):
+    """Give the files under directory the mode open() gives (0666 less the umask, as config.json's):
+    safetensors writes through a private temporary file and leaves its files 0600."""
+    mask = os.umask(0o22)
+    os.umask(mask)
+    for root, _, names in os.walk(directory):
+        for name in names:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
 
 
 @contextmanager
@@ -291,6 +302,7 @@ def reference_model(out_dir: str, model, dtype=None):
             shutil.rmtree(path + ".tmp", ignore_errors=True)
             with _writing(out_dir):
                 model.save_pretrained(path + ".tmp", state=weights)
+            shareable(path + ".tmp")
             os.rename(path + ".tmp", path)
         dist.barrier()
     w = model.embed_tokens.weight

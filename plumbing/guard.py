@@ -35,6 +35,7 @@ LOGGING = {"resume", "resume_or_start", "resume_allow_change", "log_every", "cur
            "plan_world_size", "plan_detail", "device", "out_dir",
            "micro_batch"}  # micro_batch: how the sizes were chosen; the sizes are compared
 EXTENDS = {"riel.steps": "riel", "mef.epochs": "mef"}  # on --resume, more extends its stage
+FIXED = {"lora_rank", "lora_alpha"}  # the saved adapters' shapes and scale: no resume can change
 
 
 def _positive(name, value, allow_none=False):
@@ -163,6 +164,12 @@ def config_changes(saved: dict, new: dict, allowed=()) -> list:
     allowed = {a.lstrip("-").replace("-", "_") for a in allowed}  # riel.lr, --riel.lr, riel.kl-beta
     refused = [c for c in changes if c[0] not in allowed]
     flag = lambda key: key.replace("_", "-")  # noqa: E731  (as the command line spells it)
+    if fixed := [c for c in changes if c[0] in FIXED and (old.get("lora_rank") or now.get(
+            "lora_rank"))]:
+        raise UserError(f"--resume cannot change --{flag(fixed[0][0])} ({fixed[0][1]!r} -> "
+                        f"{fixed[0][2]!r}), even when allowed: a run resumes with the adapters it "
+                        "was written with (their shape and scale), or none. Start a new run from "
+                        "its last checkpoint instead: --init OUT/ckpt-N with another --out-dir")
     if refused:
         lines = ", ".join(f"--{flag(k)} {a!r} -> {b!r}" for k, a, b in refused)
         raise UserError(f"--resume would change what this run computes ({lines}); a resumed run "

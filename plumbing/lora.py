@@ -52,7 +52,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from plumbing import dist
+from plumbing import checkpoint, dist
 from plumbing.errors import UserError
 
 # model.py's names
@@ -228,8 +228,9 @@ def base_path(out_dir: str) -> str:
 
 def weights_source(rank: int, fsdp: bool, out_dir: str, ckpt: str | None, source: str) -> str:
     """Where train.py reads the model's weights: `source`, except that a resumed LoRA run reads its
-    unmerged base. A LoRA run resumes as a LoRA run (its checkpoints' weights are merged: full
-    fine-tuning from them would go on silently elsewhere) and a full one as a full one."""
+    unmerged base (missing or damaged: named, with the way on). A LoRA run resumes as a LoRA run
+    (its checkpoints' weights are merged: full fine-tuning from them would go on silently
+    elsewhere) and a full one as a full one."""
     if rank and fsdp:
         raise UserError("--lora-rank with --fsdp is not supported yet")
     if ckpt is None:
@@ -237,7 +238,18 @@ def weights_source(rank: int, fsdp: bool, out_dir: str, ckpt: str | None, source
     if os.path.exists(os.path.join(ckpt, ADAPTER_FILE)) != (rank > 0):
         raise UserError(f"{ckpt} was {'' if rank == 0 else 'not '}written by a --lora-rank run: "
                         "resume it with the --lora-rank it was started with")
-    return base_path(out_dir) if rank else source
+    base = base_path(out_dir)
+    if not rank:
+        return source
+    problem = checkpoint.model_problem(base) if os.path.isdir(base) else ("", "")
+    if problem:
+        what = f"is damaged ({' '.join(problem)})" if problem[0] else "is missing"
+        raise UserError(f"{base}, this run's LoRA base (its weights before the adapters, written "
+                        f"once when the run started), {what}: --resume rebuilds the adapters on it "
+                        "and cannot without it (checkpoints hold base and adapters merged). Start "
+                        f"a new run from the checkpoint instead: --init {ckpt} --lora-rank {rank} "
+                        "with another --out-dir")
+    return base
 
 
 def attach(model: nn.Module, rank: int, alpha: float, out_dir: str, ckpt: str | None,
@@ -257,6 +269,7 @@ def attach(model: nn.Module, rank: int, alpha: float, out_dir: str, ckpt: str | 
             tmp = base_path(out_dir) + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             model.save_pretrained(tmp)  # in the parameters' own dtype: back bit for bit
+            checkpoint.shareable(tmp)
             os.rename(tmp, base_path(out_dir))
         dist.barrier()
     add_lora(model, rank, alpha, seed, base_dtype)

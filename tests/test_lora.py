@@ -211,6 +211,51 @@ def test_killed_lora_run_with_a_reference_resumes_bit_exact_from_its_base(tmp_pa
         run(out, "--resume", "--stages", "mef", "riel")
 
 
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora") / "run"
+    with pytest.warns(UserWarning, match="randomly initialised"):
+        run(out, "--lora-rank", "2", "--stages", "mef")
+    return out
+
+
+def test_weights_are_written_with_the_mode_the_umask_gives_as_config_json(lora_run, tmp_path):
+    import os
+    mask = os.umask(0o22)
+    os.umask(mask)
+    checkpoint = train.checkpoint
+    checkpoint.reference_model(str(tmp_path), Transformer.from_config(tiny_config()))
+    files = [latest(lora_run) / f for f in ("config.json", "model.safetensors", lora.ADAPTER_FILE,
+                                            lora.PEFT_WEIGHTS, lora.PEFT_CONFIG)]
+    files += [lora_run / lora.BASE_DIR / "model.safetensors", tmp_path / "reference" /
+              "model.safetensors"]
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {
+        f.name: oct(0o666 & ~mask) for f in files}
+
+
+@pytest.mark.parametrize("change", [["--lora-rank", "4"],
+                                    ["--lora-rank", "2", "--lora-alpha", "4"]])
+def test_a_lora_runs_rank_and_alpha_cannot_change_on_resume_even_when_allowed(lora_run, change):
+    for allow in ((), ("--resume-allow-change", change[-2][2:])):
+        with pytest.raises(train.UserError, match=f"cannot change {change[-2]} ") as err:
+            run(lora_run, "--resume", "--stages", "mef", *change, *allow)
+        assert "--resume-allow-change" not in str(err.value)
+
+
+@pytest.mark.parametrize("what", ["damaged", "missing"])
+def test_a_damaged_or_missing_lora_base_is_named_with_the_way_on(lora_run, tmp_path, what):
+    import shutil
+    out = tmp_path / "run"
+    shutil.copytree(lora_run, out)
+    base = out / lora.BASE_DIR
+    if what == "missing":
+        shutil.rmtree(base)
+    else:
+        (base / "model.safetensors").write_bytes((base / "model.safetensors").read_bytes()[:-50])
+    with pytest.raises(train.UserError, match=f"LoRA base .* {what}.*--init .*ckpt-"):
+        run(out, "--resume", "--lora-rank", "2", "--stages", "mef")
+
+
 def test_lora_options_parse():
     cfg = train.cli(["--lora-rank", "1"])
     assert (cfg.lora_rank, cfg.lora_alpha) == (1, 32.0)
