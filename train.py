@@ -108,7 +108,7 @@ def main(cfg: Config):
     if cfg.plan:  # no GPU, no weights, no data needed
         from tools import plan_fit  # a tool: loaded only when asked for (tests/test_imports.py)
         return plan_fit.print_plan(cfg)
-    guard.check_options(cfg)  # before anything loads or is written
+    guard.check_options(cfg, data.check_files)  # before anything loads or is written
     device = dist.init(cfg.device)  # under torchrun: joins the process group; this rank's device
     if not dist.is_main():
         sys.stdout = open(os.devnull, "w")  # one log, rank 0's; errors and warnings reach stderr

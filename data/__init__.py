@@ -27,7 +27,8 @@ from typing import NamedTuple
 import torch
 
 from . import gsm8k, math500, mathqa, strategyqa, synthetic
-from .common import DataError, Expert, MissingDataError, Record, UserError, reference_trace
+from .common import (DataError, Expert, MissingDataError, Record, UserError, reference_trace,
+                     require)
 from .traces import (KeepStats, collect_traces, file_traces, read_teacher_traces, replace_traces,
                      self_traces)
 
@@ -67,6 +68,21 @@ def load(task: str, split: str | None = None, data_dir: str | None = None,
     return module.load(split, data_dir, **options)
 
 
+def check_files(task: str, data_dir: str | None, roles=("train", "eval"), splits=()):
+    """Before a run trains, reading nothing: the error load would give much later for the task's
+    `roles` splits (SPLITS' train, eval) or the `splits` named: a task without a training split, an
+    unknown split, a missing file (with the command that fetches it)."""
+    module = _module(task)
+    for split in dict.fromkeys([getattr(SPLITS[task], r) for r in roles] + list(splits)):
+        if split is None:
+            raise UserError(f"{task} is for evaluation only: use --stages eval")
+        known = list(getattr(module, "SOURCES", None) or module.SPLITS)
+        if split not in known:
+            raise UserError(f"{task} has splits {known}, not {split!r}")
+        if hasattr(module, "SOURCES"):
+            require(task, module.SOURCES[split], data_dir)
+
+
 def experts(task: str, names: list[str] | None = None, **options) -> list[Expert]:
     """The task's experts, or the named subset in the given order (e.g. one expert: ExpertX-SFT).
     options go to the task's `experts` (synthetic: testbed)."""
@@ -92,8 +108,8 @@ def download(task: str, data_dir: str | None = None) -> list[str]:
 
 
 __all__ = ["TASKS", "SPLITS", "Splits", "Record", "Expert", "DataError", "MissingDataError",
-           "KeepStats", "load", "experts", "download", "reference_trace", "read_teacher_traces",
-           "file_traces", "self_traces", "replace_traces", "collect_traces"]
+           "KeepStats", "load", "check_files", "experts", "download", "reference_trace",
+           "read_teacher_traces", "file_traces", "self_traces", "replace_traces", "collect_traces"]
 
 
 def question_batch(n: int, size: int, step: int, seed: int) -> list:

@@ -5,10 +5,12 @@ nothing about training itself (the process, its lock and its signals: process.py
 - check_options: every option checked BEFORE any model or data loads: ranges, finite learning
   rates, "0" where a user would mean "none" refused with the option's name (--riel.steps 0 does
   not mean "one epoch"), a group of one sample refused where an advantage needs a group, a
-  --plan-gpu plan_time.py has no figures for, --fsdp without torchrun.
+  --plan-gpu plan_time.py has no figures for, --fsdp without torchrun, a data file or split the
+  stages will read that is missing, an --init whose config.json or weights would not load.
 - config_changes: on --resume, the saved config against the new one. A change to anything that
   alters what the run computes (data, experts, testbed, seed, model, LoRA, group size, advantage,
-  lrs, ...) is refused unless --resume-allow-change names its key; logging options pass.
+  lrs, ...) is refused unless --resume-allow-change names its key; logging options pass; a LoRA
+  run's --lora-rank / --lora-alpha never change (its adapters have their shape and scale).
 - resume_checks: a resumed run is the run it continues (config_changes on the values the run
   uses: an unset --riel.buffer-k is the K it derives; an option the checkpoint lacks, its
   default), except that a larger --riel.steps or --mef.epochs extends its stage, finished or not
@@ -50,8 +52,9 @@ def _lr(name, value):
         raise UserError(f"--{name} {value}: a learning rate must be a finite number > 0")
 
 
-def check_options(cfg):
-    """Raise UserError for the first option no run could mean. cfg: train.Config."""
+def check_options(cfg, check_files=None):
+    """Raise UserError for the first option no run could mean. cfg: train.Config. check_files:
+    data.check_files (guard does not import data), for the splits the stages will read."""
     r, m, e = cfg.riel, cfg.mef, cfg.eval
     for name, value, none_ok in (
             ("riel.steps", r.steps, True), ("riel.questions-per-step", r.questions_per_step, False),
@@ -75,10 +78,19 @@ def check_options(cfg):
                         ("eval-every", cfg.eval_every),
                         ("log-samples-every", cfg.log_samples_every),
                         ("lora-rank", cfg.lora_rank), ("mef.weight-decay", m.weight_decay),
+                        ("mef.warmup-steps", m.warmup_steps), ("riel.warmup-steps", r.warmup_steps),
+                        ("riel.clip-eps", r.clip_eps),
+                        ("riel.clip-eps-high", 0 if r.clip_eps_high is None else r.clip_eps_high),
                         ("riel.lambda1-warmup", r.lambda1_warmup),
                         ("riel.transfer-cap", 0 if r.transfer_cap is None else r.transfer_cap)):
         if not (math.isfinite(value) and value >= 0):
             raise UserError(f"--{name} {value}: must be a finite number >= 0")
+    if not 0 <= cfg.seed < 2 ** 32:
+        raise UserError(f"--seed {cfg.seed}: must be in [0, 2**32 - 1]")
+    if not (math.isfinite(r.top_p) and 0 < r.top_p <= 1):
+        raise UserError(f"--riel.top-p {r.top_p}: a probability mass in (0, 1]")
+    if not (math.isfinite(cfg.lora_alpha) and cfg.lora_alpha > 0):
+        raise UserError(f"--lora-alpha {cfg.lora_alpha}: must be a finite number > 0")
     if r.temperature == 0:
         raise UserError("--riel.temperature 0: RL samples; greedy decoding gives a group no spread "
                         "(use > 0)")
@@ -108,6 +120,11 @@ def check_options(cfg):
     if cfg.sft_replay is not None and not os.path.isfile(cfg.sft_replay):
         raise UserError(f"--sft-replay {cfg.sft_replay}: no such file (a RIEL run's flushed.jsonl)")
     _check_plan(cfg)
+    if check_files is not None:  # a missing test file must not wait for MEF to end
+        evaluating = "eval" in cfg.stages
+        held_out = evaluating or ("riel" in cfg.stages and cfg.eval_every > 0)
+        roles = ("train",) * bool({"mef", "riel"} & set(cfg.stages)) + ("eval",) * held_out
+        check_files(cfg.data, cfg.data_dir, roles, cfg.eval_splits if evaluating else ())
     if r.transfer_cap is not None and dist.launched():
         raise UserError("--riel.transfer-cap compares the terms' gradients of one process: run it "
                         "without torchrun")

@@ -37,7 +37,10 @@ BAD = [["--riel.steps", "0"], ["--train-size", "0"], ["--eval.size", "0"],
        ["--eval.batch-size", "0"], ["--eval-every-size", "0"], ["--checkpoint-every", "0"],
        ["--mef.batch-size", "0"], ["--mef.micro-batch-size", "0"], ["--mef.check-every", "0"],
        ["--riel.max-new-tokens", "0"], ["--difficulty", "5", "1"], ["--lora-rank", "-3"],
-       ["--riel.buffer-k", "8"], ["--trace-file", "/nonexistent/teacher.jsonl"]]
+       ["--riel.buffer-k", "8"], ["--trace-file", "/nonexistent/teacher.jsonl"],
+       ["--mef.warmup-steps", "-5"], ["--riel.warmup-steps", "-1"],
+       ["--seed", "99999999999999999999"], ["--seed", "-1"], ["--riel.top-p", "0"],
+       ["--riel.top-p", "1.5"], ["--riel.clip-eps", "-0.1"], ["--lora-alpha", "0"]]
 
 
 @pytest.mark.parametrize("args", BAD, ids=[" ".join(a) for a in BAD])
@@ -413,6 +416,21 @@ def test_a_bad_data_file_is_named_with_its_line_before_training(tmp_path, what):
     import data
     with pytest.raises(UserError, match=message):
         data.load("gsm8k", "test", str(tmp_path))
+
+
+def test_a_missing_split_file_is_named_before_training(tmp_path, monkeypatch):
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "train.jsonl").write_text(GOOD * 4)  # no test.jsonl: the eval's
+    monkeypatch.setattr(train.Transformer, "from_config",
+                        lambda *a, **k: pytest.fail("model built first"))
+    with pytest.raises(UserError, match=r"missing data file .*test.jsonl"):
+        run(tmp_path / "run", "--data", "gsm8k", "--data-dir", str(tmp_path), "--stages", "mef",
+            "eval")
+    (tmp_path / "gsm8k" / "test.jsonl").write_text(GOOD * 4)
+    with pytest.raises(UserError, match=r"gsm8k has splits \['train', 'test'\], not 'val'"):
+        run(tmp_path / "run", "--data", "gsm8k", "--data-dir", str(tmp_path), "--eval-splits",
+            "val")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 # ---- eval.py says what it was given --------------------------------------------------------------
