@@ -14,10 +14,10 @@ What it measures (METHOD.md section 5):
 - **pass@k** (optional): n samples per (question, expert) at a temperature, unbiased estimator
   pass@k = 1 - C(n - c, k) / C(n, k) (Chen et al. 2021), averaged over questions and experts.
 Prints what it evaluates (task, testbed, levels, split, questions, experts) and a table per split;
-writes the results as JSON when asked. A train.py checkpoint holds its run's Config
-(trainer_state.pt): the run's task, testbed, eval levels, splits, experts, --eval.* settings, seed
-and precision are the defaults (options with train.py's names change them), so its own tables come
-back exactly. Other models: Args' defaults, and a note.
+writes the results as JSON when asked (--out, checked writable before the model loads). A train.py
+checkpoint holds its run's Config (trainer_state.pt): the run's task, testbed, eval levels, splits,
+experts, --eval.* settings, seed and precision are the defaults (options with train.py's names
+change them), so its own tables come back exactly. Other models: Args' defaults, and a note.
 Under torchrun (plumbing/dist.py) each rank decodes its share of every batch and the texts are
 gathered, so every rank gets the table one process would compute (pass@k too: the uniforms of the
 whole batch are drawn).
@@ -265,9 +265,26 @@ def load_records(a: Args, split: str) -> list:
     return records[:a.train_size] if split != data.SPLITS[a.data].eval and a.train_size else records
 
 
+def check_out(path: str):
+    """--out takes a file: refused now rather than with a traceback after the whole evaluation."""
+    import tempfile
+    if os.path.isdir(path):
+        raise UserError(f"--out {path} is a directory: name a file (e.g. {path}/eval.json)")
+    try:
+        with tempfile.NamedTemporaryFile(dir=os.path.dirname(os.path.abspath(path))):
+            pass
+        if os.path.exists(path) and not os.access(path, os.W_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as err:
+        raise UserError(f"--out {path} cannot be written ({err.strerror}): choose a file in a "
+                        "writable directory")
+
+
 def main(a: Args) -> dict:
     """Evaluate on --split and --eval-splits; print what is evaluated and a table per split.
     Returns {split: results}."""
+    if a.out:
+        check_out(a.out)
     experts = data.experts(a.data, list(a.experts) if a.experts else None,
                            **({"testbed": a.testbed} if a.data == "synthetic" else {}))
     device = default_device(a.device)

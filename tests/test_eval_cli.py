@@ -54,3 +54,14 @@ def test_eval_py_on_a_runs_checkpoint_reproduces_the_runs_own_tables(tmp_path, c
     a = ev.cli(["--model", str(plain)])
     assert a == ev.Args(model=str(plain))
     assert "holds no train.py trainer state" in capsys.readouterr().out
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    import pytest
+    from plumbing.errors import UserError
+    monkeypatch.setattr(ev.Transformer, "from_pretrained",
+                        lambda *a, **k: pytest.fail("the model loaded first"))
+    (tmp_path / "a_file").write_text("x")
+    for out in ("/nonexistent/dir/x.json", str(tmp_path / "a_file" / "x.json"), str(tmp_path)):
+        with pytest.raises(UserError, match=f"--out {out} "):
+            ev.main(ev.Args(model="tiny", out=out))
