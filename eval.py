@@ -58,9 +58,10 @@ class EvalConfig:
 
 
 def complete(model, tok, prompts, cfg: EvalConfig, num_samples=1, temperature=0.0, seed=0,
-             desc="eval", return_lengths=False):
+             desc="eval", return_lengths=False, stop=None):
     """Decode the completions of many prompts in batches; returns texts, num_samples per prompt,
-    prompt-major (return_lengths: and each completion's length in tokens).
+    prompt-major (return_lengths: and each completion's length in tokens). stop: called before
+    each batch on every rank (train.py's process.stop_point: a SIGTERM ends the eval there).
     Under torchrun every rank decodes a share of each batch (it then needs batch_size >= world
     size, so that only the last batch can leave a rank without prompts) and every rank returns
     all the texts."""
@@ -70,6 +71,8 @@ def complete(model, tok, prompts, cfg: EvalConfig, num_samples=1, temperature=0.
     with dist.unsharded(model):
         batches = range(0, len(prompts), cfg.batch_size)
         for s in tqdm(batches, desc=desc, leave=False, disable=not dist.is_main()):
+            if stop is not None:
+                stop()
             batch = prompts[s:s + cfg.batch_size]
             lo, hi = dist.shard_range(len(batch))
             mine = []
@@ -100,14 +103,16 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def evaluate(model, tok, task, records, experts, cfg: EvalConfig, seed=0, keep_texts=False) -> dict:
+def evaluate(model, tok, task, records, experts, cfg: EvalConfig, seed=0, keep_texts=False,
+             stop=None) -> dict:
     """Greedy accuracy per expert, best expert, majority vote, optional pass@k, on `records`.
-    keep_texts: also "samples", every answer with its question, expert and verdict."""
+    keep_texts: also "samples", every answer with its question, expert and verdict. stop: called
+    at each batch boundary (complete)."""
     model.eval()
     records = records[:cfg.size] if cfg.size else records
     N = len(experts)
     prompts = [render_chat(tok, e.system_prompt, r.question) for r in records for e in experts]
-    texts, lengths = complete(model, tok, prompts, cfg, return_lengths=True)
+    texts, lengths = complete(model, tok, prompts, cfg, return_lengths=True, stop=stop)
     checks = [verify.check(task, t, records[i // N].answer) for i, t in enumerate(texts)]
     acc = {e.name: sum(checks[q * N + i][0] for q in range(len(records))) / len(records)
            for i, e in enumerate(experts)}
@@ -139,7 +144,7 @@ def evaluate(model, tok, task, records, experts, cfg: EvalConfig, seed=0, keep_t
     if cfg.pass_k:
         n, k = cfg.pass_samples, cfg.pass_k
         samples = complete(model, tok, prompts, cfg, num_samples=n, temperature=cfg.temperature,
-                           seed=seed, desc="pass@k")
+                           seed=seed, desc="pass@k", stop=stop)
         scores = []
         for p in range(len(prompts)):
             answer = records[p // N].answer

@@ -186,11 +186,10 @@ def run(cfg: Config, device, t_start):
             key = name if split == eval_split else f"{name}@{split}"  # e.g. after_riel@val
             if key in state["evals"]:
                 continue
-            if process.stop_requested():  # SIGTERM: the stage's checkpoint stands; resume evaluates
-                raise process.Stopped()
-            with autocast:
+            with autocast:  # SIGTERM: stops at a batch; the stage's checkpoint stands, resume evals
                 res = evaluate(model, tok, cfg.data, load_records(cfg, split, "eval"), experts,
-                               cfg.eval, seed=cfg.seed, keep_texts=cfg.log_samples_every > 0)
+                               cfg.eval, seed=cfg.seed, keep_texts=cfg.log_samples_every > 0,
+                               stop=process.stop_point)
             if "samples" in res:
                 log.samples({"stage": "eval", "name": key, "gstep": state["gstep"],
                              "answers": res.pop("samples")})

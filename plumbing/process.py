@@ -11,15 +11,18 @@ these; they decide nothing about training itself.
   directory stops with a clear error; a lock whose process is gone from this host (dead, a zombie
   its parent never reaped, its pid now another process's or ours) is taken over with a warning,
   as is an empty one (its process died as it took it); one that names no owner is an error.
-- SIGTERM (what a cluster scheduler sends before it kills): the handler only sets a flag. At the
-  next step boundary every rank writes a checkpoint and stops (Stopped: exit 143 = 128 + 15, one
-  line with the command that resumes). Under torchrun the ranks agree first (the MAX of their
-  flags, one all-reduce a step, as NeMo Automodel and Lightning do): a rank that stopped alone
-  would hang the others in their next collective. A second SIGTERM stops at once, abandoning
-  the step; the last complete checkpoint stays the latest.
+- SIGTERM (what a cluster scheduler sends before it kills), and SIGHUP (a closed terminal or ssh
+  session; unless nohup ignores it): the handler only sets a flag. At the next step boundary every
+  rank writes a checkpoint and stops (Stopped: exit 128 + the signal, 143 for SIGTERM, one line
+  with the command that resumes); in a stage's evaluation it stops at the next eval batch (the
+  stage's checkpoint stands; a resume runs the evaluation again). Under torchrun the ranks agree
+  first (the MAX of their flags, one all-reduce a step or eval batch, as NeMo Automodel and
+  Lightning do): a rank that stopped alone would hang the others in their next collective. A
+  second signal stops at once, abandoning the step; the last complete checkpoint stays the latest.
 - command_line: how the command ends: 0; `error: <message>` and 2 for a user's mistake, a full
-  disk or a read-only directory; one line and 130 for Ctrl-C, 143 for SIGTERM (the resume
-  command it prints names the script as it was started); a traceback only for a bug.
+  disk or a read-only directory; one line and 130 for Ctrl-C (at once, no checkpoint), 143 for
+  SIGTERM, 129 for SIGHUP (the resume command it prints names the script as it was started); a
+  traceback only for a bug.
 """
 import errno
 import json
@@ -218,13 +221,17 @@ class Stopped(BaseException):
         super().__init__(signal.Signals(self.signum).name)
 
 
+STOP_SIGNALS = tuple(s for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s)
+
+
 def _on_signal(signum, frame):
     if _flag["signum"] is not None:  # the second one: stop now, abandoning the step
         raise Stopped(signum)
     _flag["signum"] = signum
     if dist.is_main():  # os.write: a print here could land inside tqdm's own write to stderr
-        os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step, with a "
-                    "checkpoint (send it again to stop at once)\n".encode())
+        with suppress(OSError):  # SIGHUP: the terminal may be gone
+            os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step (or eval "
+                        "batch), with a checkpoint (send it again to stop at once)\n".encode())
 
 
 def stop_requested() -> bool:
@@ -233,13 +240,22 @@ def stop_requested() -> bool:
     return dist.sum_floats([float(_flag["signum"] is not None)])[0] > 0
 
 
+def stop_point():
+    """A boundary where a stop may end the run (an eval batch): Stopped if any rank got a signal."""
+    if stop_requested():
+        raise Stopped()
+
+
 @contextmanager
 def owned(out_dir: str):
     """The run's hold on the process until it ends, however it ends: the lock on out_dir (rank 0)
-    and the SIGTERM handler (the one before it comes back, e.g. under pytest)."""
+    and the SIGTERM / SIGHUP handler (the one before it comes back, e.g. under pytest; an ignored
+    SIGHUP, nohup's, stays ignored)."""
     _flag["signum"] = None
     main = threading.current_thread() is threading.main_thread()  # only it may set a handler
-    previous = signal.signal(signal.SIGTERM, _on_signal) if main else None
+    mine = [s for s in STOP_SIGNALS if main and (s == signal.SIGTERM
+                                                 or signal.getsignal(s) is not signal.SIG_IGN)]
+    previous = {s: signal.signal(s, _on_signal) for s in mine}
     lock = None
     try:
         lock = RunLock(out_dir).acquire() if dist.is_main() else None
@@ -247,8 +263,8 @@ def owned(out_dir: str):
     finally:
         if lock is not None:
             lock.release()
-        if main:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        for s, before in previous.items():
+            signal.signal(s, signal.SIG_DFL if before is None else before)
 
 
 # ---- how the command ends -------------------------------------------------------------------
@@ -294,7 +310,7 @@ def command_line(cli, main):
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; 130: the shell's for SIGINT
         print(f"\ninterrupted: {stopped_message(config, argv)}", file=sys.stderr)
         sys.exit(130)
-    except Stopped as e:  # SIGTERM: checkpointed at a step boundary; 143 = 128 + 15, as a shell
+    except Stopped as e:  # SIGTERM, SIGHUP: checkpointed at a step boundary; 128 + 15, as a shell
         if dist.is_main():
             print(f"\nstopped by {e}: {stopped_message(config, argv)}", file=sys.stderr)
         sys.exit(128 + e.signum)

@@ -49,24 +49,27 @@ def lines(out) -> list:
 
 # ---- SIGTERM ------------------------------------------------------------------------------------
 
-def test_sigterm_mid_riel_checkpoints_exits_143_with_the_command_that_resumes(tmp_path):
-    """No other checkpoint is due (--checkpoint-every 100): the one after the stop is the stop's."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_mid_riel_checkpoints_exits_143_with_the_command_that_resumes(tmp_path, sig):
+    """No other checkpoint is due (--checkpoint-every 100): the one after the stop is the stop's.
+    SIGHUP (a closed terminal) takes the same path, exit 129."""
     out = tmp_path / "run"
     args = ["--out-dir", str(out), *small({"riel.steps": "6", "riel.max-new-tokens": "8"}),
             "--stages", "riel", "--checkpoint-every", "100"]
     proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     deadline = time.time() + 300
     while proc.poll() is None and time.time() < deadline:  # RIEL's first step is logged
         if (out / "metrics.jsonl").exists() and '"riel"' in (out / "metrics.jsonl").read_text():
             break
         time.sleep(0.02)
     assert proc.poll() is None, "the run ended before it could be signalled"
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 143 and "Traceback" not in err, err[-3000:]
-    assert "SIGTERM: stopping after this step" in err
-    said = [x for x in err.splitlines() if x.startswith("stopped by SIGTERM: ")]
+    assert proc.returncode == 128 + sig and "Traceback" not in err, err[-3000:]
+    assert f"{sig.name}: stopping after this step" in err
+    said = [x for x in err.splitlines() if x.startswith(f"stopped by {sig.name}: ")]
     assert len(said) == 1, err[-3000:]
     state = checkpoint.load_state(checkpoint.latest(str(out)))
     assert state["stage"] == "riel" and 1 <= state["step"] < 6
@@ -77,6 +80,48 @@ def test_sigterm_mid_riel_checkpoints_exits_143_with_the_command_that_resumes(tm
     assert command[:2] == ["python", "train.py"] and command[-1] == "--resume"
     train.main(train.cli(command[2:]))  # the printed command finishes the run
     assert [m["step"] for m in lines(out) if m["stage"] == "riel"] == list(range(1, 7))
+
+
+@pytest.mark.parametrize("stages, stage", [(["riel", "eval"], "riel"),
+                                           (["mef", "riel", "eval"], "mef")],
+                         ids=["last eval", "after-MEF eval"])
+def test_sigterm_during_an_eval_stops_at_a_batch_and_the_resume_evaluates(tmp_path, stages, stage):
+    """300 eval batches: the stop comes at the next one, not after the eval (nor a stage more);
+    the stage's checkpoint stands without the eval, which the printed command runs again."""
+    import threading
+    out, key = tmp_path / "run", f"after_{stage}"
+    args = [*small({"eval.size": "200", "eval.max-new-tokens": "64"}), "--eval.batch-size", "2",
+            "--stages", *stages]
+    proc = subprocess.Popen([sys.executable, "train.py", "--out-dir", str(out), *args], cwd=ROOT,
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    chunks = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(
+        lambda: os.read(proc.stderr.fileno(), 4096), b"")))
+    reader.start()
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline and b"eval:" not in b"".join(chunks):
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be signalled"
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)  # one batch of 2 questions, not the 299 left
+    finally:
+        proc.kill()  # a no-op once it has ended
+        reader.join()
+    err = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 143 and "Traceback" not in err, err[-3000:]
+    said = [x for x in err.splitlines() if x.startswith("stopped by SIGTERM: ")]
+    assert len(said) == 1, err[-3000:]
+    state = checkpoint.load_state(checkpoint.latest(str(out)))
+    assert state["done"] == [stage] and key not in state["evals"]
+    assert not [m for m in lines(out) if m["stage"] == "eval" or m["stage"] == "riel" != stage]
+    assert not (out / "run.lock").exists()
+    command = shlex.split(said[0].split("continue with: ")[1])
+    assert command[2:] == ["--out-dir", str(out), *args, "--resume"]
+    go(out, *small({}), "--eval.batch-size", "2", "--stages", *stages, "--resume",
+       "--resume-allow-change", "eval.size", "eval.max-new-tokens")  # the same run, 8 questions
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["evals"][key]["questions"] == 8
 
 
 def _stop_rank(rank, port, out):
@@ -119,6 +164,20 @@ def test_a_second_sigterm_stops_at_once_and_the_handler_is_given_back(tmp_path):
             time.sleep(5)
             pytest.fail("the second SIGTERM did not stop the run")
     assert signal.getsignal(signal.SIGTERM) == before and not (tmp_path / "run.lock").exists()
+
+
+def test_sighup_is_caught_unless_ignored_as_under_nohup(tmp_path):
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with process.owned(str(tmp_path)):
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is process._on_signal
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        with process.owned(str(tmp_path)):
+            assert signal.getsignal(signal.SIGHUP) is process._on_signal
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGHUP, before)
 
 
 # ---- start or resume --------------------------------------------------------------------------
