@@ -424,6 +424,16 @@ MUTATIONS = [
              "lora.BaseModel(model) if cfg.lora_rank else "
              "(lambda *a: __import__('copy').deepcopy(model))(",
              (MID_RIEL,)),
+    # ---- the process: a stop inside an eval, a checkpoint's config against its weights
+    Mutation("a SIGTERM during an eval waits for the whole eval", "eval.py",
+             "            if stop is not None:\n                stop()",
+             "            if stop is not None:\n                pass",
+             (T + "test_process.py::test_sigterm_during_an_eval_stops_at_a_batch_and_the_"
+              "resume_evaluates",)),
+    Mutation("config.json is not checked against the weights' shapes", "plumbing/checkpoint.py",
+             'return ("config.json", why) if (why := _unlike(config, shapes)) else None',
+             "return None",
+             (FAULTS + "test_a_damaged_config_json_is_named_for_init_and_eval_py",)),
     # ---- lora.py: the adapters, the reference, the checkpoint
     Mutation("LoRA B starts non-zero", "plumbing/lora.py",
              "self.lora_B = nn.Parameter(torch.zeros(",
