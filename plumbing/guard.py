@@ -28,7 +28,7 @@ import os
 
 from tqdm import tqdm
 
-from plumbing import checkpoint, dist
+from plumbing import checkpoint, dist, presets
 from plumbing.errors import UserError
 
 # options that change what a run logs or writes, never what it computes: free to change on --resume
@@ -120,6 +120,7 @@ def check_options(cfg, check_files=None):
     if cfg.sft_replay is not None and not os.path.isfile(cfg.sft_replay):
         raise UserError(f"--sft-replay {cfg.sft_replay}: no such file (a RIEL run's flushed.jsonl)")
     _check_plan(cfg)
+    presets.check_name(cfg.model)  # (before the data: a misspelt model changes the data's default)
     if check_files is not None:  # a missing test file must not wait for MEF to end
         evaluating = "eval" in cfg.stages
         held_out = evaluating or ("riel" in cfg.stages and cfg.eval_every > 0)

@@ -52,6 +52,20 @@ PRESET_CONFIGS = {name: dict(zip(_SHAPE_KEYS, shape), model_type=kind, tie_word_
     ("smollm2-1.7b", "llama", (2048, 24, 32, 32, 8192, 49152, 1.3e5, 1e-5, 8192), {})]}
 
 
+def check_name(name_or_path: str):
+    """A --model that can name nothing (no preset, directory or 'org/name' hub id): refused before
+    anything else is checked or loaded (guard.check_options)."""
+    if (name_or_path in PRESETS or os.path.isdir(name_or_path)
+            or (name_or_path.count("/") == 1 and not os.path.exists(name_or_path))):
+        return
+    raise unknown_model(name_or_path)
+
+
+def unknown_model(name: str) -> UserError:
+    return UserError(f"unknown model {name!r}: use a preset ({', '.join(PRESETS)}), a local "
+                     "directory in Hugging Face format, or a hub repo id like 'org/name'")
+
+
 def resolve_checkpoint(name_or_path: str) -> str:
     """Preset name or repo id -> local directory (downloading from the hub if needed)."""
     if os.path.isdir(name_or_path):
@@ -59,13 +73,8 @@ def resolve_checkpoint(name_or_path: str) -> str:
             raise UserError(f"{name_or_path} is not a checkpoint in Hugging Face format: "
                             "it has no config.json")
         return name_or_path
-    repo = PRESETS.get(name_or_path)
-    unknown = UserError(f"unknown model {name_or_path!r}: use a preset ({', '.join(PRESETS)}), "
-                        "a local directory in Hugging Face format, or a hub repo id like "
-                        "'org/name'")
-    if repo is None and (name_or_path.count("/") != 1 or os.path.exists(name_or_path)):
-        raise unknown
-    repo = repo or name_or_path
+    check_name(name_or_path)
+    repo = PRESETS.get(name_or_path) or name_or_path
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (GatedRepoError, HFValidationError, LocalEntryNotFoundError,
                                         OfflineModeIsEnabled, RepositoryNotFoundError)
@@ -80,7 +89,7 @@ def resolve_checkpoint(name_or_path: str) -> str:
         raise UserError(f"{repo} was not found on the hub (or is private: log in with "
                         f"`hf auth login`). Presets: {', '.join(PRESETS)}") from e
     except HFValidationError as e:  # e.g. '/no/such/dir': neither a directory nor a valid repo id
-        raise unknown from e
+        raise unknown_model(name_or_path) from e
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:  # offline, or no hub reachable
         why = "HF_HUB_OFFLINE=1 is set" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
         raise UserError(f"{repo} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "

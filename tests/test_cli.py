@@ -22,7 +22,9 @@ MISTAKES = {
     "missing data file": (["--data", "gsm8k", "--data-dir", "/nonexistent"], {},
                           ["missing data file /nonexistent/gsm8k/train.jsonl",
                            "python -m data download gsm8k"]),
-    "uncached hub model offline": (["--model", "someorg/somemodel"], {"HF_HUB_OFFLINE": "1"},
+    # (GSM8K's files in place: guard checks the data files before any model loads)
+    "uncached hub model offline": (["--model", "someorg/somemodel", "--data-dir", "{data}"],
+                                   {"HF_HUB_OFFLINE": "1"},
                                    ["someorg/somemodel", "HF_HUB_OFFLINE=1"]),
 }
 # a bug: data.experts raising a plain ValueError (not a UserError) inside main
@@ -37,7 +39,12 @@ def test_user_mistakes_end_with_the_message_alone_and_a_bug_keeps_its_traceback(
     # an empty hub cache
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
 
+    (tmp_path / "data" / "gsm8k").mkdir(parents=True)
+    for split in ("train", "test"):
+        (tmp_path / "data" / "gsm8k" / f"{split}.jsonl").write_text("")
+
     def start(name, cmd, extra_env):
+        cmd = [a.replace("{data}", str(tmp_path / "data")) for a in cmd]
         return subprocess.Popen([sys.executable, *cmd, "--out-dir", str(tmp_path / name)], cwd=ROOT,
                                 env={**env, **extra_env}, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
