@@ -243,7 +243,7 @@ def test_plan_prints_the_runs_memory_plan(capsys, monkeypatch):
     monkeypatch.setattr(plan, "report",
                         lambda cfg, result, *a: results.append(result) or report(cfg, result, *a))
     train.main(train.cli(["--plan", "--plan-gpu-gb", "24", "--plan-world-size", "2",
-                          "--riel.kl-beta", "0.05"]))
+                          "--riel.kl-beta", "0.05", "--riel.questions-per-step", "2"]))
     out = capsys.readouterr().out
     assert ("2 GPU(s)" in out and "riel_sample" in out
             and re.search(r"peak [0-9.]+ GiB of 24 GiB: fits", out))
