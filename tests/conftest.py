@@ -10,16 +10,19 @@ import torch
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 requires_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is absent")
 
-# Under pytest-xdist (two workers, pytest.ini) each worker gets one thread, so they do not fight
-# over the two cores; `-n 0` gets two. TEST_THREADS overrides both (tests/mutate.py runs two).
+# Under pytest-xdist (three workers on two cores, pytest.ini) each worker gets one thread; `-n 0`
+# gets two. TEST_THREADS overrides both (tests/mutate.py runs two).
 torch.set_num_threads(int(os.environ.get("TEST_THREADS", 0)) or
                       (1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1)))
-# Longest first (CPU s on 2 cores: 180, 180, 70, 50, 45, 35, 30, 30, 25, 15, 10; the other 16: 50):
-# workers take whole files in this order (pytest.ini), so the short ones fill in at the end.
-LONGEST_FIRST = ("test_real_model.py", "test_dist.py", "test_fsdp.py", "test_options.py",
-                 "test_speed.py", "test_plan.py", "test_cli.py", "test_ablation.py",
-                 "test_plan_time.py", "test_verify_math500.py", "test_train.py",
-                 "test_gpu_check.py", "test_mel.py")
+# Longest first (wall s, one worker of three: 130, 160, 60; 230, 60, 55, 55, 50, 40, 30, 25, 25):
+# workers take whole files in this order (pytest.ini), so the short ones fill in at the end;
+# test_real_model.py comes 4th so that the GGUF conversion started with the run is done by then.
+LONGEST_FIRST = ("test_dist.py", "test_plan.py", "test_options.py", "test_real_model.py",
+                 "test_fair_ablation.py", "test_lora_vs_full.py", "test_disjoint.py",
+                 "test_lora.py", "test_plan_time.py", "test_fsdp.py", "test_speed.py",
+                 "test_ablation.py", "test_faults.py", "test_verify_math500.py",
+                 "test_gpu_check.py", "test_process.py", "test_train.py", "test_cli.py",
+                 "test_gpu_memory.py", "test_mutate.py", "test_mel.py")
 
 
 # What `python -m pytest` leaves to `python -m pytest -m slow` (pytest.ini deselects them): the
