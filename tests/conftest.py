@@ -10,11 +10,11 @@ import torch
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 requires_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is absent")
 
-# Under pytest-xdist (three workers on two cores, pytest.ini) each worker gets one thread; `-n 0`
+# Under pytest-xdist (two workers, pytest.ini) each worker gets one thread; `-n 0`
 # gets two. TEST_THREADS overrides both (tests/mutate.py runs two).
 torch.set_num_threads(int(os.environ.get("TEST_THREADS", 0)) or
                       (1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1)))
-# Longest first (wall s, one worker of three: 130, 160, 60; 230, 60, 55, 55, 50, 40, 30, 25, 25):
+# Longest first (wall s, one worker of two: 130, 160, 60; 230, 60, 55, 55, 50, 40, 30, 25, 25):
 # workers take whole files in this order (pytest.ini), so the short ones fill in at the end;
 # test_real_model.py comes 4th so that the GGUF conversion started with the run is done by then.
 LONGEST_FIRST = ("test_dist.py", "test_plan.py", "test_options.py", "test_real_model.py",
