@@ -102,9 +102,12 @@ class Config:
 # ---- presets: how a run's defaults differ from the dataclasses' (the paper's), as data ----------
 # A real model (any --model but tiny): GSM8K, longer answers, micro-batches that fit one GPU at 3B;
 # sampling 96 of the 192 rows at a time halves the KV cache and gives the same tokens (README).
+# The transfer's weight for every preset (the paper: own, lambda1 1; README): each token weighs as a
+# policy-gradient token, lambda1 0.3, chosen on validation seeds (docs/positive_control.md).
+TRANSFER = {"riel.term_scale": "step", "riel.lambda1": 0.3}
 REAL_MODEL = {"data": "gsm8k", "gradient_checkpointing": True, "mef.micro_batch_size": 4,
               "eval.max_new_tokens": 512, "riel.max_new_tokens": 512, "riel.micro_batch_size": 4,
-              "riel.questions_per_step": 8, "riel.sample_batch_size": 96}
+              "riel.questions_per_step": 8, "riel.sample_batch_size": 96, **TRANSFER}
 # tiny, from random weights: SFT on levels 1-2 until the best expert solves ~20% of level 2 greedily
 # (mef.stop_at: the edge of competence), then RL on level 2, where most groups get no reward spread
 TINY = {"difficulty": (1, 2), "rl_difficulty": (2, 2), "train_size": 10000,
@@ -113,9 +116,7 @@ TINY = {"difficulty": (1, 2), "rl_difficulty": (2, 2), "train_size": 10000,
         "mef.micro_batch_size": 64, "mef.max_len": 256, "mef.warmup_steps": 20,
         "mef.schedule": "cosine", "mef.stop_at": 0.2, "mef.check_every": 25, "mef.check_size": 100,
         "riel.steps": 250, "riel.questions_per_step": 16, "riel.group_size": 8,
-        "riel.max_new_tokens": 48, "riel.lr": 3e-4,
-        "riel.lambda1": 0.1,  # at 1.0 the transfer dominated the gradient: -8 points (README)
-        "riel.micro_batch_size": 64,
+        "riel.max_new_tokens": 48, "riel.lr": 3e-4, **TRANSFER, "riel.micro_batch_size": 64,
         "riel.buffer_size": 32, "riel.grad_shares": True, "mel.max_analysis_tokens": 48,
         "eval.size": 300, "eval.max_new_tokens": 48, "eval.batch_size": 150}
 # tiny, per --testbed (data/synthetic.py): chain traces run to ~63 tokens; on a disjoint testbed an

@@ -60,6 +60,8 @@ from experiments.plot import pyplot, save, smooth  # noqa: E402
 from train import defaults  # noqa: E402  (the per-model defaults the rows scale)
 
 NO_EXTRAS = ["--riel.no-transfer", "--riel.no-buffer"]
+# tiny's transfer weight when the published table ran (its preset before issue 40)
+PUBLISHED_TINY = ["--riel.term-scale", "own", "--riel.lambda1", "0.1"]
 # name -> (row it starts from, or None for an SFT row from scratch; train.py arguments)
 ROWS = {
     "Expert0-SFT": (None, ["--stages", "mef", "eval"]),
@@ -143,7 +145,7 @@ def train_args(cfg: Config, row: str, seed: int, steps: int | None, expert: str 
         if d.rl_difficulty:
             base += ["--difficulty", *map(str, d.rl_difficulty)]
         return base + args + list(cfg.extra)
-    base += ["--stages", "riel", "eval"]
+    base += ["--stages", "riel", "eval", *(PUBLISHED_TINY if cfg.model == "tiny" else [])]
     # as many sampled responses per step as N experts
     if row.startswith("Expert0") or row == "GRPO, one expert":
         base += ["--riel.questions-per-step", str(d.riel.questions_per_step * n_experts)]

@@ -21,7 +21,7 @@ What makes it fair (docs/when_meml_helps.md says why each matters):
 - equal sampled rollouts per step ("GRPO, one expert" samples N x the questions: N x G rows each, as
   the N-expert rows) and equal steps; trained rows and tokens per step are reported;
 - every RL row: a 10-step lr warmup, E+/E- ties broken at random, a buffer flush of exactly B
-  entries, and the paper's normalisation of the loss terms (--riel.term-scale own);
+  entries, and the paper's normalisation of the loss terms at lambda1 0.1 (--riel.term-scale own);
 - the gold-SFT control: MoE-SFT + plain SFT on as many gold traces (RL-level training questions,
   every expert) as MEML-GRPO's buffer flushed on that seed, B per step, at its own swept lr, no RL
   at all;
@@ -63,8 +63,9 @@ ROWS = {  # RL rows: train.py arguments of the RL stage, from MoE-SFT
     "MEML w/o transfer": ["--riel.no-transfer"],
     MEML: [],
 }
+# the grids' published setting: the transfer as the tiny default weighed it before issue 40
 FAIR = ["--riel.warmup-steps", "10", "--riel.transfer-ties", "random",
-        "--riel.buffer-flush", "exact", "--riel.term-scale", "own"]
+        "--riel.buffer-flush", "exact", "--riel.term-scale", "own", "--riel.lambda1", "0.1"]
 T95 = [12.71, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262]  # t_{0.975, df} for df = 1..9
 
 

@@ -35,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 # fair_ablation: the shared start, the run helpers, the paired CIs
 from experiments import fair_ablation as fa  # noqa: E402
-from experiments.ablation import launch  # noqa: E402
+from experiments.ablation import PUBLISHED_TINY, launch  # noqa: E402
 from experiments.plot import pyplot, save, smooth  # noqa: E402
 
 # rank (0: full) -> lrs
@@ -93,7 +93,8 @@ def run(cfg, rank, seed, lr, init):
     if fa.done(out):
         return out
     args = ["--init", init, "--seed", str(seed), "--out-dir", out, "--stages", "riel", "eval",
-            "--eval-splits", "val", "--riel.lr", str(lr), "--lora-rank", str(rank)]
+            "--eval-splits", "val", "--riel.lr", str(lr), "--lora-rank", str(rank),
+            *PUBLISHED_TINY]  # the transfer's weight when the published table ran
     if cfg.quick:
         args += ["--riel.steps", "3", "--eval.size", "20", "--no-curves"]
     launch(args, out, 1, f"{row_name(rank)} seed {seed} lr {lr:g}")
