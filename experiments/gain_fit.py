@@ -37,6 +37,9 @@ class Config:
     heldout_seeds: tuple[int, ...]
     out_dir: str = "experiments/transfer_runs"
     out: str = "experiments/gain_fit.json"
+    # held out too: the reported study's seeds (experiments/transfer_seeds.py's "transfer only")
+    study_seeds: tuple[int, ...] = ()
+    study_dir: str = "experiments/transfer_study_runs"
 
 
 def gaps(premise: dict, testbed: str = "disjoint") -> dict:
@@ -55,11 +58,23 @@ def gains(start: dict, end: dict, testbed: str = "disjoint") -> dict:
             for s, o in owners.items() for e in owners.values() if e != o}
 
 
-def points(cfg, seeds) -> tuple:
-    """(xs, ys) over the finished runs of the setting on these seeds."""
+def validation_runs(cfg, seeds) -> list:
+    """(MoE-SFT start, RL run) directories of the setting on these validation seeds."""
+    return [(tv.sft_dir(cfg, s), tv.run_dir(cfg, cfg.setting, s)) for s in seeds]
+
+
+def study_runs(cfg, seeds) -> list:
+    """The same for the reported study's "transfer only" rows (transfer_seeds.py's layout)."""
+    study = fa.Config(out_dir=cfg.study_dir)
+    return [(fa.run_dir(study, tv.TESTBED, fa.SFT, s), fa.run_dir(study, tv.TESTBED,
+                                                                   "transfer only", s))
+            for s in seeds]
+
+
+def points(runs) -> tuple:
+    """(xs, ys) over the finished runs."""
     xs, ys = [], []
-    for seed in seeds:
-        start_dir, out = tv.sft_dir(cfg, seed), tv.run_dir(cfg, cfg.setting, seed)
+    for start_dir, out in runs:
         if not (fa.done(out) and os.path.exists(os.path.join(start_dir, "premise.json"))):
             continue
         x = gaps(fa.load(start_dir, "premise.json"))
@@ -72,15 +87,18 @@ def points(cfg, seeds) -> tuple:
 def main(cfg: Config):
     if cfg.setting not in tv.SETTINGS:
         raise SystemExit(f"--setting {cfg.setting!r}: one of {list(tv.SETTINGS)}")
-    xs, ys = points(cfg, cfg.fit_seeds)
+    xs, ys = points(validation_runs(cfg, cfg.fit_seeds))
     if len(xs) < 3:
         raise SystemExit(f"{len(xs)} fitted pairs: need finished runs of {cfg.setting!r} on at "
                          "least two fit seeds")
     fit = ols(xs, ys)
-    hx, hy = points(cfg, cfg.heldout_seeds)
+    hx, hy = points(validation_runs(cfg, cfg.heldout_seeds))
+    sx, sy = points(study_runs(cfg, cfg.study_seeds))
     fit.update(setting=cfg.setting, fit_seeds=list(cfg.fit_seeds),
                heldout_seeds=list(cfg.heldout_seeds), heldout_pairs=len(hx),
                r2_heldout=r2(fit, hx, hy) if len(hx) > 1 else None,
+               study_seeds=list(cfg.study_seeds), study_pairs=len(sx),
+               r2_study=r2(fit, sx, sy) if len(sx) > 1 else None,
                x="owner's minus student's reward on the unseen shape, before RL",
                y="student's test accuracy gain on that shape, points")
     with open(cfg.out, "w") as f:
@@ -88,6 +106,8 @@ def main(cfg: Config):
     held = "-" if fit["r2_heldout"] is None else f"{fit['r2_heldout']:.2f}"
     print(f"gain = {fit['a']:+.1f} + {fit['b']:.1f} x gap (points; {fit['n']} pairs, R^2 "
           f"{fit['r2']:.2f}); held-out R^2 {held} on {len(hx)} pairs -> {cfg.out}")
+    if sx:
+        print(f"  the study's seeds: R^2 {fit['r2_study']:.2f} on {len(sx)} pairs")
     for gap in (0.0, 0.2, 0.4):
         y, lo, hi = predict(fit, gap)
         print(f"  gap {gap:.1f}: {y:+.1f} points (95% prediction interval {lo:+.1f} to {hi:+.1f})")

@@ -21,9 +21,11 @@ def test_gaps_are_the_owners_reward_minus_the_students_on_its_unseen_shape():
     assert gf.gaps(PREMISE) == pytest.approx({("columns", "many"): 0.4, ("chain", "long"): 0.3})
 
 
-def make_run(cfg, seed, gap, gain):
-    """A start whose premise shows `gap` on both pairs, a run that gains `gain` points on both."""
-    start, out = Path(gf.tv.sft_dir(cfg, seed)), Path(gf.tv.run_dir(cfg, cfg.setting, seed))
+def make_run(cfg, seed, gap, gain, study=False):
+    """A start whose premise shows `gap` on both pairs, a run that gains `gain` points on both
+    (a validation run, or with `study` one of transfer_seeds.py's "transfer only" runs)."""
+    start, out = map(Path, (gf.study_runs(cfg, [seed]) if study
+                            else gf.validation_runs(cfg, [seed]))[0])
     start.mkdir(parents=True)
     out.mkdir(parents=True)
     prem = {"many": {"reward": {"chain": gap, "columns": 0.0}},
@@ -51,6 +53,21 @@ def test_a_fit_on_points_on_a_line_recovers_it_and_predicts_held_out_seeds(tmp_p
     assert out["columns on many"]["gain"] == pytest.approx(5 + 50 * 0.4)
     assert out["chain on long"]["gain"] == pytest.approx(5 + 50 * 0.3)
     assert "predicted +25.0 points" in capsys.readouterr().out
+
+
+def test_the_studys_seeds_are_held_out_from_their_own_layout(tmp_path, capsys):
+    cfg = gf.Config(setting="step 0.3", fit_seeds=(100, 101), heldout_seeds=(), study_seeds=(0, 1),
+                    out_dir=str(tmp_path / "val"), study_dir=str(tmp_path / "study"),
+                    out=str(tmp_path / "fit.json"))
+    for seed, gap in ((100, 0.1), (101, 0.4)):
+        make_run(cfg, seed, gap, 5 + 50 * gap)
+    # the study's runs, off the line by +10 (gains 25, 25) and -10 (20, 20): SSE 400, SS 25
+    make_run(cfg, 0, 0.2, 5 + 50 * 0.2 + 10, study=True)
+    make_run(cfg, 1, 0.5, 5 + 50 * 0.5 - 10, study=True)
+    gf.main(cfg)
+    fit = json.loads((tmp_path / "fit.json").read_text())
+    assert fit["study_pairs"] == 4 and fit["r2_study"] == pytest.approx(1 - 400 / 25)
+    assert "the study's seeds: R^2 -15.00 on 4 pairs" in capsys.readouterr().out
 
 
 def test_too_few_runs_and_unknown_settings_are_named(tmp_path):
