@@ -43,7 +43,7 @@ TRANSFER_ONLY = ["--riel.no-buffer", "--riel.grad-shares"]
 # a setting: its name -> the train.py arguments it adds to TRANSFER_ONLY (the last one given wins)
 SETTINGS = {
     "none": ["--riel.no-transfer"],  # no transfer: the floor every setting's gain is read against
-    "own 0.1": ["--riel.term-scale", "own", "--riel.lambda1", "0.1"],  # the tiny default
+    "own 0.1": ["--riel.term-scale", "own", "--riel.lambda1", "0.1"],  # tiny's old default
     "step 0.1": ["--riel.term-scale", "step", "--riel.lambda1", "0.1"],  # the published rows
     "step 0.3": ["--riel.term-scale", "step", "--riel.lambda1", "0.3"],
     "step 1": ["--riel.term-scale", "step", "--riel.lambda1", "1"],
