@@ -49,7 +49,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
 # train.py in a subprocess, resumed when interrupted
-from experiments.ablation import launch  # noqa: E402
+from experiments.ablation import PUBLISHED_TINY, launch  # noqa: E402
 from experiments.plot import pyplot, save, smooth  # noqa: E402
 from train import defaults  # noqa: E402
 
@@ -65,7 +65,7 @@ ROWS = {  # RL rows: train.py arguments of the RL stage, from MoE-SFT
 }
 # the grids' published setting: the transfer as the tiny default weighed it before issue 40
 FAIR = ["--riel.warmup-steps", "10", "--riel.transfer-ties", "random",
-        "--riel.buffer-flush", "exact", "--riel.term-scale", "own", "--riel.lambda1", "0.1"]
+        "--riel.buffer-flush", "exact", *PUBLISHED_TINY]
 T95 = [12.71, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262]  # t_{0.975, df} for df = 1..9
 
 

@@ -25,6 +25,7 @@ import tyro
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import experiments.fair_ablation as fa  # noqa: E402
+import experiments.transfer_seeds as ts  # noqa: E402
 import experiments.transfer_validate as tv  # noqa: E402
 from data.synthetic import OWNERS  # noqa: E402
 from experiments.stats import ols, predict, r2  # noqa: E402
@@ -66,8 +67,7 @@ def validation_runs(cfg, seeds) -> list:
 def study_runs(cfg, seeds) -> list:
     """The same for the reported study's "transfer only" rows (transfer_seeds.py's layout)."""
     study = fa.Config(out_dir=cfg.study_dir)
-    return [(fa.run_dir(study, tv.TESTBED, fa.SFT, s), fa.run_dir(study, tv.TESTBED,
-                                                                   "transfer only", s))
+    return [(fa.run_dir(study, tv.TESTBED, fa.SFT, s), fa.run_dir(study, tv.TESTBED, ts.T_ONLY, s))
             for s in seeds]
 
 
