@@ -240,8 +240,11 @@ MUTATIONS = [
              "pass  # the teacher's logits were cast",
              (AUTOCAST_ORDER,)),
     Mutation("micro-batch casts kept: bf16 weight gradients pile up", "plumbing/optim.py",
-             "    drop_cast_weights()\n\n\ndef make_optimizer", "    pass\n\n\ndef make_optimizer",
+             "    drop_cast_weights()\n\n\ndef _undecorated", "    pass\n\n\ndef _undecorated",
              (PLAN + "test_bf16_weight_gradients_do_not_pile_up_over_a_backward",)),
+    Mutation("optimizer step with autograd on", "plumbing/optim.py",
+             "    @torch.no_grad()\n    def step", "    @torch.enable_grad()\n    def step",
+             (T + "test_memory.py::test_the_optimizer_never_imports_torch_dynamo",)),
     Mutation("plan: backward with CPU's autocast cache lifetime", "tools/plan.py",
              "with backward_thread() if cuda_backward else nullcontext():", "with nullcontext():",
              (PLAN + "test_cuda_backward_frees_the_forwards_bf16_copies_"

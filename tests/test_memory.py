@@ -1,6 +1,9 @@
 """Tests for the memory changes of a RIEL/MEF step: chunked sampling gives the one-batch tokens and
 step, the AdamW factory, and what is (not) alive while sampling and while the optimizer steps."""
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +14,8 @@ from riel import HardExampleBuffer
 from model import Transformer, tiny_config
 from test_mef import Expert, Rec
 from plumbing.tokenizer import load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # system prompts of different lengths: chunks pad prompts to other lengths than the whole batch
 EXPERTS = [Expert("terse", "Answer only."), Expert("steps", "Think step by step, then answer."),
@@ -170,6 +175,24 @@ def test_optimizer_factory_foreach_on_cpu_is_torch_adamw_bit_for_bit():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert not any(math.isclose(float((a - b.detach()).abs().max()), 0.0)
                    for a, b in zip(init, runs["ours"][0]))
+    # its state_dict is torch's (but foreach, asked for), and it loads torch's
+    mine, theirs = runs["ours"][1].state_dict(), runs["torch"][1].state_dict()
+    assert ([{**g, "foreach": None} for g in mine["param_groups"]] == theirs["param_groups"])
+    assert all(torch.equal(mine["state"][i][k], theirs["state"][i][k])
+               for i in theirs["state"] for k in theirs["state"][i])
+    runs["ours"][1].load_state_dict(theirs)
+    assert runs["ours"][1].state_dict()["state"][0]["step"] == 4
+
+
+def test_the_optimizer_never_imports_torch_dynamo():
+    """optim.AdamW skips the import (~2 s of CPU a process) torch.optim makes at the first step,
+    zero_grad, state_dict and add_param_group."""
+    code = ("import sys, torch; from plumbing import optim; p = torch.nn.Parameter(torch.ones(3));"
+            "o = optim.make_optimizer([p], lr=0.1); p.grad = torch.ones(3); o.step();"
+            "o.zero_grad(); o.load_state_dict(o.state_dict()); assert p.grad is None;"
+            "assert p.grad_fn is None and float(p[0]) < 1; print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]
 
 
 def test_sampling_under_autocast_casts_each_weight_once_per_call_not_per_token():
