@@ -70,6 +70,7 @@ class Config(fa.Config):
     term_scale: str = "step"
     out_dir: str = "experiments/dose_runs"
     out: str = "experiments/dose_response.json"
+    quick_questions: int = 0  # --quick keeps every question: its control replays MEML's flushes
 
 
 def rl_args(cfg) -> tuple:

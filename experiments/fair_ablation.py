@@ -86,6 +86,7 @@ class Config:
     out: str = "experiments/premise.json"
     report: bool = False  # no runs: the table from what is finished
     quick: bool = False
+    quick_questions: int = 4  # RL questions per step in --quick
 
 
 def run_dir(cfg, testbed, row, seed, lr=None):
@@ -187,14 +188,19 @@ def run_rl(cfg, testbed, row, seed, lr):
     out, sft = run_dir(cfg, testbed, row, seed, lr), run_dir(cfg, testbed, SFT, seed)
     if done(out):
         return
-    d, n = defaults("tiny"), len(data.experts("synthetic", testbed=base(testbed)))
+    n = len(data.experts("synthetic", testbed=base(testbed)))
+    # --quick: fewer RL questions (sampling is most of a quick run's time)
+    default_q = defaults("tiny").riel.questions_per_step
+    q = (cfg.quick and cfg.quick_questions) or default_q
     args = common(cfg, testbed, seed, out) + [
         "--init", final_ckpt(sft), "--stages", "riel", "eval", "--riel.steps", str(cfg.steps),
         "--riel.lr", str(lr), *FAIR, *ROWS[row], *getattr(cfg, "rl_args", ())]
+    if q != default_q:
+        args += ["--riel.questions-per-step", str(q)]
     # the prompt MoE-SFT does best on validation, N x the questions per step
     if row == "GRPO, one expert":
         args += ["--experts", val_choice(load(sft)["evals"], "after_mef@val"),
-                 "--riel.questions-per-step", str(d.riel.questions_per_step * n)]
+                 "--riel.questions-per-step", str(q * n)]
     launch(args, out, 1, f"{testbed} {row} seed {seed} lr {lr:g}")
 
 

@@ -96,7 +96,8 @@ def run(cfg, rank, seed, lr, init):
             "--eval-splits", "val", "--riel.lr", str(lr), "--lora-rank", str(rank),
             *PUBLISHED_TINY]  # the transfer's weight when the published table ran
     if cfg.quick:
-        args += ["--riel.steps", "3", "--eval.size", "20", "--no-curves"]
+        args += ["--riel.steps", "3", "--eval.size", "20", "--no-curves",
+                 "--riel.questions-per-step", str(fa.Config.quick_questions)]
     launch(args, out, 1, f"{row_name(rank)} seed {seed} lr {lr:g}")
     return out
 

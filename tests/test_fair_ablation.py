@@ -30,7 +30,8 @@ def test_quick_grid_writes_every_field_per_testbed_row_and_seed(tmp_path, quick_
         assert key in meml, key
     assert meml["lr"] in (1e-4, 3e-4) and set(meml["rescued_deployed"]) == {"start", "end"}
     # equal sampled rollouts per step: one expert samples 3 x the questions
-    assert one["sampled_rows_per_step"] == meml["sampled_rows_per_step"] == 16 * 3 * 8
+    rows = cfg.quick_questions * 3 * 8
+    assert one["sampled_rows_per_step"] == meml["sampled_rows_per_step"] == rows
     assert set(grid["nested"]["lr_sweep_val"]["MEML-GRPO"]) == {"0.0001", "0.0003"}
     table = (tmp_path / "premise.md").read_text()
     assert "### nested" in table
