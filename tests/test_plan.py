@@ -127,6 +127,15 @@ CASES = {
 }
 
 
+TRACED = {}  # case -> plan.trace_run's result, for test_cuda_backward_... to reuse
+
+
+def traced(case, cfg, cuda_backward):
+    if case not in TRACED:
+        TRACED[case] = plan.trace_run(cfg, cuda_backward=cuda_backward)
+    return TRACED[case]
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_plan_matches_measured_peaks(tmp_path, monkeypatch, case):
     shape, options = CASES[case]
@@ -135,7 +144,7 @@ def test_plan_matches_measured_peaks(tmp_path, monkeypatch, case):
     cuda_backward = options.pop("cuda_backward", False)
     cfg = small_config(tmp_path, ModelConfig(**shape), **options)
     torch.manual_seed(0)
-    predicted = {k: v[0] for k, v in plan.trace_run(cfg, cuda_backward=cuda_backward).items()}
+    predicted = {k: v[0] for k, v in traced(case, cfg, cuda_backward).items()}
     measured = measured_peaks(cfg, cuda_backward)
     # large tensors: no rounding or kernel buffers to speak of
     margin = 0.01 if case.startswith("weights") else 0.10
@@ -152,7 +161,9 @@ def test_cuda_backward_frees_the_forwards_bf16_copies_and_lowers_the_training_pe
     monkeypatch.setattr(plan, "PROMPT_TOKENS", 16)
     cfg = small_config(tmp_path, ModelConfig(**WEIGHTS), precision="autocast",
                        gradient_checkpointing=True, device=None)
-    cpu, cuda = plan.trace_run(cfg, cuda_backward=False), plan.trace_run(cfg, cuda_backward=True)
+    # the two weights-autocast cases' traces (the same config), traced here if they did not run
+    cpu = traced("weights-autocast-cpu", cfg, cuda_backward=False)
+    cuda = traced("weights-autocast-cuda-backward", cfg, cuda_backward=True)
     for stage in ("mef_step", "riel_update"):
         assert cuda[stage][0] < 0.98 * cpu[stage][0], stage
     # a plan for CUDA defaults to CUDA's
