@@ -239,6 +239,7 @@ def test_plan_prints_the_runs_memory_plan(capsys, monkeypatch):
     on fake tensors: ~4 min at a real model's row counts on one CPU thread); the reference's
     weights are one of the plan's parts."""
     from tools import plan
+    monkeypatch.setattr(plan, "DECODE_TRACED", 2)  # what is checked here needs no more
     results, report = [], plan.report
     monkeypatch.setattr(plan, "report",
                         lambda cfg, result, *a: results.append(result) or report(cfg, result, *a))
@@ -259,6 +260,7 @@ def test_plan_detail_names_what_fills_each_peak_and_knows_lora(capsys, monkeypat
     bf16 (the GPU run computes in bf16) and --riel.kl-beta's reference is the base with adapters
     off: no reference model among the parts."""
     from tools import plan
+    monkeypatch.setattr(plan, "DECODE_TRACED", 2)  # what is checked here needs no more
     results, report = [], plan.report
     monkeypatch.setattr(plan, "report",
                         lambda cfg, result, *a: results.append(result) or report(cfg, result, *a))
