@@ -26,9 +26,8 @@ process.py, `--plan` in tools/plan_fit.py. Choices:
   bit: weights, optimizer, sampling RNG, buffer, stage and step. The data order is a function of
   (seed, step), never of history. SIGTERM checkpoints at the next step and exits 143 (process.py).
 - `--lora-rank R`: LoRA adapters on a frozen base (lora.py); checkpoints hold merged + adapters.
-- Under torchrun every rank runs this same loop on the same data order; mef.py, riel.py and eval.py
-  split the work of each step (dist.py). Rank 0 alone writes checkpoints, metrics, the summary and
-  the log; every rank resumes from the checkpoint rank 0 names.
+- Under torchrun every rank runs this loop on the same data order; mef.py, riel.py, eval.py split
+  each step (dist.py). Rank 0 alone writes checkpoints, metrics, summary, log; all resume from it.
 """
 
 import dataclasses
@@ -246,6 +245,8 @@ def run_mef(cfg, model, tok, records, experts, state, start, resumed, save, log)
     examples, counts = (replay_examples(cfg, tok, experts) if cfg.sft_replay else
                         build_sft_examples(tok, records, experts, cfg.mef.max_len))
     if not examples:
+        if cfg.sft_replay:  # the buffer never flushed: the control trains on nothing
+            return print(f"MEF: {cfg.sft_replay} is empty: no steps, the weights stay as loaded")
         raise UserError(f"MEF has no examples in the {cfg.data} training split"
                         + (f" under {cfg.data_dir}" if cfg.data_dir else "")
                         + f" ({counts}): check that file")

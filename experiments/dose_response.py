@@ -70,7 +70,6 @@ class Config(fa.Config):
     term_scale: str = "step"
     out_dir: str = "experiments/dose_runs"
     out: str = "experiments/dose_response.json"
-    quick_questions: int = 0  # --quick keeps every question: its control replays MEML's flushes
 
 
 def rl_args(cfg) -> tuple:
@@ -97,11 +96,10 @@ def run_control(cfg, testbed, seed, lr, meml_out):
     if not os.path.exists(replay) and archived(replay):
         raise RuntimeError(f"{replay} is packed in {ARCHIVE}: unpack it with "
                            "`tar xJf experiments/dose_runs.tar.xz -C experiments`, then run again")
-    # MEML-GRPO never flushed: the control trains on nothing, as MEML's buffer did
-    if not os.path.exists(replay):
+    if not os.path.exists(replay):  # MEML-GRPO never flushed: the control trains on nothing
         os.makedirs(out, exist_ok=True)
-        with open(replay, "w"):
-            pass
+        replay = os.path.join(out, "flushed_none.jsonl")
+        open(replay, "w").close()
     args = fa.common(cfg, testbed, seed, out) + [
         "--init", fa.final_ckpt(sft), "--stages", "mef", "eval", "--sft-replay", replay,
         "--mef.epochs", "1", "--mef.batch-size", b, "--mef.micro-batch-size", b,

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import data
 from plumbing import premise
@@ -199,6 +200,18 @@ def test_sft_replay_trains_on_exactly_the_entries_the_buffer_flushed_in_order(tm
     assert len(unseen) == 4 and summary["deployed"] in ("chain", "columns")
     mine = [a["correct"] for a in answers if a["expert"] == summary["deployed"]]
     assert summary["test_accuracy"] == pytest.approx(100 * sum(mine) / len(mine))
+    # a buffer that never flushed: the control trains on nothing and keeps the weights it loaded
+    empty, none = tmp_path / "none.jsonl", tmp_path / "control_none"
+    empty.write_text("")
+    train.main(train.cli(["--out-dir", str(none), *common, "--init", str(latest),
+                          "--stages", "mef", "eval", "--sft-replay", str(empty),
+                          "--mef.stop-at", "None"]))
+    steps = [json.loads(x) for x in (none / "metrics.jsonl").read_text().splitlines()]
+    assert not [m for m in steps if m.get("stage") == "mef"]
+    got = load_file(str(none / (none / "latest").read_text().strip() / "model.safetensors"))
+    want = load_file(str(latest / "model.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert "after_mef" in json.loads((none / "summary.json").read_text())["evals"]
 
 
 # ---- the dose grid -------------------------------------------------------------------------------
