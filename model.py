@@ -113,8 +113,7 @@ class ModelConfig:
 
 
 def tiny_config() -> ModelConfig:
-    """The `tiny` preset: ~0.8M params, byte-level vocab (256 bytes, 4 specials, 3 chat roles,
-    1 reserved: 264), learns the synthetic task on a CPU."""
+    """The `tiny` preset: ~0.8M params, 264 byte-level ids (tokenizer.py), learns on a CPU."""
     return ModelConfig(extra={"bos_token_id": 256, "eos_token_id": 258, "pad_token_id": 257})
 
 
@@ -123,7 +122,8 @@ def tiny_config() -> ModelConfig:
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     """inv_freq_j = theta^(-2j/d), with Llama 3's piecewise scaling when set; (head_dim/2,) fp32."""
     d = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    # on the CPU, even in a model built on meta: ops on meta tensors import torch._dynamo (~2 s)
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, device="cpu").float() / d))
     s = cfg.rope_scaling
     if not s or s.get("rope_type", s.get("type")) != "llama3":
         return inv
@@ -154,8 +154,7 @@ def apply_rope(x, cos, sin):
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
         # x * rsqrt(mean(x^2) + eps) in fp32, one fused op (bit for bit the six ops written out, on
@@ -254,7 +253,11 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        # nn.Embedding's own init, except on meta (where normal_ would import torch._dynamo)
+        e = torch.empty(cfg.vocab_size, cfg.dim)
+        self.embed_tokens = nn.Embedding(*e.shape, _weight=e)
+        if not e.is_meta:
+            nn.init.normal_(self.embed_tokens.weight)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
@@ -282,9 +285,8 @@ class Transformer(nn.Module):
 
     def forward(self, ids, positions=None, cache=None, mask=None, hidden_only=False):
         """ids (B, T) -> logits (B, T, vocab); hidden_only: the trunk's (B, T, dim), for callers
-        that apply lm_head.weight themselves (rollout.token_logprobs, in chunks). Training goes
-        through here, not trunk(): under per-layer FSDP the root's forward hooks gather the
-        embedding and head (dist.py)."""
+        that apply lm_head.weight themselves (rollout.token_logprobs). Training comes here, not to
+        trunk(): under per-layer FSDP the root's hooks gather the embedding and head (dist.py)."""
         hidden = self.trunk(ids, positions, cache, mask)
         return hidden if hidden_only else self.lm_head(hidden)
 
@@ -346,7 +348,7 @@ class Transformer(nn.Module):
                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
         if cfg.tie_embeddings:
             model.lm_head.weight = model.embed_tokens.weight  # assign=True broke the tie: restore
-        model.inv_freq = rope_inv_freq(cfg).to(device)  # buffers were built on meta
+        model.inv_freq = model.inv_freq.to(device)  # computed on the CPU
         return model
 
     def save_pretrained(self, out_dir: str, dtype=None, state=None):
@@ -395,6 +397,4 @@ def read_safetensors(file, device, dtype) -> dict:
 
 
 def default_dtype(device=None, dtype=None):
-    if dtype is not None:
-        return dtype
-    return torch.bfloat16 if default_device(device).type == "cuda" else torch.float32
+    return dtype or (torch.bfloat16 if default_device(device).type == "cuda" else torch.float32)

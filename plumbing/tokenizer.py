@@ -14,11 +14,15 @@ tokenizer.py: the tokenizer next to the model: load it, render chat prompts, kno
   `end_of_turn_id(tok)`: the one an SFT target ends with, so that trained answers stop the way
   sampled ones do.
 - The `tiny` preset's tokenizer is byte-level (ids 0-255 are the bytes, then 4 special tokens, the
-  three ChatML role names and one reserved id) with a ChatML template: built in code, nothing to
-  download or train, and it can spell any text. The role names are single tokens as in a real BPE
-  vocabulary (Qwen's "assistant" is one token): spelled byte by byte they made up 16 of a 55-token
-  synthetic prompt, compute spent on every SFT and RL row for nothing the model has to learn.
+  three ChatML role names and one reserved id) with a ChatML template: built in code on the
+  `tokenizers` library alone (TinyTokenizer), nothing to download or train; it spells any text.
+  The role names are single tokens as in a real BPE vocabulary (Qwen's "assistant" is one token):
+  spelled byte by byte they made up 16 of a 55-token synthetic prompt, compute spent on every SFT
+  and RL row for nothing the model has to learn.
 """
+
+import json
+import os
 
 from plumbing.presets import resolve_checkpoint
 
@@ -38,23 +42,75 @@ TINY_CHAT_TEMPLATE = (
 TINY_ROLES = ["system", "user", "assistant"]  # ids 260-262: one token each, wherever in the text
 
 
-def tiny_tokenizer():
-    """Byte-level tokenizer: ids 0-255 are the bytes, 256-259 special tokens, 260-262 the chat
-    roles, 263 reserved. No training, no download."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    vocab = {ch: i for i, ch in enumerate(_byte_alphabet())}  # token id == byte value
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.add_special_tokens(["<|begin_of_text|>", "<|endoftext|>", "<|im_end|>", "<|im_start|>"])
-    # plain (not special) added tokens: decoding keeps them, as it keeps any text
-    tk.add_tokens([AddedToken(r, normalized=False, special=False) for r in TINY_ROLES])
-    tk.add_special_tokens(["<|reserved_0|>"])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|begin_of_text|>",
-                                  eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tok.chat_template = TINY_CHAT_TEMPLATE
-    return tok
+class TinyTokenizer:
+    """The tiny preset's tokenizer: a `tokenizers` byte-level BPE without merges, behind the few
+    methods of transformers' interface the code calls (importing transformers costs ~1.2 s of CPU
+    a process). Saved, it is a PreTrainedTokenizerFast that AutoTokenizer loads as the same."""
+    bos_token, eos_token, pad_token = "<|begin_of_text|>", "<|im_end|>", "<|endoftext|>"
+    chat_template = TINY_CHAT_TEMPLATE
+
+    def __init__(self):
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+        vocab = {ch: i for i, ch in enumerate(_byte_alphabet())}  # token id == byte value
+        tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tk.decoder = decoders.ByteLevel()
+        tk.add_special_tokens(["<|begin_of_text|>", "<|endoftext|>", "<|im_end|>", "<|im_start|>"])
+        # plain (not special) added tokens: decoding keeps them, as it keeps any text
+        tk.add_tokens([AddedToken(r, normalized=False, special=False) for r in TINY_ROLES])
+        tk.add_special_tokens(["<|reserved_0|>"])
+        self.backend = tk
+        self.bos_token_id, self.eos_token_id, self.pad_token_id = (
+            tk.token_to_id(t) for t in (self.bos_token, self.eos_token, self.pad_token))
+
+    def __len__(self):
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def get_vocab(self) -> dict:
+        return self.backend.get_vocab(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens=True) -> list:
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, skip_special_tokens=False) -> str:
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+        """TINY_CHAT_TEMPLATE, written out in Python (equal to transformers' rendering of it)."""
+        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        text += "<|im_start|>assistant\n" if add_generation_prompt else ""
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+    def save_pretrained(self, path: str):
+        self.backend.save(os.path.join(path, "tokenizer.json"))
+        with open(os.path.join(path, "chat_template.jinja"), "w") as f:
+            f.write(self.chat_template)
+        with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+            json.dump(self._config(), f, indent=2)
+
+    def _config(self) -> dict:
+        return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": self.bos_token,
+                "eos_token": self.eos_token, "pad_token": self.pad_token}
+
+    @classmethod
+    def saved_in(cls, path: str) -> bool:
+        """Whether the checkpoint directory holds this tokenizer, as save_pretrained wrote it."""
+        try:
+            with open(os.path.join(path, "tokenizer_config.json")) as f:
+                config = json.load(f)
+            with open(os.path.join(path, "chat_template.jinja")) as f:
+                template = f.read()
+            from tokenizers import Tokenizer
+            saved = Tokenizer.from_file(os.path.join(path, "tokenizer.json")).to_str()
+        except Exception:  # missing, unreadable or another kind: not this tokenizer
+            return False
+        tiny = cls()
+        return (config == tiny._config() and template == tiny.chat_template
+                and saved == tiny.backend.to_str())
+
+
+tiny_tokenizer = TinyTokenizer
 
 
 def _byte_alphabet():
@@ -70,8 +126,8 @@ def _byte_alphabet():
 
 
 def load_tokenizer(name_or_path: str):
-    if name_or_path == "tiny":
-        return tiny_tokenizer()
+    if name_or_path == "tiny" or TinyTokenizer.saved_in(name_or_path):
+        return TinyTokenizer()
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(resolve_checkpoint(name_or_path))
 

@@ -42,6 +42,10 @@ REPLAY = DISJOINT + "test_sft_replay_trains_on_exactly_the_entries_the_buffer_fl
 AUTOCAST_ORDER = (T + "test_autocast_grads.py::"
                   "test_the_cache_is_cleared_between_no_grad_and_grad_enabled_forwards")
 
+NO_IMPORTS = T + "test_memory.py::test_a_tiny_run_never_imports_torch_dynamo_or_transformers"
+TINY_TOK = T + ("test_tokenizer.py::"
+                "test_tiny_tokenizer_saved_is_the_transformers_tokenizer_it_loads_as")
+
 MUTATIONS = [
     # ---- riel.py: who teaches whom, which rows, which record, which terms
     Mutation("transfer E+ and E- swapped", "losses.py", "return plus, minus", "return minus, plus",
@@ -244,7 +248,7 @@ MUTATIONS = [
              (PLAN + "test_bf16_weight_gradients_do_not_pile_up_over_a_backward",)),
     Mutation("optimizer step with autograd on", "plumbing/optim.py",
              "    @torch.no_grad()\n    def step", "    @torch.enable_grad()\n    def step",
-             (T + "test_memory.py::test_the_optimizer_never_imports_torch_dynamo",)),
+             (NO_IMPORTS,)),
     Mutation("plan: backward with CPU's autocast cache lifetime", "tools/plan.py",
              "with backward_thread() if cuda_backward else nullcontext():", "with nullcontext():",
              (PLAN + "test_cuda_backward_frees_the_forwards_bf16_copies_"
@@ -380,6 +384,19 @@ MUTATIONS = [
              (MODEL + "test_rmsnorm_and_rope_reference_vectors",)),
     Mutation("RMSNorm without eps", "model.py", "eps=self.eps).to(x.dtype)", "eps=1.0).to(x.dtype)",
              (MODEL + "test_rmsnorm_and_rope_reference_vectors",)),
+    Mutation("embedding init skipped: every seed's start changes", "model.py",
+             "        if not e.is_meta:\n", "        if False:\n",
+             (MODEL + "test_a_model_built_from_a_seed_draws_what_torchs_own_modules_draw",)),
+    Mutation("embedding init on meta", "model.py",
+             "        if not e.is_meta:\n", "        if True:\n", (NO_IMPORTS,)),
+    Mutation("RoPE frequencies on meta", "model.py", 'torch.arange(0, d, 2, device="cpu")',
+             "torch.arange(0, d, 2)", (NO_IMPORTS,)),
+    # ---- plumbing/tokenizer.py
+    Mutation("tiny decode keeps special tokens", "plumbing/tokenizer.py",
+             "skip_special_tokens=skip_special_tokens)", "skip_special_tokens=False)", (TINY_TOK,)),
+    Mutation("a saved tiny tokenizer loads through transformers", "plumbing/tokenizer.py",
+             'name_or_path == "tiny" or TinyTokenizer.saved_in(name_or_path)',
+             'name_or_path == "tiny"', (TINY_TOK, NO_IMPORTS)),
     # ---- verify.py
     Mutation("gsm8k scores the first answer", "verify.py", "value = parse_number(found[-1])",
              "value = parse_number(found[0])",

@@ -184,15 +184,23 @@ def test_optimizer_factory_foreach_on_cpu_is_torch_adamw_bit_for_bit():
     assert runs["ours"][1].state_dict()["state"][0]["step"] == 4
 
 
-def test_the_optimizer_never_imports_torch_dynamo():
-    """optim.AdamW skips the import (~2 s of CPU a process) torch.optim makes at the first step,
-    zero_grad, state_dict and add_param_group."""
+def test_a_tiny_run_never_imports_torch_dynamo_or_transformers(tmp_path):
+    """~2 s and ~1 s of CPU a process: optim.AdamW skips the import of torch._dynamo torch.optim
+    makes at the first step, zero_grad, state_dict and add_param_group; a model loaded from a
+    directory skips the embedding init that imports it on meta; a tiny checkpoint's tokenizer
+    loads as TinyTokenizer."""
+    Transformer.from_config(tiny_config()).save_pretrained(str(tmp_path))
+    load_tokenizer("tiny").save_pretrained(str(tmp_path))
     code = ("import sys, torch; from plumbing import optim; p = torch.nn.Parameter(torch.ones(3));"
             "o = optim.make_optimizer([p], lr=0.1); p.grad = torch.ones(3); o.step();"
             "o.zero_grad(); o.load_state_dict(o.state_dict()); assert p.grad is None;"
-            "assert p.grad_fn is None and float(p[0]) < 1; print('torch._dynamo' in sys.modules)")
+            "assert p.grad_fn is None and float(p[0]) < 1;"
+            "from model import Transformer; from plumbing.tokenizer import load_tokenizer;"
+            f"m = Transformer.from_pretrained({str(tmp_path)!r}).cpu();"
+            f"tok = load_tokenizer({str(tmp_path)!r}); assert len(tok) == m.cfg.vocab_size;"
+            "print(sorted({'torch._dynamo', 'transformers'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-    assert out.stdout.strip() == "False", out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", out.stderr[-2000:]
 
 
 def test_sampling_under_autocast_casts_each_weight_once_per_call_not_per_token():

@@ -188,3 +188,26 @@ def test_rope_frequencies_stay_fp32_when_the_model_is_cast_to_bf16():
     for m in (built, cast):
         assert m.embed_tokens.weight.dtype == torch.bfloat16
         assert m.inv_freq.dtype == torch.float32 and torch.equal(m.inv_freq, exact)
+
+
+def test_a_model_built_from_a_seed_draws_what_torchs_own_modules_draw():
+    """Transformer(cfg) after manual_seed draws, module by module, what torch's default inits
+    draw (so the committed studies' starts, from_config's re-init after it, retrain bit for bit):
+    the reference is the same modules built from plain torch.nn, in model order."""
+    cfg = ours.tiny_config()
+    torch.manual_seed(7)
+    model = ours.Transformer(cfg)
+    after = torch.rand(3)
+    torch.manual_seed(7)
+    nn = torch.nn
+    ref = [nn.Embedding(cfg.vocab_size, cfg.dim).weight]
+    for _ in range(cfg.n_layers):
+        ref += [nn.Linear(cfg.dim, n * cfg.head_dim, bias=False).weight
+                for n in (cfg.n_heads, cfg.n_kv_heads, cfg.n_kv_heads)]
+        ref += [nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False).weight]
+        ref += [nn.Linear(cfg.dim, cfg.ffn_dim, bias=False).weight for _ in range(2)]
+        ref += [nn.Linear(cfg.ffn_dim, cfg.dim, bias=False).weight]
+    nn.Linear(cfg.dim, cfg.vocab_size, bias=False)  # the head: tied, its draws discarded
+    assert torch.equal(torch.rand(3), after)
+    ours_2d = [p for p in model.parameters() if p.dim() == 2]
+    assert len(ours_2d) == len(ref) and all(torch.equal(a, b) for a, b in zip(ours_2d, ref))

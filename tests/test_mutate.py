@@ -11,7 +11,8 @@ from mutate import MUTATIONS, ROOT, Mutation, apply, check, main, source_files
 CORE = {"riel.py", "losses.py", "mef.py", "mel.py", "eval.py", "rollout.py", "verify.py",
         "train.py", "plumbing/premise.py", "data/synthetic.py", "experiments/fair_ablation.py",
         "plumbing/lora.py", "tools/plan.py", "plumbing/guard.py", "plumbing/optim.py", "model.py",
-        "plumbing/checkpoint.py", "plumbing/runlog.py", "plumbing/process.py"}
+        "plumbing/checkpoint.py", "plumbing/runlog.py", "plumbing/process.py",
+        "plumbing/tokenizer.py"}
 
 
 def test_at_least_forty_mutations_across_the_core():

@@ -109,7 +109,7 @@ def test_buffer_step_equals_lambda2_times_the_naive_nll_of_each_experts_prompt_a
     m, delta = step(tok, ALL_WRONG, cfg, model)
     assert m["flushed"] == 6 and m["trained_rows"] == 0 and m["transfers"] == 0
 
-    im_end = tok.convert_tokens_to_ids("<|im_end|>")  # the end-of-turn token every target ends with
+    im_end = tok.get_vocab()["<|im_end|>"]  # the end-of-turn token every target ends with
     prompts = rendered_prompts(tok)
     own_or_first = lambda rec, e: rec.traces.get(e.name) or next(iter(rec.traces.values()))
     targets = [tok.encode(own_or_first(r, e), add_special_tokens=False) + [im_end]

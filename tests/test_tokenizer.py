@@ -100,7 +100,7 @@ def test_tiny_tokenizer_is_byte_level_with_chat_template():
                                "<|im_start|>user\n1+1<|im_end|>\n"
                                "<|im_start|>assistant\n")
     # each role name is one token (260-262), as in a BPE vocabulary; the rest is spelled bytewise
-    start, end, nl = (tok.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>", "Ċ"))
+    start, end, nl = (tok.get_vocab()[t] for t in ("<|im_start|>", "<|im_end|>", "Ċ"))
     assert ids == [start, 260, nl, *b"be brief", end, nl,
                    start, 261, nl, *b"1+1", end, nl,
                    start, 262, nl]
@@ -109,6 +109,37 @@ def test_tiny_tokenizer_is_byte_level_with_chat_template():
     eot = tokenizer.end_of_turn_id(tok)
     assert eot in tokenizer.stop_token_ids(tok) and tok.decode([eot]) == "<|im_end|>"
     assert len(tok) == ours.tiny_config().vocab_size
+
+
+def test_tiny_tokenizer_saved_is_the_transformers_tokenizer_it_loads_as(tmp_path):
+    """TinyTokenizer saves what AutoTokenizer loads, and that tokenizer encodes, decodes, renders
+    the chat template and names its special ids as ours does; load_tokenizer reads such a directory
+    back as ours (no transformers import), any other as transformers'."""
+    from transformers import AutoTokenizer
+    tok = tokenizer.TinyTokenizer()
+    tok.save_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps(ours.tiny_config().to_hf()))
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    assert isinstance(tokenizer.load_tokenizer(str(tmp_path)), tokenizer.TinyTokenizer)
+    assert (len(hf), hf.get_vocab()) == (len(tok), tok.get_vocab())
+    assert [hf.bos_token_id, hf.eos_token_id, hf.pad_token_id] == \
+        [tok.bos_token_id, tok.eos_token_id, tok.pad_token_id] == [256, 258, 257]
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "1+1 é"},
+            {"role": "assistant", "content": "2"}]
+    for generation in (True, False):
+        assert tok.apply_chat_template(chat, add_generation_prompt=generation) == \
+            hf.apply_chat_template(chat, tokenize=False, add_generation_prompt=generation)
+    rng = np.random.default_rng(0)
+    for n in range(300):  # every id, special ones among them, in random runs
+        ids = rng.integers(0, len(tok), size=n % 40).tolist()
+        for skip in (True, False):
+            assert tok.decode(ids, skip_special_tokens=skip) == \
+                hf.decode(ids, skip_special_tokens=skip)
+        text = hf.decode(ids)
+        assert tok.encode(text, add_special_tokens=False) == \
+            hf.encode(text, add_special_tokens=False)
+    (tmp_path / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    assert not isinstance(tokenizer.load_tokenizer(str(tmp_path)), tokenizer.TinyTokenizer)
 
 
 # ---- a really pretrained model: llama2.c stories260K, converted to HF format inside the test ---
