@@ -228,14 +228,14 @@ def replay_examples(cfg, tok, experts):
     training records of this seed: a control that matches MEML's SFT in content, not only count."""
     records = {r.id: r for r in load_records(cfg, data.SPLITS[cfg.data].train, "riel")}
     by_name = {e.name: e for e in experts}
+    def known(entry, where):  # another seed's or testbed's entry is refused at its line
+        q, e = (entry.get(k) if isinstance(entry, dict) else 0 for k in ("question_id", "expert"))
+        if not (isinstance(q, str) and q in records and isinstance(e, str) and e in by_name):
+            raise UserError(f"{where}: {entry} names no question / expert of this run's RL "
+                            "training records or experts (another seed or testbed?)")
     examples = []
-    for n, line in enumerate(open(cfg.sft_replay), 1):
-        entry = json.loads(line)
-        rec, ex = records.get(entry["question_id"]), by_name.get(entry["expert"])
-        if rec is None or ex is None:
-            raise UserError(f"{cfg.sft_replay}:{n}: question {entry['question_id']!r} / expert "
-                            f"{entry['expert']!r} is not in this run's RL training records or "
-                            "experts (another seed or testbed?)")
+    for entry in data.common.read_jsonl(cfg.sft_replay, (), check=known, empty_ok=True):
+        rec, ex = records[entry["question_id"]], by_name[entry["expert"]]
         prompt = render_chat(tok, ex.system_prompt, rec.question)
         examples.append(SFTExample(rec.id, ex.name, prompt,
                                    encode_target(tok, reference_trace(rec, ex))))

@@ -101,11 +101,11 @@ def require(task: str, source: Source, data_dir: str | None) -> str:
 
 
 def read_jsonl(path: str, keys: tuple[str, ...], check=None,
-               types: dict | None = None) -> list[dict]:
+               types: dict | None = None, empty_ok=False) -> list[dict]:
     """One JSON object per non-empty line, each with all `keys` (of the given `types`); errors name
-    file:line, and a file with no record at all is an error too (it would fail much later, as a
-    division by zero). check(row, where), when given, replaces the key check (it raises DataError
-    itself)."""
+    file:line, and a file with no record at all is an error too unless empty_ok (it would fail much
+    later, as a division by zero). check(row, where), when given, replaces the key check (it raises
+    DataError itself)."""
     check = check or (lambda row, where: _check_keys(row, keys, where, types))
     rows = []
     with open(path, "rb") as f:
@@ -123,7 +123,7 @@ def read_jsonl(path: str, keys: tuple[str, ...], check=None,
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
             check(row, f"{path}:{lineno}")
             rows.append(row)
-    if not rows:
+    if not rows and not empty_ok:
         raise DataError(f"{path}: holds no records (an empty file?)")
     return rows
 

@@ -118,7 +118,7 @@ def check_options(cfg, check_files=None):
         raise UserError(f"--sft-cross {cfg.sft_cross}: a probability in [0, 1], for a --testbed "
                         "disjoint* only")
     if cfg.sft_replay is not None and not os.path.isfile(cfg.sft_replay):
-        raise UserError(f"--sft-replay {cfg.sft_replay}: no such file (a RIEL run's flushed.jsonl)")
+        raise UserError(f"--sft-replay {cfg.sft_replay}: not a file (a RIEL run's flushed.jsonl)")
     _check_plan(cfg)
     presets.check_name(cfg.model)  # (before the data: a misspelt model changes the data's default)
     if check_files is not None:  # a missing test file must not wait for MEF to end

@@ -24,6 +24,7 @@ tokenizer.py: the tokenizer next to the model: load it, render chat prompts, kno
 import json
 import os
 
+from plumbing.errors import UserError
 from plumbing.presets import resolve_checkpoint
 
 # Every id that ends an assistant turn, by token text (REFERENCES.md 4.8). The first one present is
@@ -96,6 +97,8 @@ class TinyTokenizer:
     @classmethod
     def saved_in(cls, path: str) -> bool:
         """Whether the checkpoint directory holds this tokenizer, as save_pretrained wrote it."""
+        if any(os.path.exists(os.path.join(path, f)) for f in OTHER_FILES):
+            return False  # transformers would read these too
         try:
             with open(os.path.join(path, "tokenizer_config.json")) as f:
                 config = json.load(f)
@@ -111,6 +114,7 @@ class TinyTokenizer:
 
 
 tiny_tokenizer = TinyTokenizer
+OTHER_FILES = ("special_tokens_map.json", "added_tokens.json", "tokenizer.model", "vocab.json")
 
 
 def _byte_alphabet():
@@ -129,7 +133,16 @@ def load_tokenizer(name_or_path: str):
     if name_or_path == "tiny" or TinyTokenizer.saved_in(name_or_path):
         return TinyTokenizer()
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(resolve_checkpoint(name_or_path))
+    path = resolve_checkpoint(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (ValueError, OSError, TypeError, AttributeError, KeyError) as e:
+        raise UserError(f"{path}: its tokenizer files do not load ({type(e).__name__}: "
+                        f"{str(e)[:200]}): restore them from the model's source") from None
+    if not (tok.chat_template or "").strip():  # render_chat would give every prompt no tokens
+        raise UserError(f"{path}: the tokenizer has no chat template (chat_template.jinja, or "
+                        "tokenizer_config.json's chat_template)")
+    return tok
 
 
 def render_chat(tok, system: str | None, user: str) -> list:

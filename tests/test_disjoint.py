@@ -202,7 +202,7 @@ def test_sft_replay_trains_on_exactly_the_entries_the_buffer_flushed_in_order(tm
     assert summary["test_accuracy"] == pytest.approx(100 * sum(mine) / len(mine))
     # a buffer that never flushed: the control trains on nothing and keeps the weights it loaded
     empty, none = tmp_path / "none.jsonl", tmp_path / "control_none"
-    empty.write_text("")
+    empty.write_text("\n  \n")  # blank lines: no entry
     train.main(train.cli(["--out-dir", str(none), *common, "--init", str(latest),
                           "--stages", "mef", "eval", "--sft-replay", str(empty),
                           "--mef.stop-at", "None"]))
@@ -212,6 +212,12 @@ def test_sft_replay_trains_on_exactly_the_entries_the_buffer_flushed_in_order(tm
     want = load_file(str(latest / "model.safetensors"))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert "after_mef" in json.loads((none / "summary.json").read_text())["evals"]
+    bad = tmp_path / "bad.jsonl"  # an entry of no question of this run: refused at its line
+    good = (run / "flushed.jsonl").read_text().splitlines()[0]
+    bad.write_text(good + '\n{"question_id": 5, "expert": "chain"}\n')
+    with pytest.raises(UserError, match=f"{bad}:2: .* names no question / expert"):
+        train.main(train.cli(["--out-dir", str(tmp_path / "bad"), *common, "--init", str(latest),
+                              "--stages", "mef", "eval", "--sft-replay", str(bad)]))
 
 
 # ---- the dose grid -------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from conftest import SHARED, requires_shared
 
 import model as ours
 from plumbing import tokenizer
+from plumbing.errors import UserError
 from rollout import generate
 
 EXPERT = "You are Expert 1. Solve step by step and end with '#### <number>'."
@@ -138,8 +139,18 @@ def test_tiny_tokenizer_saved_is_the_transformers_tokenizer_it_loads_as(tmp_path
         text = hf.decode(ids)
         assert tok.encode(text, add_special_tokens=False) == \
             hf.encode(text, add_special_tokens=False)
+    (tmp_path / "special_tokens_map.json").write_text('{"eos_token": "<|endoftext|>"}')
+    assert tokenizer.load_tokenizer(str(tmp_path)).eos_token_id == 257  # as transformers reads it
+    (tmp_path / "special_tokens_map.json").unlink()
     (tmp_path / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
     assert not isinstance(tokenizer.load_tokenizer(str(tmp_path)), tokenizer.TinyTokenizer)
+    # damaged files: one line that names the directory, before any training
+    (tmp_path / "chat_template.jinja").write_text("")
+    with pytest.raises(UserError, match=f"{tmp_path}: the tokenizer has no chat template"):
+        tokenizer.load_tokenizer(str(tmp_path))
+    (tmp_path / "tokenizer.json").write_text((tmp_path / "tokenizer.json").read_text()[:2000])
+    with pytest.raises(UserError, match=f"{tmp_path}: its tokenizer files do not load"):
+        tokenizer.load_tokenizer(str(tmp_path))
 
 
 # ---- a really pretrained model: llama2.c stories260K, converted to HF format inside the test ---
