@@ -476,6 +476,10 @@ MUTATIONS = [
     Mutation("PEFT's weights keep our key names (peft loads none)", "plumbing/lora.py",
              'tensors = {f"base_model.model.model.{k}.weight": v', 'tensors = {k: v',
              (LORA + PEFT_LOADS,)),
+    Mutation("a resumed LoRA run rebuilds its adapters on the merged weights", "plumbing/lora.py",
+             "                        \"with another --out-dir\")\n    return base\n",
+             "                        \"with another --out-dir\")\n    return source\n",
+             (LORA + "test_killed_lora_run_with_a_reference_resumes_bit_exact_from_its_base",)),
     Mutation("each rank decides itself whether to write the LoRA base "
              "(a late rank skips the barrier)", "plumbing/lora.py",
              "ckpt is None and dist.from_main(lambda: not os.path.exists(base_config))",

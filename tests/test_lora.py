@@ -175,25 +175,25 @@ def test_checkpoint_is_the_merged_model_that_transformers_loads(tmp_path):
 
 
 def test_killed_lora_run_with_a_reference_resumes_bit_exact_from_its_base(tmp_path, monkeypatch):
-    """Killed after RIEL step 1 (gstep 9): the resumed run rebuilds base (OUT/lora_base, not the
-    merged weights) + adapters + their AdamW state, and ends where the uninterrupted run does, bit
-    for bit. The kl-beta reference is the policy with its adapters off: checkpoint.reference_model
-    (a second model) is never called. Under autocast (the CUDA default), so the bf16 base is rebuilt
-    from OUT/lora_base's fp32 start as the fresh run built it."""
+    """RIEL with adapters on a MEF start (--init), killed after step 2: the resumed run rebuilds
+    base (OUT/lora_base, not the merged weights) + adapters + their AdamW state, and ends where the
+    uninterrupted run does, bit for bit. The kl-beta reference is the policy with its adapters off:
+    checkpoint.reference_model (a second model) is never called. Under autocast (the CUDA default),
+    so the bf16 base is rebuilt from OUT/lora_base's fp32 start as the fresh run built it."""
+    run(tmp_path / "start", "--stages", "mef")
     monkeypatch.setattr(train.checkpoint, "reference_model",
                         lambda *a, **k: pytest.fail("a second model was built"))
-    args = ("--checkpoint-every", "1", "--stages", "mef", "riel", "--lora-rank", "2",
-            "--riel.kl-beta", "0.05", "--precision", "autocast")
-    # tiny from scratch: LoRA on noise, said so
-    with pytest.warns(UserWarning, match="randomly initialised"):
-        run(tmp_path / "full", *args)
+    args = ("--checkpoint-every", "1", "--stages", "riel", "--lora-rank", "2", "--init",
+            str(latest(tmp_path / "start")), "--riel.kl-beta", "0.05", "--precision", "autocast")
+    run(tmp_path / "full", *args)
     out = tmp_path / "killed"
-    killed_after_checkpoint(monkeypatch, lambda: run(out, *args), gstep=9)
+    # after step 2, the first that moves the adapters (a buffer flush: L_sft; step 1 has no signal)
+    killed_after_checkpoint(monkeypatch, lambda: run(out, *args), gstep=2)
     moments = train.checkpoint.load_state(str(latest(out)))["optimizer"]["state"]
     assert len(moments) == 2 * 7 * tiny_config().n_layers  # AdamW state of the adapters only
     run(out, "--resume", *args)
     full, again = latest(tmp_path / "full"), latest(out)
-    assert full.name == again.name == "ckpt-000012"
+    assert full.name == again.name == "ckpt-000004"
     for file in (lora.ADAPTER_FILE, "model.safetensors"):
         a, b = load(full / file), load(again / file)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), file
@@ -208,7 +208,7 @@ def test_killed_lora_run_with_a_reference_resumes_bit_exact_from_its_base(tmp_pa
     assert not (out / "reference").exists()
     # its checkpoints hold merged weights
     with pytest.raises(train.UserError, match="--lora-rank"):
-        run(out, "--resume", "--stages", "mef", "riel")
+        run(out, "--resume", "--stages", "riel", "--init", str(latest(tmp_path / "start")))
 
 
 @pytest.fixture(scope="module")

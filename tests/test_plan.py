@@ -130,6 +130,13 @@ CASES = {
 TRACED = {}  # case -> plan.trace_run's result, for test_cuda_backward_... to reuse
 
 
+@pytest.fixture(autouse=True)
+def two_decode_steps_traced(monkeypatch):
+    # a sampling call's peak sits at its ends: 2 traced steps at each end give the figures 8 give
+    # here, in ~1/3 less time (the measured peaks below check them either way)
+    monkeypatch.setattr(plan, "DECODE_TRACED", 2)
+
+
 def traced(case, cfg, cuda_backward):
     if case not in TRACED:
         TRACED[case] = plan.trace_run(cfg, cuda_backward=cuda_backward)
