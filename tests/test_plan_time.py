@@ -157,6 +157,7 @@ def test_plan_gpu_through_train_py_prints_the_estimate_with_its_assumptions(tmp_
     counting rides along the memory plan's own trace and leaves its figures as they are
     without it."""
     monkeypatch.setattr(plan, "PROMPT_TOKENS", 16)
+    monkeypatch.setattr(plan, "DECODE_TRACED", 2)  # what is checked here needs no more
     results, report = [], plan.report
     monkeypatch.setattr(plan, "report",
                         lambda cfg, result, *a: results.append(result) or report(cfg, result, *a))
@@ -225,6 +226,7 @@ def test_micro_batch_auto_through_train_py_fits_and_one_more_does_not(tmp_path, 
     the chosen sizes leave 10% of it, one more row or example does not (or the size is the stage's
     batch), and the plan printed is the one at the chosen sizes."""
     monkeypatch.setattr(plan, "PROMPT_TOKENS", 16)
+    monkeypatch.setattr(plan, "DECODE_TRACED", 2)  # what is checked here needs no more
     plans = {}
     monkeypatch.setattr(plan, "plan_memory", memoized(plans))
     path = model_dir(tmp_path)
