@@ -112,6 +112,8 @@ def run(cfg, choice, testbed, row, seed):
     args = argv(cfg, row, choice, testbed, str(seed), out, fa.final_ckpt(sft))
     expert = fa.val_choice(fa.load(sft)["evals"], "after_mef@val")
     launch([a.replace("{expert}", expert) for a in args], out, 1, f"{testbed} {row} {seed}")
+    with open(os.path.join(out, "machine.txt"), "w") as f:
+        f.write(tv.machine() + "\n")
 
 
 def plan(cfg) -> list:
@@ -122,9 +124,19 @@ def plan(cfg) -> list:
             + [(f"disjoint@{p:g}", two, cfg.seeds[:cfg.dose_seeds]) for p in cfg.doses])
 
 
+def start(cfg, testbed, seed):
+    """The seed's MoE-SFT start (fa.run_sft), with the CPU kind that trained it."""
+    out = fa.run_dir(cfg, testbed, fa.SFT, seed)
+    new = not fa.done(out)
+    fa.run_sft(cfg, testbed, seed)
+    if new:
+        with open(os.path.join(out, "machine.txt"), "w") as f:
+            f.write(tv.machine() + "\n")
+
+
 def run_all(cfg, choice, pool):
     for testbed, rows, seeds in plan(cfg):
-        list(pool.map(lambda s: fa.run_sft(cfg, testbed, s), seeds))
+        list(pool.map(lambda s: start(cfg, testbed, s), seeds))
         # the primary pair on every seed first, then the other rows: a stop leaves whole pairs
         for part in (rows[:2], rows[2:]):
             list(pool.map(lambda job: run(cfg, choice, testbed, *job),
@@ -177,6 +189,16 @@ def regenerate(cfg, choice, testbed, row, seed) -> str:
 
 # ---- the numbers ---------------------------------------------------------------------------------
 
+# The CPU kind of every run made before runs kept a machine.txt (sessions 17-19): a seed is a
+# draw per CPU kind (the same seed trains other weights on another one), so each run names its own.
+FIRST_MACHINE = "AMD EPYC"
+
+
+def run_machine(out) -> str:
+    path = os.path.join(out, "machine.txt")
+    return open(path).read().strip() if os.path.exists(path) else FIRST_MACHINE
+
+
 def collect(cfg) -> list:
     runs = []
     for testbed, rows, seeds in plan(cfg):
@@ -189,12 +211,13 @@ def collect(cfg) -> list:
                          "start_test": head["test_accuracy"], "test": head["test_accuracy"],
                          "unseen_correct": head.get("unseen_correct"),
                          "unseen_total": head.get("unseen_total"), "collapsed": False,
-                         "commit": fa.load(sft).get("commit")})
+                         "commit": fa.load(sft).get("commit"), "machine": run_machine(sft)})
             for row in rows:
                 out = fa.run_dir(cfg, testbed, row, s)
                 if fa.done(out):
                     stamp(out)
-                    runs.append({**tv.record(sft, out, row, s), "testbed": testbed})
+                    runs.append({**tv.record(sft, out, row, s), "testbed": testbed,
+                                 "machine": run_machine(out)})
     return runs
 
 
@@ -237,16 +260,22 @@ def chosen(cfg, choice) -> dict:
 
 
 def markdown(doc) -> str:
-    lines = [f"Commit {doc['commit']}, {doc['machine']}; setting `{doc['chosen']['setting']}` "
-             f"chosen on validation seeds {doc['chosen']['chosen_on']}; deployed prompt's test "
-             "accuracy (%), unseen-shape answers right (of their total).", "",
-             "| testbed | row | per seed: test (unseen right) | collapses |", "|---|---|---|---|"]
+    lines = [f"Commit {doc['commit']}, CPU kinds {', '.join(doc['machine'])}; setting "
+             f"`{doc['chosen']['setting']}` chosen on validation seeds "
+             f"{doc['chosen']['chosen_on']}; deployed prompt's test accuracy (%), unseen-shape "
+             "answers right (of their total).", "",
+             "| testbed | row | per seed: test (unseen right) | collapses | CPU kind by seed |",
+             "|---|---|---|---|---|"]
     keys = dict.fromkeys((r["testbed"], r["row"]) for r in doc["runs"])
     for testbed, row in keys:
         rs = [r for r in doc["runs"] if (r["testbed"], r["row"]) == (testbed, row)]
         cells = " / ".join(f"{r['test']:.1f} ({r['unseen_correct']})" for r in rs)
+        kinds = {}
+        for r in rs:
+            kinds.setdefault(r["machine"], []).append(str(r["seed"]))
+        where = "; ".join(f"{k}: {' '.join(v)}" for k, v in kinds.items())
         lines.append(f"| {testbed} | {row} | {cells} | {sum(r['collapsed'] for r in rs)} of "
-                     f"{len(rs)} |")
+                     f"{len(rs)} | {where} |")
     lines += ["", "| contrast | seeds | mean (95% CI) | sign-flip p | Holm p | Fisher p < 0.01 |",
               "|---|---|---|---|---|---|"]
     for name, c in doc["contrasts"].items():
@@ -271,7 +300,8 @@ def main(cfg: Config):
             run_all(cfg, choice, pool)
     runs = collect(cfg)
     commits = sorted({r["commit"] for r in runs if r.get("commit")})
-    doc = {"commit": commits[0] if len(commits) == 1 else commits, "machine": tv.machine(),
+    machines = sorted({r["machine"] for r in runs})
+    doc = {"commit": commits[0] if len(commits) == 1 else commits, "machine": machines,
            "chosen": chosen(cfg, choice),
            "argv": {row: argv(cfg, row, choice) for row in (fa.SFT, T_ONLY, NO_T, MEML, GRPO)},
            "runs": runs, "contrasts": contrasts(runs)}

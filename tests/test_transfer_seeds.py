@@ -76,6 +76,20 @@ def test_contrasts_pair_by_seed_test_fisher_per_seed_and_holm_across():
     assert c["ci95"] == pytest.approx(4.303 * 1.0 / 3 ** 0.5)  # t_{0.975,2} * sd / sqrt(n)
 
 
+def test_each_run_names_the_cpu_kind_that_made_it_and_the_table_says_it_per_seed(tmp_path):
+    # a seed is a draw per CPU kind: runs before machine.txt was kept are the first study's kind
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "machine.txt").write_text("Intel Xeon\n")
+    assert st.run_machine(str(tmp_path / "new")) == "Intel Xeon"
+    assert st.run_machine(str(tmp_path)) == st.FIRST_MACHINE
+    runs = [{**run(st.T_ONLY, s, 50.0, 100), "machine": m}
+            for s, m in ((0, "AMD EPYC"), (1, "AMD EPYC"), (2, "Intel Xeon"))]
+    doc = {"commit": "abc", "machine": ["AMD EPYC", "Intel Xeon"], "runs": runs,
+           "chosen": {"setting": "step 0.3", "chosen_on": [100]}, "contrasts": {}}
+    row = next(ln for ln in st.markdown(doc).splitlines() if "| transfer only |" in ln)
+    assert row.endswith("| AMD EPYC: 0 1; Intel Xeon: 2 |")
+
+
 def test_regenerate_moves_in_a_retrained_checkpoint_only_when_its_hash_matches(tmp_path,
                                                                               monkeypatch):
     """A committed run keeps summary.json and weights.sha256, not its weights: --regenerate
