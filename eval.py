@@ -145,12 +145,15 @@ def evaluate(model, tok, task, records, experts, cfg: EvalConfig, seed=0, keep_t
         n, k = cfg.pass_samples, cfg.pass_k
         samples = complete(model, tok, prompts, cfg, num_samples=n, temperature=cfg.temperature,
                            seed=seed, desc="pass@k", stop=stop)
-        scores = []
-        for p in range(len(prompts)):
-            answer = records[p // N].answer
-            c = sum(verify.reward(task, t, answer) for t in samples[p * n:(p + 1) * n])
-            scores.append(pass_at_k(n, int(c), k))
+        right = [int(sum(verify.reward(task, t, records[p // N].answer)
+                         for t in samples[p * n:(p + 1) * n])) for p in range(len(prompts))]
+        scores = [pass_at_k(n, c, k) for c in right]
         out[f"pass@{k}"] = sum(scores) / len(scores)
+        # per prompt (prompt-major: question q, expert i at q * N + i): is there room for RL?
+        out["sampled_by_expert"] = {e.name: {
+            "pass@1": statistics.mean(right[q * N + i] / n for q in range(len(records))),
+            f"pass@{k}": statistics.mean(scores[q * N + i] for q in range(len(records)))}
+            for i, e in enumerate(experts)}
     return out
 
 
@@ -180,6 +183,8 @@ def format_table(results: dict) -> str:
     lines.append(f"| majority vote across experts | {100 * results['majority_vote']:.1f}% |")
     lines += [f"| {k} (sampled) | {100 * v:.1f}% |"
               for k, v in results.items() if k.startswith("pass@")]
+    lines += [f"| {name}: {k} (sampled) | {100 * v:.1f}% |"
+              for name, ks in results.get("sampled_by_expert", {}).items() for k, v in ks.items()]
     return "\n".join(lines)
 
 

@@ -92,6 +92,12 @@ def test_evaluate_aggregates_a_scripted_completer_as_computed_by_hand(monkeypatc
     # pass@2 of n = 4: every c in 0..4 occurs, n - c == k among them (c = 2: 1 - 1/6, not 1)
     hand = [brute_force_pass_at_k(4, c, 2) for row in CORRECT_SAMPLES for c in row]
     assert res["pass@2"] == pytest.approx(sum(hand) / len(hand))
+    # per expert (each column of CORRECT_SAMPLES): sampled pass@1 = c / n and pass@2, by hand
+    for i, e in enumerate(experts):
+        col = [row[i] for row in CORRECT_SAMPLES]
+        assert res["sampled_by_expert"][e.name] == pytest.approx(
+            {"pass@1": sum(col) / (4 * len(col)),
+             "pass@2": sum(brute_force_pass_at_k(4, c, 2) for c in col) / len(col)})
     assert res["questions"] == 5
     # keep_texts: every answer with its own question, expert and verdict;
     # lengths in tokens (+ the stop token)
