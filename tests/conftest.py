@@ -31,6 +31,7 @@ LONGEST_FIRST = ("test_dist.py", "test_plan.py", "test_options.py", "test_real_m
 SLOW = {"test_dist.py", "test_fsdp.py", "test_real_model.py", "test_fair_ablation.py",
         "test_lora_vs_full.py", "test_ablation.py", "test_plan.py", "test_gpu_check.py",
         "test_gpu_memory.py", "test_options.py", "test_process.py", "test_verify_math500.py",
+        "test_real_rl.py",
         "test_disjoint.py::test_dose_response_quick_writes_the_contrast_per_dose",
         "test_speed.py::test_bench_quick_runs_end_to_end",
         "test_speed.py::test_compiled_decode_gives_the_plain_paths_tokens",
