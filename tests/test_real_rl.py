@@ -68,3 +68,18 @@ def test_a_rerun_redoes_nothing(quick, monkeypatch):
     monkeypatch.setattr(rr, "eval_main", no)
     rr.main(cfg)
     assert json.loads(Path(cfg.out).read_text())["rows"] == doc["rows"]
+
+
+def test_a_row_deploys_its_validation_best_prompt_and_reports_its_test(tmp_path, monkeypatch):
+    # test-best (chain) and validation-best (columns) differ: the row is columns' test number
+    out = tmp_path / "runs" / "row"
+    (out / "ckpt-000003").mkdir(parents=True)
+    (out / "latest").write_text("ckpt-000003\n")
+    evals = {"after_riel": {"questions": 300, "accuracy": {"chain": 0.5, "columns": 0.2}}}
+    (out / "summary.json").write_text(json.dumps({"evals": evals}))
+    monkeypatch.setattr(rr, "evaluate", lambda *a, **k: {"accuracy": {"chain": 0.1,
+                                                                      "columns": 0.3}})
+    cfg = rr.Config(run_dir=str(tmp_path / "runs"))
+    r = rr.numbers(cfg, str(out))
+    assert (r["deployed"], r["correct"], r["total"]) == ("columns", 60, 300)
+    assert r["accuracy"] == pytest.approx(20.0)
