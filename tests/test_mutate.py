@@ -12,7 +12,7 @@ CORE = {"riel.py", "losses.py", "mef.py", "mel.py", "eval.py", "rollout.py", "ve
         "train.py", "plumbing/premise.py", "data/synthetic.py", "experiments/fair_ablation.py",
         "plumbing/lora.py", "tools/plan.py", "plumbing/guard.py", "plumbing/optim.py", "model.py",
         "plumbing/checkpoint.py", "plumbing/runlog.py", "plumbing/process.py",
-        "plumbing/tokenizer.py"}
+        "plumbing/tokenizer.py", "experiments/real_rl.py"}
 
 
 def test_at_least_forty_mutations_across_the_core():
