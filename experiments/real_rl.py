@@ -103,8 +103,10 @@ def evaluate(cfg, name, ckpt, split, size, *extra) -> dict:
     if not os.path.exists(path):
         import torch
         torch.set_num_threads(cfg.threads)
+        # --train-size: train.py's runs cap the validation split at their training questions
         eval_main(eval_cli(["--model", ckpt, "--split", split, "--eval-splits", split,
-                            "--eval.size", str(size), "--out", path + ".tmp", *extra]))
+                            "--eval.size", str(size), "--train-size", str(size),
+                            "--out", path + ".tmp", *extra]))
         os.replace(path + ".tmp", path)
     with open(path) as f:
         return json.load(f)
@@ -143,8 +145,7 @@ def choose_lr(cfg, row, expert) -> tuple:
                 name = f"pilot/{slug(row)}/lr{lr:g}"
                 out = run(cfg, name, rl_args(cfg, row, lr, cfg.pilot_steps, expert)
                           + ["--stages", "riel", "--eval-every", "0"])
-                res = evaluate(cfg, name + "-val", fa.final_ckpt(out), "val", cfg.test,
-                               "--train-size", str(cfg.test))
+                res = evaluate(cfg, name + "-val", fa.final_ckpt(out), "val", cfg.test)
                 scores[lr] = 100 * max(res["accuracy"].values())
         best = max(lrs, key=lambda lr: (scores[lr], -lr))  # ties: the smaller lr
         if best != max(lrs):
@@ -158,7 +159,7 @@ def numbers(cfg, out, key="after_riel") -> dict:
     (train.py's own validation eval holds --train-size of them)."""
     acc = fa.load(out)["evals"][key]["accuracy"]
     val = evaluate(cfg, os.path.relpath(out, cfg.run_dir) + "-val", fa.final_ckpt(out), "val",
-                   cfg.test, "--train-size", str(cfg.test))["accuracy"]
+                   cfg.test)["accuracy"]
     deployed = max(val, key=val.get)  # ties: the first expert
     total = fa.load(out)["evals"][key]["questions"]
     correct = round(acc[deployed] * total)
@@ -205,8 +206,8 @@ def plot(doc, path):
 
 def main(cfg: Config):
     if cfg.quick:
-        cfg = Config(model="tiny", run_dir=cfg.run_dir, out=cfg.out, threads=1, train_size=32,
-                     test=8, edge=4, questions_per_step=2, group_size=2, max_new_tokens=8,
+        cfg = Config(model="tiny", run_dir=cfg.run_dir, out=cfg.out, threads=1, train_size=6,
+                     test=8, edge=8, questions_per_step=2, group_size=2, max_new_tokens=8,
                      steps=2, lrs=(1e-4,), pilot_steps=1, eval_every=1, curve=4, quick=True)
     t0 = time.time()
     prepare(cfg)

@@ -34,6 +34,11 @@ def test_the_json_has_the_issues_fields_and_wilson_intervals(quick):
         assert row["deployed"] == max(row["val_by_expert"], key=row["val_by_expert"].get)
         assert name == rr.SFT or row["minutes"] >= 0  # each RL row's wall time
     assert set(doc["edge"]) == {"chain", "columns", "reverse"}
+    # every validation eval holds the questions asked for, more than the run's training questions
+    # (6 in --quick: train.py's runs cap the validation split there)
+    for path in Path(cfg.run_dir).rglob("*.json"):
+        if path.name.endswith("-val.json") or path.name == "edge.json":
+            assert json.loads(path.read_text())["questions"] == 8, path
     assert all(set(v) == {"pass@1", "pass@8"} for v in doc["edge"].values())
     # the curves: one point per --eval-every step, every expert of the row
     assert {e: [s for s, _ in pts] for e, pts in doc["curves"][rr.GRPO].items()} == \
