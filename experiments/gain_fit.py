@@ -41,6 +41,9 @@ class Config:
     # held out too: the reported study's seeds (experiments/transfer_seeds.py's "transfer only")
     study_seeds: tuple[int, ...] = ()
     study_dir: str = "experiments/transfer_study_runs"
+    # held out too: the study's doses (disjoint@p, the study seeds that ran there), where the
+    # start's gap varies more than at p = 0
+    study_doses: tuple[float, ...] = ()
 
 
 def gaps(premise: dict, testbed: str = "disjoint") -> dict:
@@ -64,10 +67,10 @@ def validation_runs(cfg, seeds) -> list:
     return [(tv.sft_dir(cfg, s), tv.run_dir(cfg, cfg.setting, s)) for s in seeds]
 
 
-def study_runs(cfg, seeds) -> list:
+def study_runs(cfg, seeds, testbed=tv.TESTBED) -> list:
     """The same for the reported study's "transfer only" rows (transfer_seeds.py's layout)."""
     study = fa.Config(out_dir=cfg.study_dir)
-    return [(fa.run_dir(study, tv.TESTBED, fa.SFT, s), fa.run_dir(study, tv.TESTBED, ts.T_ONLY, s))
+    return [(fa.run_dir(study, testbed, fa.SFT, s), fa.run_dir(study, testbed, ts.T_ONLY, s))
             for s in seeds]
 
 
@@ -94,11 +97,18 @@ def main(cfg: Config):
     fit = ols(xs, ys)
     hx, hy = points(validation_runs(cfg, cfg.heldout_seeds))
     sx, sy = points(study_runs(cfg, cfg.study_seeds))
+    doses = {p: points(study_runs(cfg, cfg.study_seeds, f"disjoint@{p:g}"))
+             for p in cfg.study_doses}
+    pooled = [sum((d[i] for d in doses.values()), []) for i in (0, 1)]
     fit.update(setting=cfg.setting, fit_seeds=list(cfg.fit_seeds),
                heldout_seeds=list(cfg.heldout_seeds), heldout_pairs=len(hx),
                r2_heldout=r2(fit, hx, hy) if len(hx) > 1 else None,
                study_seeds=list(cfg.study_seeds), study_pairs=len(sx),
                r2_study=r2(fit, sx, sy) if len(sx) > 1 else None,
+               # R^2 needs gains that vary
+               r2_doses={f"{p:g}": {"pairs": len(x), "r2": r2(fit, x, y) if len(set(y)) > 1
+                                    else None} for p, (x, y) in doses.items()},
+               r2_doses_pooled=r2(fit, *pooled) if len(pooled[0]) > 1 else None,
                x="owner's minus student's reward on the unseen shape, before RL",
                y="student's test accuracy gain on that shape, points")
     with open(cfg.out, "w") as f:
@@ -108,6 +118,11 @@ def main(cfg: Config):
           f"{fit['r2']:.2f}); held-out R^2 {held} on {len(hx)} pairs -> {cfg.out}")
     if sx:
         print(f"  the study's seeds: R^2 {fit['r2_study']:.2f} on {len(sx)} pairs")
+    for p, d in fit["r2_doses"].items():
+        print(f"  dose p = {p}: R^2 {'-' if d['r2'] is None else round(d['r2'], 2)} on "
+              f"{d['pairs']} pairs")
+    if doses:
+        print(f"  the doses pooled: R^2 {fit['r2_doses_pooled']:.2f} on {len(pooled[0])} pairs")
     for gap in (0.0, 0.2, 0.4):
         y, lo, hi = predict(fit, gap)
         print(f"  gap {gap:.1f}: {y:+.1f} points (95% prediction interval {lo:+.1f} to {hi:+.1f})")

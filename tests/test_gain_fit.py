@@ -21,10 +21,10 @@ def test_gaps_are_the_owners_reward_minus_the_students_on_its_unseen_shape():
     assert gf.gaps(PREMISE) == pytest.approx({("columns", "many"): 0.4, ("chain", "long"): 0.3})
 
 
-def make_run(cfg, seed, gap, gain, study=False):
+def make_run(cfg, seed, gap, gain, study=False, testbed="disjoint@0"):
     """A start whose premise shows `gap` on both pairs, a run that gains `gain` points on both
     (a validation run, or with `study` one of transfer_seeds.py's "transfer only" runs)."""
-    start, out = map(Path, (gf.study_runs(cfg, [seed]) if study
+    start, out = map(Path, (gf.study_runs(cfg, [seed], testbed) if study
                             else gf.validation_runs(cfg, [seed]))[0])
     start.mkdir(parents=True)
     out.mkdir(parents=True)
@@ -68,6 +68,27 @@ def test_the_studys_seeds_are_held_out_from_their_own_layout(tmp_path, capsys):
     fit = json.loads((tmp_path / "fit.json").read_text())
     assert fit["study_pairs"] == 4 and fit["r2_study"] == pytest.approx(1 - 400 / 25)
     assert "the study's seeds: R^2 -15.00 on 4 pairs" in capsys.readouterr().out
+
+
+def test_the_studys_doses_are_held_out_each_and_pooled(tmp_path, capsys):
+    cfg = gf.Config(setting="step 0.3", fit_seeds=(100, 101), heldout_seeds=(), study_seeds=(0, 1),
+                    study_doses=(0.3, 1.0), out_dir=str(tmp_path / "val"),
+                    study_dir=str(tmp_path / "study"), out=str(tmp_path / "fit.json"))
+    for seed, gap in ((100, 0.1), (101, 0.4)):
+        make_run(cfg, seed, gap, 5 + 50 * gap)
+    # p = 0.3: on the line; p = 1: seed 0 only, off it by +10 (2 pairs at one gap: SS 0)
+    make_run(cfg, 0, 0.2, 5 + 50 * 0.2, study=True, testbed="disjoint@0.3")
+    make_run(cfg, 1, 0.5, 5 + 50 * 0.5, study=True, testbed="disjoint@0.3")
+    make_run(cfg, 0, 0.3, 5 + 50 * 0.3 + 10, study=True, testbed="disjoint@1")
+    gf.main(cfg)
+    fit = json.loads((tmp_path / "fit.json").read_text())
+    assert fit["r2_doses"]["0.3"] == {"pairs": 4, "r2": pytest.approx(1.0)}
+    assert fit["r2_doses"]["1"] == {"pairs": 2, "r2": None}  # no variance to explain
+    # pooled: 6 pairs at gaps .2 .2 .5 .5 .3 .3, residuals 0 0 0 0 10 10
+    ys = [15, 15, 30, 30, 30, 30]
+    mean = sum(ys) / 6
+    assert fit["r2_doses_pooled"] == pytest.approx(1 - 200 / sum((y - mean) ** 2 for y in ys))
+    assert "dose p = 0.3: R^2 1.0 on 4 pairs" in capsys.readouterr().out
 
 
 def test_too_few_runs_and_unknown_settings_are_named(tmp_path):
