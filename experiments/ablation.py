@@ -7,9 +7,9 @@ experiments/ablation.py: the paper's ablation (METHOD.md section 6) at small sca
     python experiments/ablation.py --model llama3.2-1b --data gsm8k \\
         --seeds 0 1 2                            # the GPU grid (not run here)
 
-Every row is one or two `train.py` runs, each in a process of its own (so a row is exactly what a
-user can run by hand, and an interrupted grid picks up where it stopped: finished runs are skipped,
-unfinished ones resumed). Default rows (DEFAULT_ROWS), then the others `--rows` can add:
+Every row is one or two `train.py` runs in a subprocess (so a row is exactly what a user can run by
+hand, and an interrupted grid picks up where it stopped: finished runs are skipped, unfinished ones
+resumed). Default rows (DEFAULT_ROWS), then the others `--rows` can add:
 
   MoE-SFT             MEF on every expert's traces (the default run's MEF)  --stages mef eval
   MoE-SFT + gold SFT  the control: MEML-GRPO's buffer flushes replayed as plain SFT steps, no RL
@@ -42,10 +42,9 @@ matplotlib, else skipped with a note).
 import dataclasses
 import json
 import math
-import multiprocessing
 import os
-import runpy
 import statistics
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -201,34 +200,15 @@ def launch(args: list, out: str, threads: int, name: str):
     if os.path.exists(os.path.join(out, "latest")):
         args = [*args, "--resume"]
     os.makedirs(out, exist_ok=True)
-    log = os.path.join(out, "train.log")
-    run = SERVER.Process(target=train_py, args=(args, log, threads), name=name)
-    run.start()
-    run.join()
-    if run.exitcode != 0:
-        with open(log) as f:
-            tail = f.read()[-2000:]
-        raise RuntimeError(f"{name} failed (exit {run.exitcode}); {log} ends:\n{tail}")
-
-
-# Each run forks from one server process that imported torch and train.py once: a fresh
-# interpreter would spend ~2-3 s of CPU on those imports before every run of a grid. (As with any
-# multiprocessing, the calling script keeps its work under `if __name__ == "__main__":`.)
-SERVER = multiprocessing.get_context("forkserver")
-SERVER.set_forkserver_preload(["__main__", "torch", "train"])
-
-
-def train_py(args, log, threads):
-    """In the forked child: what `OMP_NUM_THREADS=threads python train.py ARGS >> log 2>&1` does."""
-    os.environ.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    import torch
-    torch.set_num_threads(threads)
-    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.chdir(ROOT)
-    sys.argv = [os.path.join(ROOT, "train.py"), *args]
-    runpy.run_path(sys.argv[0], run_name="__main__")
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    with open(os.path.join(out, "train.log"), "a") as log:
+        code = subprocess.call([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT,
+                               env=env, stdout=log, stderr=subprocess.STDOUT)
+    if code != 0:
+        with open(os.path.join(out, "train.log")) as log:
+            tail = log.read()[-2000:]
+        raise RuntimeError(f"{name} failed (exit {code}); "
+                           f"{os.path.join(out, 'train.log')} ends:\n{tail}")
 
 
 # ---- the table and the picture -------------------------------------------------------------------
