@@ -43,6 +43,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -98,7 +99,8 @@ class Config:
     steps: int | None = None  # RL steps per row; overrides --budget (a real model: one epoch)
     jobs: int = 2  # runs at a time; each gets cpu_count / jobs threads
     quick: bool = False  # 2 rows, 1 seed, 4 RL steps, small SFT and eval: a smoke test
-    extra: tuple[str, ...] = ()  # more train.py arguments for every run: --extra --eval.size 100
+    # more train.py arguments for every run, one string: --extra="--eval.size 100 --riel.lr 1e-4"
+    extra: str = ""
 
 
 def rl_steps(cfg: Config) -> int | None:
@@ -133,7 +135,7 @@ def train_args(cfg: Config, row: str, seed: int, steps: int | None, expert: str 
         if row.startswith("Expert0"):  # same number of SFT examples as MoE-SFT: N times the epochs
             epochs = 1 if cfg.quick else d.mef.epochs
             base += ["--mef.epochs", str(epochs * n_experts)]
-        return base + args + list(cfg.extra)
+        return base + args + shlex.split(cfg.extra)
     base += ["--init", os.path.join(run_dir(cfg, parent, seed), "latest_ckpt")]
     # MEML's buffer flushes as plain SFT: B gold traces per step at RL's lr, on RL questions
     if row == CONTROL:
@@ -144,7 +146,7 @@ def train_args(cfg: Config, row: str, seed: int, steps: int | None, expert: str 
                  "--mef.schedule", "constant", "--mef.stop-at", "None"]
         if d.rl_difficulty:
             base += ["--difficulty", *map(str, d.rl_difficulty)]
-        return base + args + list(cfg.extra)
+        return base + args + shlex.split(cfg.extra)
     base += ["--stages", "riel", "eval", *(PUBLISHED_TINY if cfg.model == "tiny" else [])]
     # as many sampled responses per step as N experts
     if row.startswith("Expert0") or row == "GRPO, one expert":
@@ -153,7 +155,7 @@ def train_args(cfg: Config, row: str, seed: int, steps: int | None, expert: str 
         base += ["--experts", expert]
     if steps is not None:
         base += ["--riel.steps", str(steps)]
-    return base + args + list(cfg.extra)
+    return base + args + shlex.split(cfg.extra)
 
 
 def best_expert(out: str) -> str:

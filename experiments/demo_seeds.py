@@ -3,7 +3,7 @@ experiments/demo_seeds.py: the README's default-run table, reproduced: `python t
 and threads.
 
     python -m experiments.demo_seeds    # seeds 0 1 2 with 2 threads, then seed 0 with 1 thread
-    python -m experiments.demo_seeds --seeds 0 --threads 2 --extra --riel.lr 1e-4   # try a variant
+    python -m experiments.demo_seeds --seeds 0 --threads 2 --extra="--riel.lr 1e-4"   # a variant
 
 Every run is exactly the default `python train.py --seed S` (plus --extra), one after another, so
 that each has the machine to itself: its wall time is a user's, and its thread count is the one
@@ -20,6 +20,7 @@ a user's).
 """
 import json
 import os
+import shlex
 import statistics
 import sys
 from dataclasses import asdict, dataclass
@@ -36,7 +37,7 @@ class Config:
     out_dir: str = "out/demo"
     seeds: tuple[int, ...] = (0, 1, 2)
     threads: tuple[int, ...] = (2, 1)  # the first for every seed; the others for the first seed
-    extra: tuple[str, ...] = ()  # more train.py arguments for every run
+    extra: str = ""  # more train.py arguments for every run, one string: --extra="--riel.lr 1e-4"
 
 
 def runs(cfg: Config) -> list[tuple[int, int]]:
@@ -99,7 +100,7 @@ def main(cfg: Config):
         out = run_dir(cfg, seed, threads)
         if not os.path.exists(os.path.join(out, "summary.json")):
             print(f"running seed {seed} with {threads} thread(s) -> {out}", flush=True)
-            launch(["--seed", str(seed), "--out-dir", out, *cfg.extra], out, threads,
+            launch(["--seed", str(seed), "--out-dir", out, *shlex.split(cfg.extra)], out, threads,
                    f"seed {seed}")
         rows.append({"seed": seed, "threads": threads, **numbers(out)})
     marks = targets(rows, cfg.threads[0])

@@ -85,3 +85,13 @@ def test_the_table_pairs_each_rows_gain_with_its_seeds_sft_start():
     assert row["MoE-SFT"][1:4] == ["17.3 ± 5.0", "12.0 / 18.0 / 22.0", "-"]
     assert row["MEML-GRPO"][2:4] == ["36.0 / 39.0 / 46.0", "+23.0 ± 1.7"]  # diffs 24, 21, 24
     assert row["GRPO, one expert"][3:5] == ["-4.0 ± 3.5", "-"]  # diffs -2, -8, -2
+
+
+def test_extra_is_one_string_of_train_py_arguments_added_to_every_run():
+    # tyro reads a repeated --extra as its last value and refuses values that look like flags:
+    # one quoted string, split as a shell would, carries any number of them
+    import tyro
+    cfg = tyro.cli(ablation.Config, args=['--extra=--eval.size 100 --riel.lr "1e-4"'])
+    for row in ("MoE-SFT", "MEML-GRPO"):
+        assert ablation.train_args(cfg, row, 0, 5)[-4:] == ["--eval.size", "100", "--riel.lr",
+                                                           "1e-4"]
