@@ -134,24 +134,28 @@ def slug(row) -> str:
 
 def choose_lr(cfg, row, expert) -> tuple:
     """Pilots: --pilot-steps at each lr, then the greedy validation accuracy of the best prompt
-    (--test questions); a best at the sweep's top grows it by 3x, once; one lr: no sweep.
-    Returns (the lr, {lr: accuracy %})."""
+    (--test questions); a best at either edge of the sweep grows it past that edge by 3x, once;
+    one lr: no sweep. Returns (the lr, {lr: accuracy %})."""
     lrs, scores = list(cfg.lrs), {}
     if len(lrs) == 1:  # one lr given: no sweep
         return lrs[0], {}
-    for _ in range(2):
+    for grown in (False, True):
         for lr in lrs:
             if lr not in scores:
-                name = f"pilot/{slug(row)}/lr{lr:g}"
-                out = run(cfg, name, rl_args(cfg, row, lr, cfg.pilot_steps, expert)
-                          + ["--stages", "riel", "--eval-every", "0"])
-                res = evaluate(cfg, name + "-val", fa.final_ckpt(out), "val", cfg.test)
-                scores[lr] = 100 * max(res["accuracy"].values())
+                scores[lr] = pilot(cfg, row, expert, lr)
         best = max(lrs, key=lambda lr: (scores[lr], -lr))  # ties: the smaller lr
-        if best != max(lrs):
+        if grown or min(lrs) < best < max(lrs):
             break
-        lrs.append(best * 3)
+        lrs.append(best * 3 if best == max(lrs) else best / 3)
     return best, {f"{lr:g}": scores[lr] for lr in sorted(scores)}
+
+
+def pilot(cfg, row, expert, lr) -> float:
+    name = f"pilot/{slug(row)}/lr{lr:g}"
+    out = run(cfg, name, rl_args(cfg, row, lr, cfg.pilot_steps, expert)
+              + ["--stages", "riel", "--eval-every", "0"])
+    res = evaluate(cfg, name + "-val", fa.final_ckpt(out), "val", cfg.test)
+    return 100 * max(res["accuracy"].values())
 
 
 def numbers(cfg, out, key="after_riel") -> dict:

@@ -88,3 +88,16 @@ def test_a_row_deploys_its_validation_best_prompt_and_reports_its_test(tmp_path,
     r = rr.numbers(cfg, str(out))
     assert (r["deployed"], r["correct"], r["total"]) == ("columns", 60, 300)
     assert r["accuracy"] == pytest.approx(20.0)
+
+
+@pytest.mark.parametrize("acc, chosen, tried", [
+    ({1e-5: 58.0, 3e-5: 53.3, 1e-5 / 3: 50.0}, 1e-5, [1e-5 / 3, 1e-5, 3e-5]),  # bottom: grows down
+    ({1e-5: 40.0, 3e-5: 45.0, 9e-5: 44.0}, 3e-5, [1e-5, 3e-5, 9e-5]),  # top: grows up, once
+    ({1e-5: 40.0, 3e-5: 45.0, 9e-5: 50.0}, 9e-5, [1e-5, 3e-5, 9e-5])])  # still the edge: stop
+def test_the_lr_sweep_grows_past_the_edge_its_best_sits_at(monkeypatch, acc, chosen, tried):
+    ran = []
+    monkeypatch.setattr(rr, "pilot", lambda cfg, row, expert, lr: ran.append(lr) or
+                        acc[min(acc, key=lambda k: abs(k - lr))])
+    lr, scores = rr.choose_lr(rr.Config(lrs=(1e-5, 3e-5)), rr.MEML, "chain")
+    assert lr == pytest.approx(chosen) and sorted(ran) == pytest.approx(tried)
+    assert len(scores) == 3
