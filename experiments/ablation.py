@@ -203,8 +203,9 @@ def launch(args: list, out: str, threads: int, name: str):
         args = [*args, "--resume"]
     os.makedirs(out, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    # in the caller's directory: a relative out-dir means the same to the study and to the run
     with open(os.path.join(out, "train.log"), "a") as log:
-        code = subprocess.call([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT,
+        code = subprocess.call([sys.executable, os.path.join(ROOT, "train.py"), *args],
                                env=env, stdout=log, stderr=subprocess.STDOUT)
     if code != 0:
         with open(os.path.join(out, "train.log")) as log:

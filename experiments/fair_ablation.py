@@ -178,7 +178,7 @@ def run_sft(cfg, testbed, seed):
                 "--seed", str(seed), "--out", probe, "--questions", "16" if cfg.quick else "100",
                 "--max-new-tokens", str(d.riel.max_new_tokens)]
         with open(os.path.join(out, "premise.log"), "w") as log:
-            code = subprocess.call(args, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+            code = subprocess.call(args, env={**os.environ, "OMP_NUM_THREADS": "1"},
                                    stdout=log, stderr=subprocess.STDOUT)
         if code != 0:
             raise RuntimeError(f"the premise probe failed (exit {code}); see {out}/premise.log")

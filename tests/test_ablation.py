@@ -12,9 +12,12 @@ sys.path.insert(0, str(ROOT / "experiments"))
 import ablation  # noqa: E402
 
 
-def test_quick_grid_writes_the_table_and_the_plot(tmp_path):
+def test_quick_grid_writes_the_table_and_the_plot(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
-    cfg = ablation.Config(out_dir=str(tmp_path), quick=True)
+    # started from another directory with a relative --out-dir: the study and its runs agree on it
+    monkeypatch.chdir(tmp_path)
+    cfg = ablation.Config(out_dir="grid", quick=True)
+    tmp_path = tmp_path / "grid"
     ablation.main(cfg)
     table = (tmp_path / "ablation.md").read_text()
     assert "| MoE-SFT |" in table and "| MEML-GRPO |" in table and "→" in table
