@@ -37,6 +37,7 @@ import tyro
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import experiments.fair_ablation as fa  # noqa: E402
+import experiments.transfer_seeds as ts  # noqa: E402
 import experiments.transfer_validate as tv  # noqa: E402
 from experiments.ablation import launch  # noqa: E402
 from experiments.plot import pyplot, save  # noqa: E402
@@ -116,16 +117,12 @@ def rl_args(cfg, row, lr, steps, expert) -> list:
     rows = {GRPO: ["--experts", expert, "--riel.advantage", "grpo", "--riel.no-transfer",
                    "--riel.no-buffer", "--riel.questions-per-step",
                    str(N_EXPERTS * cfg.questions_per_step)],
-            MEML: [*tv.SETTINGS[json.load(open(tv_choice()))["setting"]],
+            MEML: [*tv.SETTINGS[ts.load_choice(ts.CHOICE)["setting"]],
                    "--riel.questions-per-step", str(cfg.questions_per_step)]}
     return ["--init", fa.final_ckpt(os.path.join(cfg.run_dir, SFT)), "--stages", "riel", "eval",
             "--riel.steps", str(steps), "--riel.lr", str(lr), "--riel.group-size",
             str(cfg.group_size), "--riel.max-new-tokens", str(cfg.max_new_tokens),
             "--log-samples-every", str(cfg.eval_every), *rows[row]]
-
-
-def tv_choice() -> str:
-    return os.path.join(ROOT, "experiments", "transfer_choice.json")
 
 
 def slug(row) -> str:

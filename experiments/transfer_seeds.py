@@ -112,8 +112,7 @@ def run(cfg, choice, testbed, row, seed):
     args = argv(cfg, row, choice, testbed, str(seed), out, fa.final_ckpt(sft))
     expert = fa.val_choice(fa.load(sft)["evals"], "after_mef@val")
     launch([a.replace("{expert}", expert) for a in args], out, 1, f"{testbed} {row} {seed}")
-    with open(os.path.join(out, "machine.txt"), "w") as f:
-        f.write(tv.machine() + "\n")
+    note_machine(out)
 
 
 def plan(cfg) -> list:
@@ -130,8 +129,13 @@ def start(cfg, testbed, seed):
     new = not fa.done(out)
     fa.run_sft(cfg, testbed, seed)
     if new:
-        with open(os.path.join(out, "machine.txt"), "w") as f:
-            f.write(tv.machine() + "\n")
+        note_machine(out)
+
+
+def note_machine(out):
+    """machine.txt: the CPU kind that made the run (read back by run_machine)."""
+    with open(os.path.join(out, "machine.txt"), "w") as f:
+        f.write(tv.machine() + "\n")
 
 
 def run_all(cfg, choice, pool):
